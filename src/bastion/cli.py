@@ -1,0 +1,367 @@
+"""The command line: parse, call the daemon's API, print. Nothing else lives here.
+
+Exit codes (like BUTIL): 0 success, 1 partial (done, with a warning such as an
+incomplete roll-in), 2 failed (including "the copy is not consistent" and "no
+daemon"), 3 usage (bad command line, unknown database; nothing was done).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from . import config as cfg
+from .daemon.client import AdminClient
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BastionError
+
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+# `bastion exec NAME... -- CMD` and `bastion freeze NAME... -- CMD`: click drops "--",
+# so main() cuts the command off argv before click parses the rest.
+_TAIL: list[str] = []
+
+
+def _fmt_bytes(n: int | float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--config and --json mean the same on every command."""
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                  help="Config file (default ./bastion.toml if present, else the embedded default).")
+    @functools.wraps(f)
+    def wrapper(*args: Any, config_path: str | None, as_json: bool, **kw: Any) -> Any:
+        ctx = click.get_current_context()
+        path = config_path or (ctx.obj or {}).get("config")
+        conf = cfg.load(path)
+        return f(conf, as_json, *args, **kw)
+    return wrapper
+
+
+def targets_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    @click.argument("targets", nargs=-1)
+    @click.option("--all", "all_", is_flag=True, help="Every configured database (and protected file).")
+    @functools.wraps(f)
+    def wrapper(conf: cfg.Config, as_json: bool, targets: tuple[str, ...], all_: bool, **kw: Any) -> Any:
+        return f(conf, as_json, expand_targets(conf, targets), all_, **kw)
+    return wrapper
+
+
+def expand_targets(conf: cfg.Config, args: tuple[str, ...]) -> list[str]:
+    """Database names stay names; '@list' files and paths become absolute paths."""
+    names: list[str] = []
+    for a in args:
+        if a.startswith("@"):
+            names.extend(cfg.read_list_file(a[1:]))
+        elif a in conf.databases:
+            names.append(a)
+        elif os.sep in a or os.path.exists(a):
+            names.append(os.path.abspath(a))
+        else:
+            names.append(a)  # the daemon says it is unknown and lists what it knows
+    return names
+
+
+def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        human(data)
+    code = int(data.get("exit_code", EXIT_OK))
+    if code:
+        sys.exit(code)
+
+
+def _client(conf: cfg.Config) -> AdminClient:
+    return AdminClient(conf)
+
+
+def _spinner(as_json: bool, text: str):  # type: ignore[no-untyped-def]
+    import contextlib
+    if as_json or not err.is_terminal:
+        return contextlib.nullcontext()
+    return err.status(text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Config file for every command (each command also takes --config).")
+@click.version_option(__version__, prog_name="bastion")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """Bastion protects the SQLite databases of unmodified applications.
+
+    \b
+    Exit codes: 0 success, 1 partial, 2 failed (or copy not consistent), 3 usage.
+    """
+    ctx.obj = {"config": config_path}
+
+
+@cli.command()
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@common
+def serve(conf: cfg.Config, as_json: bool, log_level: str) -> None:
+    """Run the daemon in the foreground (stop it with Ctrl-C or SIGTERM)."""
+    from .daemon.server import serve as run
+    run(conf, log_level)
+
+
+@cli.command()
+@common
+def status(conf: cfg.Config, as_json: bool) -> None:
+    """Protected databases and files: WAL mode, continuous operations, delta size, freezes."""
+    data = _client(conf).status()
+
+    def human(d: dict[str, Any]) -> None:
+        dm = d["daemon"]
+        out.print(f"daemon pid {dm['pid']} on {dm['listen']} since {dm['started_at']} "
+                  f"(bastion {dm['version']}, SQLite {dm['sqlite_version']}, config: {dm['config']})")
+        if not d["databases"]:
+            out.print("no database protected yet: list them in the config, or name files by path")
+        table = Table("database", "file", "protected", "journal", "delta (WAL)", "continuous operations", "frozen")
+        for db in d["databases"]:
+            for f in db["files"]:
+                co = f["contops"]
+                co_s = "-" if not co else (f"since {co['since']}" if co["status"] == "active"
+                                           else f"{co['status']} (since {co['since']})")
+                fr = f["frozen"]
+                fr_s = "-" if not fr else (f"since {fr['since']}" if fr["status"] == "active" else fr["status"])
+                prot = "yes" if f["protected"] else f"no: {f['error'] or 'missing'}"
+                table.add_row(db["name"], f["path"], prot, f["journal_mode"] or "-",
+                              _fmt_bytes(f["wal_bytes"]), co_s, fr_s)
+        out.print(table)
+    emit(data, as_json, human)
+
+
+@cli.command()
+@common
+@targets_option
+def protect(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> None:
+    """Protect files now (WAL mode, kept open), e.g. files not in the config, before the application starts."""
+    data = _client(conf).protect(targets, all_)
+
+    def human(d: dict[str, Any]) -> None:
+        for f in d["files"]:
+            out.print(f"  {f['path']}: protected (journal mode {f['journal_mode']})")
+    emit(data, as_json, human)
+
+
+@cli.command()
+@click.option("--max-duration", type=float, default=None,
+              help="Seconds after which the daemon ends the session on its own (default: config).")
+@common
+@targets_option
+def startbu(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, max_duration: float | None) -> None:
+    """Put databases or files into continuous operations at one instant.
+
+    TARGETS are database names, file paths or @LISTFILE (one path per line).
+    Until endbu the main files do not change by a byte: copy them with any tool.
+    """
+    data = _client(conf).startbu(targets, all_, max_duration)
+    emit(data, as_json, _print_start)
+
+
+def _print_start(d: dict[str, Any]) -> None:
+    for w in d.get("warnings", []):
+        err.print(f"warning: {w}")
+    out.print(f"continuous operations started at {d['started_at']} (session {d['session']}); "
+              f"writers paused {d['writers_paused_ms']:.1f} ms; ends on its own at {d['expires_at']}")
+    for f in d["files"]:
+        out.print(f"  {f['path']}: main file {_fmt_bytes(f['main_bytes'])} frozen; copy it now")
+
+
+@cli.command()
+@click.option("--no-wait", is_flag=True, help="Return once the holds are released; roll-in goes on in the daemon.")
+@common
+@targets_option
+def endbu(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, no_wait: bool) -> None:
+    """End continuous operations and roll the delta in (waits until done unless --no-wait)."""
+    with _spinner(as_json, "rolling in the delta..."):
+        data = _client(conf).endbu(targets, all_, wait=not no_wait)
+    emit(data, as_json, _print_end)
+
+
+def _print_end(d: dict[str, Any]) -> None:
+    for f in d["files"]:
+        if not f["consistent"]:
+            err.print(f"error: {f['message']}")
+        if f["roll_in"] == "started":
+            out.print(f"  {f['path']}: roll-in started in the daemon")
+            continue
+        secs = f["roll_in_seconds"]
+        rate = f" ({_fmt_bytes(f['delta_bytes'] / secs)}/s)" if secs > 0 and f["delta_bytes"] else ""
+        out.print(f"  {f['path']}: delta {_fmt_bytes(f['delta_bytes'])} rolled in "
+                  f"{'completely' if f['roll_in'] == 'complete' else 'INCOMPLETELY'} in {secs:.3f} s{rate}")
+        if f.get("roll_in_problem"):
+            err.print(f"warning: {f['path']}: {f['roll_in_problem']}; SQLite will finish the roll-in "
+                      "at a later checkpoint")
+    if d["consistent"]:
+        out.print("continuous operations ended: the copy taken since startbu is consistent")
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@common
+@targets_option
+def exec_(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> None:
+    """startbu, run a backup COMMAND, endbu even if it failed:  bastion exec NAME... -- COMMAND ARGS...
+
+    Exits non-zero if the command failed or the copy is not consistent.
+    """
+    command = list(_TAIL)
+    if not command:
+        raise BastionError("no command given: write it after '--', e.g. bastion exec bank -- tar cf b.tar /srv/app/bank.db",
+                           hint="bastion exec NAME... -- COMMAND ARGS...") from None
+    client = _client(conf)
+    start = client.startbu(targets, all_)
+    if not as_json:
+        _print_start(start)
+    t0 = time.monotonic()
+    rc: int | None = None
+    error = None
+    try:
+        rc = subprocess.call(command)
+    except OSError as exc:
+        error = f"cannot run {command[0]}: {exc.strerror}"
+    finally:
+        paths = [f["path"] for f in start["files"]]
+        end = client.endbu(paths)
+    result = {"startbu": start, "command": {"argv": command, "exit_code": rc, "error": error,
+                                            "seconds": round(time.monotonic() - t0, 3)},
+              "endbu": end}
+    ok_cmd = rc == 0
+    result["exit_code"] = EXIT_FAILED if not ok_cmd or not end["consistent"] else end["exit_code"]
+
+    def human(d: dict[str, Any]) -> None:
+        if error:
+            err.print(f"error: {error}")
+        elif not ok_cmd:
+            err.print(f"error: the command exited with status {rc}")
+        _print_end(end)
+    emit(result, as_json, human)
+
+
+@cli.command()
+@click.option("--discard-changes", is_flag=True,
+              help="Return the files to their startbu instant (only when provably safe).")
+@common
+@targets_option
+def recover(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, discard_changes: bool) -> None:
+    """After an interrupted continuous operations: roll the delta in (default) or discard it."""
+    data = _client(conf).recover(targets, all_, discard_changes)
+
+    def human(d: dict[str, Any]) -> None:
+        for f in d["files"]:
+            if f["action"] == "discarded":
+                out.print(f"  {f['path']}: back to {f['back_to']}; {_fmt_bytes(f['discarded_wal_bytes'])} of "
+                          f"changes set aside as {f['wal_kept_as']}; quick_check {f['quick_check']}")
+            else:
+                out.print(f"  {f['path']}: delta {_fmt_bytes(f['delta_bytes'])} rolled in "
+                          f"{'completely' if f['complete'] else 'INCOMPLETELY'}")
+    emit(data, as_json, human)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--timeout", type=float, default=None, help="Seconds before an automatic thaw (default 10).")
+@common
+@targets_option
+def freeze(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, timeout: float | None) -> None:
+    """Hold every writer (readers go on) until thaw or --timeout.
+
+    With `-- COMMAND ARGS...`: freeze, run the command (e.g. a filesystem snapshot), thaw, report the hold.
+    """
+    client = _client(conf)
+    data = client.freeze(targets, all_, timeout)
+    command = list(_TAIL)
+    if not command:
+        def human(d: dict[str, Any]) -> None:
+            for w in d.get("warnings", []):
+                err.print(f"warning: {w}")
+            out.print(f"frozen at {d['frozen_at']} (freeze {d['freeze']}); thaws on its own at {d['thaw_by']}")
+            for f in d["files"]:
+                out.print(f"  {f['path']}: main file {'complete' if f['main_file_complete'] else 'needs its WAL'}")
+        emit(data, as_json, human)
+        return
+    rc: int | None = None
+    error = None
+    try:
+        rc = subprocess.call(command)
+    except OSError as exc:
+        error = f"cannot run {command[0]}: {exc.strerror}"
+    finally:
+        thaw = client.thaw([f["path"] for f in data["files"]])
+    result = {"freeze": data, "command": {"argv": command, "exit_code": rc, "error": error}, "thaw": thaw,
+              "hold_seconds": thaw["hold_seconds"]}
+    result["exit_code"] = EXIT_FAILED if rc != 0 or not thaw["consistent"] else EXIT_OK
+
+    def human2(d: dict[str, Any]) -> None:
+        if error:
+            err.print(f"error: {error}")
+        elif rc != 0:
+            err.print(f"error: the command exited with status {rc}")
+        _print_thaw(thaw)
+    emit(result, as_json, human2)
+
+
+def _print_thaw(d: dict[str, Any]) -> None:
+    for f in d["files"]:
+        if f["consistent"]:
+            out.print(f"  {f['path']}: thawed after {f['hold_seconds'] * 1000:.1f} ms")
+        else:
+            err.print(f"error: {f['message']}")
+
+
+@cli.command()
+@common
+@targets_option
+def thaw(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> None:
+    """End a freeze; fails if the freeze had already timed out."""
+    data = _client(conf).thaw(targets, all_)
+    emit(data, as_json, _print_thaw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    _TAIL.clear()
+    if "--" in args and any(c in args[: args.index("--")] for c in ("exec", "freeze")):
+        i = args.index("--")
+        _TAIL.extend(args[i + 1:])
+        args = args[:i]
+    try:
+        cli.main(args=args, prog_name="bastion", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(EXIT_FAILED)
+    except click.UsageError as exc:
+        exc.show(file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        exc.show(file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except BastionError as exc:
+        err.print(f"error: {exc.message}", markup=False)
+        if exc.hint:
+            err.print(f"hint: {exc.hint}", markup=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

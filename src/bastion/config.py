@@ -1,0 +1,241 @@
+"""Configuration: a TOML file turned into typed settings, with an embedded default.
+
+With no config file Bastion runs on the embedded default: it listens on
+127.0.0.1:8750, keeps its data under ``./var`` and protects no database until a
+command names a file by path. Relative paths in a config file are resolved
+against the directory of that file (the embedded default: the working directory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "bastion.toml"
+DEFAULT_LISTEN = "127.0.0.1:8750"
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any, what: str = "duration") -> float:
+    """'90s', '5m', '1h30m', '250ms' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a duration such as '30s' or '4h', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _UNIT[m.group(2)]
+            pos = m.end()
+        if not text or pos != len(text):
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ConfigError(f"{what}: {value!r} is not a duration",
+                                  hint="write it as a number of seconds or like '30s', '5m', '4h', '1h30m'") from None
+    else:
+        raise ConfigError(f"{what}: expected a duration such as '30s', got {value!r}")
+    if seconds <= 0:
+        raise ConfigError(f"{what}: must be more than zero, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    name: str
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str                      # path of the config file, or "embedded default"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8750
+    data_dir: str = "./var"
+    token_file: str = ""
+    contops_max_duration: float = 4 * 3600.0
+    gate_timeout: float = 10.0       # how long startbu/freeze may wait for writers to pause
+    rollin_timeout: float = 300.0    # how long endbu waits for the delta to roll in
+    freeze_timeout: float = 10.0     # default --timeout of freeze
+    databases: dict[str, DatabaseConfig] = field(default_factory=dict)
+
+    @property
+    def listen(self) -> str:
+        return f"{self.listen_host}:{self.listen_port}"
+
+    @property
+    def base_url(self) -> str:
+        host = self.listen_host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.listen_port}"
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.data_dir, "state.db")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "listen": self.listen, "data_dir": self.data_dir,
+            "contops": {"max_duration": self.contops_max_duration, "gate_timeout": self.gate_timeout,
+                        "rollin_timeout": self.rollin_timeout},
+            "freeze": {"timeout": self.freeze_timeout},
+            "databases": {n: list(d.files) for n, d in self.databases.items()},
+        }
+
+
+_KNOWN = {
+    "daemon": {"listen", "data_dir", "token_file"},
+    "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
+    "freeze": {"timeout"},
+    "databases": None,
+}
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _split_listen(value: Any, source: str) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{source}: [daemon] listen must be 'HOST:PORT', got {value!r}",
+                          hint="for example listen = \"127.0.0.1:8750\"")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port_no = int(port)
+    except ValueError:
+        raise ConfigError(f"{source}: [daemon] listen port {port!r} is not a number") from None
+    if not 0 < port_no < 65536:
+        raise ConfigError(f"{source}: [daemon] listen port {port_no} is out of range 1-65535")
+    return host, port_no
+
+
+def read_list_file(path: str, base: str | None = None) -> list[str]:
+    """One path per line (the seed's DATAFILE.TXT); blank lines and '#' comments skipped.
+    Relative paths are taken relative to ``base`` (default: the working directory)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"list file {path} does not exist",
+                          hint="a list file holds one database file path per line") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read list file {path}: {exc}") from None
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        out.append(os.path.abspath(os.path.join(base or os.getcwd(), os.path.expanduser(line))))
+    if not out:
+        raise ConfigError(f"list file {path} names no file", hint="write one database file path per line")
+    return out
+
+
+def load(path: str | None = None) -> Config:
+    """Load ``path``; without it, ``./bastion.toml`` if present, else the embedded default."""
+    if path is None:
+        if os.path.exists(DEFAULT_CONFIG_NAME):
+            path = DEFAULT_CONFIG_NAME
+        else:
+            return _build({}, "embedded default", os.getcwd())
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist",
+                          hint="pass --config with an existing file, or omit it to use the embedded default") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    return _build(raw, os.path.abspath(path), os.path.dirname(os.path.abspath(path)))
+
+
+def _build(raw: dict[str, Any], source: str, base: str) -> Config:
+    for section, value in raw.items():
+        if section not in _KNOWN:
+            raise ConfigError(f"{source}: unknown section [{section}]",
+                              hint=f"known sections: {', '.join('[' + s + ']' for s in _KNOWN)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        keys = _KNOWN[section]
+        if keys is not None:
+            for key in value:
+                if key not in keys:
+                    raise ConfigError(f"{source}: unknown key '{key}' in [{section}]",
+                                      hint=f"known keys: {', '.join(sorted(keys))}")
+
+    def resolve(p: str) -> str:
+        return os.path.abspath(os.path.join(base, os.path.expanduser(p)))
+
+    daemon = raw.get("daemon", {})
+    host, port = _split_listen(daemon.get("listen", DEFAULT_LISTEN), source)
+    data_dir = daemon.get("data_dir", "./var")
+    if not isinstance(data_dir, str) or not data_dir:
+        raise ConfigError(f"{source}: [daemon] data_dir must be a path")
+    data_dir = resolve(data_dir)
+    token_file = daemon.get("token_file")
+    token_file = resolve(token_file) if token_file else os.path.join(data_dir, "token")
+
+    contops = raw.get("contops", {})
+    freeze = raw.get("freeze", {})
+    databases: dict[str, DatabaseConfig] = {}
+    owner: dict[str, str] = {}
+    for name, spec in raw.get("databases", {}).items():
+        if not _NAME.match(name):
+            raise ConfigError(f"{source}: database name {name!r} may only use letters, digits, '_', '.', '-'")
+        if not isinstance(spec, dict) or "files" not in spec:
+            raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
+        extra = set(spec) - {"files"}
+        if extra:
+            raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
+                              hint="known keys: files")
+        files_spec = spec["files"]
+        if isinstance(files_spec, str) and files_spec.startswith("@"):
+            files = read_list_file(resolve(files_spec[1:]), base)
+        elif isinstance(files_spec, list) and files_spec and all(isinstance(f, str) and f for f in files_spec):
+            files = [resolve(f) for f in files_spec]
+        else:
+            raise ConfigError(f"{source}: [databases.{name}] files must be a non-empty list of paths or '@listfile'")
+        for f in files:
+            if f in owner:
+                raise ConfigError(f"{source}: file {f} is listed in both [databases.{owner[f]}] and [databases.{name}]",
+                                  hint="a file belongs to one database")
+            owner[f] = name
+        databases[name] = DatabaseConfig(name, tuple(files))
+
+    return Config(
+        source=source, listen_host=host, listen_port=port, data_dir=data_dir, token_file=token_file,
+        contops_max_duration=parse_duration(contops.get("max_duration", "4h"), "[contops] max_duration"),
+        gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), "[contops] gate_timeout"),
+        rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), "[contops] rollin_timeout"),
+        freeze_timeout=parse_duration(freeze.get("timeout", "10s"), "[freeze] timeout"),
+        databases=databases,
+    )
+
+
+def database_of(config: Config, path: str) -> str | None:
+    for name, db in config.databases.items():
+        if path in db.files:
+            return name
+    return None
+
+
+def ensure_data_dir(config: Config) -> Path:
+    p = Path(config.data_dir)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,269 @@
+"""Continuous operations: the main files stand still while applications keep writing.
+
+startbu pauses writers on every file of the group at one instant, checkpoints
+each file completely, then opens a read transaction on each (the *holder*).
+While the holder is open no checkpoint of any process can write into the main
+file, so every change goes to the WAL (the delta) and any tool can copy the
+main files: the copy is the database as of startbu. endbu ends the holders and
+checkpoints (the roll-in). See docs/design.md for why this is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from .catalog import Catalog
+from .config import Config
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RecoveryRefused, StateConflict
+from .sqlite import DatabaseFile, Retry, pause_writers
+from .sqlite import exclusive
+from . import state as st
+from .state import StateStore, iso as _iso
+
+log = logging.getLogger("bastion.contops")
+KIND = "contops"
+
+
+class ContinuousOperations:
+    def __init__(self, config: Config, catalog: Catalog, state: StateStore) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.state = state
+        self._mutex = threading.RLock()
+
+    # -- startbu --------------------------------------------------------------
+    def start(self, files: list[DatabaseFile], max_duration: float | None = None) -> dict[str, Any]:
+        t0 = time.monotonic()
+        with self._mutex:
+            warnings = self._clear_for_start(files)
+            self.catalog.ensure_protected(files)
+            held: list[DatabaseFile] = []
+
+            def step() -> None:
+                # Under the pause: every frame must reach the main file, else the
+                # copy would miss committed data; then pin the snapshot.
+                for f in files:
+                    res = f.checkpoint()
+                    if res.busy:
+                        raise Retry(f.path, "another process was checkpointing")
+                    if not res.complete:
+                        raise Retry(f.path, "a reader in another process keeps a snapshot older than the last "
+                                            "commit, so the delta could not be checkpointed")
+                for f in files:
+                    f.hold()
+                    held.append(f)
+
+            try:
+                paused = pause_writers(files, self.config.gate_timeout, step)
+            except BaseException:
+                for f in held:
+                    f.release()
+                raise
+            try:
+                entries = [{"path": f.path, "database": f.database, "stamp": f.stamp().to_dict(),
+                            "wal_bytes_start": f.wal_bytes()} for f in files]
+            finally:
+                paused_for = paused.resume()
+            started = paused.since
+            limit = max_duration or self.config.contops_max_duration
+            try:
+                sid = self.state.create_session(KIND, started + limit, entries, started)
+            except BaseException:
+                for f in files:
+                    f.release()
+                raise
+        return {
+            "session": sid, "started_at": _iso(started), "started_at_epoch": started,
+            "expires_at": _iso(started + limit), "max_duration_seconds": limit,
+            "writers_paused_ms": round(paused_for * 1000, 3), "attempts": paused.attempts,
+            "latency_ms": round((time.monotonic() - t0) * 1000, 3),
+            "files": [{"path": e["path"], "database": e["database"], "main_bytes": e["stamp"]["size"],
+                       "wal_bytes": e["wal_bytes_start"]} for e in entries],
+            "warnings": warnings, "exit_code": EXIT_OK,
+        }
+
+    def _clear_for_start(self, files: list[DatabaseFile]) -> list[str]:
+        warnings = []
+        for row in self.state.open_files(KIND, [f.path for f in files]):
+            if row["status"] in (st.ACTIVE, st.ROLLING_IN):
+                what = "rolling in" if row["status"] == st.ROLLING_IN else "in continuous operations"
+                raise StateConflict(
+                    f"{row['path']}: already {what} since {_iso(row['started_at'])} (session {row['session_id']})",
+                    path=row["path"], hint=f"run `bastion endbu` for it first; nothing was started")
+        for row in self.state.open_files(KIND, [f.path for f in files]):
+            # An interrupted or expired session nobody acknowledged: say so, then move on,
+            # so an unattended nightly backup does not fail forever after one crash.
+            self.state.set_file(row["session_id"], row["path"], st.ACKNOWLEDGED)
+            warnings.append(f"{row['path']}: the previous session {row['session_id']} was {row['status']} "
+                            f"({row['reason']}); the copy taken then was not consistent")
+        return warnings
+
+    # -- endbu ----------------------------------------------------------------
+    def end(self, files: list[DatabaseFile], wait: bool = True) -> dict[str, Any]:
+        with self._mutex:
+            rows = {r["path"]: r for r in self.state.open_files(KIND, [f.path for f in files])}
+            for f in files:
+                if f.path not in rows:
+                    last = self.state.last_file(KIND, f.path)
+                    extra = f" (last session {last['session_id']} {last['status']})" if last else ""
+                    raise StateConflict(f"{f.path}: not in continuous operations{extra}", path=f.path,
+                                        hint="run `bastion startbu` before the copy and `bastion endbu` after; "
+                                             "nothing was ended")
+            plan = []
+            for f in files:
+                row = rows[f.path]
+                if row["status"] == st.ACTIVE:
+                    self.state.set_file(row["session_id"], f.path, st.ROLLING_IN)
+                    f.release()
+                    plan.append((f, row, True, None))
+                elif row["status"] == st.ROLLING_IN:
+                    plan.append((f, row, True, None))
+                else:
+                    plan.append((f, row, False, row["reason"]))
+        results = []
+        if wait:
+            for f, row, consistent, reason in plan:
+                results.append(self._roll_in(f, row, consistent, reason))
+        else:
+            threading.Thread(target=lambda: [self._roll_in(*p) for p in plan], daemon=True,
+                             name="bastion-rollin").start()
+            results = [{"path": f.path, "database": f.database, "session": row["session_id"],
+                        "consistent": consistent, "reason": reason, "roll_in": "started"}
+                       for f, row, consistent, reason in plan]
+        consistent_all = all(r["consistent"] for r in results)
+        complete_all = all(r.get("roll_in") in ("complete", "started") for r in results)
+        code = EXIT_OK if consistent_all and complete_all else (EXIT_PARTIAL if consistent_all else EXIT_FAILED)
+        return {"files": results, "consistent": consistent_all, "exit_code": code,
+                "delta_bytes": sum(r.get("delta_bytes", 0) for r in results)}
+
+    def _roll_in(self, f: DatabaseFile, row: dict[str, Any], consistent: bool, reason: str | None) -> dict[str, Any]:
+        try:
+            res = f.roll_in(self.config.rollin_timeout)
+        except Exception as exc:  # the file may have vanished or become unreadable
+            res = {"complete": False, "delta_bytes": 0, "seconds": 0.0, "reason": str(exc)}
+        status = st.ENDED if consistent else st.ACKNOWLEDGED
+        self.state.set_file(row["session_id"], f.path, status, result=res)
+        out = {"path": f.path, "database": f.database, "session": row["session_id"],
+               "started_at": _iso(row["started_at"]), "consistent": consistent, "reason": reason,
+               "roll_in": "complete" if res["complete"] else "incomplete",
+               "delta_bytes": res["delta_bytes"], "roll_in_seconds": round(res["seconds"], 6),
+               "wal_truncated": res.get("wal_truncated", False)}
+        if not res["complete"]:
+            out["roll_in_problem"] = res.get("reason")
+        if not consistent:
+            out["message"] = (f"continuous operations on {f.path} was {row['status']} "
+                              f"({reason}): the copy taken since startbu at {_iso(row['started_at'])} "
+                              "is not consistent")
+        return out
+
+    # -- the daemon's own upkeep ----------------------------------------------
+    def expire(self, now: float | None = None) -> list[str]:
+        """End sessions past their maximum duration (called by the daemon every second)."""
+        now = now or time.time()
+        expired = []
+        with self._mutex:
+            for row in self.state.open_files(KIND):
+                if row["status"] == st.ACTIVE and row["deadline"] <= now:
+                    f = self.catalog.files.get(row["path"])
+                    reason = (f"maximum duration of {row['deadline'] - row['started_at']:g} s reached at "
+                              f"{_iso(row['deadline'])}; ended by the daemon")
+                    self.state.set_file(row["session_id"], row["path"], st.EXPIRED, reason=reason)
+                    if f is not None:
+                        f.release()
+                        threading.Thread(target=f.roll_in, args=(self.config.rollin_timeout,),
+                                         daemon=True).start()
+                    log.warning("%s: continuous operations expired: %s", row["path"], reason)
+                    expired.append(row["path"])
+        return expired
+
+    def finish_interrupted_roll_ins(self, rows: list[dict[str, Any]]) -> None:
+        """At start-up: endbu had released the holders (so the copy was consistent)
+        but the daemon stopped during roll-in. Complete the roll-in now."""
+        for r in rows:
+            f = self.catalog.files.get(r["path"])
+            res: dict[str, Any] = {"complete": False, "reason": "file not protected"}
+            if f is not None and f.protected:
+                res = f.roll_in(self.config.rollin_timeout)
+            self.state.set_file(r["session_id"], r["path"], st.ENDED,
+                                reason="roll-in completed after a daemon restart", result=res)
+
+    def mark_stopped(self) -> None:
+        """Daemon shutting down: active sessions lose their holders now."""
+        with self._mutex:
+            for row in self.state.open_files(KIND):
+                if row["status"] == st.ACTIVE:
+                    self.state.set_file(row["session_id"], row["path"], st.INTERRUPTED,
+                                        reason=f"the daemon was stopped at {_iso(time.time())}")
+
+    def describe(self, path: str) -> dict[str, Any] | None:
+        rows = self.state.open_files(KIND, [path])
+        if not rows:
+            return None
+        r = rows[-1]
+        return {"session": r["session_id"], "status": r["status"], "since": _iso(r["started_at"]),
+                "expires_at": _iso(r["deadline"]), "reason": r["reason"]}
+
+    # -- recovery ----------------------------------------------------------------
+    def recover(self, files: list[DatabaseFile], discard: bool) -> dict[str, Any]:
+        with self._mutex:
+            rows = {r["path"]: r for r in self.state.open_files(KIND, [f.path for f in files])}
+            if not discard:
+                for f in files:
+                    if f.path in rows and rows[f.path]["status"] in (st.ACTIVE, st.ROLLING_IN):
+                        raise StateConflict(f"{f.path}: in continuous operations right now", path=f.path,
+                                            hint="use `bastion endbu` to end it; nothing was recovered")
+                self.catalog.ensure_protected(files)
+                results = []
+                for f in files:
+                    res = f.roll_in(self.config.rollin_timeout)
+                    row = rows.get(f.path)
+                    if row is not None:
+                        self.state.set_file(row["session_id"], f.path, st.ACKNOWLEDGED, result=res)
+                    results.append({"path": f.path, "action": "rolled in", "session": row and row["session_id"],
+                                    "delta_bytes": res["delta_bytes"], "complete": res["complete"]})
+                ok = all(r["complete"] for r in results)
+                return {"files": results, "exit_code": EXIT_OK if ok else EXIT_PARTIAL}
+            return self._discard(files, rows)
+
+    def _discard(self, files: list[DatabaseFile], rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        for f in files:
+            row = rows.get(f.path)
+            if row is None or row["status"] not in (st.ACTIVE, st.INTERRUPTED):
+                state = row["status"] if row else "not in continuous operations"
+                raise RecoveryRefused(
+                    f"{f.path}: nothing to discard ({state})", path=f.path,
+                    hint="--discard-changes returns a file to its startbu instant; it needs an active or "
+                         "interrupted continuous-operations session")
+            now = f.stamp().to_dict()
+            if now != row["stamp"]:
+                raise RecoveryRefused(
+                    f"{f.path}: the main file was written after startbu at {_iso(row['started_at'])} "
+                    f"(a checkpoint ran), so the changes since then are already in it and cannot be discarded",
+                    path=f.path, details={"stamp_at_startbu": row["stamp"], "stamp_now": now},
+                    hint="run `bastion recover NAME` (without --discard-changes) to keep the changes")
+        # Our own connections go first (they never checkpoint on close); the child
+        # proves nobody else has the files open and keeps them locked while it works.
+        for f in files:
+            f.close()
+        try:
+            out = exclusive.discard_in_child([(f.path, rows[f.path]["stamp"]) for f in files])
+        finally:
+            for f in files:
+                try:
+                    f.protect()
+                except Exception as exc:  # noqa: BLE001 - reported by status
+                    log.warning("%s: cannot protect again after recover: %s", f.path, exc)
+        results = []
+        for f in files:
+            row = rows[f.path]
+            check = f.quick_check() if f.protected else "not protected"
+            self.state.set_file(row["session_id"], f.path, st.DISCARDED,
+                                reason="changes since startbu discarded by recover --discard-changes",
+                                result=out["files"][f.path])
+            results.append({"path": f.path, "action": "discarded", "session": row["session_id"],
+                            "back_to": _iso(row["started_at"]), "quick_check": check, **out["files"][f.path]})
+        return {"files": results, "exit_code": EXIT_OK if all(r["quick_check"] == "ok" for r in results)
+                else EXIT_FAILED}

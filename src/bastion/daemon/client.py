@@ -1,0 +1,76 @@
+"""The admin API client the CLI uses: it finds the daemon of a config and its token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ..config import Config
+from ..errors import AuthError, BastionError, DaemonUnavailable
+from .auth import read_token
+
+
+class AdminClient:
+    def __init__(self, config: Config, timeout: float | None = 30.0) -> None:
+        self.config = config
+        self.timeout = timeout
+        self._token: str | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if self._token is None:
+            self._token = read_token(self.config.token_file)
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                timeout: float | None | str = "default") -> dict[str, Any]:
+        url = self.config.base_url + path
+        try:
+            resp = httpx.request(method, url, json=body, headers=self._headers(),
+                                 timeout=self.timeout if timeout == "default" else timeout)
+        except httpx.ConnectError:
+            raise DaemonUnavailable(
+                f"no Bastion daemon is listening on {self.config.base_url} (config: {self.config.source})",
+                hint="start one with `bastion serve`" + (
+                    "" if self.config.source == "embedded default" else f" --config {self.config.source}")) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise DaemonUnavailable(f"the daemon on {self.config.base_url} closed the connection during "
+                                    f"{path} ({exc}): it may have stopped",
+                                    hint="check `bastion status`; restart it with `bastion serve`") from None
+        except httpx.TimeoutException:
+            raise DaemonUnavailable(f"the daemon on {self.config.base_url} did not answer {path} in time") from None
+        try:
+            data = resp.json()
+        except ValueError:
+            raise BastionError(f"the daemon answered {resp.status_code} with something that is not JSON") from None
+        if resp.status_code >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            if isinstance(err, dict):
+                raise BastionError.from_dict(err)
+            if resp.status_code == 401:
+                raise AuthError("the daemon refused the admin token")
+            raise BastionError(f"the daemon answered {resp.status_code}: {data}")
+        return data
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/status")
+
+    def protect(self, targets: list[str], all_: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/v1/protect", {"targets": targets, "all": all_}, timeout=None)
+
+    def startbu(self, targets: list[str], all_: bool = False, max_duration: float | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/contops/start", {"targets": targets, "all": all_,
+                                                          "max_duration": max_duration})
+
+    def endbu(self, targets: list[str], all_: bool = False, wait: bool = True) -> dict[str, Any]:
+        return self.request("POST", "/v1/contops/end", {"targets": targets, "all": all_, "wait": wait}, timeout=None)
+
+    def recover(self, targets: list[str], all_: bool = False, discard: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/v1/recover", {"targets": targets, "all": all_, "discard_changes": discard},
+                            timeout=None)
+
+    def freeze(self, targets: list[str], all_: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/freeze", {"targets": targets, "all": all_, "timeout": timeout})
+
+    def thaw(self, targets: list[str], all_: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/v1/thaw", {"targets": targets, "all": all_})

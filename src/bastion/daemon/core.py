@@ -1,0 +1,140 @@
+"""The daemon as a library object: the catalog, state, continuous operations and freeze.
+
+The HTTP routes are thin wrappers around these methods, and tests may call
+them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import apsw
+
+from .. import __version__
+from ..catalog import Catalog, Targets
+from ..config import Config
+from ..contops import ContinuousOperations
+from ..freeze import Freezer
+from ..state import StateStore, iso
+from .auth import ensure_token
+
+log = logging.getLogger("bastion.daemon")
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state: StateStore | None = None
+        self.started_at = 0.0
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self.token = ""
+        self.startup: dict[str, Any] = {}
+
+    # lifecycle: opened by open(), closed by close(); misuse is refused
+    def open(self) -> None:
+        if self.state is not None:
+            raise RuntimeError("daemon already open")
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        self.token = ensure_token(self.config.token_file)
+        self.state = StateStore(self.config.data_dir)
+        found = self.state.begin_run(os.getpid())
+        self.catalog = Catalog(self.config, self.state)
+        problems = self.catalog.protect_all()
+        self.contops = ContinuousOperations(self.config, self.catalog, self.state)
+        self.freezer = Freezer(self.config, self.catalog, self.state)
+        self.contops.finish_interrupted_roll_ins(found["rolling_in"])
+        for r in found["interrupted"]:
+            log.warning("%s: %s session %s was interrupted by a daemon stop", r["path"], r["kind"], r["session_id"])
+        self.startup = {"interrupted": found["interrupted"], "unprotected": problems}
+        self.started_at = time.time()
+        self._sweeper = threading.Thread(target=self._sweep, name="bastion-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def close(self) -> None:
+        if self.state is None:
+            return
+        self._stop.set()
+        if self._sweeper:
+            self._sweeper.join(timeout=5)
+        self.freezer.thaw_all_for_shutdown()
+        self.contops.mark_stopped()
+        self.catalog.close()
+        self.state.end_run()
+        self.state.close()
+        self.state = None
+
+    def _sweep(self) -> None:
+        """Once a second: expire overlong sessions, retry files not yet protected."""
+        last_retry = 0.0
+        while not self._stop.wait(1.0):
+            try:
+                self.contops.expire()
+                if time.monotonic() - last_retry > 10:
+                    last_retry = time.monotonic()
+                    for f in list(self.catalog.files.values()):
+                        if not f.protected:
+                            try:
+                                f.protect()
+                            except Exception:  # noqa: BLE001 - kept in f.error, shown by status
+                                pass
+            except Exception:  # noqa: BLE001 - the sweeper must never die
+                log.exception("sweeper")
+
+    # -- operations (thin over the library) --------------------------------
+    def resolve(self, names: list[str], all_: bool = False):
+        return self.catalog.resolve(Targets.of(names, all_))
+
+    def protect(self, names: list[str], all_: bool = False) -> dict[str, Any]:
+        files = self.resolve(names, all_)
+        self.catalog.ensure_protected(files)
+        return {"files": [{"path": f.path, "database": f.database, "journal_mode": f.journal_mode()}
+                          for f in files], "exit_code": 0}
+
+    def startbu(self, names: list[str], all_: bool = False, max_duration: float | None = None) -> dict[str, Any]:
+        return self.contops.start(self.resolve(names, all_), max_duration)
+
+    def endbu(self, names: list[str], all_: bool = False, wait: bool = True) -> dict[str, Any]:
+        files = self.resolve(names, all_)
+        if all_:  # --all ends whatever is open, not every known file
+            open_paths = {r["path"] for r in self.state.open_files("contops")}
+            files = [f for f in files if f.path in open_paths] or files
+        return self.contops.end(files, wait)
+
+    def recover(self, names: list[str], all_: bool = False, discard: bool = False) -> dict[str, Any]:
+        return self.contops.recover(self.resolve(names, all_), discard)
+
+    def freeze(self, names: list[str], all_: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        return self.freezer.freeze(self.resolve(names, all_), timeout)
+
+    def thaw(self, names: list[str], all_: bool = False) -> dict[str, Any]:
+        files = self.resolve(names, all_)
+        if all_:
+            open_paths = {r["path"] for r in self.state.open_files("freeze")}
+            files = [f for f in files if f.path in open_paths] or files
+        return self.freezer.thaw(files)
+
+    def status(self) -> dict[str, Any]:
+        dbs = []
+        for name, files in sorted(self.catalog.database_names().items()):
+            out = []
+            for f in files:
+                exists = os.path.exists(f.path)
+                out.append({
+                    "path": f.path, "exists": exists, "protected": f.protected, "error": f.error,
+                    "journal_mode": f.journal_mode(), "wal_bytes": f.wal_bytes() if exists else 0,
+                    "main_bytes": os.stat(f.path).st_size if exists else 0,
+                    "contops": self.contops.describe(f.path), "frozen": self.freezer.describe(f.path),
+                })
+            dbs.append({"name": name, "configured": name in self.config.databases, "files": out})
+        return {
+            "daemon": {"version": __version__, "pid": os.getpid(), "listen": self.config.listen,
+                       "config": self.config.source, "data_dir": self.config.data_dir,
+                       "started_at": iso(self.started_at), "sqlite_version": apsw.sqlite_lib_version(),
+                       "interrupted_at_startup": self.startup.get("interrupted", [])},
+            "databases": dbs,
+        }

@@ -1,0 +1,75 @@
+"""`bastion serve`: one daemon per data_dir, on the configured address."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import sys
+
+import uvicorn
+
+from ..config import Config
+from ..errors import BastionError, ConfigError, StateConflict
+from .app import create_app
+from .core import Daemon
+
+
+def _lock_data_dir(config: Config) -> int:
+    """One daemon per data_dir: an flock on a plain file (not a database file)."""
+    os.makedirs(config.data_dir, exist_ok=True)
+    path = os.path.join(config.data_dir, "daemon.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StateConflict(f"another bastion daemon (pid {pid}) is already running with data_dir "
+                            f"{config.data_dir}", hint="stop it first, or use another data_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _bind(config: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.listen_host, config.listen_port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"cannot listen on {config.listen}: the address is already in use",
+                              hint="another daemon or program uses this port; set [daemon] listen in the config") from None
+        raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: Config, log_level: str = "info") -> None:
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lock_fd = _lock_data_dir(config)
+    sock = _bind(config)
+    daemon = Daemon(config)
+    try:
+        daemon.open()
+    except BastionError:
+        sock.close()
+        raise
+    app = create_app(daemon)
+    uv = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(uv)
+    print(f"bastion: serving on {config.base_url} (config: {config.source}; data: {config.data_dir}; "
+          f"{len(daemon.catalog.files)} file(s) protected)", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        daemon.close()
+        os.close(lock_fd)
+        print("bastion: stopped", file=sys.stderr, flush=True)

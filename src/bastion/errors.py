@@ -1,0 +1,109 @@
+"""Every error Bastion raises, in one hierarchy.
+
+    BastionError                 exit 2 (failed) unless a subclass says otherwise
+     +-- UsageError              exit 3: the command line or request is wrong; nothing was done
+     |    +-- ConfigError        the config file is invalid
+     |    +-- UnknownTarget      a database name or file that Bastion does not know
+     +-- FileProblem             a database file is missing, not SQLite, or cannot be put in WAL mode
+     +-- StateConflict           the file is in the wrong state (already in continuous operations, not frozen...)
+     +-- BusyError               writers or readers did not let go in time; retry later
+     +-- NotConsistent           a copy taken under continuous operations or freeze cannot be trusted
+     +-- RecoveryRefused         recover --discard-changes cannot prove it is safe
+     +-- DaemonUnavailable       no daemon answers at the configured address
+     +-- AuthError               the token was missing or wrong
+
+Each error says what happened, to which file, and (``hint``) what to do next.
+The exit codes follow BUTIL: 0 success, 1 partial, 2 failed, 3 usage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1
+EXIT_FAILED = 2
+EXIT_USAGE = 3
+
+
+class BastionError(Exception):
+    exit_code = EXIT_FAILED
+    http_status = 500
+
+    def __init__(self, message: str, *, hint: str | None = None, path: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.path = path
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+            "path": self.path,
+            "exit_code": self.exit_code,
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BastionError":
+        """Rebuild an error the daemon sent, keeping its type when we know it."""
+        kind = _BY_NAME.get(str(data.get("type")), BastionError)
+        err = kind(str(data.get("message", "unknown error")), hint=data.get("hint"),
+                   path=data.get("path"), details=data.get("details") or {})
+        code = data.get("exit_code")
+        if isinstance(code, int) and code != err.exit_code:
+            err.exit_code = code
+        return err
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(BastionError):
+    exit_code = EXIT_USAGE
+    http_status = 400
+
+
+class ConfigError(UsageError):
+    pass
+
+
+class UnknownTarget(UsageError):
+    http_status = 404
+
+
+class FileProblem(BastionError):
+    http_status = 422
+
+
+class StateConflict(BastionError):
+    http_status = 409
+
+
+class BusyError(BastionError):
+    http_status = 503
+
+
+class NotConsistent(BastionError):
+    http_status = 409
+
+
+class RecoveryRefused(BastionError):
+    http_status = 409
+
+
+class DaemonUnavailable(BastionError):
+    http_status = 503
+
+
+class AuthError(BastionError):
+    http_status = 401
+
+
+_BY_NAME = {c.__name__: c for c in (
+    BastionError, UsageError, ConfigError, UnknownTarget, FileProblem, StateConflict,
+    BusyError, NotConsistent, RecoveryRefused, DaemonUnavailable, AuthError)}

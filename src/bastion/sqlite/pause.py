@@ -1,0 +1,93 @@
+"""Pausing every writer of a group of files at one instant.
+
+Writers are paused by taking each file's write lock (``BEGIN IMMEDIATE``) in a
+fixed order. An application that writes several files in one transaction may
+hold one lock and wait for another: so each lock is waited for only briefly,
+and on failure every lock taken is released and the whole set retried with a
+growing, jittered back-off until the deadline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import apsw
+
+from ..errors import BusyError
+from .dbfile import DatabaseFile
+
+
+class Retry(Exception):
+    """Raised by a step run under the pause to ask for release, back off and retry."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class PausedWriters:
+    files: list[DatabaseFile]
+    since: float        # time.time() when the last lock was taken
+    attempts: int
+    wait_seconds: float  # how long it took to pause them
+
+    def resume(self) -> float:
+        """Release the write locks (reverse order); returns how long writers were held."""
+        for f in reversed(self.files):
+            f.gate_end()
+        return time.time() - self.since
+
+
+def pause_writers(files: Sequence[DatabaseFile], timeout: float,
+                  step: Callable[[], None] | None = None, first_lock: float = 1.0,
+                  next_lock: float = 0.02) -> PausedWriters:
+    """Take every file's write lock, run ``step`` under them, and return them held.
+
+    The first lock may be waited for (``first_lock``): that is an ordinary writer
+    queueing. Each further lock is waited for only ``next_lock``: a writer that
+    holds it may be waiting for a lock we already have (a transaction over
+    several files), so we let go quickly instead of deadlocking it."""
+    ordered = sorted(files, key=lambda f: f.path)
+    started = time.monotonic()
+    deadline = started + timeout
+    attempt = 0
+    backoff = 0.001
+    while True:
+        attempt += 1
+        held: list[DatabaseFile] = []
+        try:
+            for f in ordered:
+                remaining = max(0.0, deadline - time.monotonic())
+                wait = first_lock if not held else next_lock
+                try:
+                    f.gate_begin(int(1000 * min(wait, remaining)))
+                except apsw.BusyError:
+                    raise Retry(f.path, "writer") from None
+                held.append(f)
+            if step is not None:
+                step()
+            return PausedWriters(held, time.time(), attempt, time.monotonic() - started)
+        except Retry as exc:
+            for f in reversed(held):
+                f.gate_end()
+            if time.monotonic() >= deadline:
+                if exc.reason == "writer":
+                    raise BusyError(
+                        f"{exc.path}: writers did not pause within {timeout:g} s ({attempt} attempts): "
+                        "a transaction in another process kept its write lock",
+                        path=exc.path,
+                        hint="retry when the application is less busy, or raise [contops] gate_timeout") from None
+                raise BusyError(
+                    f"{exc.path}: {exc.reason} ({attempt} attempts in {timeout:g} s)", path=exc.path,
+                    hint="end long-running read transactions in the application, or retry later") from None
+            time.sleep(min(backoff * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
+            backoff = min(backoff * 2, 0.25)
+        except BaseException:
+            for f in reversed(held):
+                f.gate_end()
+            raise

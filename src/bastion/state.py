@@ -1,0 +1,182 @@
+"""The daemon's own state database: what must survive a daemon crash.
+
+Continuous-operations and freeze sessions are written here (synchronous=FULL)
+before the daemon answers, so a daemon that restarts after kill -9 knows which
+copies were interrupted and can say so to the next endbu or thaw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any, Iterable
+
+import apsw
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT) STRICT;
+CREATE TABLE IF NOT EXISTS daemon_runs(
+    id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, started_at REAL NOT NULL, stopped_at REAL) STRICT;
+CREATE TABLE IF NOT EXISTS sessions(
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('contops', 'freeze')),
+    started_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    daemon_run INTEGER NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}') STRICT;
+CREATE TABLE IF NOT EXISTS session_files(
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    path TEXT NOT NULL,
+    database TEXT,
+    status TEXT NOT NULL,
+    stamp TEXT NOT NULL DEFAULT '{}',
+    wal_bytes_start INTEGER NOT NULL DEFAULT 0,
+    ended_at REAL,
+    reason TEXT,
+    result TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (session_id, path)) STRICT;
+CREATE INDEX IF NOT EXISTS session_files_open ON session_files(path, status);
+CREATE TABLE IF NOT EXISTS adhoc_files(path TEXT PRIMARY KEY, added_at REAL NOT NULL) STRICT;
+"""
+FORMAT_VERSION = "1"
+
+# File statuses. "open" ones still need an endbu/thaw/recover to be acknowledged.
+ACTIVE = "active"            # holder/gate in place
+ROLLING_IN = "rolling_in"    # endbu released the holder, roll-in under way
+ENDED = "ended"              # endbu completed; copy consistent
+INTERRUPTED = "interrupted"  # daemon stopped while active: copy not consistent
+EXPIRED = "expired"          # max duration reached: ended by the daemon
+TIMED_OUT = "timed_out"      # freeze hit its timeout and thawed on its own
+THAWED = "thawed"
+ACKNOWLEDGED = "acknowledged"  # an interrupted/expired/timed-out session reported to the user
+DISCARDED = "discarded"        # recover --discard-changes put the file back at its startbu instant
+OPEN_STATUSES = (ACTIVE, ROLLING_IN, INTERRUPTED, EXPIRED, TIMED_OUT)
+
+
+def iso(t: float | None) -> str | None:
+    """Epoch seconds -> ISO 8601 UTC with milliseconds, as every Bastion output shows times."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+class StateStore:
+    def __init__(self, data_dir: str) -> None:
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, "state.db")
+        self._lock = threading.RLock()
+        self._db = apsw.Connection(self.path)
+        self._db.setbusytimeout(5000)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._db:
+            self._db.execute(SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchall()
+            if not row:
+                self._db.execute("INSERT INTO meta VALUES('format', ?)", (FORMAT_VERSION,))
+            elif row[0][0] != FORMAT_VERSION:
+                from .errors import ConfigError
+                raise ConfigError(f"{self.path}: state format {row[0][0]} is not supported by this Bastion "
+                                  f"(format {FORMAT_VERSION})", hint="use the Bastion version that wrote it")
+        self.run_id = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._db.execute(sql, tuple(args))
+            try:
+                names = [d[0] for d in cur.getdescription()]
+            except apsw.ExecutionCompleteError:
+                return []
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    # -- daemon runs --------------------------------------------------------
+    def begin_run(self, pid: int) -> dict[str, Any]:
+        """Record this daemon's start; sessions left open by a previous run are marked
+        interrupted (their locks died with that process). Returns what was found."""
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute("UPDATE daemon_runs SET stopped_at=? WHERE stopped_at IS NULL", (now,))
+            self._db.execute("INSERT INTO daemon_runs(pid, started_at) VALUES(?, ?)", (pid, now))
+            self.run_id = self._db.last_insert_rowid()
+            interrupted = self._rows(
+                "SELECT sf.session_id, sf.path, s.kind FROM session_files sf JOIN sessions s ON s.id=sf.session_id "
+                "WHERE sf.status=? AND s.daemon_run<>?", (ACTIVE, self.run_id))
+            self._db.execute(
+                "UPDATE session_files SET status=?, ended_at=?, reason=? WHERE status=? AND session_id IN "
+                "(SELECT id FROM sessions WHERE daemon_run<>?)",
+                (INTERRUPTED, now, "the daemon stopped while this session was open; detected at restart",
+                 ACTIVE, self.run_id))
+            rolling = self._rows("SELECT session_id, path FROM session_files WHERE status=?", (ROLLING_IN,))
+        return {"interrupted": interrupted, "rolling_in": rolling}
+
+    def end_run(self) -> None:
+        with self._lock, self._db:
+            self._db.execute("UPDATE daemon_runs SET stopped_at=? WHERE id=?", (time.time(), self.run_id))
+
+    # -- sessions -----------------------------------------------------------
+    def create_session(self, kind: str, deadline: float, files: list[dict[str, Any]],
+                       started_at: float, detail: dict[str, Any] | None = None) -> str:
+        sid = f"{kind[:1]}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_at))}-{uuid.uuid4().hex[:6]}"
+        with self._lock, self._db:
+            self._db.execute("INSERT INTO sessions(id, kind, started_at, deadline, daemon_run, detail) "
+                             "VALUES(?,?,?,?,?,?)",
+                             (sid, kind, started_at, deadline, self.run_id, json.dumps(detail or {})))
+            for f in files:
+                self._db.execute(
+                    "INSERT INTO session_files(session_id, path, database, status, stamp, wal_bytes_start) "
+                    "VALUES(?,?,?,?,?,?)",
+                    (sid, f["path"], f.get("database"), ACTIVE, json.dumps(f.get("stamp", {})),
+                     int(f.get("wal_bytes_start", 0))))
+        return sid
+
+    def set_file(self, sid: str, path: str, status: str, reason: str | None = None,
+                 result: dict[str, Any] | None = None) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE session_files SET status=?, ended_at=?, reason=coalesce(?, reason), "
+                "result=coalesce(?, result) WHERE session_id=? AND path=?",
+                (status, time.time(), reason, json.dumps(result) if result is not None else None, sid, path))
+
+    def open_files(self, kind: str, paths: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Session files of ``kind`` still waiting for endbu/thaw (any open status)."""
+        marks = ",".join("?" * len(OPEN_STATUSES))
+        rows = self._rows(
+            f"SELECT sf.*, s.kind, s.started_at, s.deadline, s.daemon_run FROM session_files sf "
+            f"JOIN sessions s ON s.id=sf.session_id WHERE s.kind=? AND sf.status IN ({marks}) "
+            f"ORDER BY s.started_at", (kind, *OPEN_STATUSES))
+        wanted = set(paths) if paths is not None else None
+        out = []
+        for r in rows:
+            if wanted is not None and r["path"] not in wanted:
+                continue
+            r["stamp"] = json.loads(r["stamp"])
+            r["result"] = json.loads(r["result"])
+            out.append(r)
+        return out
+
+    def last_file(self, kind: str, path: str) -> dict[str, Any] | None:
+        rows = self._rows(
+            "SELECT sf.*, s.started_at, s.deadline FROM session_files sf JOIN sessions s ON s.id=sf.session_id "
+            "WHERE s.kind=? AND sf.path=? ORDER BY s.started_at DESC LIMIT 1", (kind, path))
+        if not rows:
+            return None
+        r = rows[0]
+        r["stamp"] = json.loads(r["stamp"])
+        r["result"] = json.loads(r["result"])
+        return r
+
+    # -- files named by path rather than by a configured database -----------
+    def add_adhoc(self, path: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR IGNORE INTO adhoc_files VALUES(?, ?)", (path, time.time()))
+
+    def adhoc_files(self) -> list[str]:
+        return [r["path"] for r in self._rows("SELECT path FROM adhoc_files ORDER BY path")]
