@@ -289,14 +289,24 @@ class DatabaseFile:
             if self._gate is None:
                 self._gate = _open_ready(self.path)
             # Poll every half millisecond rather than SQLite's default back-off, which
-            # sleeps ever longer and can miss every gap between a busy writer's commits.
+            # sleeps ever longer and can miss every gap between a busy writer's commits;
+            # and retry ourselves, as SQLite skips the busy handler in some lock states.
             deadline = time.monotonic() + max(0, busy_ms) / 1000
 
             def busy(_: int) -> bool:
                 time.sleep(0.0005)
                 return time.monotonic() < deadline
             self._gate.set_busy_handler(busy)
-            self._gate.execute("BEGIN IMMEDIATE")
+            while True:
+                try:
+                    self._gate.execute("BEGIN IMMEDIATE")
+                    break
+                except apsw.BusyError:
+                    if self._gate.in_transaction:
+                        self._gate.execute("ROLLBACK")
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.0005)
             self.gated_since = time.time()
 
     def gate_end(self) -> None:

@@ -1,10 +1,11 @@
 """Pausing every writer of a group of files at one instant.
 
-Writers are paused by taking each file's write lock (``BEGIN IMMEDIATE``) in a
-fixed order. An application that writes several files in one transaction may
-hold one lock and wait for another: so each lock is waited for only briefly,
-and on failure every lock taken is released and the whole set retried with a
-growing, jittered back-off until the deadline.
+Writers are paused by taking each file's write lock (``BEGIN IMMEDIATE``). An
+application that writes several files in one transaction holds one lock while
+it waits for the next: so only the first lock is waited for; each further one
+briefly, and on failure every lock taken is released and the whole set retried
+in another order (ours may be the reverse of the application's) after a short,
+jittered back-off, until the deadline.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import logging
+
 import apsw
 
 from ..errors import BusyError
 from .dbfile import DatabaseFile
+
+log = logging.getLogger("bastion.pause")
 
 
 class Retry(Exception):
@@ -52,7 +57,7 @@ def pause_writers(files: Sequence[DatabaseFile], timeout: float,
     queueing. Each further lock is waited for only ``next_lock``: a writer that
     holds it may be waiting for a lock we already have (a transaction over
     several files), so we let go quickly instead of deadlocking it."""
-    ordered = sorted(files, key=lambda f: f.path)
+    base = sorted(files, key=lambda f: f.path)
     started = time.monotonic()
     deadline = started + timeout
     attempt = 0
@@ -60,6 +65,15 @@ def pause_writers(files: Sequence[DatabaseFile], timeout: float,
     while True:
         attempt += 1
         held: list[DatabaseFile] = []
+        # We do not know in which order the application locks its files: if ours is
+        # the opposite, each side holds what the other waits for. So the order
+        # changes from one attempt to the next: sorted, reversed, then shuffled.
+        if attempt == 1:
+            ordered = base
+        elif attempt == 2:
+            ordered = base[::-1]
+        else:
+            ordered = random.sample(base, len(base))
         try:
             for f in ordered:
                 remaining = max(0.0, deadline - time.monotonic())
@@ -75,6 +89,7 @@ def pause_writers(files: Sequence[DatabaseFile], timeout: float,
         except Retry as exc:
             for f in reversed(held):
                 f.gate_end()
+            log.debug("pause attempt %d: %s: %s (held %d)", attempt, exc.path, exc.reason, len(held))
             if time.monotonic() >= deadline:
                 if exc.reason == "writer":
                     raise BusyError(
