@@ -22,7 +22,7 @@ from rich.table import Table
 from . import __version__
 from . import config as cfg
 from .daemon.client import AdminClient
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BastionError
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BastionError, UsageError
 
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
@@ -135,7 +135,8 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                   f"(bastion {dm['version']}, SQLite {dm['sqlite_version']}, config: {dm['config']})")
         if not d["databases"]:
             out.print("no database protected yet: list them in the config, or name files by path")
-        table = Table("database", "file", "protected", "journal", "delta (WAL)", "continuous operations", "frozen")
+        table = Table("database", "file", "protected", "journal", "WAL file", "delta", "continuous operations",
+                      "frozen")
         for db in d["databases"]:
             for f in db["files"]:
                 co = f["contops"]
@@ -144,8 +145,9 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                 fr = f["frozen"]
                 fr_s = "-" if not fr else (f"since {fr['since']}" if fr["status"] == "active" else fr["status"])
                 prot = "yes" if f["protected"] else f"no: {f['error'] or 'missing'}"
+                delta = "-" if f.get("delta_bytes") is None else _fmt_bytes(f["delta_bytes"])
                 table.add_row(db["name"], f["path"], prot, f["journal_mode"] or "-",
-                              _fmt_bytes(f["wal_bytes"]), co_s, fr_s)
+                              _fmt_bytes(f["wal_bytes"]), delta, co_s, fr_s)
         out.print(table)
     emit(data, as_json, human)
 
@@ -216,6 +218,14 @@ def _print_end(d: dict[str, Any]) -> None:
         out.print("continuous operations ended: the copy taken since startbu is consistent")
 
 
+def _run(command: list[str], as_json: bool) -> tuple[int | None, str | None]:
+    """Run the user's command; with --json our stdout is the JSON document, so its output goes to stderr."""
+    try:
+        return subprocess.call(command, stdout=sys.stderr if as_json else None), None
+    except OSError as exc:
+        return None, f"cannot run {command[0]}: {exc.strerror}"
+
+
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
 @common
 @targets_option
@@ -226,22 +236,24 @@ def exec_(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> No
     """
     command = list(_TAIL)
     if not command:
-        raise BastionError("no command given: write it after '--', e.g. bastion exec bank -- tar cf b.tar /srv/app/bank.db",
-                           hint="bastion exec NAME... -- COMMAND ARGS...") from None
+        raise UsageError("no command given: write it after '--', e.g. bastion exec bank -- tar cf b.tar "
+                         "/srv/app/bank.db", hint="bastion exec NAME... -- COMMAND ARGS...")
     client = _client(conf)
     start = client.startbu(targets, all_)
     if not as_json:
         _print_start(start)
     t0 = time.monotonic()
-    rc: int | None = None
-    error = None
+    rc, error = None, None
     try:
-        rc = subprocess.call(command)
-    except OSError as exc:
-        error = f"cannot run {command[0]}: {exc.strerror}"
+        rc, error = _run(command, as_json)
     finally:
         paths = [f["path"] for f in start["files"]]
-        end = client.endbu(paths)
+        try:
+            end = client.endbu(paths)
+        except BastionError as exc:
+            # The daemon is gone or refused: the holds may have died with it.
+            raise BastionError(f"{exc.message}; the copy taken since startbu cannot be trusted",
+                               hint=exc.hint) from None
     result = {"startbu": start, "command": {"argv": command, "exit_code": rc, "error": error,
                                             "seconds": round(time.monotonic() - t0, 3)},
               "endbu": end}
@@ -298,14 +310,15 @@ def freeze(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, time
                 out.print(f"  {f['path']}: main file {'complete' if f['main_file_complete'] else 'needs its WAL'}")
         emit(data, as_json, human)
         return
-    rc: int | None = None
-    error = None
+    rc, error = None, None
     try:
-        rc = subprocess.call(command)
-    except OSError as exc:
-        error = f"cannot run {command[0]}: {exc.strerror}"
+        rc, error = _run(command, as_json)
     finally:
-        thaw = client.thaw([f["path"] for f in data["files"]])
+        try:
+            thaw = client.thaw([f["path"] for f in data["files"]])
+        except BastionError as exc:
+            raise BastionError(f"{exc.message}; the snapshot taken under this freeze cannot be trusted",
+                               hint=exc.hint) from None
     result = {"freeze": data, "command": {"argv": command, "exit_code": rc, "error": error}, "thaw": thaw,
               "hold_seconds": thaw["hold_seconds"]}
     result["exit_code"] = EXIT_FAILED if rc != 0 or not thaw["consistent"] else EXIT_OK

@@ -127,6 +127,7 @@ class Daemon:
                 out.append({
                     "path": f.path, "exists": exists, "protected": f.protected, "error": f.error,
                     "journal_mode": f.journal_mode(), "wal_bytes": f.wal_bytes() if exists else 0,
+                    "delta_bytes": f.held_delta_bytes() if exists else None,
                     "main_bytes": os.stat(f.path).st_size if exists else 0,
                     "contops": self.contops.describe(f.path), "frozen": self.freezer.describe(f.path),
                 })

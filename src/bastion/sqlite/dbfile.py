@@ -255,6 +255,16 @@ class DatabaseFile:
         return {"complete": True, "delta_bytes": delta, "seconds": done,
                 "wal_truncated": not trunc.busy and trunc.wal_frames == 0}
 
+    def held_delta_bytes(self) -> int | None:
+        """During continuous operations: bytes of the delta (WAL frames written since startbu).
+        A PASSIVE checkpoint cannot move anything while we hold the snapshot, so asking it
+        for the frame count changes nothing. Outside a hold we do not ask (it would checkpoint)."""
+        with self.lock:
+            if self.holding_since is None:
+                return None
+            res = self.checkpoint()
+            return None if res.busy else self._frames_bytes(res.wal_frames - res.checkpointed)
+
     def _frames_bytes(self, frames: int) -> int:
         """Bytes of the delta: WAL frames (page + 24-byte header) as SQLite counts them;
         the WAL file itself may be larger, as SQLite reuses it from the start."""
