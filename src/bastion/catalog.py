@@ -91,7 +91,7 @@ class Catalog:
     def ensure_protected(self, files: list[DatabaseFile]) -> None:
         """Protect every file or raise naming the first that cannot be; new paths are registered."""
         for f in files:
-            f.protect()
+            f.protect(wal_timeout=self.config.gate_timeout)
         with self._lock:
             for f in files:
                 if f.path not in self.files:

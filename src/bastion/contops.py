@@ -38,7 +38,7 @@ class ContinuousOperations:
     def start(self, files: list[DatabaseFile], max_duration: float | None = None) -> dict[str, Any]:
         t0 = time.monotonic()
         with self._mutex:
-            warnings = self._clear_for_start(files)
+            stale = self._check_startable(files)
             self.catalog.ensure_protected(files)
             held: list[DatabaseFile] = []
 
@@ -75,6 +75,7 @@ class ContinuousOperations:
                 for f in files:
                     f.release()
                 raise
+            warnings = self._acknowledge(stale)
         return {
             "session": sid, "started_at": _iso(started), "started_at_epoch": started,
             "expires_at": _iso(started + limit), "max_duration_seconds": limit,
@@ -85,17 +86,22 @@ class ContinuousOperations:
             "warnings": warnings, "exit_code": EXIT_OK,
         }
 
-    def _clear_for_start(self, files: list[DatabaseFile]) -> list[str]:
-        warnings = []
-        for row in self.state.open_files(KIND, [f.path for f in files]):
+    def _check_startable(self, files: list[DatabaseFile]) -> list[dict[str, Any]]:
+        """Refuse files in a live session; return the stale (interrupted/expired) ones."""
+        rows = self.state.open_files(KIND, [f.path for f in files])
+        for row in rows:
             if row["status"] in (st.ACTIVE, st.ROLLING_IN):
                 what = "rolling in" if row["status"] == st.ROLLING_IN else "in continuous operations"
                 raise StateConflict(
                     f"{row['path']}: already {what} since {_iso(row['started_at'])} (session {row['session_id']})",
-                    path=row["path"], hint=f"run `bastion endbu` for it first; nothing was started")
-        for row in self.state.open_files(KIND, [f.path for f in files]):
-            # An interrupted or expired session nobody acknowledged: say so, then move on,
-            # so an unattended nightly backup does not fail forever after one crash.
+                    path=row["path"], hint="run `bastion endbu` for it first; nothing was started")
+        return rows
+
+    def _acknowledge(self, stale: list[dict[str, Any]]) -> list[str]:
+        """An interrupted or expired session nobody acknowledged: say so once the new one
+        has started, so an unattended nightly backup does not fail forever after one crash."""
+        warnings = []
+        for row in stale:
             self.state.set_file(row["session_id"], row["path"], st.ACKNOWLEDGED)
             warnings.append(f"{row['path']}: the previous session {row['session_id']} was {row['status']} "
                             f"({row['reason']}); the copy taken then was not consistent")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,8 @@ from .. import __version__
 from ..errors import BastionError
 from .auth import token_matches
 from .core import Daemon
+
+log = logging.getLogger("bastion.api")
 
 
 class TargetRequest(BaseModel):
@@ -52,6 +55,13 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(status_code=500, content={"error": {
+            "type": "BastionError", "message": f"internal error in the daemon: {type(exc).__name__}: {exc}",
+            "hint": "see the daemon's log; please report this", "exit_code": 2, "path": None, "details": {}}})
 
     @app.get("/v1/status", summary="Protected databases and files, continuous operations and freezes")
     def status() -> dict[str, Any]:

@@ -139,6 +139,12 @@ class DatabaseFile:
                 except apsw.NotADBError:
                     raise FileProblem(f"{self.path}: not a SQLite database", path=self.path,
                                       hint="name the application's SQLite database file, not another file") from None
+                except apsw.BusyError:
+                    raise FileProblem(
+                        f"{self.path}: cannot switch to WAL mode now: another connection holds an exclusive "
+                        "lock in rollback-journal mode", path=self.path,
+                        hint="retry when the application is idle, or have it open the database with "
+                             "PRAGMA journal_mode=WAL once") from None
                 mode = self._switch_to_wal(conn, wal_timeout)
                 if mode != "wal":
                     raise FileProblem(
