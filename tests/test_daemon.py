@@ -6,6 +6,8 @@ import stat
 import subprocess
 import time
 
+import httpx
+
 from conftest import PY, DaemonProc, free_port, write_config
 
 
@@ -16,7 +18,9 @@ def test_token_is_private_and_required(daemon):
     r = daemon.api("GET", "/v1/status", token="wrong")
     assert r.status_code == 401
     assert "token" in r.json()["error"]["message"]
-    assert daemon.api("GET", "/openapi.json", token="").status_code == 401
+    assert httpx.get(f"http://127.0.0.1:{daemon.port}/openapi.json").status_code == 401
+    spec = daemon.api("GET", "/openapi.json").json()
+    assert "/v1/contops/start" in spec["paths"] and "/v1/freeze" in spec["paths"]
 
 
 def test_second_daemon_on_same_data_dir_is_refused(daemon):
