@@ -87,7 +87,7 @@ class DaemonProc:
         return r
 
     def cli(self, *args: str, timeout: float = 120) -> Result:
-        p = subprocess.run([PY, "-m", "bastion", *args[:1], "--config", str(self.config), *args[1:]],
+        p = subprocess.run([PY, "-m", "bastion", "--config", str(self.config), *args],
                            capture_output=True, text=True, timeout=timeout)
         return Result(p.returncode, p.stdout, p.stderr)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,6 +78,13 @@ def expand_targets(conf: cfg.Config, args: tuple[str, ...]) -> list[str]:
         else:
             names.append(a)  # the daemon says it is unknown and lists what it knows
     return names
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A positive, finite number of seconds: 'nan'/'inf' parse as floats but cannot be sent as JSON."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a positive number of seconds, got {value:g}")
+    return value
 
 
 def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
@@ -166,7 +174,7 @@ def protect(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> 
 
 
 @cli.command()
-@click.option("--max-duration", type=float, default=None,
+@click.option("--max-duration", type=float, default=None, callback=_seconds,
               help="Seconds after which the daemon ends the session on its own (default: config).")
 @common
 @targets_option
@@ -290,7 +298,8 @@ def recover(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, dis
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.option("--timeout", type=float, default=None, help="Seconds before an automatic thaw (default 10).")
+@click.option("--timeout", type=float, default=None, callback=_seconds,
+              help="Seconds before an automatic thaw (default 10).")
 @common
 @targets_option
 def freeze(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, timeout: float | None) -> None:
@@ -347,6 +356,115 @@ def thaw(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> Non
     """End a freeze; fails if the freeze had already timed out."""
     data = _client(conf).thaw(targets, all_)
     emit(data, as_json, _print_thaw)
+
+
+@cli.command()
+@click.option("--to", "to", default=None, help="Repository URL (default file://<data_dir>/backups).")
+@common
+@targets_option
+def backup(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, to: str | None) -> None:
+    """Back up databases at one instant while applications keep writing (chunked, deduplicated, verified)."""
+    with _spinner(as_json, "backing up..."):
+        data = _client(conf).backup(targets, all_, to)
+
+    def human(d: dict[str, Any]) -> None:
+        out.print(f"backup {d['backup']} of {d['database']} at {d['instant']} in {d['repository']}: "
+                  f"{_fmt_bytes(d['logical_bytes'])} read, {_fmt_bytes(d['stored_bytes_added'])} stored "
+                  f"({d['chunks_new']} new of {d['chunks_total']} chunks) in {d['seconds']:.2f} s; "
+                  f"quick verify {'ok' if d['verified'] else 'FAILED'}")
+    emit(data, as_json, human)
+
+
+def _repo(conf: cfg.Config, url: str | None):  # type: ignore[no-untyped-def]
+    from .backup import Repository
+    from .backup.backups import default_repository
+    return Repository.open(url or default_repository(conf))
+
+
+def _progress(as_json: bool, what: str):  # type: ignore[no-untyped-def]
+    """A rich progress bar on a terminal (stderr); nothing otherwise."""
+    import contextlib
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    if as_json or not err.is_terminal:
+        return contextlib.nullcontext(None)
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                    TimeRemainingColumn(), console=err, transient=True)
+
+
+@cli.group()
+def backups() -> None:
+    """Backups in a repository (needs only the repository, not the daemon)."""
+
+
+@backups.command("list")
+@click.argument("database", required=False)
+@click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
+@common
+def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url: str | None) -> None:
+    """List backups: id, database, instant, logical size, bytes added, verified state."""
+    from .backup.backups import list_backups
+    data = list_backups(_repo(conf, repo_url), database)
+
+    def human(d: dict[str, Any]) -> None:
+        table = Table("id", "database", "instant", "size", "added", "verified")
+        for b in d["backups"]:
+            table.add_row(b["id"], b["database"], b["instant"], _fmt_bytes(b["logical_bytes"]),
+                          _fmt_bytes(b["stored_bytes_added"]), b["verified"])
+        out.print(table)
+        for p in d["problems"]:
+            err.print(f"error: {p}")
+    emit(data, as_json, human)
+
+
+@cli.command()
+@click.argument("backup_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every backup in the repository.")
+@click.option("--full", is_flag=True, help="Also restore into scratch space, integrity_check, compare digests.")
+@click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
+@common
+def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: bool, full: bool,
+           repo_url: str | None) -> None:
+    """Verify backups: every chunk read back and re-hashed; --full restores and checks them."""
+    from .backup import verify as run
+    if not backup_ids and not all_:
+        raise UsageError("name backups to verify, or use --all", hint="see `bastion backups list`")
+    repo = _repo(conf, repo_url)
+    with _progress(as_json, "verify") as bar:
+        task = bar.add_task("verifying", total=None) if bar else None
+        data = run(repo, list(backup_ids) or None, full,
+                   progress=(lambda d, t: bar.update(task, completed=d, total=t)) if bar else None)
+
+    def human(d: dict[str, Any]) -> None:
+        for b in d["backups"]:
+            out.print(f"  {b['backup']} ({b['database']}, {b['instant']}): {b['chunks_checked']} chunks, "
+                      f"{'ok' if b['ok'] else 'DAMAGED'}" + (f"; {b['full']}" if "full" in b else ""))
+        for p in d["problems"]:
+            err.print(f"error: backup {p['backup']}" + (f", file {p['file']}" if p.get("file") else "")
+                      + f": {p['problem']}")
+    emit(data, as_json, human)
+
+
+@cli.command()
+@click.argument("backup_id")
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False), help="Directory to restore into.")
+@click.option("--from", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
+@click.option("--force", is_flag=True, help="Overwrite existing files in the directory.")
+@common
+def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str, repo_url: str | None, force: bool) -> None:
+    """Restore a backup into a directory (temp names, fsync, integrity_check, digests, then rename)."""
+    from .backup import restore as run
+    repo = _repo(conf, repo_url)
+    with _progress(as_json, "restore") as bar:
+        task = bar.add_task("restoring", total=None) if bar else None
+        data = run(repo, backup_id, dest, force,
+                   progress=(lambda d, t: bar.update(task, completed=d, total=t)) if bar else None)
+
+    def human(d: dict[str, Any]) -> None:
+        for f in d["files"]:
+            out.print(f"  {f['path']}: integrity {f['integrity']}, {f['tables']} tables match the manifest")
+        out.print(f"restored backup {d['backup']} of {d['database']} (instant {d['instant']}): "
+                  f"{_fmt_bytes(d['bytes'])} in {d['seconds']:.2f} s")
+    emit(data, as_json, human)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ against the directory of that file (the embedded default: the working directory)
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -46,6 +47,9 @@ def parse_duration(value: Any, what: str = "duration") -> float:
                                   hint="write it as a number of seconds or like '30s', '5m', '4h', '1h30m'") from None
     else:
         raise ConfigError(f"{what}: expected a duration such as '30s', got {value!r}")
+    if not math.isfinite(seconds):  # float() takes 'inf'/'nan', and TOML has inf/nan literals
+        raise ConfigError(f"{what}: {value!r} is not a finite duration",
+                          hint="write it as a number of seconds or like '30s', '5m', '4h', '1h30m'")
     if seconds <= 0:
         raise ConfigError(f"{what}: must be more than zero, got {value!r}")
     return seconds
@@ -212,18 +216,24 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         else:
             raise ConfigError(f"{source}: [databases.{name}] files must be a non-empty list of paths or '@listfile'")
         for f in files:
+            if owner.get(f) == name:
+                raise ConfigError(f"{source}: file {f} is listed twice in [databases.{name}]")
             if f in owner:
                 raise ConfigError(f"{source}: file {f} is listed in both [databases.{owner[f]}] and [databases.{name}]",
                                   hint="a file belongs to one database")
             owner[f] = name
         databases[name] = DatabaseConfig(name, tuple(files))
 
+    freeze_timeout = parse_duration(freeze.get("timeout", "10s"), f"{source}: [freeze] timeout")
+    if freeze_timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze
+        raise ConfigError(f"{source}: [freeze] timeout must be at most 1h, got {freeze.get('timeout')!r}",
+                          hint="a freeze holds every writer; keep it short")
     return Config(
         source=source, listen_host=host, listen_port=port, data_dir=data_dir, token_file=token_file,
-        contops_max_duration=parse_duration(contops.get("max_duration", "4h"), "[contops] max_duration"),
-        gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), "[contops] gate_timeout"),
-        rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), "[contops] rollin_timeout"),
-        freeze_timeout=parse_duration(freeze.get("timeout", "10s"), "[freeze] timeout"),
+        contops_max_duration=parse_duration(contops.get("max_duration", "4h"), f"{source}: [contops] max_duration"),
+        gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), f"{source}: [contops] gate_timeout"),
+        rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), f"{source}: [contops] rollin_timeout"),
+        freeze_timeout=freeze_timeout,
         databases=databases,
     )
 

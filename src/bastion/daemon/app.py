@@ -6,11 +6,12 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from .. import __version__
-from ..errors import BastionError
+from ..errors import BastionError, UsageError
 from .auth import token_matches
 from .core import Daemon
 
@@ -34,6 +35,10 @@ class RecoverRequest(TargetRequest):
     discard_changes: bool = Field(False, description="return the files to their startbu instant")
 
 
+class BackupRequest(TargetRequest):
+    to: str | None = Field(None, description="repository URL; default file://<data_dir>/backups")
+
+
 class FreezeRequest(TargetRequest):
     timeout: float | None = Field(None, gt=0, le=3600, description="seconds before an automatic thaw")
 
@@ -55,6 +60,14 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 body is not Bastion's error format: the CLI would show a raw dict
+        # and exit 2. A request the daemon cannot take is a usage error (exit 3).
+        parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+        err = UsageError("invalid request: " + "; ".join(parts), hint="see GET /openapi.json for the request format")
+        return JSONResponse(status_code=422, content={"error": err.to_dict()})
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -82,6 +95,10 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/recover", summary="After an interrupted session: roll in, or discard changes since startbu")
     def recover(req: RecoverRequest) -> dict[str, Any]:
         return daemon.recover(req.targets, req.all, req.discard_changes)
+
+    @app.post("/v1/backups", summary="Take a backup through continuous operations (applications keep writing)")
+    def backup(req: BackupRequest) -> dict[str, Any]:
+        return daemon.backup(req.targets, req.all, req.to)
 
     @app.post("/v1/freeze", summary="Freeze: hold every writer until thaw or timeout")
     def freeze(req: FreezeRequest) -> dict[str, Any]:

@@ -26,19 +26,31 @@ class AdminClient:
                 timeout: float | None | str = "default") -> dict[str, Any]:
         url = self.config.base_url + path
         try:
-            resp = httpx.request(method, url, json=body, headers=self._headers(),
+            headers = self._headers()
+        except DaemonUnavailable as exc:
+            # No token file: usually no daemon was ever started with this config. Ask the
+            # address anyway, so the user hears "no daemon is listening" and how to start one.
+            no_token: DaemonUnavailable | None = exc
+            headers = {}
+        else:
+            no_token = None
+        try:
+            resp = httpx.request(method, url, json=body, headers=headers,
                                  timeout=self.timeout if timeout == "default" else timeout)
         except httpx.ConnectError:
             raise DaemonUnavailable(
                 f"no Bastion daemon is listening on {self.config.base_url} (config: {self.config.source})",
-                hint="start one with `bastion serve`" + (
-                    "" if self.config.source == "embedded default" else f" --config {self.config.source}")) from None
+                hint="start one with `bastion serve" + (  # the whole command inside the backticks
+                    "" if self.config.source == "embedded default" else f" --config {self.config.source}") + "`"
+            ) from None
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             raise DaemonUnavailable(f"the daemon on {self.config.base_url} closed the connection during "
                                     f"{path} ({exc}): it may have stopped",
                                     hint="check `bastion status`; restart it with `bastion serve`") from None
         except httpx.TimeoutException:
             raise DaemonUnavailable(f"the daemon on {self.config.base_url} did not answer {path} in time") from None
+        if no_token is not None:  # something answers there, but we have no token for it
+            raise no_token
         try:
             data = resp.json()
         except ValueError:
@@ -68,6 +80,9 @@ class AdminClient:
     def recover(self, targets: list[str], all_: bool = False, discard: bool = False) -> dict[str, Any]:
         return self.request("POST", "/v1/recover", {"targets": targets, "all": all_, "discard_changes": discard},
                             timeout=None)
+
+    def backup(self, targets: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/backups", {"targets": targets, "all": all_, "to": to}, timeout=None)
 
     def freeze(self, targets: list[str], all_: bool = False, timeout: float | None = None) -> dict[str, Any]:
         return self.request("POST", "/v1/freeze", {"targets": targets, "all": all_, "timeout": timeout})

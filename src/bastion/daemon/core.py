@@ -17,6 +17,7 @@ import apsw
 from .. import __version__
 from ..catalog import Catalog, Targets
 from ..config import Config
+from ..backup.backups import Backups
 from ..contops import ContinuousOperations
 from ..freeze import Freezer
 from ..state import StateStore, iso
@@ -47,6 +48,7 @@ class Daemon:
         problems = self.catalog.protect_all()
         self.contops = ContinuousOperations(self.config, self.catalog, self.state)
         self.freezer = Freezer(self.config, self.catalog, self.state)
+        self.backups = Backups(self.config, self.catalog, self.contops)
         self.contops.finish_interrupted_roll_ins(found["rolling_in"])
         for r in found["interrupted"]:
             log.warning("%s: %s session %s was interrupted by a daemon stop", r["path"], r["kind"], r["session_id"])
@@ -117,6 +119,12 @@ class Daemon:
             open_paths = {r["path"] for r in self.state.open_files("freeze")}
             files = [f for f in files if f.path in open_paths] or files
         return self.freezer.thaw(files)
+
+    def backup(self, names: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
+        files = self.resolve(names, all_)
+        label = names[0] if len(names) == 1 and not all_ else ("all" if all_ else ",".join(
+            os.path.basename(n) for n in names))
+        return self.backups.take(label, files, to)
 
     def status(self) -> dict[str, Any]:
         dbs = []

@@ -25,7 +25,7 @@ from typing import Any
 
 import apsw
 
-from ..errors import FileProblem
+from ..errors import FileProblem, StateConflict
 
 
 def wal_path(path: str) -> str:
@@ -302,6 +302,13 @@ class DatabaseFile:
     def gate_begin(self, busy_ms: int) -> None:
         with self.lock:
             self._need()
+            if self.gated_since is not None:
+                # One gate per file: a second BEGIN IMMEDIATE on it fails with an SQLError
+                # (an internal error for the user), e.g. startbu while the file is frozen.
+                since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.gated_since))
+                raise StateConflict(f"{self.path}: writers are already held since {since} (frozen)",
+                                    path=self.path, hint="run `bastion thaw` (or wait for the freeze to "
+                                                         "time out) and retry; nothing was started")
             if self._gate is None:
                 self._gate = _open_ready(self.path)
             # Poll every half millisecond rather than SQLite's default back-off, which
