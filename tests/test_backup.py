@@ -114,3 +114,84 @@ def test_incompatible_repository_is_refused(daemon, bank, tmp_path):
     assert r.code == 3 and "format 99" in r.err
     st = daemon.cli("status", "--json").json
     assert all(f["contops"] is None for d in st["databases"] for f in d["files"])
+
+
+def test_prune_policy_and_orphan_chunks(daemon, bank, tmp_path):
+    ids = [_backup(daemon)["backup"]]
+    con = sqlite3.connect(bank.bank)
+    for i in range(3):
+        con.execute("UPDATE accounts SET owner = ? WHERE id = ?", (f"x{i}" * 500, i + 1))
+        con.commit()
+        ids.append(_backup(daemon)["backup"])
+    con.close()
+    # an orphan left by a crashed upload: a chunk no manifest names
+    from bastion.backup import Repository
+    repo = Repository.open(f"file://{daemon.data_dir / 'backups'}")
+    orphan, _ = repo.put_chunk(b"orphaned by a crash" * 100)
+    r = daemon.cli("prune", "--keep-last", "2", "--dry-run", "--json")
+    assert r.code == 0, r.err
+    assert {b["id"] for b in r.json["removed"]} == set(ids[:2])
+    assert len(daemon.cli("backups", "list", "--json").json["backups"]) == 4   # dry run removed nothing
+    r = daemon.cli("prune", "--keep-last", "2", "--json")
+    assert r.code == 0, r.err
+    assert r.json["chunks_removed"] >= 1
+    assert not repo.store.exists(repo.chunk_name(orphan))
+    left = [b["id"] for b in daemon.cli("backups", "list", "--json").json["backups"]]
+    assert left == ids[2:]
+    # what is left is whole
+    r = daemon.cli("verify", "--all", "--full", "--json")
+    assert r.code == 0, r.json["problems"]
+    r = daemon.cli("prune")
+    assert r.code == 3 and "policy" in r.err
+
+
+def test_prune_defers_chunk_deletion_while_a_backup_runs(daemon, bank):
+    first = _backup(daemon)["backup"]
+    _backup(daemon)
+    from bastion.backup import Repository
+    repo = Repository.open(f"file://{daemon.data_dir / 'backups'}")
+    orphan, _ = repo.put_chunk(b"uploaded by a running backup, manifest not written yet" * 50)
+    running = repo.lock("backup")          # held by a live process (this one)
+    try:
+        r = daemon.cli("prune", "--keep-last", "1", "--json")
+        assert r.code == 0, r.err
+        assert r.json["chunk_cleanup"].startswith("deferred")
+        assert repo.store.exists(repo.chunk_name(orphan))
+        assert first not in [b["id"] for b in daemon.cli("backups", "list", "--json").json["backups"]]
+    finally:
+        repo.unlock(running)
+    r = daemon.cli("prune", "--keep-last", "1", "--json")
+    assert r.json["chunk_cleanup"] == "done" and not repo.store.exists(repo.chunk_name(orphan))
+
+
+def test_kill9_during_backup_lists_nothing_partial(daemon, bank, tmp_path):
+    import subprocess, sys, time
+    con = sqlite3.connect(bank.bank)
+    con.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, blob BLOB)")
+    con.executemany("INSERT INTO big VALUES(?, randomblob(8000))", [(i,) for i in range(25000)])  # ~200 MB
+    con.commit()
+    con.close()
+    bank.start()
+    p = subprocess.Popen([sys.executable, "-m", "bastion", "--config", str(daemon.config), "backup", "bank"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    repo_dir = daemon.data_dir / "backups"
+    deadline = time.monotonic() + 30
+    while not (repo_dir / "chunks").exists() or len(list((repo_dir / "chunks").rglob("*"))) < 50:
+        assert time.monotonic() < deadline, "the backup never started uploading"
+        time.sleep(0.01)
+    daemon.kill9()                              # daemon and its reader child, mid-upload
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "daemon" in err
+    daemon.start()
+    assert daemon.cli("backups", "list", "--json").json["backups"] == []   # nothing partial is listed
+    stats = bank.stop()
+    assert stats["errors"] == {}
+    b = _backup(daemon)                         # the next backup succeeds
+    r = daemon.cli("prune", "--keep-last", "1", "--json")
+    assert r.code == 0 and r.json["chunk_cleanup"] == "done"
+    out = tmp_path / "after-crash"
+    assert daemon.cli("restore", b["backup"], "--to", str(out)).code == 0
+    res = check_bank(out)
+    assert res["ok"] and res["transfers"] == stats["commits"]
+    assert dump(out / "bank.db") == dump(bank.bank)
+    assert not list(repo_dir.rglob("*.tmp-*"))

@@ -25,7 +25,9 @@ from . import config as cfg
 from .daemon.client import AdminClient
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BastionError, UsageError
 
-out = Console(highlight=False, soft_wrap=True, markup=False)
+# Piped or redirected, rich would squeeze tables into 80 columns and cut paths with '…':
+# give them the room they need, so `bastion status | grep` sees whole paths.
+out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 1000)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 # `bastion exec NAME... -- CMD` and `bastion freeze NAME... -- CMD`: click drops "--",
@@ -464,6 +466,33 @@ def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str, repo_url
             out.print(f"  {f['path']}: integrity {f['integrity']}, {f['tables']} tables match the manifest")
         out.print(f"restored backup {d['backup']} of {d['database']} (instant {d['instant']}): "
                   f"{_fmt_bytes(d['bytes'])} in {d['seconds']:.2f} s")
+    emit(data, as_json, human)
+
+
+@cli.command()
+@click.option("--keep-last", type=click.IntRange(0), default=0, help="Keep the N newest backups.")
+@click.option("--keep-hourly", type=click.IntRange(0), default=0, help="Keep the newest of each of the last N hours.")
+@click.option("--keep-daily", type=click.IntRange(0), default=0, help="Keep the newest of each of the last N days.")
+@click.option("--keep-weekly", type=click.IntRange(0), default=0, help="Keep the newest of each of the last N weeks.")
+@click.option("--keep-monthly", type=click.IntRange(0), default=0,
+              help="Keep the newest of each of the last N months.")
+@click.option("--database", default=None, help="Only prune the backups of this database.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
+@common
+def prune(conf: cfg.Config, as_json: bool, keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int,
+          keep_monthly: int, database: str | None, dry_run: bool, repo_url: str | None) -> None:
+    """Remove backups by retention policy, then the chunks nothing references (safe during a backup)."""
+    from .backup.prune import Policy, prune as run
+    data = run(_repo(conf, repo_url), Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly),
+               database, dry_run)
+
+    def human(d: dict[str, Any]) -> None:
+        verb = "would remove" if d["dry_run"] else "removed"
+        for b in d["removed"]:
+            out.print(f"  {verb} {b['id']} ({b['database']}, {b['instant']})")
+        out.print(f"kept {len(d['kept'])} backup(s), {verb} {len(d['removed'])}; chunks: {d['chunk_cleanup']}, "
+                  f"{d['chunks_removed']} chunk(s), {_fmt_bytes(d['bytes_freed'])}")
     emit(data, as_json, human)
 
 

@@ -52,14 +52,22 @@ class Backups:
     def take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
         url = to or default_repository(self.config)
         repo = Repository.open(url, create=True)   # refuse an incompatible repository before starting
-        start = self.contops.start(files)
+        lock = repo.lock("backup")
         try:
-            res = snapshot_in_child(url, [{"path": f.path, "name": n} for f, n in zip(files, _names(files))])
+            repo.wait_for_no_prune()
+            start = self.contops.start(files)
+            try:
+                res = snapshot_in_child(url, [{"path": f.path, "name": n} for f, n in zip(files, _names(files))])
+            finally:
+                end = self.contops.end(files)
+            if not end["consistent"]:
+                raise NotConsistent(f"backup of {label} abandoned: continuous operations was interrupted during "
+                                    "the copy, so no manifest was written", hint="run the backup again")
+            return self._finish(repo, label, start, res)
         finally:
-            end = self.contops.end(files)
-        if not end["consistent"]:
-            raise NotConsistent(f"backup of {label} abandoned: continuous operations was interrupted during the "
-                                "copy, so no manifest was written", hint="run the backup again")
+            repo.unlock(lock)
+
+    def _finish(self, repo: Repository, label: str, start: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
         instant = start["started_at_epoch"]
         bid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(instant)) + "-" + uuid.uuid4().hex[:6]
         manifest = {

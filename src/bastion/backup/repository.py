@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import threading
 import time
+import uuid
 from typing import Any, Iterator
 
 import zstandard
@@ -37,6 +40,18 @@ class CorruptChunk(RepositoryError):
 
 class MissingChunk(RepositoryError):
     pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Repository:
@@ -97,6 +112,44 @@ class Repository:
     def delete_chunk(self, digest: str) -> None:
         self.store.delete(self.chunk_name(digest))
 
+    # -- locks: a running backup must never lose a chunk it counted on --------------
+    # A backup writes a shared lock, then waits while a prune lock exists; prune writes
+    # its lock, then skips chunk deletion if any backup lock exists. Each writes before
+    # it checks, so at least one of them sees the other.
+    def lock(self, kind: str) -> str:
+        name = f"locks/{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        self.store.write(name, json.dumps({"kind": kind, "host": socket.gethostname(), "pid": os.getpid(),
+                                           "at": time.time()}).encode())
+        return name
+
+    def unlock(self, name: str) -> None:
+        self.store.delete(name)
+
+    def live_locks(self, kind: str, stale_after: float = 86400.0) -> list[str]:
+        live = []
+        for name in self.store.list("locks"):
+            base = name.rsplit("/", 1)[-1]
+            if not base.startswith(kind + "-"):
+                continue
+            try:
+                info = json.loads(self.store.read(name))
+            except Exception:  # noqa: BLE001 - vanished or half-written: not a live lock
+                continue
+            dead = info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", 0)))
+            if dead or time.time() - float(info.get("at", 0)) > stale_after:
+                self.store.delete(name)   # its owner is gone (e.g. killed): the lock is stale
+                continue
+            live.append(name)
+        return live
+
+    def wait_for_no_prune(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.live_locks("prune"):
+            if time.monotonic() > deadline:
+                raise RepositoryError(f"a prune of {self.url} held its lock for more than {timeout:g} s",
+                                      hint="retry the backup when the prune has finished")
+            time.sleep(0.2)
+
     # -- manifests ------------------------------------------------------------
     def put_manifest(self, manifest: dict[str, Any]) -> None:
         self.store.write(f"manifests/{manifest['id']}.json", json.dumps(manifest, indent=1).encode())
@@ -116,6 +169,10 @@ class Repository:
             raise RepositoryError(f"the manifest of backup {backup_id} in {self.url} is damaged",
                                   details={"backup": backup_id})
         return m
+
+    def delete_manifest(self, backup_id: str) -> None:
+        self.store.delete(f"manifests/{backup_id}.json")
+        self.store.delete(f"verified/{backup_id}.json")
 
     def backup_ids(self) -> list[str]:
         return sorted(n.rsplit("/", 1)[-1][:-5] for n in self.store.list("manifests") if n.endswith(".json"))

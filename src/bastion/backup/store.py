@@ -37,6 +37,10 @@ class Store:
     def list(self, prefix: str) -> Iterator[str]: ...
     def delete(self, name: str) -> None: ...
 
+    def temporaries(self) -> list[str]:
+        """Half-written objects left by a crash (only stores that write through temp names have any)."""
+        return []
+
 
 class LocalStore(Store):
     def __init__(self, root: str) -> None:
@@ -75,6 +79,12 @@ class LocalStore(Store):
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self._p(name))
+
+    def temporaries(self) -> list[str]:
+        out = []
+        for dirpath, _, files in os.walk(self.root):
+            out += [os.path.relpath(os.path.join(dirpath, f), self.root) for f in files if ".tmp-" in f]
+        return out
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self._p(prefix)
