@@ -195,3 +195,45 @@ def test_kill9_during_backup_lists_nothing_partial(daemon, bank, tmp_path):
     assert res["ok"] and res["transfers"] == stats["commits"]
     assert dump(out / "bank.db") == dump(bank.bank)
     assert not list(repo_dir.rglob("*.tmp-*"))
+
+
+def _wait(pred, timeout=30):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError("condition not reached")
+
+
+def test_scheduled_backups_run_retain_and_failures_show(tmp_path, bank):
+    from conftest import DaemonProc, free_port, write_config
+    port = free_port()
+    extra = '[backups]\nschedule = "every 1s"\nkeep_last = 2\n'
+    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra)
+    d = DaemonProc(cfg, port, tmp_path / "var").start()
+    try:
+        bank.start()
+        lst = _wait(lambda: (lambda b: b if len(b) >= 2 else None)(
+            d.cli("backups", "list", "--json").json["backups"]))
+        job = d.cli("status", "--json").json["jobs"][0]
+        assert job["job"] == "backup bank" and job["last_ok"] and job["failures"] == 0
+        import time; time.sleep(3)
+        assert len(d.cli("backups", "list", "--json").json["backups"]) <= 3   # retention keeps 2 (+1 racing)
+        bank.stop()
+    finally:
+        d.stop()
+    # a repository that cannot be written: the failure is shown and retried
+    bad = tmp_path / "not-a-dir"
+    bad.write_text("a file where the repository should be")
+    cfg.write_text(cfg.read_text().replace('keep_last = 2\n', f'keep_last = 2\nrepository = "{bad}"\n'))
+    d.start()
+    try:
+        job = _wait(lambda: (lambda j: j if j["failures"] >= 2 else None)(d.cli("status", "--json").json["jobs"][0]))
+        assert job["last_error"] and str(bad) in job["last_error"]
+        r = d.cli("status")
+        assert "FAILED" in r.out
+    finally:
+        d.stop()

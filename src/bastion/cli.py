@@ -159,6 +159,12 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                 table.add_row(db["name"], f["path"], prot, f["journal_mode"] or "-",
                               _fmt_bytes(f["wal_bytes"]), delta, co_s, fr_s)
         out.print(table)
+        if d.get("jobs"):
+            jobs = Table("job", "schedule", "next run", "last success", "problem")
+            for j in d["jobs"]:
+                problem = f"FAILED {j['failures']}x: {j['last_error']}" if j["last_error"] else "-"
+                jobs.add_row(j["job"], j["schedule"], j["next_run"] or "-", j["last_ok"] or "never", problem)
+            out.print(jobs)
     emit(data, as_json, human)
 
 
@@ -377,10 +383,10 @@ def backup(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, to: 
     emit(data, as_json, human)
 
 
-def _repo(conf: cfg.Config, url: str | None):  # type: ignore[no-untyped-def]
+def _repo(conf: cfg.Config, url: str | None, database: str | None = None):  # type: ignore[no-untyped-def]
     from .backup import Repository
     from .backup.backups import default_repository
-    return Repository.open(url or default_repository(conf))
+    return Repository.open(url or default_repository(conf, database))
 
 
 def _progress(as_json: bool, what: str):  # type: ignore[no-untyped-def]
@@ -404,8 +410,15 @@ def backups() -> None:
 @common
 def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url: str | None) -> None:
     """List backups: id, database, instant, logical size, bytes added, verified state."""
-    from .backup.backups import list_backups
-    data = list_backups(_repo(conf, repo_url), database)
+    from .backup.backups import default_repository, list_backups
+    from .backup.repository import NoRepository
+    try:
+        data = list_backups(_repo(conf, repo_url, database), database)
+    except NoRepository:
+        if repo_url:
+            raise
+        # the default repository appears with the first backup
+        data = {"repository": default_repository(conf, database), "backups": [], "problems": [], "exit_code": 0}
 
     def human(d: dict[str, Any]) -> None:
         table = Table("id", "database", "instant", "size", "added", "verified")
@@ -484,7 +497,7 @@ def prune(conf: cfg.Config, as_json: bool, keep_last: int, keep_hourly: int, kee
           keep_monthly: int, database: str | None, dry_run: bool, repo_url: str | None) -> None:
     """Remove backups by retention policy, then the chunks nothing references (safe during a backup)."""
     from .backup.prune import Policy, prune as run
-    data = run(_repo(conf, repo_url), Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly),
+    data = run(_repo(conf, repo_url, database), Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly),
                database, dry_run)
 
     def human(d: dict[str, Any]) -> None:

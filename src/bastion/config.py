@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .schedule import Schedule
 
 DEFAULT_CONFIG_NAME = "bastion.toml"
 DEFAULT_LISTEN = "127.0.0.1:8750"
@@ -59,6 +60,16 @@ def parse_duration(value: Any, what: str = "duration") -> float:
 class DatabaseConfig:
     name: str
     files: tuple[str, ...]
+    repository: str | None = None    # overrides [backups] repository
+    schedule: str | None = None      # overrides [backups] schedule
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    repository: str | None = None    # default file://<data_dir>/backups
+    schedule: str | None = None      # 'every 1h' or cron; none: backups only on request
+    verify_schedule: str | None = None   # full verify of each database's newest backup
+    keep: dict[str, int] = field(default_factory=dict)   # retention applied after scheduled backups
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class Config:
     rollin_timeout: float = 300.0    # how long endbu waits for the delta to roll in
     freeze_timeout: float = 10.0     # default --timeout of freeze
     databases: dict[str, DatabaseConfig] = field(default_factory=dict)
+    backups: BackupConfig = field(default_factory=BackupConfig)
 
     @property
     def listen(self) -> str:
@@ -107,6 +119,8 @@ _KNOWN = {
     "daemon": {"listen", "data_dir", "token_file"},
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
+    "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
+                "keep_weekly", "keep_monthly"},
     "databases": None,
 }
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -204,10 +218,10 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
             raise ConfigError(f"{source}: database name {name!r} may only use letters, digits, '_', '.', '-'")
         if not isinstance(spec, dict) or "files" not in spec:
             raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
-        extra = set(spec) - {"files"}
+        extra = set(spec) - {"files", "repository", "schedule"}
         if extra:
             raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
-                              hint="known keys: files")
+                              hint="known keys: files, repository, schedule")
         files_spec = spec["files"]
         if isinstance(files_spec, str) and files_spec.startswith("@"):
             files = read_list_file(resolve(files_spec[1:]), base)
@@ -222,20 +236,48 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
                 raise ConfigError(f"{source}: file {f} is listed in both [databases.{owner[f]}] and [databases.{name}]",
                                   hint="a file belongs to one database")
             owner[f] = name
-        databases[name] = DatabaseConfig(name, tuple(files))
+        repo = spec.get("repository")
+        sched = spec.get("schedule")
+        if sched is not None:
+            Schedule.parse(sched, f"{source}: [databases.{name}] schedule")
+        databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched)
 
     freeze_timeout = parse_duration(freeze.get("timeout", "10s"), f"{source}: [freeze] timeout")
     if freeze_timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze
         raise ConfigError(f"{source}: [freeze] timeout must be at most 1h, got {freeze.get('timeout')!r}",
                           hint="a freeze holds every writer; keep it short")
+    b = raw.get("backups", {})
+    for key in ("schedule", "verify_schedule"):
+        if b.get(key) is not None:
+            Schedule.parse(b[key], f"{source}: [backups] {key}")
+    keep = {}
+    for key in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly"):
+        if key in b:
+            if not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < 0:
+                raise ConfigError(f"{source}: [backups] {key} must be a whole number >= 0, got {b[key]!r}")
+            keep[key[5:]] = b[key]
+    backups = BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
+                           b.get("verify_schedule"), keep)
     return Config(
         source=source, listen_host=host, listen_port=port, data_dir=data_dir, token_file=token_file,
         contops_max_duration=parse_duration(contops.get("max_duration", "4h"), f"{source}: [contops] max_duration"),
         gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), f"{source}: [contops] gate_timeout"),
         rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), f"{source}: [contops] rollin_timeout"),
         freeze_timeout=freeze_timeout,
-        databases=databases,
+        databases=databases, backups=backups,
     )
+
+
+def _repo_url(value: Any, base: str, source: str, db: str | None) -> str | None:
+    """A repository URL; a plain path is a local directory relative to the config file."""
+    if value is None:
+        return None
+    where = f"[databases.{db}] repository" if db else "[backups] repository"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{source}: {where} must be a URL such as \"file:///backups\" or \"sftp://host/path\"")
+    if "://" in value:
+        return value
+    return "file://" + os.path.abspath(os.path.join(base, os.path.expanduser(value)))
 
 
 def database_of(config: Config, path: str) -> str | None:

@@ -39,6 +39,14 @@ CREATE TABLE IF NOT EXISTS session_files(
     result TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (session_id, path)) STRICT;
 CREATE INDEX IF NOT EXISTS session_files_open ON session_files(path, status);
+CREATE TABLE IF NOT EXISTS jobs(
+    name TEXT PRIMARY KEY,
+    next_run REAL,
+    last_run REAL,
+    last_ok REAL,
+    last_error TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_result TEXT NOT NULL DEFAULT '{}') STRICT;
 CREATE TABLE IF NOT EXISTS adhoc_files(path TEXT PRIMARY KEY, added_at REAL NOT NULL) STRICT;
 """
 FORMAT_VERSION = "1"
@@ -172,6 +180,22 @@ class StateStore:
         r["stamp"] = json.loads(r["stamp"])
         r["result"] = json.loads(r["result"])
         return r
+
+    # -- scheduled jobs --------------------------------------------------------
+    def job(self, name: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM jobs WHERE name=?", (name,))
+        if not rows:
+            return None
+        rows[0]["last_result"] = json.loads(rows[0]["last_result"])
+        return rows[0]
+
+    def save_job(self, name: str, **fields: Any) -> None:
+        if "last_result" in fields:
+            fields["last_result"] = json.dumps(fields["last_result"])
+        with self._lock, self._db:
+            self._db.execute("INSERT OR IGNORE INTO jobs(name) VALUES(?)", (name,))
+            for k, v in fields.items():
+                self._db.execute(f"UPDATE jobs SET {k}=? WHERE name=?", (v, name))
 
     # -- files named by path rather than by a configured database -----------
     def add_adhoc(self, path: str) -> None:

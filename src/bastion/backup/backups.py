@@ -27,8 +27,10 @@ from .snapshot import snapshot_in_child
 from .verify import verify
 
 
-def default_repository(config: Config) -> str:
-    return "file://" + os.path.join(config.data_dir, "backups")
+def default_repository(config: Config, database: str | None = None) -> str:
+    """The database's own repository, else [backups] repository, else file://<data_dir>/backups."""
+    db = config.databases.get(database or "")
+    return (db and db.repository) or config.backups.repository or "file://" + os.path.join(config.data_dir, "backups")
 
 
 def _names(files: list[DatabaseFile]) -> list[str]:
@@ -50,7 +52,7 @@ class Backups:
         self.contops = contops
 
     def take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
-        url = to or default_repository(self.config)
+        url = to or default_repository(self.config, label)
         repo = Repository.open(url, create=True)   # refuse an incompatible repository before starting
         lock = repo.lock("backup")
         try:

@@ -34,6 +34,10 @@ class RepositoryError(BastionError):
     pass
 
 
+class NoRepository(UsageError):
+    """The URL holds no repository (yet)."""
+
+
 class CorruptChunk(RepositoryError):
     pass
 
@@ -67,7 +71,7 @@ class Repository:
             meta = json.loads(repo.store.read(MARKER))
         except ObjectMissing:
             if not create:
-                raise UsageError(f"{url} is not a Bastion backup repository (no {MARKER})",
+                raise NoRepository(f"{url} is not a Bastion backup repository (no {MARKER})",
                                  hint="check the URL; `bastion backup` creates the repository on first use") from None
             repo.store.write(MARKER, json.dumps({"format": FORMAT, "created": time.time()}).encode())
             return repo

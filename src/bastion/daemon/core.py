@@ -17,11 +17,13 @@ import apsw
 from .. import __version__
 from ..catalog import Catalog, Targets
 from ..config import Config
+from ..backup import Repository, verify
 from ..backup.backups import Backups
 from ..contops import ContinuousOperations
 from ..freeze import Freezer
 from ..state import StateStore, iso
 from .auth import ensure_token
+from .scheduler import Scheduler
 
 log = logging.getLogger("bastion.daemon")
 
@@ -49,6 +51,8 @@ class Daemon:
         self.contops = ContinuousOperations(self.config, self.catalog, self.state)
         self.freezer = Freezer(self.config, self.catalog, self.state)
         self.backups = Backups(self.config, self.catalog, self.contops)
+        self.scheduler = Scheduler(self.config, self.state)
+        self._schedule_jobs()
         self.contops.finish_interrupted_roll_ins(found["rolling_in"])
         for r in found["interrupted"]:
             log.warning("%s: %s session %s was interrupted by a daemon stop", r["path"], r["kind"], r["session_id"])
@@ -56,11 +60,44 @@ class Daemon:
         self.started_at = time.time()
         self._sweeper = threading.Thread(target=self._sweep, name="bastion-sweeper", daemon=True)
         self._sweeper.start()
+        self.scheduler.start()
+
+    def _schedule_jobs(self) -> None:
+        b = self.config.backups
+        for name, db in self.config.databases.items():
+            sched = db.schedule or b.schedule
+            if sched:
+                self.scheduler.add(f"backup {name}", sched, lambda n=name: self._scheduled_backup(n))
+            if b.verify_schedule:
+                self.scheduler.add(f"verify {name}", b.verify_schedule, lambda n=name: self._scheduled_verify(n))
+
+    def _scheduled_backup(self, name: str) -> dict[str, Any]:
+        res = self.backup([name])
+        if self.config.backups.keep and res["exit_code"] == 0:
+            from ..backup.prune import Policy, prune
+            policy = Policy(**self.config.backups.keep)
+            pr = prune(Repository.open(res["repository"]), policy, database=name)
+            res["pruned"] = [b["id"] for b in pr["removed"]]
+        return res
+
+    def _scheduled_verify(self, name: str) -> dict[str, Any]:
+        """Full verify (restore, integrity_check, digests) of the database's newest backup."""
+        from ..backup.backups import default_repository
+        repo = Repository.open(default_repository(self.config, name), create=True)
+        newest = [m for m in repo.manifests() if isinstance(m, dict) and m["database"] == name]
+        if not newest:
+            return {"exit_code": 0, "message": "no backup yet"}
+        newest.sort(key=lambda m: m["instant_epoch"])
+        res = verify(repo, [newest[-1]["id"]], full=True)
+        if not res["ok"]:
+            res["message"] = "; ".join(p["problem"] for p in res["problems"])
+        return res
 
     def close(self) -> None:
         if self.state is None:
             return
         self._stop.set()
+        self.scheduler.stop()
         if self._sweeper:
             self._sweeper.join(timeout=5)
         self.freezer.thaw_all_for_shutdown()
@@ -146,4 +183,5 @@ class Daemon:
                        "started_at": iso(self.started_at), "sqlite_version": apsw.sqlite_lib_version(),
                        "interrupted_at_startup": self.startup.get("interrupted", [])},
             "databases": dbs,
+            "jobs": self.scheduler.describe(),
         }
