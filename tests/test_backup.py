@@ -237,3 +237,28 @@ def test_scheduled_backups_run_retain_and_failures_show(tmp_path, bank):
         assert "FAILED" in r.out
     finally:
         d.stop()
+
+
+def test_restore_replace_puts_backup_back_in_place(daemon, bank, tmp_path):
+    b = _backup(daemon)
+    before = dump(bank.bank), dump(bank.audit)
+    bank.start()
+    import time; time.sleep(0.5)
+    # the application still has the files open: refused, nothing changed
+    r = daemon.cli("restore", b["backup"], "--replace")
+    assert r.code == 2 and "open in" in r.err and "stop the application" in r.err
+    stats = bank.stop()
+    assert check_bank(bank.dir)["transfers"] == stats["commits"] > 0
+    r = daemon.cli("restore", b["backup"], "--replace", "--json")
+    assert r.code == 0, r.err
+    assert (dump(bank.bank), dump(bank.audit)) == before
+    kept = [f["previous_kept_as"] for f in r.json["replaced"]]
+    assert all(Path(k).exists() for k in kept)
+    assert check_bank(bank.dir)["ok"]
+    # the daemon protects the restored files again and the application can run on them
+    st = daemon.cli("status", "--json").json
+    assert all(f["protected"] and f["journal_mode"] == "wal" for d in st["databases"] for f in d["files"])
+    bank.start()
+    time.sleep(0.3)
+    assert bank.stop()["errors"] == {}
+    assert check_bank(bank.dir)["ok"]

@@ -461,13 +461,29 @@ def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: b
 
 @cli.command()
 @click.argument("backup_id")
-@click.option("--to", "dest", required=True, type=click.Path(file_okay=False), help="Directory to restore into.")
+@click.option("--to", "dest", default=None, type=click.Path(file_okay=False), help="Directory to restore into.")
+@click.option("--replace", is_flag=True,
+              help="Put the backup back in place of the protected files it came from (through the daemon; "
+                   "applications must be stopped for the swap; the old files are kept aside).")
 @click.option("--from", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
 @click.option("--force", is_flag=True, help="Overwrite existing files in the directory.")
 @common
-def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str, repo_url: str | None, force: bool) -> None:
+def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, replace: bool,
+            repo_url: str | None, force: bool) -> None:
     """Restore a backup into a directory (temp names, fsync, integrity_check, digests, then rename)."""
     from .backup import restore as run
+    if (dest is None) == (not replace):
+        raise UsageError("give exactly one of --to DIR or --replace", hint="bastion restore ID --to DIR")
+    if replace:
+        with _spinner(as_json, "restoring in place..."):
+            res = _client(conf).restore_in_place(backup_id, repo_url)
+
+        def human_replace(d: dict[str, Any]) -> None:
+            for f in d["replaced"]:
+                out.print(f"  {f['path']}: restored (quick_check {f['quick_check']}); previous file kept as "
+                          f"{f['previous_kept_as']}")
+        emit(res, as_json, human_replace)
+        return
     repo = _repo(conf, repo_url)
     with _progress(as_json, "restore") as bar:
         task = bar.add_task("restoring", total=None) if bar else None

@@ -90,6 +90,58 @@ class Backups:
                 "verified": check["ok"], "exit_code": 0 if check["ok"] else 2}
 
 
+def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperations, backup_id: str,
+                     url: str | None = None) -> dict[str, Any]:
+    """Put a backup back where its files came from, while the daemon protects them.
+
+    The backup is restored and checked beside the targets first; then, only if no
+    other process has the files open (proved by SQLite's own locks, in a child),
+    the current files and their WAL are renamed aside and the restored ones take
+    their place. Applications must be stopped for that instant; the error says so."""
+    import shutil
+    from ..errors import StateConflict
+    from ..sqlite.exclusive import replace_in_child
+    from .restore import restore
+    repo = Repository.open(url or default_repository(config))
+    m = repo.manifest(backup_id)
+    targets = [f["path"] for f in m["files"]]
+    busy = contops.state.open_files("contops", targets) + contops.state.open_files("freeze", targets)
+    if busy:
+        raise StateConflict(f"{busy[0]['path']}: in continuous operations or frozen", path=busy[0]["path"],
+                            hint="end it (endbu/thaw) before restoring over the file; nothing was changed")
+    staging = os.path.join(os.path.dirname(targets[0]), f".bastion-restore-{backup_id}")
+    shutil.rmtree(staging, ignore_errors=True)
+    pairs = []
+    try:
+        restored = restore(repo, backup_id, staging)
+        for f, target in zip(m["files"], targets):
+            staged = f"{target}.bastion-staged"
+            shutil.move(os.path.join(staging, f["name"]), staged)   # same directory: the swap is a rename
+            pairs.append((staged, target))
+        files = [catalog.files[t] for t in targets if t in catalog.files]
+        for f in files:
+            f.close()       # never checkpoints on close; the child needs nobody holding the files
+        try:
+            swapped = replace_in_child(pairs)
+        finally:
+            for f in files:
+                try:
+                    f.protect()
+                except Exception:  # noqa: BLE001 - shown by status
+                    pass
+        checks = {f.path: f.quick_check() for f in files}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for staged, _ in pairs:
+            if os.path.exists(staged):
+                os.remove(staged)
+    out = [{"path": t, "previous_kept_as": swapped["files"][t]["previous_kept_as"],
+            "quick_check": checks.get(t, "ok (not protected by this daemon)")} for t in targets]
+    ok = all(c["quick_check"].startswith("ok") for c in out)
+    return {"backup": backup_id, "instant": m["instant"], "replaced": out, "verified_before_swap": restored["files"],
+            "exit_code": 0 if ok else 2}
+
+
 def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any]:
     rows = []
     problems = []

@@ -39,6 +39,11 @@ class BackupRequest(TargetRequest):
     to: str | None = Field(None, description="repository URL; default file://<data_dir>/backups")
 
 
+class ReplaceRequest(BaseModel):
+    backup: str
+    repository: str | None = Field(None, description="repository URL; default from the config")
+
+
 class FreezeRequest(TargetRequest):
     timeout: float | None = Field(None, gt=0, le=3600, description="seconds before an automatic thaw")
 
@@ -99,6 +104,10 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/backups", summary="Take a backup through continuous operations (applications keep writing)")
     def backup(req: BackupRequest) -> dict[str, Any]:
         return daemon.backup(req.targets, req.all, req.to)
+
+    @app.post("/v1/restore/replace", summary="Put a backup back in place of the files it came from")
+    def restore_replace(req: ReplaceRequest) -> dict[str, Any]:
+        return daemon.restore_in_place(req.backup, req.repository)
 
     @app.post("/v1/freeze", summary="Freeze: hold every writer until thaw or timeout")
     def freeze(req: FreezeRequest) -> dict[str, Any]:

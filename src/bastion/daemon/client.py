@@ -84,6 +84,10 @@ class AdminClient:
     def backup(self, targets: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
         return self.request("POST", "/v1/backups", {"targets": targets, "all": all_, "to": to}, timeout=None)
 
+    def restore_in_place(self, backup_id: str, repository: str | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/restore/replace", {"backup": backup_id, "repository": repository},
+                            timeout=None)
+
     def freeze(self, targets: list[str], all_: bool = False, timeout: float | None = None) -> dict[str, Any]:
         return self.request("POST", "/v1/freeze", {"targets": targets, "all": all_, "timeout": timeout})
 

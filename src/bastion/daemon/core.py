@@ -163,6 +163,10 @@ class Daemon:
             os.path.basename(n) for n in names))
         return self.backups.take(label, files, to)
 
+    def restore_in_place(self, backup_id: str, url: str | None = None) -> dict[str, Any]:
+        from ..backup.backups import restore_in_place
+        return restore_in_place(self.config, self.catalog, self.contops, backup_id, url)
+
     def status(self) -> dict[str, Any]:
         dbs = []
         for name, files in sorted(self.catalog.database_names().items()):

@@ -50,18 +50,9 @@ def discard(files: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
     """Lock every file exclusively, check it is still as at startbu, move its WAL aside."""
     fds: list[int] = []
     try:
-        for path, _ in files:
-            fd = os.open(path, os.O_RDWR)
-            fds.append(fd)
-            pid = _try_lock(fd, PENDING, 2 + SHARED_SIZE)
-            if pid is None and os.path.exists(path + "-shm"):
-                sfd = os.open(path + "-shm", os.O_RDWR)
-                fds.append(sfd)
-                pid = _try_lock(sfd, SHM_LOCKS, SHM_LOCK_LEN)
-            if pid is not None:
-                who = f"process {pid}" if pid > 0 else "another process"
-                return {"ok": False, "path": path, "error": f"{path}: open in {who}",
-                        "hint": "stop the application (every process that opens the file) and run recover again"}
+        refusal = _lock_all([path for path, _ in files], fds)
+        if refusal:
+            return refusal
         for path, stamp in files:
             if _stamp(os.stat(path)) != stamp:
                 return {"ok": False, "path": path, "error": f"{path}: the main file changed since startbu",
@@ -90,23 +81,82 @@ def discard(files: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
             os.close(fd)
 
 
-def discard_in_child(files: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
-    payload = json.dumps([[p, s] for p, s in files])
-    proc = subprocess.run([sys.executable, "-m", "bastion.sqlite.exclusive", "discard"], input=payload,
+def _lock_all(paths: list[str], fds: list[int]) -> dict[str, Any] | None:
+    """Lock every file as SQLite would for exclusive use; a refusal naming the holder, or None."""
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        fd = os.open(path, os.O_RDWR)
+        fds.append(fd)
+        pid = _try_lock(fd, PENDING, 2 + SHARED_SIZE)
+        if pid is None and os.path.exists(path + "-shm"):
+            sfd = os.open(path + "-shm", os.O_RDWR)
+            fds.append(sfd)
+            pid = _try_lock(sfd, SHM_LOCKS, SHM_LOCK_LEN)
+        if pid is not None:
+            who = f"process {pid}" if pid > 0 else "another process"
+            return {"ok": False, "path": path, "error": f"{path}: open in {who}",
+                    "hint": "stop the application (every process that opens the file), run the command again, "
+                            "then start the application"}
+    return None
+
+
+def replace(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Put each staged file in place of a database file, keeping the old one (and its WAL) aside."""
+    fds: list[int] = []
+    try:
+        refusal = _lock_all([target for _, target in pairs], fds)
+        if refusal:
+            return refusal
+        suffix = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        out: dict[str, Any] = {}
+        for staged, target in pairs:
+            aside = None
+            if os.path.exists(target):
+                aside = f"{target}.before-restore-{suffix}"
+                os.rename(target, aside)
+                if os.path.exists(target + "-wal"):
+                    os.rename(target + "-wal", aside + "-wal")
+            if os.path.exists(target + "-shm"):
+                os.unlink(target + "-shm")
+            os.rename(staged, target)
+            dfd = os.open(os.path.dirname(target) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            out[target] = {"previous_kept_as": aside}
+        return {"ok": True, "files": out}
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _child(op: str, payload: Any) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "bastion.sqlite.exclusive", op], input=json.dumps(payload),
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise BastionError(f"recover helper failed: {proc.stderr.strip()[-2000:]}")
+        raise BastionError(f"{op} helper failed: {proc.stderr.strip()[-2000:]}")
     out = json.loads(proc.stdout)
     if not out["ok"]:
         raise RecoveryRefused(out["error"], path=out.get("path"), hint=out.get("hint"))
     return out
 
 
+def replace_in_child(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    return _child("replace", [[a, b] for a, b in pairs])
+
+
+def discard_in_child(files: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
+    return _child("discard", [[p, s] for p, s in files])
+
+
 def _main() -> None:
-    if sys.argv[1:] != ["discard"]:
-        sys.exit("usage: python -m bastion.sqlite.exclusive discard < files.json")
-    files = [(p, s) for p, s in json.load(sys.stdin)]
-    print(json.dumps(discard(files)))
+    op = sys.argv[1] if len(sys.argv) == 2 else ""
+    if op not in ("discard", "replace"):
+        sys.exit("usage: python -m bastion.sqlite.exclusive discard|replace < request.json")
+    items = [(a, b) for a, b in json.load(sys.stdin)]
+    print(json.dumps(discard(items) if op == "discard" else replace(items)))
 
 
 if __name__ == "__main__":
