@@ -372,8 +372,20 @@ def thaw(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> Non
 @targets_option
 def backup(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, to: str | None) -> None:
     """Back up databases at one instant while applications keep writing (chunked, deduplicated, verified)."""
-    with _spinner(as_json, "backing up..."):
-        data = _client(conf).backup(targets, all_, to)
+    client = _client(conf)
+    with _progress(as_json, "backup") as bar:
+        if bar is None:
+            data = client.backup(targets, all_, to)
+        else:   # the backup call blocks: poll the daemon for its progress meanwhile
+            import concurrent.futures
+            task = bar.add_task("backing up", total=None)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                fut = pool.submit(client.backup, targets, all_, to)
+                while not fut.done():
+                    for r in client.request("GET", "/v1/backups/running").get("running", []):
+                        bar.update(task, completed=r["done"], total=r["total"] or None)
+                    time.sleep(0.3)
+                data = fut.result()
 
     def human(d: dict[str, Any]) -> None:
         out.print(f"backup {d['backup']} of {d['database']} at {d['instant']} in {d['repository']}: "

@@ -50,6 +50,7 @@ class Backups:
         self.config = config
         self.catalog = catalog
         self.contops = contops
+        self.running: dict[str, dict[str, Any]] = {}   # label -> progress of a backup under way
 
     def take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
         url = to or default_repository(self.config, label)
@@ -58,9 +59,12 @@ class Backups:
         try:
             repo.wait_for_no_prune()
             start = self.contops.start(files)
+            progress = self.running[label] = {"database": label, "done": 0, "total": 0, "started_at": iso(time.time())}
             try:
-                res = snapshot_in_child(url, [{"path": f.path, "name": n} for f, n in zip(files, _names(files))])
+                res = snapshot_in_child(url, [{"path": f.path, "name": n} for f, n in zip(files, _names(files))],
+                                        progress=lambda d, t: progress.update(done=d, total=t))
             finally:
+                self.running.pop(label, None)
                 end = self.contops.end(files)
             if not end["consistent"]:
                 raise NotConsistent(f"backup of {label} abandoned: continuous operations was interrupted during "
@@ -80,7 +84,8 @@ class Backups:
             "chunks_new": res["chunks_new"], "read_seconds": round(res["seconds"], 3),
         }
         repo.put_manifest(manifest)   # the backup exists from here on
-        check = verify(repo, [bid])
+        # Read back what this backup wrote; the chunks it shares were read back when written.
+        check = verify(repo, [bid], read_only=set(res["new_chunks"]))
         repo.store.write(f"verified/{bid}.json", json.dumps(
             {"mode": "quick", "ok": check["ok"], "at": iso(time.time()), "problems": check["problems"]}).encode())
         return {"backup": bid, "database": label, "repository": repo.url, "instant": manifest["instant"],

@@ -17,9 +17,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import BastionError
 from .digest import file_digests
@@ -29,12 +30,14 @@ DEFAULT_CHUNK = 256 * 1024
 
 
 def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
-             jobs: int = 4) -> dict[str, Any]:
+             jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     repo = Repository.open(repo_url, create=True)
+    total = sum(os.stat(f["path"]).st_size for f in files)
+    done = 0
     known = repo.chunk_digests()
     t0 = time.monotonic()
     added_bytes = 0
-    new_chunks = 0
+    new_chunks: list[str] = []
     out_files = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for spec in files:
@@ -53,41 +56,69 @@ def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAU
                     if not data:
                         break
                     size += len(data)
+                    done += len(data)
+                    if progress:
+                        progress(done, total)
                     whole.update(data)
                     digest = hashlib.sha256(data).hexdigest()
                     chunks.append([digest, len(data)])
                     if digest not in known:
                         known.add(digest)
-                        new_chunks += 1
+                        new_chunks.append(digest)
                         pending.append(pool.submit(repo.put_chunk, data, digest))
             for fut in pending:
                 added_bytes += fut.result()[1]
             out_files.append({"path": path, "name": spec["name"], "size": size, "page_size": page_size,
                               "sha256": whole.hexdigest(), "chunks": chunks,
                               "tables": file_digests(path, immutable=True)})
-    return {"files": out_files, "stored_bytes_added": added_bytes, "chunks_new": new_chunks,
+    return {"files": out_files, "stored_bytes_added": added_bytes, "chunks_new": len(new_chunks),
+            "new_chunks": new_chunks,
             "chunks_total": sum(len(f["chunks"]) for f in out_files), "seconds": time.monotonic() - t0}
 
 
 def snapshot_in_child(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
-                      jobs: int = 4) -> dict[str, Any]:
+                      jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     request = json.dumps({"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs})
-    proc = subprocess.run([sys.executable, "-m", "bastion.backup.snapshot"], input=request,
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bastion.backup.snapshot"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin and proc.stdout and proc.stderr
+    proc.stdin.write(request)
+    proc.stdin.close()
+    other: list[str] = []
+
+    def read_stderr() -> None:   # "progress DONE TOTAL" lines; anything else is kept for errors
+        for line in proc.stderr:  # type: ignore[union-attr]
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "progress" and progress:
+                progress(int(parts[1]), int(parts[2]))
+            elif not line.startswith("progress "):
+                other.append(line)
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join(5)
     if proc.returncode != 0:
         try:
-            err = json.loads(proc.stdout)["error"]
+            err = json.loads(stdout)["error"]
         except (ValueError, KeyError, TypeError):
             raise BastionError(f"the backup reader process failed (exit {proc.returncode}): "
-                               f"{proc.stderr.strip()[-2000:]}") from None
+                               f"{''.join(other).strip()[-2000:]}") from None
         raise BastionError.from_dict(err)
-    return json.loads(proc.stdout)
+    return json.loads(stdout)
 
 
 def _main() -> None:
     req = json.load(sys.stdin)
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 0.2 or done == total:
+            last[0] = time.monotonic()
+            print(f"progress {done} {total}", file=sys.stderr, flush=True)
     try:
-        res = snapshot(req["repo"], req["files"], int(req.get("chunk_size", DEFAULT_CHUNK)), int(req.get("jobs", 4)))
+        res = snapshot(req["repo"], req["files"], int(req.get("chunk_size", DEFAULT_CHUNK)),
+                       int(req.get("jobs", 4)), report)
     except BastionError as exc:
         print(json.dumps({"error": exc.to_dict()}))
         sys.exit(2)

@@ -16,7 +16,9 @@ from .restore import restore
 
 
 def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+           progress: Callable[[int, int], None] | None = None, read_only: set[str] | None = None) -> dict[str, Any]:
+    """``read_only``: when given, only these chunks are read back and re-hashed; the
+    others are checked to exist (used right after a backup, for the chunks it wrote)."""
     ids = backup_ids if backup_ids else repo.backup_ids()
     problems: list[dict[str, Any]] = []
     results = []
@@ -35,7 +37,10 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
             for digest, _ in f["chunks"]:
                 if digest not in chunk_state:
                     try:
-                        repo.get_chunk(digest)
+                        if read_only is None or digest in read_only:
+                            repo.get_chunk(digest)
+                        elif not repo.store.exists(repo.chunk_name(digest)):
+                            raise RepositoryError(f"chunk {digest[:16]} is missing from {repo.url}")
                         chunk_state[digest] = None
                     except RepositoryError as exc:
                         chunk_state[digest] = exc.message

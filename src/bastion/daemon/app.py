@@ -105,6 +105,10 @@ def create_app(daemon: Daemon) -> FastAPI:
     def backup(req: BackupRequest) -> dict[str, Any]:
         return daemon.backup(req.targets, req.all, req.to)
 
+    @app.get("/v1/backups/running", summary="Progress of backups under way")
+    def backups_running() -> dict[str, Any]:
+        return {"running": list(daemon.backups.running.values())}
+
     @app.post("/v1/restore/replace", summary="Put a backup back in place of the files it came from")
     def restore_replace(req: ReplaceRequest) -> dict[str, Any]:
         return daemon.restore_in_place(req.backup, req.repository)
