@@ -404,10 +404,10 @@ def _repo(conf: cfg.Config, url: str | None, database: str | None = None):  # ty
 def _progress(as_json: bool, what: str):  # type: ignore[no-untyped-def]
     """A rich progress bar on a terminal (stderr); nothing otherwise."""
     import contextlib
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
     if as_json or not err.is_terminal:
         return contextlib.nullcontext(None)
-    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                     TimeRemainingColumn(), console=err, transient=True)
 
 
