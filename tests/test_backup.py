@@ -262,3 +262,18 @@ def test_restore_replace_puts_backup_back_in_place(daemon, bank, tmp_path):
     time.sleep(0.3)
     assert bank.stop()["errors"] == {}
     assert check_bank(bank.dir)["ok"]
+
+
+def test_manifest_naming_a_missing_chunk_is_found(daemon, bank, tmp_path):
+    b = _backup(daemon)
+    m = daemon.data_dir / "backups" / "manifests" / f"{b['backup']}.json"
+    data = json.loads(m.read_text())
+    ghost = "ab" * 32
+    data["files"][1]["chunks"].append([ghost, 4096])
+    m.write_text(json.dumps(data))
+    r = daemon.cli("verify", "--all", "--json")
+    assert r.code == 2
+    p = r.json["problems"]
+    assert len(p) == 1 and p[0]["chunk"] == ghost and p[0]["file"] == data["files"][1]["name"]
+    r = daemon.cli("restore", b["backup"], "--to", str(tmp_path / "z"))
+    assert r.code == 2 and "missing" in r.err
