@@ -69,7 +69,12 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 for digest, size in f["chunks"]:
-                    data = repo.get_chunk(digest)
+                    try:
+                        data = repo.get_chunk(digest)
+                    except RepositoryError as exc:
+                        raise RestoreFailed(f"backup {backup_id}, file {f['name']}: {exc.message}; nothing was "
+                                            "restored", hint="run `bastion verify --all` to see every damaged "
+                                                             "backup; restore an older one") from None
                     if len(data) != size:
                         raise RestoreFailed(f"chunk {digest[:16]} of {f['name']} has {len(data)} bytes, "
                                             f"the manifest says {size}")
