@@ -53,7 +53,10 @@ class Daemon:
         self.backups = Backups(self.config, self.catalog, self.contops)
         self.scheduler = Scheduler(self.config, self.state)
         self._schedule_jobs()
-        self.contops.finish_interrupted_roll_ins(found["rolling_in"])
+        if found["rolling_in"]:
+            # a reader may hold the roll-in back for minutes: never delay the start for it
+            threading.Thread(target=self.contops.finish_interrupted_roll_ins, args=(found["rolling_in"],),
+                             name="bastion-rollin-after-restart", daemon=True).start()
         for r in found["interrupted"]:
             log.warning("%s: %s session %s was interrupted by a daemon stop", r["path"], r["kind"], r["session_id"])
         self.startup = {"interrupted": found["interrupted"], "unprotected": problems}
