@@ -537,6 +537,72 @@ def prune(conf: cfg.Config, as_json: bool, keep_last: int, keep_hourly: int, kee
     emit(data, as_json, human)
 
 
+@cli.command()
+@click.argument("database")
+@click.option("-c", "--command", "commands", multiple=True, help="Run this SQL and exit (repeatable).")
+@click.option("--dsn", default=None,
+              help="Connect to bastion://user@host:port,.../DB instead of this config's daemon with its admin token.")
+@click.option("--user", default=None, help="Connect as this [users] user (password from $BASTION_PASSWORD or asked).")
+@common
+def sql(conf: cfg.Config, as_json: bool, database: str, commands: tuple[str, ...], dsn: str | None,
+        user: str | None) -> None:
+    """SQL on DATABASE through the daemon's SQL server: -c "..." or an interactive shell."""
+    from . import client
+    from .shell import interactive, run_one, show
+    host = conf.base_url.split("://", 1)[1]
+    scheme = "bastions" if conf.tls_cert else "bastion"
+    try:
+        if dsn:
+            con = client.connect(dsn, ca=conf.tls_cert)
+        elif user:
+            pw = os.environ.get("BASTION_PASSWORD")
+            if pw is None:
+                pw = click.prompt(f"password for {user}", hide_input=True, err=True)
+            con = client.connect(f"{scheme}://{user}@{host}/{database}", password=pw, ca=conf.tls_cert,
+                                 autocommit=True, failover_timeout=5)
+        else:
+            from .daemon.auth import read_token
+            con = client.connect(f"{scheme}://{host}/{database}", token=read_token(conf.token_file),
+                                 ca=conf.tls_cert, autocommit=True, failover_timeout=5)
+        con.autocommit = True
+    except client.Error as exc:
+        raise BastionError(str(exc), hint="is the daemon running? (bastion status)") from None
+    try:
+        if not commands:
+            sys.exit(interactive(con, out, err))
+        results = []
+        for c in commands:
+            try:
+                results.append(run_one(con, c))
+            except client.Error as exc:
+                raise BastionError(f"{exc.message}", hint=exc.hint,
+                                   details={"completed": len(results)}) from None
+        if as_json:
+            print(json.dumps({"database": database, "results": results}, indent=2, default=lambda b: b.hex()))
+        else:
+            for r in results:
+                show(out, r)
+    finally:
+        con.close()
+
+
+@cli.command()
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin instead of asking.")
+@common
+def passwd(conf: cfg.Config, as_json: bool, password_stdin: bool) -> None:
+    """Make a password hash for a [users] entry of the config (the password itself is never stored)."""
+    from .sql.users import hash_password
+    if password_stdin:
+        pw = sys.stdin.readline().rstrip("\n")
+    else:
+        pw = click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
+    if len(pw) < 8:
+        raise UsageError("the password is too short (less than 8 characters)", hint="choose a longer one")
+    h = hash_password(pw)
+    emit({"password_hash": h, "exit_code": 0}, as_json,
+         lambda d: out.print(f'password_hash = "{d["password_hash"]}"'))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     _TAIL.clear()

@@ -62,6 +62,8 @@ class DatabaseConfig:
     files: tuple[str, ...]
     repository: str | None = None    # overrides [backups] repository
     schedule: str | None = None      # overrides [backups] schedule
+    durability: str = "durable"      # SQL server commits: durable | fast | replicated
+    group_commit: bool = True        # durable commits share fsyncs (false: one fsync per commit)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,14 @@ class Config:
     freeze_timeout: float = 10.0     # default --timeout of freeze
     databases: dict[str, DatabaseConfig] = field(default_factory=dict)
     backups: BackupConfig = field(default_factory=BackupConfig)
+    sql: dict[str, Any] = field(default_factory=dict)        # SQLSettings fields
+    users: dict[str, Any] = field(default_factory=dict)      # name -> bastion.sql.users.User
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
     @property
     def listen(self) -> str:
@@ -99,7 +109,7 @@ class Config:
             host = "::1"
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.listen_port}"
+        return f"{self.scheme}://{host}:{self.listen_port}"
 
     @property
     def state_path(self) -> str:
@@ -116,7 +126,9 @@ class Config:
 
 
 _KNOWN = {
-    "daemon": {"listen", "data_dir", "token_file"},
+    "daemon": {"listen", "data_dir", "token_file", "tls_cert", "tls_key"},
+    "sql": {"idle_timeout", "busy_timeout", "max_transactions", "pool_size"},
+    "users": None,
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
@@ -218,10 +230,21 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
             raise ConfigError(f"{source}: database name {name!r} may only use letters, digits, '_', '.', '-'")
         if not isinstance(spec, dict) or "files" not in spec:
             raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
-        extra = set(spec) - {"files", "repository", "schedule"}
+        extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit"}
         if extra:
             raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
-                              hint="known keys: files, repository, schedule")
+                              hint="known keys: files, repository, schedule, durability, group_commit")
+        durability = spec.get("durability", "durable")
+        if durability not in ("durable", "fast", "replicated"):
+            raise ConfigError(f"{source}: [databases.{name}] durability must be durable, fast or replicated, "
+                              f"got {durability!r}")
+        if durability == "replicated":
+            raise ConfigError(f"{source}: [databases.{name}] durability = \"replicated\" needs real-time backup "
+                              "to a second server, which this version does not have yet",
+                              hint="use \"durable\" (acknowledged after fsync)")
+        group_commit = spec.get("group_commit", True)
+        if not isinstance(group_commit, bool):
+            raise ConfigError(f"{source}: [databases.{name}] group_commit must be true or false")
         files_spec = spec["files"]
         if isinstance(files_spec, str) and files_spec.startswith("@"):
             files = read_list_file(resolve(files_spec[1:]), base)
@@ -240,7 +263,8 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         sched = spec.get("schedule")
         if sched is not None:
             Schedule.parse(sched, f"{source}: [databases.{name}] schedule")
-        databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched)
+        databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched,
+                                         durability, group_commit)
 
     freeze_timeout = parse_duration(freeze.get("timeout", "10s"), f"{source}: [freeze] timeout")
     if freeze_timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze
@@ -258,14 +282,65 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
             keep[key[5:]] = b[key]
     backups = BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
                            b.get("verify_schedule"), keep)
+    tls = [daemon.get("tls_cert"), daemon.get("tls_key")]
+    if any(tls) and not all(isinstance(t, str) and t for t in tls):
+        raise ConfigError(f"{source}: [daemon] TLS needs both tls_cert and tls_key (PEM files)")
+    tls = [resolve(t) if t else None for t in tls]
+    for t in tls:
+        if t and not os.path.isfile(t):
+            raise ConfigError(f"{source}: TLS file {t} does not exist")
     return Config(
         source=source, listen_host=host, listen_port=port, data_dir=data_dir, token_file=token_file,
         contops_max_duration=parse_duration(contops.get("max_duration", "4h"), f"{source}: [contops] max_duration"),
         gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), f"{source}: [contops] gate_timeout"),
         rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), f"{source}: [contops] rollin_timeout"),
         freeze_timeout=freeze_timeout,
-        databases=databases, backups=backups,
+        databases=databases, backups=backups, sql=_sql_settings(raw.get("sql", {}), source),
+        users=_users(raw.get("users", {}), databases, source), tls_cert=tls[0], tls_key=tls[1],
     )
+
+
+def _sql_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("idle_timeout", "busy_timeout"):
+        if key in raw:
+            out[key] = parse_duration(raw[key], f"{source}: [sql] {key}")
+    for key in ("max_transactions", "pool_size"):
+        if key in raw:
+            v = raw[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{source}: [sql] {key} must be a whole number >= 1, got {v!r}")
+            out[key] = v
+    return out
+
+
+def _users(raw: dict[str, Any], databases: dict[str, DatabaseConfig], source: str) -> dict[str, Any]:
+    from .sql.users import ROLES, User, valid_hash
+    users = {}
+    for name, spec in raw.items():
+        where = f"{source}: [users.{name}]"
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}: user names may only use letters, digits, '_', '.', '-'")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} must be a table")
+        extra = set(spec) - {"password_hash", "access"}
+        if extra:
+            raise ConfigError(f"{where}: unknown key '{sorted(extra)[0]}'", hint="known keys: password_hash, access")
+        ph = spec.get("password_hash")
+        if not isinstance(ph, str) or not valid_hash(ph):
+            raise ConfigError(f"{where}: password_hash must be a hash made by `bastion passwd`",
+                              hint="run `bastion passwd` and paste its output; passwords are never stored in clear")
+        access = spec.get("access", {})
+        if not isinstance(access, dict):
+            raise ConfigError(f"{where}: access must be a table of database = \"read-write\" | \"read-only\"")
+        for db, role in access.items():
+            if db != "*" and db not in databases:
+                raise ConfigError(f"{where}: access names database {db!r}, which is not configured",
+                                  hint="known: " + ", ".join(sorted(databases)) + " (or \"*\" for all)")
+            if role not in ROLES:
+                raise ConfigError(f"{where}: access for {db!r} must be \"read-write\" or \"read-only\", got {role!r}")
+        users[name] = User(name, ph, dict(access))
+    return users
 
 
 def _repo_url(value: Any, base: str, source: str, db: str | None) -> str | None:

@@ -10,7 +10,10 @@
      +-- NotConsistent           a copy taken under continuous operations or freeze cannot be trusted
      +-- RecoveryRefused         recover --discard-changes cannot prove it is safe
      +-- DaemonUnavailable       no daemon answers at the configured address
-     +-- AuthError               the token was missing or wrong
+     +-- AuthError               the token or the user's credentials were missing or wrong
+     +-- PermissionDenied        the user may not do that on that database (read-only role)
+     +-- SQLFailure              a statement sent to the SQL server failed (details: SQLite's error)
+     +-- TransactionGone         an interactive transaction expired (idle timeout) or is unknown
 
 Each error says what happened, to which file, and (``hint``) what to do next.
 The exit codes follow BUTIL: 0 success, 1 partial, 2 failed, 3 usage.
@@ -104,6 +107,20 @@ class AuthError(BastionError):
     http_status = 401
 
 
+class PermissionDenied(BastionError):
+    http_status = 403
+
+
+class SQLFailure(BastionError):
+    """details: sqlite_error (apsw's class name, e.g. ConstraintError), statement (its index)."""
+    http_status = 400
+
+
+class TransactionGone(BastionError):
+    http_status = 410
+
+
 _BY_NAME = {c.__name__: c for c in (
     BastionError, UsageError, ConfigError, UnknownTarget, FileProblem, StateConflict,
-    BusyError, NotConsistent, RecoveryRefused, DaemonUnavailable, AuthError)}
+    BusyError, NotConsistent, RecoveryRefused, DaemonUnavailable, AuthError, PermissionDenied,
+    SQLFailure, TransactionGone)}

@@ -96,7 +96,7 @@ class Backups:
 
 
 def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperations, backup_id: str,
-                     url: str | None = None) -> dict[str, Any]:
+                     url: str | None = None, sql: Any = None) -> dict[str, Any]:
     """Put a backup back where its files came from, while the daemon protects them.
 
     The backup is restored and checked beside the targets first; then, only if no
@@ -124,11 +124,14 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
             shutil.move(os.path.join(staging, f["name"]), staged)   # same directory: the swap is a rename
             pairs.append((staged, target))
         files = [catalog.files[t] for t in targets if t in catalog.files]
+        # the SQL server's connections go too (refused if a transaction is open); back after the swap
+        resume = sql.suspend(targets, f"restoring backup {backup_id} in place") if sql else (lambda: None)
         for f in files:
             f.close()       # never checkpoints on close; the child needs nobody holding the files
         try:
             swapped = replace_in_child(pairs)
         finally:
+            resume()
             for f in files:
                 try:
                     f.protect()

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..errors import BastionError, UsageError
-from .auth import token_matches
+from .auth import Authenticator
 from .core import Daemon
 
 log = logging.getLogger("bastion.api")
@@ -48,18 +48,48 @@ class FreezeRequest(TargetRequest):
     timeout: float | None = Field(None, gt=0, le=3600, description="seconds before an automatic thaw")
 
 
+class SQLRequest(BaseModel):
+    statements: list[Any] = Field(..., min_length=1, description=(
+        'each "SELECT ..." or {"sql": "...", "params": [...] | {name: value}, "many": [[...], ...]}; '
+        'values are JSON null/number/string, {"$blob": "<base64>"} or {"$float": "inf"}'))
+    readonly: bool = Field(False, description="run on a read-only connection even if the user may write")
+
+
+class BeginRequest(BaseModel):
+    statements: list[Any] = Field(default_factory=list, description="statements to run right after BEGIN")
+    write: bool = Field(False, description="BEGIN IMMEDIATE: take the write lock now")
+    readonly: bool = Field(False, description="a read-only transaction")
+
+
+class WorkRequest(BaseModel):
+    statements: list[Any] = Field(..., min_length=1)
+
+
+_PUBLIC = {"/v1/health"}
+
+
 def create_app(daemon: Daemon) -> FastAPI:
+    auth = Authenticator(daemon.token, daemon.config.users)
+
     app = FastAPI(title="Bastion", version=__version__,
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "
                               "Every request needs `Authorization: Bearer <token>` (the token file in data_dir).")
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if not token_matches(daemon.token, request.headers.get("authorization")):
+        path = request.url.path
+        if path in _PUBLIC:
+            return await call_next(request)
+        principal = auth.principal(request.headers.get("authorization"))
+        if principal is None or (not principal.admin and not path.startswith("/v1/sql/")):
+            sql = path.startswith("/v1/sql/")
             return JSONResponse(status_code=401, content={"error": {
-                "type": "AuthError", "message": "missing or wrong admin token", "exit_code": 2,
-                "hint": "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir",
-                "path": None, "details": {}}})
+                "type": "AuthError", "exit_code": 2, "path": None, "details": {},
+                "message": "missing or wrong credentials" if sql else "missing or wrong admin token",
+                "hint": ("send HTTP Basic credentials of a user in [users], or the admin token" if sql else
+                         "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir")}},
+                headers={"WWW-Authenticate": 'Basic realm="bastion"'} if sql else None)
+        request.state.principal = principal
         return await call_next(request)
 
     @app.exception_handler(BastionError)
@@ -120,5 +150,29 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/thaw", summary="Thaw: let writers go on; reports the hold time")
     def thaw(req: TargetRequest) -> dict[str, Any]:
         return daemon.thaw(req.targets, req.all)
+
+    @app.get("/v1/health", summary="For load balancers and drivers: is this node active (no credentials needed)")
+    def health() -> dict[str, Any]:
+        return {"role": "active", "writable": True, "version": __version__}
+
+    @app.post("/v1/sql/{database}", summary="Run statements as one atomic batch")
+    def sql_batch(database: str, req: SQLRequest, request: Request) -> dict[str, Any]:
+        return daemon.sql.execute(request.state.principal, database, req.statements, req.readonly)
+
+    @app.post("/v1/sql/{database}/transactions", summary="Begin an interactive transaction")
+    def sql_begin(database: str, req: BeginRequest, request: Request) -> dict[str, Any]:
+        return daemon.sql.begin(request.state.principal, database, req.statements, req.write, req.readonly)
+
+    @app.post("/v1/sql/{database}/transactions/{tid}", summary="Run statements inside an open transaction")
+    def sql_work(database: str, tid: str, req: WorkRequest, request: Request) -> dict[str, Any]:
+        return daemon.sql.run_in(request.state.principal, tid, req.statements, database)
+
+    @app.post("/v1/sql/{database}/transactions/{tid}/commit", summary="Commit (returns once durable)")
+    def sql_commit(database: str, tid: str, request: Request) -> dict[str, Any]:
+        return daemon.sql.finish(request.state.principal, tid, commit=True)
+
+    @app.post("/v1/sql/{database}/transactions/{tid}/rollback", summary="Roll back")
+    def sql_rollback(database: str, tid: str, request: Request) -> dict[str, Any]:
+        return daemon.sql.finish(request.state.principal, tid, commit=False)
 
     return app

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
 import secrets
+import time
 
 from ..errors import AuthError, DaemonUnavailable
 
@@ -51,3 +53,43 @@ def token_matches(expected: str, header: str | None) -> bool:
     if not header or not header.startswith("Bearer "):
         return False
     return hmac.compare_digest(header[7:].strip().encode(), expected.encode())
+
+
+class Authenticator:
+    """Who sent a request: the admin token (Bearer) or a configured user (HTTP Basic).
+
+    scrypt costs tens of milliseconds by design, so a verified password is remembered
+    (as an HMAC under a key that lives only in this process) for a few minutes."""
+
+    CACHE_SECONDS = 300.0
+
+    def __init__(self, token: str, users: dict) -> None:
+        self.token = token
+        self.users = users
+        self._key = secrets.token_bytes(32)
+        self._ok: dict[bytes, float] = {}
+
+    def principal(self, header: str | None):  # -> Principal | None
+        from ..sql.users import Principal, check_password
+        if not header:
+            return None
+        if header.startswith("Bearer "):
+            return Principal("admin", admin=True) if token_matches(self.token, header) else None
+        if not header.startswith("Basic "):
+            return None
+        try:
+            name, _, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        user = self.users.get(name)
+        if user is None:
+            return None
+        mac = hmac.new(self._key, f"{name}\0{password}\0{user.password_hash}".encode(), "sha256").digest()
+        now = time.monotonic()
+        if self._ok.get(mac, 0) < now:
+            if not check_password(password, user.password_hash):
+                return None
+            if len(self._ok) > 10000:
+                self._ok.clear()
+            self._ok[mac] = now + self.CACHE_SECONDS
+        return Principal(name, access=dict(user.access))

@@ -35,7 +35,7 @@ class AdminClient:
         else:
             no_token = None
         try:
-            resp = httpx.request(method, url, json=body, headers=headers,
+            resp = httpx.request(method, url, json=body, headers=headers, verify=self.config.tls_cert or True,
                                  timeout=self.timeout if timeout == "default" else timeout)
         except httpx.ConnectError:
             raise DaemonUnavailable(

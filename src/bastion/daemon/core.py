@@ -52,6 +52,7 @@ class Daemon:
         self.freezer = Freezer(self.config, self.catalog, self.state)
         self.backups = Backups(self.config, self.catalog, self.contops)
         self.scheduler = Scheduler(self.config, self.state)
+        self.sql = self._sql_service()
         self._schedule_jobs()
         if found["rolling_in"]:
             # a reader may hold the roll-in back for minutes: never delay the start for it
@@ -64,6 +65,13 @@ class Daemon:
         self._sweeper = threading.Thread(target=self._sweep, name="bastion-sweeper", daemon=True)
         self._sweeper.start()
         self.scheduler.start()
+
+    def _sql_service(self):  # type: ignore[no-untyped-def]
+        from ..sql.service import Database, SQLService, SQLSettings
+        settings = SQLSettings(**self.config.sql)
+        dbs = {name: Database(name, list(d.files), d.durability, d.group_commit, settings)
+               for name, d in self.config.databases.items()}
+        return SQLService(dbs, settings)
 
     def _schedule_jobs(self) -> None:
         b = self.config.backups
@@ -103,6 +111,7 @@ class Daemon:
         self.scheduler.stop()
         if self._sweeper:
             self._sweeper.join(timeout=5)
+        self.sql.close()
         self.freezer.thaw_all_for_shutdown()
         self.contops.mark_stopped()
         self.catalog.close()
@@ -116,6 +125,7 @@ class Daemon:
         while not self._stop.wait(1.0):
             try:
                 self.contops.expire()
+                self.sql.sweep()
                 if time.monotonic() - last_retry > 10:
                     last_retry = time.monotonic()
                     for f in list(self.catalog.files.values()):
@@ -148,7 +158,16 @@ class Daemon:
         return self.contops.end(files, wait)
 
     def recover(self, names: list[str], all_: bool = False, discard: bool = False) -> dict[str, Any]:
-        return self.contops.recover(self.resolve(names, all_), discard)
+        files = self.resolve(names, all_)
+        if not discard:
+            return self.contops.recover(files, discard)
+        # The SQL server's pooled connections are ours too: the exclusive-access proof would
+        # otherwise find the daemon itself holding the files and refuse every time.
+        resume = self.sql.suspend([f.path for f in files], "recover --discard-changes")
+        try:
+            return self.contops.recover(files, discard)
+        finally:
+            resume()
 
     def freeze(self, names: list[str], all_: bool = False, timeout: float | None = None) -> dict[str, Any]:
         return self.freezer.freeze(self.resolve(names, all_), timeout)
@@ -168,7 +187,7 @@ class Daemon:
 
     def restore_in_place(self, backup_id: str, url: str | None = None) -> dict[str, Any]:
         from ..backup.backups import restore_in_place
-        return restore_in_place(self.config, self.catalog, self.contops, backup_id, url)
+        return restore_in_place(self.config, self.catalog, self.contops, backup_id, url, sql=self.sql)
 
     def status(self) -> dict[str, Any]:
         dbs = []
@@ -191,4 +210,5 @@ class Daemon:
                        "interrupted_at_startup": self.startup.get("interrupted", [])},
             "databases": dbs,
             "jobs": self.scheduler.describe(),
+            "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
         }

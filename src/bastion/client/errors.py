@@ -1,0 +1,85 @@
+"""The PEP 249 exception hierarchy, and how the server's errors map onto it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Warning(Exception):  # noqa: A001 - the name PEP 249 requires
+    pass
+
+
+class Error(Exception):
+    def __init__(self, message: str, *, hint: str | None = None, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message if not hint else f"{message} ({hint})")
+        self.message, self.hint, self.details = message, hint, details or {}
+
+
+class InterfaceError(Error):
+    pass
+
+
+class DatabaseError(Error):
+    pass
+
+
+class DataError(DatabaseError):
+    pass
+
+
+class OperationalError(DatabaseError):
+    pass
+
+
+class IntegrityError(DatabaseError):
+    pass
+
+
+class InternalError(DatabaseError):
+    pass
+
+
+class ProgrammingError(DatabaseError):
+    pass
+
+
+class NotSupportedError(DatabaseError):
+    pass
+
+
+class AccessDenied(OperationalError):
+    """Wrong credentials, or the user's role does not allow it."""
+
+
+class TransactionLost(OperationalError):
+    """The transaction is over and nothing of it was committed (idle timeout, lost
+    connection, node failover). Start it again: the driver never replays it."""
+
+
+class OutcomeUnknown(OperationalError):
+    """The connection broke after a commit (or an autocommit statement) was sent:
+    it may or may not have been committed. Check before retrying."""
+
+
+_SQLITE = {"ConstraintError": IntegrityError, "MismatchError": DataError, "TooBigError": DataError,
+           "RangeError": DataError, "ReadOnlyError": OperationalError, "BusyError": OperationalError}
+
+
+def from_server(status: int, body: Any) -> Error:
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return InterfaceError(f"unexpected answer from the server (HTTP {status}): {str(body)[:200]}")
+    kind, msg, hint, details = err.get("type"), err.get("message", "error"), err.get("hint"), err.get("details") or {}
+    if kind == "SQLFailure":
+        cls = _SQLITE.get(details.get("sqlite_error"), OperationalError)
+    elif kind in ("AuthError", "PermissionDenied"):
+        cls = AccessDenied
+    elif kind == "TransactionGone":
+        cls = TransactionLost
+    elif kind in ("UsageError", "UnknownTarget", "ConfigError"):
+        cls = ProgrammingError
+    elif kind in ("BusyError", "FileProblem", "StateConflict", "DaemonUnavailable"):
+        cls = OperationalError
+    else:
+        cls = InternalError if status >= 500 else DatabaseError
+    return cls(msg, hint=hint, details=details)

@@ -1,0 +1,528 @@
+"""The SQL service: statements and interactive transactions on protected databases.
+
+Each configured database is served through a small pool of apsw connections on its
+first file, with its other files ATTACHed under their stems (``bank.db`` + ``audit.db``
+→ ``main`` and ``audit``). A request runs on one connection inside one transaction:
+
+* a batch (``execute``) is atomic: all its statements commit together or none does;
+  if SQLite says our snapshot went stale before we could write (BUSY_SNAPSHOT), the
+  batch is retried, which is safe because nothing of it was acknowledged;
+* an interactive transaction (``begin`` … ``commit``/``rollback``) keeps its connection
+  between requests; one left idle longer than ``idle_timeout`` is rolled back so the
+  single writer lock is never held forever.
+
+Writers of this daemon take turns on a per-database mutex before SQLite's own lock
+(taken in the exec tracer, the moment a statement is known to write): SQLite's busy
+handler sleeps in steps of milliseconds, which would waste most of the time group
+commit saves. Applications in other processes still meet SQLite's lock as usual.
+
+Durability per database: ``durable`` (acknowledged after the WAL is fsynced, with
+group commit: see committer.py; or one fsync per commit with ``group_commit = false``),
+``fast`` (acknowledged before the fsync: the last commits may be lost on power loss).
+
+Safety (DESIGN.md): connections never checkpoint on close; ATTACH/DETACH (and so
+VACUUM INTO), BEGIN/COMMIT statements, and pragmas that would change the journal
+mode, locking, durability or schema safety are refused by the authorizer. Internal
+statements are never put in the statement cache, so a client's identical text is
+still checked by the authorizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import apsw
+
+from ..errors import (BastionError, BusyError, FileProblem, PermissionDenied, SQLFailure, StateConflict,
+                      TransactionGone, UnknownTarget, UsageError)
+from . import values
+from .committer import GroupCommitter
+from .users import READ_ONLY, READ_WRITE, Principal
+
+log = logging.getLogger("bastion.sql")
+
+DURABLE, FAST, REPLICATED = "durable", "fast", "replicated"
+DURABILITIES = (DURABLE, FAST, REPLICATED)
+
+_WRITE_ACTIONS = {
+    apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE, apsw.SQLITE_CREATE_INDEX,
+    apsw.SQLITE_CREATE_TABLE, apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_CREATE_VIEW, apsw.SQLITE_DROP_INDEX,
+    apsw.SQLITE_DROP_TABLE, apsw.SQLITE_DROP_TRIGGER, apsw.SQLITE_DROP_VIEW, apsw.SQLITE_ALTER_TABLE,
+    apsw.SQLITE_REINDEX, apsw.SQLITE_ANALYZE, apsw.SQLITE_CREATE_VTABLE, apsw.SQLITE_DROP_VTABLE,
+}
+# pragmas that, set by a client, would break protection, durability or safety
+_GUARDED_PRAGMAS = {"journal_mode", "locking_mode", "query_only", "writable_schema", "synchronous",
+                    "wal_checkpoint", "wal_autocheckpoint", "journal_size_limit", "mmap_size",
+                    "cell_size_check", "trusted_schema", "temp_store_directory", "data_store_directory"}
+
+
+@dataclass
+class SQLSettings:
+    idle_timeout: float = 30.0        # an interactive transaction idle this long is rolled back
+    busy_timeout: float = 15.0        # wait this long for the write lock (ours, then SQLite's)
+    max_transactions: int = 64        # open interactive transactions, all databases together
+    pool_size: int = 8                # idle connections kept per database and role
+
+
+@dataclass
+class Statement:
+    sql: str
+    params: Any = None
+    many: list[Any] | None = None     # executemany: one parameter set per element
+
+    @classmethod
+    def parse(cls, raw: Any, index: int) -> "Statement":
+        where = f"statement {index + 1}"
+        if isinstance(raw, str):
+            return cls(raw)
+        if not isinstance(raw, dict) or not isinstance(raw.get("sql"), str) or not raw["sql"].strip():
+            raise UsageError(f"{where}: needs a non-empty 'sql' string",
+                             hint='send {"sql": "SELECT ...", "params": [...]}')
+        unknown = set(raw) - {"sql", "params", "many"}
+        if unknown:
+            raise UsageError(f"{where}: unknown field {sorted(unknown)[0]!r}", hint="fields: sql, params, many")
+        if raw.get("many") is not None:
+            if not isinstance(raw["many"], list):
+                raise UsageError(f"{where}: 'many' must be a list of parameter sets")
+            return cls(raw["sql"], many=[values.decode_params(p, f"{where} row {i + 1}")
+                                         for i, p in enumerate(raw["many"])])
+        return cls(raw["sql"], values.decode_params(raw.get("params"), where))
+
+
+class Tx:
+    """One transaction on one connection: the exec tracer and authorizer consult it."""
+
+    def __init__(self, db: "Database", conn: apsw.Connection, readonly: bool) -> None:
+        self.db, self.conn, self.readonly = db, conn, readonly
+        self.internal = False          # our own BEGIN/COMMIT/ATTACH pass the authorizer
+        self.holds_writer = False
+        self.denied: str | None = None
+        self.wrote = False
+        self.description: list[tuple[str, str | None]] | None = None
+        conn.exec_trace = self._trace
+        conn.authorizer = self._authorize
+
+    # called by SQLite (through apsw) for every statement about to run
+    def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        try:
+            self.description = list(cursor.get_description())
+        except apsw.ExecutionCompleteError:
+            self.description = None
+        if not self.internal and not cursor.is_readonly:
+            self.wrote = True
+            if not self.holds_writer:
+                self.db.take_writer()
+                self.holds_writer = True
+        return True
+
+    def _authorize(self, action: int, a1: str | None, a2: str | None, dbname: str | None, _: str | None) -> int:
+        if self.internal:
+            return apsw.SQLITE_OK
+        reason = None
+        if action in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
+            reason = "ATTACH, DETACH and VACUUM INTO are not allowed through the SQL server"
+        elif action == apsw.SQLITE_TRANSACTION:
+            reason = (f"{a1} statements are not allowed: send a batch (atomic) or use an interactive "
+                      "transaction (begin/commit/rollback in the API, or the driver's commit()/rollback())")
+        elif action == apsw.SQLITE_PRAGMA and (a1 or "").lower() in _GUARDED_PRAGMAS and (
+                a2 is not None or (a1 or "").lower() == "wal_checkpoint"):
+            reason = f"PRAGMA {a1} cannot be changed through the SQL server (it protects the database)"
+        elif self.readonly and action in _WRITE_ACTIONS and dbname != "temp":
+            reason = f"read-only access to database {self.db.name}: writes are not allowed"
+        if reason:
+            self.denied = reason
+            return apsw.SQLITE_DENY
+        return apsw.SQLITE_OK
+
+    def internal_exec(self, sql: str) -> None:
+        self.internal = True
+        try:
+            self.conn.execute(sql, can_cache=False)
+        finally:
+            self.internal = False
+
+    def run(self, stmts: list[Statement]) -> list[dict[str, Any]]:
+        out = []
+        for i, st in enumerate(stmts):
+            self.denied = None
+            self.description = None
+            cur = self.conn.cursor()
+            self.wrote = False
+            before = self.conn.total_changes()
+            try:
+                if st.many is not None:
+                    cur.executemany(st.sql, st.many)
+                    rows: list[Any] = []
+                else:
+                    rows = [values.encode_row(r) for r in cur.execute(st.sql, st.params)]
+            except apsw.Error as exc:
+                raise self._failure(exc, i, st) from None
+            except (TypeError, OverflowError, ValueError) as exc:   # bindings that do not fit the statement
+                raise UsageError(f"statement {i + 1}: {exc}", details={"statement": i}) from None
+            finally:
+                cur.close()
+            desc = self.description or []
+            if not self.wrote:
+                rowcount = -1
+            else:   # rows this statement changed (trigger changes included), never a stale count
+                rowcount = self.conn.total_changes() - before
+            out.append({"columns": [d[0] for d in desc], "decltypes": [d[1] for d in desc], "rows": rows,
+                        "rowcount": rowcount,
+                        "lastrowid": self.conn.last_insert_rowid()})
+        return out
+
+    def _failure(self, exc: apsw.Error, i: int, st: Statement) -> BastionError:
+        kind = type(exc).__name__
+        details = {"statement": i, "sqlite_error": kind, "extended_code": getattr(exc, "extendedresult", None)}
+        if isinstance(exc, apsw.BindingsError):
+            return UsageError(f"statement {i + 1}: {str(exc).removeprefix('BindingsError: ')}", details=details)
+        if isinstance(exc, apsw.AuthError) and self.denied:
+            return PermissionDenied(f"statement {i + 1}: {self.denied}", details=details)
+        if isinstance(exc, apsw.BusyError):
+            return BusyError(f"statement {i + 1}: database {self.db.name} is busy: {exc}", details=details,
+                             hint="another writer held the lock longer than the busy timeout; retry")
+        msg = str(exc)
+        if msg.startswith(kind + ": "):         # apsw prefixes its class name
+            msg = msg[len(kind) + 2:]
+        return SQLFailure(f"statement {i + 1}: {msg}", details=details,
+                          hint=f"in: {st.sql.strip()[:200]}")
+
+    def finish(self, commit: bool) -> None:
+        """COMMIT (then wait until durable) or ROLLBACK; the writer turn is given back either way."""
+        ticket = None
+        try:
+            if self.conn.in_transaction:
+                if commit:
+                    try:
+                        self.internal_exec("COMMIT")
+                    except apsw.Error as exc:
+                        raise SQLFailure(f"commit failed: {exc}", details={"sqlite_error": type(exc).__name__})
+                    if self.holds_writer:
+                        ticket = self.db.committer.committed()
+                else:
+                    self.internal_exec("ROLLBACK")
+        finally:
+            if self.conn.in_transaction:
+                try:
+                    self.internal_exec("ROLLBACK")
+                except apsw.Error:
+                    pass
+            if self.holds_writer:
+                self.holds_writer = False
+                self.db.give_writer()
+        if ticket is not None and self.db.wait_for_fsync:
+            self.db.committer.wait_durable(ticket)
+
+
+def _schema_name(path: str, taken: set[str]) -> str:
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]) or "db"
+    name, n = stem, 1
+    while name.lower() in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name.lower())
+    return name
+
+
+class Database:
+    """One served database: its connection pools, writer turns and group committer."""
+
+    def __init__(self, name: str, paths: list[str], durability: str, group_commit: bool,
+                 settings: SQLSettings) -> None:
+        self.name, self.paths, self.settings = name, list(paths), settings
+        self.durability, self.group_commit = durability, group_commit
+        self.committer = GroupCommitter(self.paths)
+        self.wait_for_fsync = durability == DURABLE and group_commit
+        self._writer = threading.Lock()
+        self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
+        self._pool_lock = threading.Lock()
+        self.suspended: str | None = None
+        taken = {"main", "temp"}
+        self.schemas = ["main"] + [_schema_name(p, taken) for p in self.paths[1:]]
+
+    def take_writer(self) -> None:
+        if not self._writer.acquire(timeout=self.settings.busy_timeout):
+            raise BusyError(f"database {self.name}: another transaction held the write lock for more than "
+                            f"{self.settings.busy_timeout:g} s", hint="retry; long transactions block writers")
+
+    def give_writer(self) -> None:
+        self._writer.release()
+
+    def _open(self, readonly: bool) -> apsw.Connection:
+        if not os.path.exists(self.paths[0]):
+            raise FileProblem(f"database {self.name}: {self.paths[0]} does not exist", path=self.paths[0])
+        conn = apsw.Connection(self.paths[0], flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        conn.set_busy_timeout(int(self.settings.busy_timeout * 1000))
+        sync = "FULL" if self.durability == DURABLE and not self.group_commit else "NORMAL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        for path, schema in zip(self.paths[1:], self.schemas[1:]):
+            conn.execute("ATTACH ? AS " + f'"{schema}"', (path,))
+        for schema in self.schemas:
+            conn.execute(f'PRAGMA "{schema}".synchronous={sync}')
+            mode = conn.execute(f'PRAGMA "{schema}".journal_mode').fetchone()[0]
+            if mode != "wal":
+                conn.close()
+                raise FileProblem(f"database {self.name}: schema {schema} is in {mode} mode, not WAL",
+                                  hint="the daemon protects (switches to WAL) every configured file; "
+                                       "see `bastion status`")
+        if readonly:
+            conn.execute("PRAGMA query_only=1")
+        return conn
+
+    def acquire(self, readonly: bool) -> apsw.Connection:
+        with self._pool_lock:
+            if self.suspended:
+                raise BusyError(f"database {self.name} is unavailable: {self.suspended}", hint="retry shortly")
+            pool = self._pools[readonly]
+            if pool:
+                return pool.pop()
+        return self._open(readonly)
+
+    def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True) -> None:
+        conn.exec_trace = None
+        conn.authorizer = None
+        with self._pool_lock:
+            if healthy and not self.suspended and not conn.in_transaction \
+                    and len(self._pools[readonly]) < self.settings.pool_size:
+                self._pools[readonly].append(conn)
+                return
+        conn.close()
+
+    def close_idle(self) -> None:
+        with self._pool_lock:
+            conns = self._pools[True] + self._pools[False]
+            self._pools = {True: [], False: []}
+        for c in conns:
+            c.close()
+
+
+@dataclass
+class Session:
+    id: str
+    user: str
+    db: Database
+    tx: Tx
+    readonly: bool
+    started: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SQLService:
+    def __init__(self, databases: dict[str, Database], settings: SQLSettings) -> None:
+        self.databases = databases
+        self.settings = settings
+        self._sessions: dict[str, Session] = {}
+        self._gone: dict[str, tuple[float, str]] = {}       # id -> (when, why): for clear errors
+        self._lock = threading.Lock()
+
+    # -- lookups ----------------------------------------------------------------------
+    def _database(self, principal: Principal, name: str, write: bool) -> tuple[Database, bool]:
+        db = self.databases.get(name)
+        role = principal.role(name)
+        if db is None or role is None:
+            # the same answer whether it does not exist or is not yours: names are not disclosed
+            raise UnknownTarget(f"no database {name!r} that user {principal.name} may use",
+                                hint="check the name (bastion status) and the user's access in the config")
+        readonly = role == READ_ONLY
+        if write and readonly:
+            raise PermissionDenied(f"user {principal.name} has read-only access to database {name}")
+        return db, readonly
+
+    @staticmethod
+    def _parse(statements: Any) -> list[Statement]:
+        if not isinstance(statements, list) or not statements:
+            raise UsageError("'statements' must be a non-empty list")
+        return [Statement.parse(s, i) for i, s in enumerate(statements)]
+
+    # -- batches ----------------------------------------------------------------------
+    def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False) -> dict[str, Any]:
+        stmts = self._parse(statements)
+        db, ro = self._database(principal, name, write=False)
+        ro = ro or readonly
+        t0 = time.perf_counter()
+        for attempt in range(5):
+            conn = db.acquire(ro)
+            tx = Tx(db, conn, ro)
+            healthy = True
+            try:
+                tx.internal_exec("BEGIN")
+                results = tx.run(stmts)
+                tx.finish(commit=True)
+                return {"database": name, "results": results, "retries": attempt,
+                        "seconds": round(time.perf_counter() - t0, 6)}
+            except BusyError as exc:
+                tx.finish(commit=False)
+                # stale snapshot: nothing was acknowledged, the whole batch may run again
+                if exc.details.get("extended_code") == apsw.SQLITE_BUSY_SNAPSHOT and attempt < 4:
+                    continue
+                raise
+            except BaseException:
+                try:
+                    tx.finish(commit=False)
+                except BaseException:
+                    healthy = False
+                raise
+            finally:
+                db.release(conn, ro, healthy)
+        raise AssertionError("unreachable")
+
+    # -- interactive transactions -------------------------------------------------------
+    def begin(self, principal: Principal, name: str, statements: Any = None, write: bool = False,
+              readonly: bool = False) -> dict[str, Any]:
+        stmts = self._parse(statements) if statements else []
+        db, ro = self._database(principal, name, write=write)
+        ro = ro or readonly
+        with self._lock:
+            if len(self._sessions) >= self.settings.max_transactions:
+                raise BusyError(f"{len(self._sessions)} interactive transactions are open, the most allowed",
+                                hint="commit or roll back open transactions; [sql] max_transactions raises it")
+        conn = db.acquire(ro)
+        tx = Tx(db, conn, ro)
+        try:
+            if write:
+                db.take_writer()
+                tx.holds_writer = True
+                tx.internal_exec("BEGIN IMMEDIATE")
+            else:
+                tx.internal_exec("BEGIN")
+            results = tx.run(stmts) if stmts else []
+        except BaseException:
+            tx.finish(commit=False)
+            db.release(conn, ro)
+            raise
+        s = Session(secrets.token_urlsafe(18), principal.name, db, tx, ro)
+        with self._lock:
+            self._sessions[s.id] = s
+        return {"database": name, "transaction": s.id, "results": results,
+                "idle_timeout": self.settings.idle_timeout}
+
+    def _session(self, principal: Principal, sid: str) -> Session:
+        with self._lock:
+            s = self._sessions.get(sid)
+            if s is None or (s.user != principal.name):
+                gone = self._gone.get(sid)
+                if gone:
+                    raise TransactionGone(f"transaction {sid} is over: {gone[1]}",
+                                          hint=None if gone[1] == "committed" else
+                                          "nothing of it was committed; start a new transaction")
+                raise TransactionGone(f"no open transaction {sid}",
+                                      hint="it was never begun, already ended, or the daemon restarted "
+                                           "(nothing of it was committed)")
+            return s
+
+    def _end(self, s: Session, why: str) -> None:
+        with self._lock:
+            self._sessions.pop(s.id, None)
+            self._gone[s.id] = (time.monotonic(), why)
+
+    def run_in(self, principal: Principal, sid: str, statements: Any, database: str | None = None) -> dict[str, Any]:
+        stmts = self._parse(statements)
+        s = self._session(principal, sid)
+        if database is not None and s.db.name != database:
+            raise UsageError(f"transaction {sid} belongs to database {s.db.name}, not {database}")
+        with s.lock:
+            self._session(principal, sid)     # still open now that we have it
+            s.last_used = time.monotonic()
+            try:
+                results = s.tx.run(stmts)
+            except BastionError:
+                if not s.tx.conn.in_transaction:    # SQLite rolled the whole transaction back
+                    self._close(s, commit=False, why="SQLite rolled it back after an error")
+                    raise
+                raise
+            finally:
+                s.last_used = time.monotonic()
+            return {"transaction": sid, "results": results}
+
+    def finish(self, principal: Principal, sid: str, commit: bool) -> dict[str, Any]:
+        s = self._session(principal, sid)
+        with s.lock:
+            self._session(principal, sid)
+            self._close(s, commit, "committed" if commit else "rolled back")
+        return {"transaction": sid, "committed": commit}
+
+    def _close(self, s: Session, commit: bool, why: str) -> None:
+        self._end(s, why)
+        healthy = True
+        try:
+            s.tx.finish(commit)
+        except BaseException:
+            healthy = False
+            raise
+        finally:
+            s.db.release(s.tx.conn, s.readonly, healthy)
+
+    # -- upkeep -------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Roll back transactions idle past the timeout (called by the daemon every second)."""
+        now = now or time.monotonic()
+        expired = []
+        with self._lock:
+            candidates = [s for s in self._sessions.values() if now - s.last_used > self.settings.idle_timeout]
+            for sid, (when, _) in list(self._gone.items()):
+                if now - when > 3600:
+                    del self._gone[sid]
+        for s in candidates:
+            if not s.lock.acquire(blocking=False):
+                continue                        # in use right now: not idle
+            try:
+                if s.id not in self._sessions:
+                    continue
+                self._close(s, commit=False,
+                            why=f"rolled back after {self.settings.idle_timeout:g} s idle (the idle timeout)")
+                log.warning("transaction %s of %s on %s rolled back: idle timeout", s.id, s.user, s.db.name)
+                expired.append(s.id)
+            except BaseException:  # noqa: BLE001 - the sweeper must go on
+                log.exception("rolling back idle transaction %s", s.id)
+            finally:
+                s.lock.release()
+        return expired
+
+    def open_transactions(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            return [{"transaction": s.id[:6] + "…", "user": s.user, "database": s.db.name,
+                     "age_seconds": round(now - s.started, 3), "idle_seconds": round(now - s.last_used, 3),
+                     "holds_write_lock": s.tx.holds_writer} for s in self._sessions.values()]
+
+    def suspend(self, paths: list[str], why: str) -> Callable[[], None]:
+        """Take the databases owning ``paths`` out of service (restore --replace); returns resume()."""
+        dbs = [d for d in self.databases.values() if set(d.paths) & set(paths)]
+        with self._lock:
+            busy = [s for s in self._sessions.values() if s.db in dbs]
+        if busy:
+            raise StateConflict(f"database {busy[0].db.name} has {len(busy)} open SQL transaction(s)",
+                                hint="commit or roll them back (or wait for the idle timeout); nothing was changed")
+        for d in dbs:
+            d.suspended = why
+            d.close_idle()
+
+        def resume() -> None:
+            for d in dbs:
+                d.suspended = None
+        return resume
+
+    def close(self) -> None:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            try:
+                self._close(s, commit=False, why="the daemon stopped")
+            except BaseException:  # noqa: BLE001
+                pass
+        for d in self.databases.values():
+            d.suspended = "the daemon is stopping"
+            d.close_idle()
+
+    def stats(self) -> dict[str, Any]:
+        return {name: {"durability": d.durability, "group_commit": d.group_commit, "fsyncs": d.committer.fsyncs,
+                       "schemas": dict(zip(d.schemas, d.paths))} for name, d in self.databases.items()}
