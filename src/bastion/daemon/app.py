@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from .. import __version__
@@ -68,6 +69,35 @@ class WorkRequest(BaseModel):
 _PUBLIC = {"/v1/health"}
 
 
+class AuthMiddleware:
+    """Every request but /v1/health needs credentials: the admin token everywhere, a
+    configured user only under /v1/sql/. Plain ASGI (not BaseHTTPMiddleware), because it
+    runs on every SQL request and should cost microseconds."""
+
+    def __init__(self, app: Any, auth: Authenticator) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in _PUBLIC:
+            return await self.app(scope, receive, send)
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        principal = self.auth.cached(header)
+        if principal is None and header and header.startswith("Basic "):
+            principal = await run_in_threadpool(self.auth.principal, header)   # scrypt: off the event loop
+        path = scope["path"]
+        sql = path.startswith("/v1/sql/")
+        if principal is None or (not principal.admin and not sql):
+            resp = JSONResponse(status_code=401, content={"error": {
+                "type": "AuthError", "exit_code": 2, "path": None, "details": {},
+                "message": "missing or wrong credentials" if sql else "missing or wrong admin token",
+                "hint": ("send HTTP Basic credentials of a user in [users], or the admin token" if sql else
+                         "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir")}},
+                headers={"WWW-Authenticate": 'Basic realm="bastion"'} if sql else None)
+            return await resp(scope, receive, send)
+        scope.setdefault("state", {})["principal"] = principal
+        return await self.app(scope, receive, send)
+
+
 def create_app(daemon: Daemon) -> FastAPI:
     auth = Authenticator(daemon.token, daemon.config.users)
 
@@ -75,22 +105,7 @@ def create_app(daemon: Daemon) -> FastAPI:
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "
                               "Every request needs `Authorization: Bearer <token>` (the token file in data_dir).")
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):  # type: ignore[no-untyped-def]
-        path = request.url.path
-        if path in _PUBLIC:
-            return await call_next(request)
-        principal = auth.principal(request.headers.get("authorization"))
-        if principal is None or (not principal.admin and not path.startswith("/v1/sql/")):
-            sql = path.startswith("/v1/sql/")
-            return JSONResponse(status_code=401, content={"error": {
-                "type": "AuthError", "exit_code": 2, "path": None, "details": {},
-                "message": "missing or wrong credentials" if sql else "missing or wrong admin token",
-                "hint": ("send HTTP Basic credentials of a user in [users], or the admin token" if sql else
-                         "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir")}},
-                headers={"WWW-Authenticate": 'Basic realm="bastion"'} if sql else None)
-        request.state.principal = principal
-        return await call_next(request)
+    app.add_middleware(AuthMiddleware, auth=auth)
 
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
