@@ -91,6 +91,7 @@ class Config:
     users: dict[str, Any] = field(default_factory=dict)      # name -> bastion.sql.users.User
     tls_cert: str | None = None
     tls_key: str | None = None
+    cluster: dict[str, Any] | None = None                    # [cluster]: see bastion.cluster.node
 
     @property
     def scheme(self) -> str:
@@ -129,6 +130,7 @@ _KNOWN = {
     "daemon": {"listen", "data_dir", "token_file", "tls_cert", "tls_key"},
     "sql": {"idle_timeout", "busy_timeout", "max_transactions", "pool_size"},
     "users": None,
+    "cluster": {"name", "node", "lease", "etcd", "ttl", "peers", "on_promote", "on_demote"},
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
@@ -297,7 +299,41 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         freeze_timeout=freeze_timeout,
         databases=databases, backups=backups, sql=_sql_settings(raw.get("sql", {}), source),
         users=_users(raw.get("users", {}), databases, source), tls_cert=tls[0], tls_key=tls[1],
+        cluster=_cluster(raw.get("cluster"), source),
     )
+
+
+def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    where = f"{source}: [cluster]"
+    node = raw.get("node")
+    if not isinstance(node, str) or not _NAME.match(node):
+        raise ConfigError(f"{where} needs node = \"NAME\" (this node's unique name: letters, digits, _ . -)")
+    lease = raw.get("lease", "file")
+    if lease not in ("file", "etcd"):
+        raise ConfigError(f"{where} lease must be \"file\" (in data_dir) or \"etcd\", got {lease!r}")
+    etcd = raw.get("etcd", [])
+    if isinstance(etcd, str):
+        etcd = [etcd]
+    if lease == "etcd" and (not etcd or not all(isinstance(e, str) and e.startswith(("http://", "https://"))
+                                                  for e in etcd)):
+        raise ConfigError(f"{where} lease = \"etcd\" needs etcd = [\"http://host:2379\", ...]")
+    ttl = parse_duration(raw.get("ttl", "3s"), f"{where} ttl")
+    if not 0.5 <= ttl <= 60:
+        raise ConfigError(f"{where} ttl must be between 0.5s and 60s, got {raw.get('ttl')!r}")
+    peers = raw.get("peers", {})
+    if not isinstance(peers, dict) or not all(isinstance(v, str) and ":" in v for v in peers.values()):
+        raise ConfigError(f"{where} peers must be a table of node = \"host:port\"")
+    for hook in ("on_promote", "on_demote"):
+        h = raw.get(hook)
+        if h is not None and not (isinstance(h, str) or (isinstance(h, list) and all(isinstance(x, str) for x in h))):
+            raise ConfigError(f"{where} {hook} must be a command (a string or a list of arguments)")
+    name = raw.get("name", "bastion")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{where} name must be a simple name")
+    return {"name": name, "node": node, "lease": lease, "etcd": etcd, "ttl": ttl, "peers": dict(peers),
+            "on_promote": raw.get("on_promote"), "on_demote": raw.get("on_demote")}
 
 
 def _sql_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@
      +-- PermissionDenied        the user may not do that on that database (read-only role)
      +-- SQLFailure              a statement sent to the SQL server failed (details: SQLite's error)
      +-- TransactionGone         an interactive transaction expired (idle timeout) or is unknown
+     +-- NotActive               this node is passive (or fenced): ask the active node
 
 Each error says what happened, to which file, and (``hint``) what to do next.
 The exit codes follow BUTIL: 0 success, 1 partial, 2 failed, 3 usage.
@@ -120,7 +121,11 @@ class TransactionGone(BastionError):
     http_status = 410
 
 
+class NotActive(BastionError):
+    http_status = 503
+
+
 _BY_NAME = {c.__name__: c for c in (
     BastionError, UsageError, ConfigError, UnknownTarget, FileProblem, StateConflict,
     BusyError, NotConsistent, RecoveryRefused, DaemonUnavailable, AuthError, PermissionDenied,
-    SQLFailure, TransactionGone)}
+    SQLFailure, TransactionGone, NotActive)}

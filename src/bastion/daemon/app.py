@@ -62,11 +62,15 @@ class BeginRequest(BaseModel):
     readonly: bool = Field(False, description="a read-only transaction")
 
 
+class SwitchoverRequest(BaseModel):
+    to: str | None = Field(None, description="the node to hand over to (default: whichever passive node is first)")
+
+
 class WorkRequest(BaseModel):
     statements: list[Any] = Field(..., min_length=1)
 
 
-_PUBLIC = {"/v1/health"}
+_PUBLIC_PREFIX = "/v1/health"
 
 
 class AuthMiddleware:
@@ -74,11 +78,11 @@ class AuthMiddleware:
     configured user only under /v1/sql/. Plain ASGI (not BaseHTTPMiddleware), because it
     runs on every SQL request and should cost microseconds."""
 
-    def __init__(self, app: Any, auth: Authenticator) -> None:
-        self.app, self.auth = app, auth
+    def __init__(self, app: Any, auth: Authenticator, node: Any = None) -> None:
+        self.app, self.auth, self.node = app, auth, node
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in _PUBLIC:
+        if scope["type"] != "http" or scope["path"].startswith(_PUBLIC_PREFIX):
             return await self.app(scope, receive, send)
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         principal = self.auth.cached(header)
@@ -94,18 +98,24 @@ class AuthMiddleware:
                          "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir")}},
                 headers={"WWW-Authenticate": 'Basic realm="bastion"'} if sql else None)
             return await resp(scope, receive, send)
+        if self.node is not None and self.node.role != "active" and not path.startswith("/v1/cluster/"):
+            resp = JSONResponse(status_code=503, content={"error": {
+                "type": "NotActive", "exit_code": 2, "path": None, "details": {"role": self.node.role},
+                "message": f"node {self.node.name} is {self.node.role}, not active",
+                "hint": "send it to the active node (bastion cluster status); drivers do this on their own"}})
+            return await resp(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, receive, send)
 
 
-def create_app(daemon: Daemon) -> FastAPI:
+def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     auth = Authenticator(daemon.token, daemon.config.users)
 
     app = FastAPI(title="Bastion", version=__version__,
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "
                               "Every request needs `Authorization: Bearer <token>` (the token file in data_dir).")
 
-    app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(AuthMiddleware, auth=auth, node=node)
 
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
@@ -166,9 +176,36 @@ def create_app(daemon: Daemon) -> FastAPI:
     def thaw(req: TargetRequest) -> dict[str, Any]:
         return daemon.thaw(req.targets, req.all)
 
-    @app.get("/v1/health", summary="For load balancers and drivers: is this node active (no credentials needed)")
+    def role() -> dict[str, Any]:
+        if node is None:
+            return {"role": "active", "writable": True, "node": None, "lag_seconds": 0.0}
+        return {"role": node.role, "writable": node.may_write(), "node": node.name, "lag_seconds": 0.0}
+
+    @app.get("/v1/health", summary="For load balancers and drivers: this node's role (no credentials needed)")
     def health() -> dict[str, Any]:
-        return {"role": "active", "writable": True, "version": __version__}
+        return {**role(), "version": __version__}
+
+    @app.get("/v1/health/active", summary="200 if this node is active (accepts writes), else 503")
+    def health_active() -> JSONResponse:
+        r = role()
+        return JSONResponse(status_code=200 if r["writable"] else 503, content=r)
+
+    @app.get("/v1/health/standby", summary="200 if this node is a standby (passive), else 503")
+    def health_standby() -> JSONResponse:
+        r = role()
+        return JSONResponse(status_code=200 if r["role"] == "passive" else 503, content=r)
+
+    @app.get("/v1/cluster/status", summary="This node's role, the lease and recent events")
+    def cluster_status() -> dict[str, Any]:
+        if node is None:
+            return {"node": None, "role": "active", "clustered": False}
+        return {**node.describe(), "clustered": True}
+
+    @app.post("/v1/cluster/switchover", summary="Planned switchover: the active node hands the lease over")
+    def cluster_switchover(req: SwitchoverRequest) -> dict[str, Any]:
+        if node is None:
+            raise UsageError("this daemon is not part of a cluster (no [cluster] section in its config)")
+        return node.switchover(req.to)
 
     @app.post("/v1/sql/{database}", summary="Run statements as one atomic batch")
     def sql_batch(database: str, req: SQLRequest, request: Request) -> dict[str, Any]:

@@ -30,7 +30,19 @@ def ensure_token(path: str) -> str:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)      # never replaces: two daemons starting at once agree on one token
+    except FileExistsError:
+        with open(path, encoding="ascii") as fh:
+            existing = fh.read().strip()
+        if existing:
+            token = existing
+        else:
+            os.replace(tmp, path)
+            return token
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return token
 
 

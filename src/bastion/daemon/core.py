@@ -29,8 +29,9 @@ log = logging.getLogger("bastion.daemon")
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, guard=None) -> None:  # type: ignore[no-untyped-def]
         self.config = config
+        self.guard = guard          # cluster node: raises unless this node may acknowledge writes
         self.state: StateStore | None = None
         self.started_at = 0.0
         self._stop = threading.Event()
@@ -71,7 +72,7 @@ class Daemon:
         settings = SQLSettings(**self.config.sql)
         dbs = {name: Database(name, list(d.files), d.durability, d.group_commit, settings)
                for name, d in self.config.databases.items()}
-        return SQLService(dbs, settings)
+        return SQLService(dbs, settings, guard=self.guard)
 
     def _schedule_jobs(self) -> None:
         b = self.config.backups

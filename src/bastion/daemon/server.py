@@ -8,13 +8,17 @@ import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from ..config import Config
-from ..errors import BastionError, ConfigError, StateConflict
+from ..errors import BastionError, ConfigError, NotActive, StateConflict
 from .app import create_app
 from .core import Daemon
+
+if TYPE_CHECKING:
+    from ..cluster.node import ClusterNode
 
 
 def _lock_data_dir(config: Config) -> int:
@@ -56,6 +60,8 @@ def _bind(config: Config) -> socket.socket:
 def serve(config: Config, log_level: str = "info") -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.cluster:
+        return _serve_cluster_node(config)
     lock_fd = _lock_data_dir(config)
     sock = _bind(config)
     daemon = Daemon(config)
@@ -65,15 +71,55 @@ def serve(config: Config, log_level: str = "info") -> None:
         sock.close()
         raise
     app = create_app(daemon)
-    # access_log off: request lines would carry transaction ids; credentials never travel in URLs
-    uv = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                        ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
-    server = uvicorn.Server(uv)
     print(f"bastion: serving on {config.base_url} (config: {config.source}; data: {config.data_dir}; "
           f"{len(daemon.catalog.files)} file(s) protected)", file=sys.stderr, flush=True)
     try:
-        server.run(sockets=[sock])
+        _uvicorn(config, app).run(sockets=[sock])
     finally:
         daemon.close()
         os.close(lock_fd)
+        print("bastion: stopped", file=sys.stderr, flush=True)
+
+
+def _uvicorn(config: Config, app: object) -> uvicorn.Server:
+    # access_log off: request lines would carry transaction ids; credentials never travel in URLs
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                         ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key))
+
+
+class ActiveDaemon:
+    """What the routes call on a cluster node: the open Daemon while the node is active."""
+
+    def __init__(self, node: "ClusterNode", token: str) -> None:
+        self._node, self.token, self.config = node, token, node.config
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        d = self._node.daemon
+        if d is None or self._node.role != "active":
+            raise NotActive(f"node {self._node.name} is {self._node.role}", hint="ask the active node")
+        return getattr(d, name)
+
+
+def _serve_cluster_node(config: Config) -> None:
+    from ..cluster.node import ClusterNode
+    from .auth import ensure_token
+    os.makedirs(config.data_dir, exist_ok=True)
+    token = ensure_token(config.token_file)
+    sock = _bind(config)
+
+    def open_daemon() -> Daemon:
+        d = Daemon(config, guard=node.guard)
+        d.open()
+        return d
+
+    node = ClusterNode(config, open_daemon)
+    app = create_app(ActiveDaemon(node, token), node=node)
+    print(f"bastion: node {node.name} listening on {config.base_url} (config: {config.source}; data: "
+          f"{config.data_dir}; lease: {config.cluster['lease']}, ttl {node.ttl:g} s); passive until it "
+          "holds the lease", file=sys.stderr, flush=True)
+    node.start()
+    try:
+        _uvicorn(config, app).run(sockets=[sock])
+    finally:
+        node.stop()
         print("bastion: stopped", file=sys.stderr, flush=True)

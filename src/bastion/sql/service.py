@@ -200,6 +200,8 @@ class Tx:
         try:
             if self.conn.in_transaction:
                 if commit:
+                    if self.holds_writer and self.db.guard:
+                        self.db.guard()     # a fenced node never acknowledges a write (rolled back below)
                     try:
                         self.internal_exec("COMMIT")
                     except apsw.Error as exc:
@@ -219,6 +221,25 @@ class Tx:
                 self.db.give_writer()
         if ticket is not None and self.db.wait_for_fsync:
             self.db.committer.wait_durable(ticket)
+
+
+class _Patience:
+    """A busy handler that polls every millisecond or so. SQLite's own sleeps 1, 2, 5 … 100 ms
+    between tries, so a local application that commits back to back keeps winning the
+    lock and the server's writers starve; polling often gives them a fair share."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since = 0.0
+
+    def __call__(self, count: int) -> bool:
+        now = time.monotonic()
+        if count == 0:
+            self.since = now
+        elif now - self.since > self.timeout:
+            return False
+        time.sleep(0.0005 if count < 200 else 0.002)
+        return True
 
 
 def _schema_name(path: str, taken: set[str]) -> str:
@@ -244,6 +265,7 @@ class Database:
         self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
         self._pool_lock = threading.Lock()
         self.suspended: str | None = None
+        self.guard: Callable[[], None] | None = None    # cluster: may this node acknowledge writes now?
         taken = {"main", "temp"}
         self.schemas = ["main"] + [_schema_name(p, taken) for p in self.paths[1:]]
 
@@ -260,7 +282,7 @@ class Database:
             raise FileProblem(f"database {self.name}: {self.paths[0]} does not exist", path=self.paths[0])
         conn = apsw.Connection(self.paths[0], flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-        conn.set_busy_timeout(int(self.settings.busy_timeout * 1000))
+        conn.set_busy_handler(_Patience(self.settings.busy_timeout))
         sync = "FULL" if self.durability == DURABLE and not self.group_commit else "NORMAL"
         conn.execute(f"PRAGMA synchronous={sync}")
         for path, schema in zip(self.paths[1:], self.schemas[1:]):
@@ -317,8 +339,11 @@ class Session:
 
 
 class SQLService:
-    def __init__(self, databases: dict[str, Database], settings: SQLSettings) -> None:
+    def __init__(self, databases: dict[str, Database], settings: SQLSettings,
+                 guard: Callable[[], None] | None = None) -> None:
         self.databases = databases
+        for d in databases.values():
+            d.guard = guard
         self.settings = settings
         self._sessions: dict[str, Session] = {}
         self._gone: dict[str, tuple[float, str]] = {}       # id -> (when, why): for clear errors

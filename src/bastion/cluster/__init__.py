@@ -1,0 +1,1 @@
+"""Failover (issue 7): a lease decides which node is active; the others wait passive."""

@@ -1,0 +1,246 @@
+"""One node of an active/passive cluster on shared storage.
+
+Every node runs ``bastion serve`` with its own config (its own ``listen`` and ``[cluster]
+node``) and the same ``data_dir``. A node starts passive: it answers /v1/health and
+/v1/cluster/* and refuses everything else with NotActive (HTTP 503), which drivers
+take as "try the next host". It takes the lease when it is free, then opens the
+databases (SQLite's recovery rolls back what the previous active left in flight) and
+serves.
+
+Self-fencing: the active renews the lease every ``ttl/6``. It may acknowledge writes
+only until ``fence_at`` = (start of its last successful renewal) + ttl − margin, which
+comes before the lease can expire for anyone else; every commit checks this guard
+right before COMMIT. If the lease cannot be renewed by then, or turns out to be held
+by another node, the node stops serving (fenced), closes the databases and becomes
+passive again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shlex
+import subprocess
+import threading
+import time
+from typing import Any, Callable
+
+from ..config import Config
+from ..errors import NotActive, StateConflict
+from .lease import EtcdLease, FileLease, LeaseUnavailable
+
+log = logging.getLogger("bastion.cluster")
+
+PASSIVE, ACTIVE, FENCED, PROMOTING = "passive", "active", "fenced", "promoting"
+
+
+class ClusterNode:
+    def __init__(self, config: Config, open_daemon: Callable[[], Any]) -> None:
+        c = config.cluster
+        assert c is not None
+        self.config = config
+        self.name: str = c["node"]
+        self.ttl: float = c["ttl"]
+        self.margin = self.ttl / 3
+        self.interval = self.ttl / 6
+        self.hooks = {"promote": c.get("on_promote"), "demote": c.get("on_demote")}
+        if c["lease"] == "etcd":
+            self.lease: Any = EtcdLease(c["etcd"], c["name"], self.name, self.ttl)
+        else:
+            self.lease = FileLease(config.data_dir, self.name, self.ttl)
+        self.open_daemon = open_daemon
+        self.daemon: Any = None
+        self.role = PASSIVE
+        self.token: int | None = None
+        self.fence_at = 0.0
+        self.since = time.time()
+        self.last_error: str | None = None
+        self.events: list[dict[str, Any]] = []
+        self._lock_fd: int | None = None
+        self._stop = threading.Event()
+        self._mutex = threading.RLock()
+        self._thread = threading.Thread(target=self._run, name="bastion-cluster", daemon=True)
+
+    # -- what the rest of the daemon asks ---------------------------------------------
+    def may_write(self) -> bool:
+        return self.role == ACTIVE and time.time() < self.fence_at
+
+    def guard(self) -> None:
+        """Raise unless this node may acknowledge a write now (called right before COMMIT)."""
+        if not self.may_write():
+            raise NotActive(f"node {self.name} is {self.role}: it may not accept writes",
+                            hint="the driver retries on the active node")
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            holder = self.lease.holder()
+        except LeaseUnavailable as exc:
+            holder = {"error": str(exc)}
+        return {"node": self.name, "role": self.role, "writable": self.may_write(), "token": self.token,
+                "since": self.since, "lease": {"kind": self.config.cluster["lease"], "ttl": self.ttl,
+                                                "holder": holder},
+                "last_error": self.last_error, "events": self.events[-10:]}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        with self._mutex:
+            if self.role in (ACTIVE, FENCED, PROMOTING):
+                self._demote("the daemon is stopping", release=True)
+
+    def switchover(self, to: str | None) -> dict[str, Any]:
+        with self._mutex:
+            if self.role != ACTIVE:
+                raise NotActive(f"node {self.name} is {self.role}: only the active node can hand over")
+            if to == self.name:
+                raise StateConflict(f"node {self.name} is already active")
+            self._demote(f"switchover to {to or 'any passive node'}", release=True, handoff_to=to)
+            # stay out of the race for a while so that another node takes it
+            self._hold_off_until = time.monotonic() + 3 * self.ttl
+        return {"from": self.name, "to": to, "exit_code": 0}
+
+    _hold_off_until = 0.0
+
+    # -- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with self._mutex:
+                    if self.role == ACTIVE:
+                        self._renew()
+                    elif self.role == PASSIVE and time.monotonic() >= self._hold_off_until:
+                        self._try_promote()
+            except Exception as exc:  # noqa: BLE001 - the loop must go on
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("cluster loop")
+
+    def _renew(self) -> None:
+        t0 = time.time()
+        try:
+            ok = self.lease.renew()
+        except LeaseUnavailable as exc:
+            self.last_error = str(exc)
+            if time.time() >= self.fence_at:
+                self._demote(f"lease not renewed in time ({exc})", release=False)
+            return
+        if ok:
+            self.fence_at = t0 + self.ttl - self.margin
+        else:
+            self._demote("the lease is held by another node", release=False)
+
+    def _try_promote(self) -> None:
+        # On a shared data_dir the active holds daemon.lock (an flock) for as long as it
+        # holds the lease: getting it proves the active's process is gone, so there is no
+        # need to wait for the lease to expire. Still held but the lease long expired: the
+        # holder is stalled (stopped, swapping); it is fenced by time, take over anyway.
+        self._lock_fd = self._try_flock()
+        try:
+            t0 = time.time()
+            if isinstance(self.lease, FileLease):
+                token = self.lease.try_acquire(holder_dead=self._lock_fd is not None,
+                                               grace=0.0 if self._lock_fd is not None else self.ttl)
+            else:
+                token = self.lease.try_acquire()
+        except LeaseUnavailable as exc:
+            self.last_error = str(exc)
+            token = None
+        if token is None:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            return
+        self.role, self.token = PROMOTING, token
+        self.fence_at = t0 + self.ttl - self.margin
+        self._event("lease acquired", token=token)
+        log.warning("node %s holds the lease (fencing token %s): opening the databases", self.name, token)
+        try:
+            if self._lock_fd is None:
+                self._take_data_dir()
+            self._mark_lock()
+            self.daemon = self.open_daemon()
+        except Exception as exc:  # noqa: BLE001 - give the lease back, stay passive
+            self.last_error = f"promotion failed: {exc}"
+            log.error("node %s: promotion failed: %s", self.name, exc)
+            self._demote(f"promotion failed: {exc}", release=True)
+            return
+        self.role, self.since = ACTIVE, time.time()
+        self._event("active", token=token)
+        log.warning("node %s is ACTIVE (fencing token %s)", self.name, token)
+        self._hook("promote")
+
+    def _try_flock(self) -> int | None:
+        path = os.path.join(self.config.data_dir, "daemon.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            os.close(fd)
+            return None
+
+    def _take_data_dir(self) -> None:
+        """Lease taken without daemon.lock: the previous active may still be closing its
+        databases; wait for it up to one TTL (it is fenced by time by then)."""
+        deadline = time.monotonic() + self.ttl
+        while (fd := self._try_flock()) is None:
+            if time.monotonic() > deadline:
+                log.warning("node %s: the previous active still holds daemon.lock; going on under the lease",
+                            self.name)
+                return
+            time.sleep(0.05)
+        self._lock_fd = fd
+
+    def _mark_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()} {self.name}\n".encode(), 0)
+
+    def _demote(self, why: str, release: bool, handoff_to: str | None = None) -> None:
+        was = self.role
+        self.role = FENCED
+        self.fence_at = 0.0
+        self._event("fenced", why=why)
+        log.warning("node %s stops serving: %s", self.name, why)
+        try:
+            if self.daemon is not None:
+                self.daemon.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the daemon")
+        self.daemon = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if release:
+            try:
+                self.lease.release(handoff_to)
+            except LeaseUnavailable as exc:
+                self.last_error = str(exc)
+        self.role, self.token, self.since = PASSIVE, None, time.time()
+        self._event("passive", why=why)
+        if was == ACTIVE:
+            self._hook("demote")
+
+    def _event(self, what: str, **kw: Any) -> None:
+        self.events.append({"at": time.time(), "event": what, **kw})
+        del self.events[:-50]
+
+    def _hook(self, which: str) -> None:
+        cmd = self.hooks.get(which)
+        if not cmd:
+            return
+        argv = cmd if isinstance(cmd, list) else shlex.split(cmd)
+        env = {**os.environ, "BASTION_NODE": self.name, "BASTION_ROLE": which, "BASTION_TOKEN": str(self.token or "")}
+        try:
+            p = subprocess.run(argv, env=env, timeout=30, capture_output=True, text=True)
+            if p.returncode:
+                self.last_error = f"on_{which} hook exited {p.returncode}: {p.stderr.strip()[:300]}"
+                log.error("node %s: %s", self.name, self.last_error)
+            self._event(f"on_{which} hook", exit_code=p.returncode)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.last_error = f"on_{which} hook failed: {exc}"
+            log.error("node %s: %s", self.name, self.last_error)
