@@ -354,6 +354,6 @@ def test_openapi_fuzzing_finds_no_server_error(server):
     p = subprocess.run([st, "run", f"http://127.0.0.1:{server.port}/openapi.json", "--checks", "not_a_server_error",
                         "-H", f"Authorization: Bearer {server.token}", "--max-examples", "15", "--seed", "1",
                         "--include-path-regex", "/v1/(sql|health|status)"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=server.config.parent)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert " passed" in p.stdout and "failed" not in p.stdout.split("Test cases:")[-1], p.stdout[-1500:]
