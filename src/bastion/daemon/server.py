@@ -6,6 +6,7 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import TYPE_CHECKING
@@ -57,9 +58,16 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # uvicorn handles SIGTERM while it serves, then raises it again once it has stopped;
+    # with the default action that would kill the process before daemon.close() runs.
+    raise SystemExit(0)
+
+
 def serve(config: Config, log_level: str = "info") -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
     if config.cluster:
         return _serve_cluster_node(config)
     lock_fd = _lock_data_dir(config)
