@@ -1,23 +1,62 @@
 """Where backups live: a tiny storage interface that speaks in files.
 
-A store lists, reads, writes and deletes named objects under one root. Local
-directories (``file://`` or a plain path) get durable writes (temp name, fsync,
-rename, fsync the directory); every other URL scheme fsspec knows (``sftp://``,
-``s3://``, ``memory://``) goes through fsspec, whose object writes are atomic
-on completion.
+A store lists, reads, writes and deletes named objects under one root:
+
+- ``file:///dir`` or a plain path: local directory, durable writes (temp name,
+  fsync, rename, fsync the directory).
+- ``sftp://[user@]host[:port]/abs/path``: fsspec's SFTP file system (paramiko),
+  one SSH connection per thread so uploads really run in parallel. Writes go
+  to a temp name, are fsynced on the server (OpenSSH's ``fsync@openssh.com``)
+  and renamed into place (``posix-rename@openssh.com``): a reader never sees
+  half an object. The host key must be in known_hosts.
+- ``s3://bucket[/prefix]``: s3fs. A PUT is atomic and durable once answered.
+  Credentials come from the usual AWS places (environment, profile, config
+  files, instance role), never from the URL.
+
+Options that are not secret ride in the URL's query string (so a repository
+URL alone is enough to restore): ``connect_timeout``, ``read_timeout``; for
+sftp ``key_filename``, ``known_hosts``; for s3 ``endpoint_url``, ``region``,
+``profile``.
+
+Every remote call is retried with jittered exponential back-off when the
+failure looks transient (connection refused/reset/dropped, time-outs, 5xx),
+after dropping the connection it happened on. Permanent failures (login
+refused, unknown host key, bucket missing, access denied, unresolvable host)
+are reported at once, saying what is wrong and what to do.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import getpass
+import logging
 import os
+import posixpath
 import random
+import socket
+import threading
 import time
-from typing import Callable, Iterator, TypeVar
-from urllib.parse import urlparse
+import weakref
+from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import parse_qsl, unquote, urlparse
 
 from ..errors import BastionError, UsageError
 
 T = TypeVar("T")
+
+# Retry budget: a server restart or a network blip of a few seconds is ridden out.
+# Before a store has ever reached its server, a refused connection is far more
+# likely a wrong URL or a server that is down, so it gets a short budget.
+ATTEMPTS = 6
+FIRST_CONTACT_ATTEMPTS = 3
+FIRST_DELAY = 0.25
+MAX_DELAY = 8.0
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+
+TMP_MARK = ".tmp-"
 
 
 class StoreError(BastionError):
@@ -26,6 +65,14 @@ class StoreError(BastionError):
 
 class ObjectMissing(StoreError):
     pass
+
+
+class StoreUnreachable(StoreError):
+    """Transient-looking trouble (connection, time-out) that outlasted every retry."""
+
+
+class StoreRefused(StoreError):
+    """A permanent refusal: credentials, host key, missing bucket, permissions. Retrying cannot help."""
 
 
 class Store:
@@ -40,6 +87,13 @@ class Store:
     def temporaries(self) -> list[str]:
         """Half-written objects left by a crash (only stores that write through temp names have any)."""
         return []
+
+    def close(self) -> None:
+        """Drop connections now (they are also dropped when the store is garbage-collected)."""
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
 
 
 class LocalStore(Store):
@@ -61,7 +115,7 @@ class LocalStore(Store):
         path = self._p(name)
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+        tmp = _tmp_name(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
@@ -83,14 +137,14 @@ class LocalStore(Store):
     def temporaries(self) -> list[str]:
         out = []
         for dirpath, _, files in os.walk(self.root):
-            out += [os.path.relpath(os.path.join(dirpath, f), self.root) for f in files if ".tmp-" in f]
+            out += [os.path.relpath(os.path.join(dirpath, f), self.root) for f in files if TMP_MARK in f]
         return out
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self._p(prefix)
         for dirpath, _, files in os.walk(base):
             for f in files:
-                if ".tmp-" in f:
+                if TMP_MARK in f:
                     continue
                 yield os.path.relpath(os.path.join(dirpath, f), self.root)
 
@@ -101,66 +155,655 @@ class LocalStore(Store):
             pass
 
 
-def retry(op: Callable[[], T], what: str, attempts: int = 5) -> T:
-    """Retry what looks transient (connection trouble, time-outs) with jittered back-off."""
-    delay = 0.1
-    for i in range(attempts):
+def _float_option(opts: dict[str, str], key: str, default: float, url: str) -> float:
+    try:
+        v = float(opts.get(key, default))
+        if v <= 0:
+            raise ValueError
+        return v
+    except ValueError:
+        raise UsageError(f"{url}: {key} must be a positive number of seconds, not {opts[key]!r}") from None
+
+
+class _Missing(Exception):
+    """Internal: the object (or prefix) is not there. Never retried."""
+
+
+class RemoteStore(Store):
+    """Common machinery of fsspec-backed stores: options, connections, retries."""
+
+    scheme = ""
+    options: tuple[str, ...] = ("connect_timeout", "read_timeout")
+    per_thread = False    # one connection per thread (SSH) or one shared client (S3)
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        self.url = url.rstrip("/") if not parsed.query else url
         try:
-            return op()
-        except (ObjectMissing, UsageError):
-            raise
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            if isinstance(exc, (FileNotFoundError, PermissionError)) or i == attempts - 1:
-                raise StoreError(f"{what}: {exc}") from None
-            time.sleep(delay * (0.5 + random.random()))
+            opts = dict(parse_qsl(parsed.query, keep_blank_values=True, strict_parsing=bool(parsed.query)))
+        except ValueError:
+            raise UsageError(f"{self.url}: cannot parse the options after '?'",
+                             hint="write them as ?name=value&name=value") from None
+        unknown = sorted(set(opts) - set(self.options))
+        if unknown:
+            raise UsageError(f"{self.url}: unknown option(s) {', '.join(unknown)}",
+                             hint=f"{self.scheme}:// URLs take: {', '.join(self.options)}")
+        self.connect_timeout = _float_option(opts, "connect_timeout", CONNECT_TIMEOUT, self.url)
+        self.read_timeout = _float_option(opts, "read_timeout", READ_TIMEOUT, self.url)
+        self._parse(parsed, opts)
+        self._local = threading.local()
+        self._shared: Any = None
+        self._lock = threading.Lock()
+        self._all: list[Any] = []          # every connection opened, for close()
+        self._reached = False               # has any call ever reached the server?
+        weakref.finalize(self, _close_all, self._all)
+        self._call("connecting to", self._probe)
+
+    # -- to be provided by each kind ------------------------------------------------
+    def _parse(self, parsed: Any, opts: dict[str, str]) -> None: ...
+    def _connect(self) -> Any: ...
+    def _probe(self, fs: Any) -> None: ...
+    def _classify(self, exc: BaseException, what: str) -> str:
+        """Raise a StoreError for a permanent failure; return a short text for a transient one."""
+        raise NotImplementedError
+
+    # -- connections ------------------------------------------------------------------
+    def _fs(self) -> Any:
+        fs = getattr(self._local, "fs", None) if self.per_thread else self._shared
+        if fs is None:
+            fs = self._connect()
+            with self._lock:
+                self._all.append(fs)
+            if self.per_thread:
+                self._local.fs = fs
+            else:
+                self._shared = fs
+        return fs
+
+    def _drop(self) -> None:
+        """Forget this thread's connection after a failure: the next attempt reconnects.
+
+        Only for per-thread connections (SSH): a shared HTTP client (S3) reconnects by itself,
+        and other threads may be using it."""
+        if not self.per_thread:
+            return
+        fs = getattr(self._local, "fs", None)
+        if fs is None:
+            return
+        self._local.fs = None
+        with self._lock:
+            if fs in self._all:
+                self._all.remove(fs)
+        _close_one(fs)
+
+    def close(self) -> None:
+        self._local = threading.local()
+        self._shared = None
+        _close_all(self._all)
+
+    def _call(self, what: str, op: Callable[[Any], T]) -> T:
+        attempts = ATTEMPTS if self._reached else FIRST_CONTACT_ATTEMPTS
+        delay = FIRST_DELAY
+        t0 = time.monotonic()
+        for i in range(attempts):
+            try:
+                out = op(self._fs())
+                self._reached = True
+                return out
+            except (_Missing, StoreError, UsageError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below: permanent ones raise
+                problem = self._classify(exc, what)
+            self._drop()
+            if i == attempts - 1:
+                break
+            time.sleep(min(delay, MAX_DELAY) * random.uniform(0.5, 1.5))
             delay *= 2
-    raise AssertionError("unreachable")
+        raise StoreUnreachable(
+            f"{what} {self.url}: {problem} (gave up after {attempts} attempts over "
+            f"{time.monotonic() - t0:.1f} s)",
+            hint="check that the server is up, reachable from this machine (host, port, firewall, "
+                 "endpoint) and has room; nothing half-written is ever listed, so the command is safe to rerun")
+
+    # -- the Store interface ---------------------------------------------------------------
+    def _p(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._call(f"reading {name} from", lambda fs: self._read(fs, self._p(name)))
+        except _Missing:
+            raise ObjectMissing(f"{self.url}/{name}: missing") from None
+
+    def write(self, name: str, data: bytes) -> None:
+        self._call(f"writing {name} to", lambda fs: self._write(fs, self._p(name), data))
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._call(f"checking {name} in", lambda fs: self._stat(fs, self._p(name)))
+            return True
+        except _Missing:
+            return False
+
+    def list(self, prefix: str) -> Iterator[str]:
+        # A listing is complete or it is an error: a silently partial listing of manifests
+        # would let prune delete chunks that unlisted backups still need.
+        try:
+            found = self._call(f"listing {prefix} in", lambda fs: self._find(fs, self._p(prefix)))
+        except _Missing:
+            return iter(())
+        base = self.root.rstrip("/") + "/"
+        names = (p[len(base):] if p.startswith(base) else p for p in found)
+        return iter([n for n in names if TMP_MARK not in n.rsplit("/", 1)[-1]])
+
+    def delete(self, name: str) -> None:
+        try:
+            self._call(f"deleting {name} from", lambda fs: self._rm(fs, self._p(name)))
+        except _Missing:
+            pass
+
+    # primitives: raise _Missing when the object is not there
+    def _read(self, fs: Any, path: str) -> bytes: ...
+    def _write(self, fs: Any, path: str, data: bytes) -> None: ...
+    def _stat(self, fs: Any, path: str) -> None: ...
+    def _find(self, fs: Any, path: str) -> list[str]: ...
+    def _rm(self, fs: Any, path: str) -> None: ...
 
 
-class FsspecStore(Store):
+def _close_one(fs: Any) -> None:
+    try:
+        closer = getattr(fs, "_bastion_close", None)
+        if closer:
+            closer()
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is gone either way
+        pass
+
+
+def _close_all(conns: list[Any]) -> None:
+    while conns:
+        _close_one(conns.pop())
+
+
+# ----------------------------------------------------------------------------------------------
+# SFTP
+
+
+@functools.lru_cache(maxsize=None)
+def _sftp_classes() -> tuple[Any, Any]:
+    """fsspec's SFTP file system, with our own connect: known_hosts checking and time-outs."""
+    try:
+        import paramiko
+        from fsspec.implementations.sftp import SFTPFileSystem
+    except ImportError as exc:
+        raise UsageError(f"sftp:// repositories need paramiko: {exc}",
+                         hint="run `make setup` (or pip install paramiko)") from None
+    # paramiko logs a dropped connection at ERROR from its own thread; we retry and report
+    # ourselves, so keep Python's last-resort handler from printing it on stderr (an
+    # application that configures logging still gets the records)
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+    class HostKeyRefused(Exception):
+        def __init__(self, message: str, hint: str) -> None:
+            super().__init__(message)
+            self.hint = hint
+
+    class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+        """Accept the server only if its key is in known_hosts (OpenSSH's format, hashed or not)."""
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            known = paramiko.HostKeys()
+            if os.path.exists(self.path):
+                known.load(self.path)
+            entry = known.lookup(hostname)
+            fp = key.fingerprint if hasattr(key, "fingerprint") else key.get_name()
+            if entry and key.get_name() in entry:
+                if entry[key.get_name()] == key:
+                    return
+                raise HostKeyRefused(
+                    f"the host key of {hostname} ({fp}) does NOT match the one in {self.path}: "
+                    "someone may be impersonating the server, or its key was changed",
+                    f"if the server's key really changed, remove the old line (ssh-keygen -R '{hostname}' "
+                    f"-f {self.path}) and add the new one after checking its fingerprint")
+            raise HostKeyRefused(
+                f"the host key of {hostname} ({key.get_name()} {fp}) is not in {self.path}",
+                f"check the fingerprint with the server's administrator, then add it: ssh-keyscan "
+                f"{_keyscan_args(hostname)} >> {self.path} (or connect once with ssh), or point "
+                "?known_hosts= at a file that has it")
+
+    class BastionSFTP(SFTPFileSystem):
+        protocol = ("bastion-sftp",)
+
+        def _connect(self) -> None:
+            kw = dict(self.ssh_kwargs)
+            read_timeout = kw.pop("_read_timeout")
+            policy = KnownHostsPolicy(kw.pop("_known_hosts"))
+            self.client = paramiko.SSHClient()
+            self.client.set_missing_host_key_policy(policy)
+            try:
+                self.client.connect(self.host, **kw)
+                self.ftp = self.client.open_sftp()
+                # without this a server that stops answering would hang a backup forever
+                self.ftp.get_channel().settimeout(read_timeout)
+            except BaseException:
+                self.client.close()
+                raise
+
+        def _bastion_close(self) -> None:
+            try:
+                self.ftp.close()
+            finally:
+                self.client.close()
+
+    return BastionSFTP, HostKeyRefused
+
+
+def _keyscan_args(hostname: str) -> str:
+    if hostname.startswith("[") and "]:" in hostname:
+        host, port = hostname[1:].split("]:", 1)
+        return f"-p {port} {host}"
+    return hostname
+
+
+class SftpStore(RemoteStore):
+    scheme = "sftp"
+    options = RemoteStore.options + ("key_filename", "known_hosts")
+    per_thread = True     # paramiko's SFTP client is not safe to share between threads
+
+    def _parse(self, parsed: Any, opts: dict[str, str]) -> None:
+        self._fs_class, self._HostKeyRefused = _sftp_classes()
+        if parsed.password is not None:
+            raise UsageError(f"sftp URL {self.url.split('@')[-1]}: a password in the URL would be shown in "
+                             "listings and logs; refused",
+                             hint="use a key (ssh-agent, ~/.ssh/id_*, or ?key_filename=), or put the password "
+                                  "in the environment variable BASTION_SFTP_PASSWORD")
+        if not parsed.hostname:
+            raise UsageError(f"{self.url}: no host", hint="sftp://user@host:port/absolute/path")
+        if not parsed.path or parsed.path == "/":
+            raise UsageError(f"{self.url}: no directory", hint="sftp://user@host:port/absolute/path")
+        try:
+            port = parsed.port or 22
+        except ValueError:
+            raise UsageError(f"{self.url}: bad port") from None
+        self.host, self.port = parsed.hostname, port
+        self.user = unquote(parsed.username) if parsed.username else getpass.getuser()
+        self.root = posixpath.normpath(unquote(parsed.path))
+        self.known_hosts = os.path.expanduser(opts.get("known_hosts") or "~/.ssh/known_hosts")
+        self.ssh_kwargs: dict[str, Any] = {
+            "port": port, "username": self.user, "timeout": self.connect_timeout,
+            "banner_timeout": self.connect_timeout, "auth_timeout": self.connect_timeout,
+            "_read_timeout": self.read_timeout, "_known_hosts": self.known_hosts,
+        }
+        import inspect
+        import paramiko
+        if "channel_timeout" in inspect.signature(paramiko.SSHClient.connect).parameters:
+            self.ssh_kwargs["channel_timeout"] = self.connect_timeout   # opening the SFTP channel
+        if opts.get("key_filename"):
+            self.ssh_kwargs["key_filename"] = os.path.expanduser(opts["key_filename"])
+        if os.environ.get("BASTION_SFTP_PASSWORD"):
+            self.ssh_kwargs["password"] = os.environ["BASTION_SFTP_PASSWORD"]
+        self._dirs: set[str] = set()       # directories known to exist: saves round trips
+        self._fsync = True                  # until the server says it has no fsync@openssh.com
+
+    def _connect(self) -> Any:
+        return self._fs_class(self.host, skip_instance_cache=True, **self.ssh_kwargs)
+
+    def _probe(self, fs: Any) -> None:
+        pass   # connecting (and logging in) is the check
+
+    def _classify(self, exc: BaseException, what: str) -> str:
+        import paramiko
+        where = f"{self.user}@{self.host}:{self.port}"
+        if isinstance(exc, self._HostKeyRefused):
+            raise StoreRefused(f"{what} {self.url}: refused to connect: {exc}", hint=exc.hint) from None
+        if isinstance(exc, paramiko.BadHostKeyException):
+            raise StoreRefused(f"{what} {self.url}: the host key of {self.host} changed: {exc}",
+                               hint=f"check with the server's administrator, then fix {self.known_hosts}") from None
+        if isinstance(exc, paramiko.AuthenticationException) and "transport shut down" in str(exc):
+            # paramiko's words when the connection died during the login, not a refusal
+            return f"{self.host}:{self.port}: connection lost during the login ({exc})"
+        if isinstance(exc, paramiko.AuthenticationException):
+            raise StoreRefused(
+                f"{what} {self.url}: the server refused the login of {where} ({exc})",
+                hint="check the user name in the URL and that one of your keys (ssh-agent, ~/.ssh/id_*, "
+                     "?key_filename=) is in that user's authorized_keys on the server; for a password, set "
+                     "BASTION_SFTP_PASSWORD. Try `ssh -p PORT user@host` from the same account") from None
+        if isinstance(exc, socket.gaierror):
+            raise StoreRefused(f"{what} {self.url}: the host name {self.host!r} does not resolve ({exc})",
+                               hint="check the host in the URL and this machine's DNS") from None
+        if isinstance(exc, PermissionError):
+            raise StoreRefused(f"{what} {self.url}: permission denied on the server ({exc})",
+                               hint=f"give {self.user} write access to {self.root} on {self.host}") from None
+        if isinstance(exc, (paramiko.ssh_exception.NoValidConnectionsError, ConnectionRefusedError)):
+            return f"cannot connect to {self.host}:{self.port} (connection refused)"
+        if isinstance(exc, (TimeoutError, socket.timeout)):
+            return f"no answer from {self.host}:{self.port} (timed out)"
+        if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
+            # a dropped connection, or a server-side failure SFTP does not name (disk full is "Failure")
+            return f"{self.host}:{self.port}: {type(exc).__name__}: {exc}"
+        raise StoreError(f"{what} {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    # primitives
+    def _read(self, fs: Any, path: str) -> bytes:
+        try:
+            with fs.ftp.open(path, "rb") as fh:
+                fh.prefetch()
+                return fh.read()
+        except FileNotFoundError:
+            raise _Missing() from None
+
+    def _mkdirs(self, fs: Any, d: str) -> None:
+        if d in self._dirs or d in ("", "/"):
+            return
+        try:
+            fs.ftp.stat(d)
+        except FileNotFoundError:
+            self._mkdirs(fs, posixpath.dirname(d))
+            try:
+                fs.ftp.mkdir(d)
+            except OSError as exc:
+                try:
+                    fs.ftp.stat(d)     # made meanwhile by another writer is fine
+                except FileNotFoundError:
+                    raise exc from None   # the mkdir's own reason (permission denied...)
+        self._dirs.add(d)
+
+    def _write(self, fs: Any, path: str, data: bytes) -> None:
+        self._mkdirs(fs, posixpath.dirname(path))
+        tmp = _tmp_name(path)
+        try:
+            with fs.ftp.open(tmp, "wb") as fh:
+                self._write_all(fs, fh, data)
+                self._fsync_remote(fs, fh)
+            # posix-rename replaces an existing object atomically (plain SFTP rename refuses to)
+            fs.ftp.posix_rename(tmp, path)
+        except Exception as exc:
+            transport = fs.client.get_transport()
+            if not isinstance(exc, TimeoutError) and transport is not None and transport.is_active():
+                try:        # the server refused something (disk full...): do not leave the temporary
+                    fs.ftp.remove(tmp)
+                except Exception:  # noqa: BLE001 - prune removes temporaries anyway
+                    pass
+            raise
+
+    @staticmethod
+    def _write_all(fs: Any, fh: Any, data: bytes) -> None:
+        """Pipelined writes (one round trip per object, not one per 32 KiB), every status checked.
+
+        paramiko never reads the status of pipelined writes it did not wait for, so a
+        failed write (disk full) would go unnoticed: we wait for each one ourselves,
+        the way paramiko does for unpipelined writes."""
+        pending = getattr(fh, "_reqs", None)
+        if pending is None or not hasattr(fs.ftp, "_read_response"):
+            fh.write(data)          # a paramiko without those internals: plain, checked, slower
+            fh.flush()
+            return
+        fh.set_pipelined(True)
+        fh.write(data)
+        fh.flush()
+        while pending:
+            fs.ftp._read_response(pending.popleft())    # raises on an error status
+
+    def _fsync_remote(self, fs: Any, fh: Any) -> None:
+        """fsync@openssh.com on the open handle; paramiko has no public call for this extension."""
+        if not self._fsync:
+            return
+        from paramiko.sftp import CMD_EXTENDED
+        try:
+            fs.ftp._request(CMD_EXTENDED, "fsync@openssh.com", fh.handle)
+        except OSError as exc:
+            if "unsupported" in str(exc).lower() or getattr(exc, "errno", None) == errno.EOPNOTSUPP:
+                self._fsync = False     # a server without it: durability is the server's own
+                return
+            raise
+
+    def _stat(self, fs: Any, path: str) -> None:
+        try:
+            fs.ftp.stat(path)
+        except FileNotFoundError:
+            raise _Missing() from None
+
+    def _find(self, fs: Any, path: str) -> list[str]:
+        from stat import S_ISDIR
+        out: list[str] = []
+        try:
+            entries = fs.ftp.listdir_attr(path)
+        except FileNotFoundError:
+            raise _Missing() from None
+        todo = [(path, entries)]
+        while todo:
+            d, entries = todo.pop()
+            for e in entries:
+                p = f"{d}/{e.filename}"
+                if e.st_mode is not None and S_ISDIR(e.st_mode):
+                    try:
+                        todo.append((p, fs.ftp.listdir_attr(p)))
+                    except FileNotFoundError:
+                        continue
+                else:
+                    out.append(p)
+        return sorted(out)
+
+    def _rm(self, fs: Any, path: str) -> None:
+        try:
+            fs.ftp.remove(path)
+        except FileNotFoundError:
+            raise _Missing() from None
+
+    def temporaries(self) -> list[str]:
+        try:
+            found = self._call("listing", lambda fs: self._find(fs, self.root))
+        except _Missing:
+            return []
+        base = self.root.rstrip("/") + "/"
+        return [p[len(base):] for p in found if TMP_MARK in p.rsplit("/", 1)[-1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# S3
+
+
+class S3Store(RemoteStore):
+    scheme = "s3"
+    options = RemoteStore.options + ("endpoint_url", "region", "profile")
+
+    def _parse(self, parsed: Any, opts: dict[str, str]) -> None:
+        try:
+            import s3fs  # noqa: F401
+        except ImportError as exc:
+            raise UsageError(f"s3:// repositories need s3fs: {exc}",
+                             hint="run `make setup` (or pip install s3fs)") from None
+        if parsed.username or parsed.password:
+            raise UsageError("s3 URL: credentials in the URL would be shown in listings and logs; refused",
+                             hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, ?profile=)")
+        if not parsed.hostname:
+            raise UsageError(f"{self.url}: no bucket", hint="s3://bucket/prefix")
+        self.bucket = parsed.netloc
+        prefix = parsed.path.strip("/")
+        self.root = f"{self.bucket}/{prefix}" if prefix else self.bucket
+        self.endpoint = opts.get("endpoint_url") or None
+        self.profile = opts.get("profile") or None
+        self.region = opts.get("region") or None
+
+    def _connect(self) -> Any:
+        import s3fs
+        client_kwargs = {"region_name": self.region} if self.region else {}
+        fs = s3fs.S3FileSystem(
+            endpoint_url=self.endpoint, profile=self.profile, client_kwargs=client_kwargs,
+            skip_instance_cache=True, use_listings_cache=False,
+            # retries are ours (one policy for every store), not botocore's nor s3fs's
+            config_kwargs={"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout,
+                           "retries": {"total_max_attempts": 1, "mode": "standard"}})
+        fs.retries = 1
+        fs._bastion_close = lambda: None   # s3fs closes its session when the instance is collected
+        return fs
+
+    def _deadline(self, size: int = 0) -> float:
+        """A hard limit per call, on top of the socket time-outs: an upload to a server that
+        accepted the connection and then stopped answering is not covered by read_timeout
+        (seen with moto frozen: the PUT waited as long as the server did). fsspec cancels
+        the request when it passes. Bodies get 1 s per MB on top."""
+        return self.connect_timeout + self.read_timeout + size / 1e6
+
+    def _probe(self, fs: Any) -> None:
+        fs.call_s3("head_bucket", Bucket=self.bucket, timeout=self._deadline())
+
+    def _endpoint_name(self) -> str:
+        return self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") \
+            or "AWS S3"
+
+    def _classify(self, exc: BaseException, what: str) -> str:
+        import botocore.exceptions as bx
+        code = _s3_code(exc)
+        ep = self._endpoint_name()
+        if code == "NoSuchBucket" or (what.startswith("connecting") and isinstance(exc, FileNotFoundError)):
+            raise StoreRefused(f"{what} {self.url}: bucket {self.bucket!r} does not exist at {ep}",
+                               hint=f"create it (aws s3 mb s3://{self.bucket}), or fix the bucket name or the "
+                                    "endpoint (?endpoint_url= or AWS_ENDPOINT_URL_S3)") from None
+        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+            raise StoreRefused(f"{what} {self.url}: no AWS credentials found ({exc})",
+                               hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for "
+                                    "temporary ones) in the environment of the process that runs this (for "
+                                    "backups: the daemon), or AWS_PROFILE / ?profile= for ~/.aws/credentials"
+                               ) from None
+        if isinstance(exc, PermissionError):
+            raise StoreRefused(
+                f"{what} {self.url}: {ep} refused access to bucket {self.bucket!r} ({exc})",
+                hint="check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ?profile=) "
+                     "and that they may list, read, write and delete objects in the bucket") from None
+        if isinstance(exc, ValueError):
+            raise UsageError(f"{what} {self.url}: {exc}", hint="check the URL and its options") from None
+        if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError)):
+            return f"cannot talk to {ep} ({exc})"
+        try:
+            import aiohttp
+            if isinstance(exc, aiohttp.ClientError):
+                return f"cannot talk to {ep} ({exc})"
+        except ImportError:
+            pass
+        if isinstance(exc, TimeoutError):
+            return f"no answer from {ep} (timed out)"
+        if isinstance(exc, ConnectionError):
+            return f"cannot talk to {ep} ({type(exc).__name__}: {exc})"
+        if isinstance(exc, FileNotFoundError):
+            raise StoreError(f"{what} {self.url}: not found ({exc})") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO),
+                                                       errno.EBUSY, None):
+            return f"{ep} answered with an error ({exc})"   # 5xx, SlowDown: worth another try
+        raise StoreError(f"{what} {self.url}: {type(exc).__name__}: {exc}",
+                         hint="this looks permanent; check the URL, the bucket and the credentials") from None
+
+    # primitives
+    def _missing(self, exc: FileNotFoundError) -> Exception:
+        if _s3_code(exc) == "NoSuchBucket":
+            return exc    # not a missing object: classified as a missing bucket
+        return _Missing()
+
+    def _read(self, fs: Any, path: str) -> bytes:
+        try:
+            return fs.cat_file(path, timeout=self._deadline(64_000_000))
+        except FileNotFoundError as exc:
+            raise self._missing(exc) from None
+
+    def _write(self, fs: Any, path: str, data: bytes) -> None:
+        fs.pipe_file(path, data, timeout=self._deadline(len(data)))
+
+    def _stat(self, fs: Any, path: str) -> None:
+        key = path[len(self.bucket) + 1:]
+        try:
+            fs.call_s3("head_object", Bucket=self.bucket, Key=key, timeout=self._deadline())
+        except FileNotFoundError as exc:
+            raise self._missing(exc) from None
+
+    def _find(self, fs: Any, path: str) -> list[str]:
+        prefix = path[len(self.bucket) + 1:].rstrip("/") + "/" if path != self.bucket else ""
+        out: list[str] = []
+        token = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = fs.call_s3("list_objects_v2", timeout=self._deadline(), **kw)
+            out += [f"{self.bucket}/{o['Key']}" for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                break
+            token = page["NextContinuationToken"]
+        return out
+
+    def _rm(self, fs: Any, path: str) -> None:
+        fs.call_s3("delete_object", Bucket=self.bucket, Key=path[len(self.bucket) + 1:], timeout=self._deadline())
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    for e in (exc, exc.__cause__):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            return resp.get("Error", {}).get("Code")
+    return None
+
+
+class FsspecStore(RemoteStore):
+    """Any other fsspec URL (memory://, gcs://...): fsspec's own calls, one shared instance."""
+
+    options = ()
+
     def __init__(self, url: str) -> None:
         import fsspec
         self.url = url.rstrip("/")
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self._shared, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as exc:
             raise UsageError(f"cannot use backup target {url}: {exc}",
                              hint="supported: file://, sftp:// (paramiko), s3:// (s3fs)") from None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all = []
+        self._reached = True
 
-    def _p(self, name: str) -> str:
-        return f"{self.root}/{name}"
+    def _connect(self) -> Any:
+        return self._shared
 
-    def read(self, name: str) -> bytes:
-        def op() -> bytes:
-            try:
-                return self.fs.cat_file(self._p(name))
-            except FileNotFoundError:
-                raise ObjectMissing(f"{self.url}/{name}: missing") from None
-        return retry(op, f"reading {self.url}/{name}")
+    def _drop(self) -> None:
+        pass
 
-    def write(self, name: str, data: bytes) -> None:
-        retry(lambda: self.fs.pipe_file(self._p(name), data), f"writing {self.url}/{name}")
+    def _classify(self, exc: BaseException, what: str) -> str:
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return str(exc)
+        raise StoreError(f"{what} {self.url}: {type(exc).__name__}: {exc}") from None
 
-    def exists(self, name: str) -> bool:
-        return retry(lambda: self.fs.exists(self._p(name)), f"checking {self.url}/{name}")
-
-    def list(self, prefix: str) -> Iterator[str]:
+    def _read(self, fs: Any, path: str) -> bytes:
         try:
-            found = retry(lambda: self.fs.find(self._p(prefix)), f"listing {self.url}/{prefix}")
-        except StoreError:
-            return iter(())
-        root = self.root.rstrip("/") + "/"
-        return iter(p[len(root):] if p.startswith(root) else p for p in found)
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise _Missing() from None
 
-    def delete(self, name: str) -> None:
+    def _write(self, fs: Any, path: str, data: bytes) -> None:
+        fs.pipe_file(path, data)
+
+    def _stat(self, fs: Any, path: str) -> None:
         try:
-            retry(lambda: self.fs.rm_file(self._p(name)), f"deleting {self.url}/{name}")
-        except StoreError:
-            pass
+            fs.info(path)
+        except FileNotFoundError:
+            raise _Missing() from None
+
+    def _find(self, fs: Any, path: str) -> list[str]:
+        return fs.find(path) if fs.isdir(path) else []
+
+    def _rm(self, fs: Any, path: str) -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            raise _Missing() from None
 
 
 def open_store(url: str) -> Store:
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
-        return LocalStore(parsed.path if parsed.scheme else url)
+        return LocalStore(unquote(parsed.path) if parsed.scheme else url)
+    if parsed.scheme in ("sftp", "ssh"):
+        return SftpStore(url)
+    if parsed.scheme in ("s3", "s3a"):
+        return S3Store(url)
     return FsspecStore(url)
