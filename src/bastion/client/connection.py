@@ -160,6 +160,7 @@ class Connection:
         self.database = database
         self.autocommit = autocommit
         self._tx: str | None = None
+        self._lazy: bool | None = None       # begin(lazy=True) pending: its write flag
         self._closed = False
 
     def __repr__(self) -> str:       # never shows credentials
@@ -177,11 +178,14 @@ class Connection:
         return f"/v1/sql/{self.database}{suffix}"
 
     def _run(self, statement: dict[str, Any], sql: str) -> dict[str, Any]:
-        if self._tx is None and (self.autocommit or not _DML.match(sql)):
+        if self._tx is None and self._lazy is None and (self.autocommit or not _DML.match(sql)):
             return self.transport.post(self._path(), {"statements": [statement]})["results"][0]
         if self._tx is None:
-            r = self.transport.post(self._path("/transactions"), {"statements": [statement]})
-            self._tx = r["transaction"]
+            # the transaction begins with its first statement, in one request; if that fails the
+            # server began nothing, and a pending lazy begin still applies to the next statement
+            r = self.transport.post(self._path("/transactions"),
+                                    {"statements": [statement], "write": bool(self._lazy)})
+            self._tx, self._lazy = r["transaction"], None
             return r["results"][0]
         try:
             return self.transport.post(self._path(f"/transactions/{self._tx}"),
@@ -197,16 +201,23 @@ class Connection:
                                   "nothing of the transaction was committed",
                                   hint="run the whole transaction again") from None
 
-    def begin(self, write: bool = False) -> None:
+    def begin(self, write: bool = False, lazy: bool = False) -> None:
         """Start a transaction now (an extension of PEP 249; the shell uses it for BEGIN).
-        ``write=True`` takes the write lock at once (BEGIN IMMEDIATE)."""
+        ``write=True`` takes the write lock at once (BEGIN IMMEDIATE). ``lazy=True`` sends
+        nothing yet: the transaction begins with the next statement, whatever it is (reads
+        included), in the same request; like SQLite's own BEGIN, which takes no snapshot
+        before its first statement. The SQLAlchemy dialect begins its transactions so."""
         self._check()
-        if self._tx is not None:
+        if self._tx is not None or self._lazy is not None:
             raise ProgrammingError("a transaction is already open")
+        if lazy:
+            self._lazy = write
+            return
         self._tx = self.transport.post(self._path("/transactions"), {"write": write})["transaction"]
 
     def commit(self) -> None:
         self._check()
+        self._lazy = None
         if self._tx is None:
             return
         tx, self._tx = self._tx, None
@@ -219,6 +230,7 @@ class Connection:
 
     def rollback(self) -> None:
         self._check()
+        self._lazy = None
         if self._tx is None:
             return
         tx, self._tx = self._tx, None
@@ -310,7 +322,8 @@ def connect(dsn: str, *, password: str | None = None, token: str | None = None, 
     token_file = token_file or opts.get("token_file")
     if token is None and token_file:
         try:
-            token = open(os.path.expanduser(token_file), encoding="ascii").read().strip()
+            with open(os.path.expanduser(token_file), encoding="ascii") as f:
+                token = f.read().strip()
         except OSError as exc:
             raise InterfaceError(f"cannot read token file {token_file}: {exc.strerror}") from None
     auth = headers = None

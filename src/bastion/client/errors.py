@@ -61,6 +61,7 @@ class OutcomeUnknown(OperationalError):
     it may or may not have been committed. Check before retrying."""
 
 
+_SQLITE_BUSY_SNAPSHOT = 517     # SQLITE_BUSY | (2 << 8)
 _SQLITE = {"ConstraintError": IntegrityError, "MismatchError": DataError, "TooBigError": DataError,
            "RangeError": DataError, "ReadOnlyError": OperationalError, "BusyError": OperationalError}
 
@@ -82,4 +83,9 @@ def from_server(status: int, body: Any) -> Error:
         cls = OperationalError
     else:
         cls = InternalError if status >= 500 else DatabaseError
+    if details.get("extended_code") == _SQLITE_BUSY_SNAPSHOT:
+        # not a lock held too long: SQLite refuses at once to write from a stale snapshot
+        msg = (f"{msg.split(':', 1)[0]}: another transaction committed after this transaction's first read, "
+               "so it cannot write (SQLite's serializable isolation)")
+        hint = "roll back and run the whole transaction again"
     return cls(msg, hint=hint, details=details)
