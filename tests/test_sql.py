@@ -309,6 +309,33 @@ def test_durability_settings_and_config_errors(tmp_path, bank):
     assert r.code == 3 and "bastion passwd" in r.err
 
 
+def test_temp_tables_do_not_leak_and_foreign_keys_setting(tmp_path, bank):
+    d = start(tmp_path, bank, users_config(), db_extra="foreign_keys = true")
+    try:
+        a = alice(d)
+        a.begin()       # TEMP objects live as long as the transaction's connection: one transaction
+        a.execute("CREATE TEMP TABLE mine(secret TEXT)")
+        a.execute("INSERT INTO mine VALUES ('of alice')")
+        assert a.execute("SELECT * FROM mine").fetchall() == [("of alice",)]
+        a.commit()
+        b = bc.connect(dsn(d, "bob"), password=BOB_PW)
+        for _ in range(10):       # whichever pooled connection b gets, alice's TEMP table is not there
+            with pytest.raises(bc.OperationalError, match="no such table"):
+                b.execute("SELECT * FROM mine")
+        a.execute("CREATE TABLE parent(id INTEGER PRIMARY KEY)")
+        a.execute("CREATE TABLE child(id INTEGER PRIMARY KEY, p INT REFERENCES parent(id))")
+        a.commit()
+        with pytest.raises(bc.IntegrityError, match="FOREIGN KEY"):
+            a.execute("INSERT INTO child VALUES (1, 42)")
+        a.rollback()
+        with pytest.raises(bc.AccessDenied, match="foreign_keys"):
+            a.execute("PRAGMA foreign_keys = OFF")
+        a.close()
+        b.close()
+    finally:
+        d.stop()
+
+
 def test_sql_command_line(server):
     r = server.cli("sql", "bank", "-c", "SELECT count(*) AS n FROM accounts", "--json")
     assert r.code == 0, r.err
@@ -353,7 +380,8 @@ def test_openapi_fuzzing_finds_no_server_error(server):
     assert st, "schemathesis is not installed: run `make setup`"
     p = subprocess.run([st, "run", f"http://127.0.0.1:{server.port}/openapi.json", "--checks", "not_a_server_error",
                         "-H", f"Authorization: Bearer {server.token}", "--max-examples", "15", "--seed", "1",
-                        "--include-path-regex", "/v1/(sql|health|status)"],
+                        "--include-path-regex", "/v1/(sql|health|status)",
+                        "--exclude-path-regex", "/v1/health/(active|standby)"],   # 503 is their answer
                        capture_output=True, text=True, timeout=300, cwd=server.config.parent)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert " passed" in p.stdout and "failed" not in p.stdout.split("Test cases:")[-1], p.stdout[-1500:]

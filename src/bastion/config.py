@@ -64,6 +64,7 @@ class DatabaseConfig:
     schedule: str | None = None      # overrides [backups] schedule
     durability: str = "durable"      # SQL server commits: durable | fast | replicated
     group_commit: bool = True        # durable commits share fsyncs (false: one fsync per commit)
+    foreign_keys: bool = False       # SQL server connections enforce foreign keys
 
 
 @dataclass(frozen=True)
@@ -232,10 +233,13 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
             raise ConfigError(f"{source}: database name {name!r} may only use letters, digits, '_', '.', '-'")
         if not isinstance(spec, dict) or "files" not in spec:
             raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
-        extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit"}
+        extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit", "foreign_keys"}
         if extra:
             raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
-                              hint="known keys: files, repository, schedule, durability, group_commit")
+                              hint="known keys: files, repository, schedule, durability, group_commit, foreign_keys")
+        foreign_keys = spec.get("foreign_keys", False)
+        if not isinstance(foreign_keys, bool):
+            raise ConfigError(f"{source}: [databases.{name}] foreign_keys must be true or false")
         durability = spec.get("durability", "durable")
         if durability not in ("durable", "fast", "replicated"):
             raise ConfigError(f"{source}: [databases.{name}] durability must be durable, fast or replicated, "
@@ -266,7 +270,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         if sched is not None:
             Schedule.parse(sched, f"{source}: [databases.{name}] schedule")
         databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched,
-                                         durability, group_commit)
+                                         durability, group_commit, foreign_keys)
 
     freeze_timeout = parse_duration(freeze.get("timeout", "10s"), f"{source}: [freeze] timeout")
     if freeze_timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze

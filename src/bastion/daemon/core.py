@@ -70,7 +70,7 @@ class Daemon:
     def _sql_service(self):  # type: ignore[no-untyped-def]
         from ..sql.service import Database, SQLService, SQLSettings
         settings = SQLSettings(**self.config.sql)
-        dbs = {name: Database(name, list(d.files), d.durability, d.group_commit, settings)
+        dbs = {name: Database(name, list(d.files), d.durability, d.group_commit, settings, d.foreign_keys)
                for name, d in self.config.databases.items()}
         return SQLService(dbs, settings, guard=self.guard)
 

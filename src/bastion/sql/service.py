@@ -58,7 +58,7 @@ _WRITE_ACTIONS = {
     apsw.SQLITE_REINDEX, apsw.SQLITE_ANALYZE, apsw.SQLITE_CREATE_VTABLE, apsw.SQLITE_DROP_VTABLE,
 }
 # pragmas that, set by a client, would break protection, durability or safety
-_GUARDED_PRAGMAS = {"journal_mode", "locking_mode", "query_only", "writable_schema", "synchronous",
+_GUARDED_PRAGMAS = {"foreign_keys", "journal_mode", "locking_mode", "query_only", "writable_schema", "synchronous",
                     "wal_checkpoint", "wal_autocheckpoint", "journal_size_limit", "mmap_size",
                     "cell_size_check", "trusted_schema", "temp_store_directory", "data_store_directory"}
 
@@ -105,6 +105,7 @@ class Tx:
         self.holds_writer = False
         self.denied: str | None = None
         self.wrote = False
+        self.dirty = False             # a statement of this transaction changed something
         self.description: list[tuple[str, str | None]] | None = None
         conn.exec_trace = self._trace
         conn.authorizer = self._authorize
@@ -163,12 +164,18 @@ class Tx:
                 else:
                     rows = [values.encode_row(r) for r in cur.execute(st.sql, st.params)]
             except apsw.Error as exc:
+                if isinstance(exc, apsw.BusyError) and self.holds_writer and not self.dirty:
+                    # nothing written yet (e.g. SQLite refused the first write of a stale
+                    # snapshot): other writers need not wait for this transaction to end
+                    self.holds_writer = False
+                    self.db.give_writer()
                 raise self._failure(exc, i, st) from None
             except (TypeError, OverflowError, ValueError) as exc:   # bindings that do not fit the statement
                 raise UsageError(f"statement {i + 1}: {exc}", details={"statement": i}) from None
             finally:
                 cur.close()
             desc = self.description or []
+            self.dirty = self.dirty or self.wrote
             if not self.wrote:
                 rowcount = -1
             else:   # rows this statement changed (trigger changes included), never a stale count
@@ -256,8 +263,9 @@ class Database:
     """One served database: its connection pools, writer turns and group committer."""
 
     def __init__(self, name: str, paths: list[str], durability: str, group_commit: bool,
-                 settings: SQLSettings) -> None:
+                 settings: SQLSettings, foreign_keys: bool = False) -> None:
         self.name, self.paths, self.settings = name, list(paths), settings
+        self.foreign_keys = foreign_keys
         self.durability, self.group_commit = durability, group_commit
         self.committer = GroupCommitter(self.paths)
         self.wait_for_fsync = durability == DURABLE and group_commit
@@ -295,6 +303,8 @@ class Database:
                 raise FileProblem(f"database {self.name}: schema {schema} is in {mode} mode, not WAL",
                                   hint="the daemon protects (switches to WAL) every configured file; "
                                        "see `bastion status`")
+        if self.foreign_keys:
+            conn.execute("PRAGMA foreign_keys=ON")
         if readonly:
             conn.execute("PRAGMA query_only=1")
         return conn
@@ -311,6 +321,11 @@ class Database:
     def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True) -> None:
         conn.exec_trace = None
         conn.authorizer = None
+        if healthy:
+            try:    # TEMP objects would be seen by the next client of this connection
+                healthy = not conn.execute("SELECT 1 FROM temp.sqlite_schema LIMIT 1").fetchall()
+            except apsw.Error:
+                healthy = False
         with self._pool_lock:
             if healthy and not self.suspended and not conn.in_transaction \
                     and len(self._pools[readonly]) < self.settings.pool_size:
