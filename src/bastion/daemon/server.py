@@ -91,7 +91,9 @@ def serve(config: Config, log_level: str = "info") -> None:
 
 def _uvicorn(config: Config, app: object) -> uvicorn.Server:
     # access_log off: request lines would carry transaction ids; credentials never travel in URLs
+    # uvloop and httptools (uvicorn[standard]) roughly halve the cost of each request
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                         loop="auto", http="auto",
                                          ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key))
 
 
