@@ -65,6 +65,12 @@ class DatabaseConfig:
     durability: str = "durable"      # SQL server commits: durable | fast | replicated
     group_commit: bool = True        # durable commits share fsyncs (false: one fsync per commit)
     foreign_keys: bool = False       # SQL server connections enforce foreign keys
+    # real-time backup (bastion.replication): the primary names its peer, a replica its primary
+    replicate_to: str | None = None          # peer daemon URL (primary side)
+    replicate_schedule: str = "continuous"   # continuous | every DURATION | manual
+    blackout: tuple[str, ...] = ()           # "HH:MM-HH:MM" local-time windows when nothing is sent
+    on_failure: str | tuple[str, ...] | None = None   # command run once per failure streak
+    replica_of: str | None = None            # this copy follows the primary's database of that name
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     cluster: dict[str, Any] | None = None                    # [cluster]: see bastion.cluster.node
+    replication: dict[str, Any] = field(default_factory=dict)  # [replication]: peer_token_file, origin
 
     @property
     def scheme(self) -> str:
@@ -137,6 +144,7 @@ _KNOWN = {
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
                 "keep_weekly", "keep_monthly"},
     "databases": None,
+    "replication": {"peer_token_file", "origin"},
 }
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -233,10 +241,12 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
             raise ConfigError(f"{source}: database name {name!r} may only use letters, digits, '_', '.', '-'")
         if not isinstance(spec, dict) or "files" not in spec:
             raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
-        extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit", "foreign_keys"}
+        extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit", "foreign_keys",
+                             *_REPLICATION_KEYS}
         if extra:
             raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
-                              hint="known keys: files, repository, schedule, durability, group_commit, foreign_keys")
+                              hint="known keys: files, repository, schedule, durability, group_commit, foreign_keys, "
+                                   + ", ".join(_REPLICATION_KEYS))
         foreign_keys = spec.get("foreign_keys", False)
         if not isinstance(foreign_keys, bool):
             raise ConfigError(f"{source}: [databases.{name}] foreign_keys must be true or false")
@@ -270,7 +280,8 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         if sched is not None:
             Schedule.parse(sched, f"{source}: [databases.{name}] schedule")
         databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched,
-                                         durability, group_commit, foreign_keys)
+                                         durability, group_commit, foreign_keys,
+                                         **_replication_keys(spec, f"{source}: [databases.{name}]"))
 
     freeze_timeout = parse_duration(freeze.get("timeout", "10s"), f"{source}: [freeze] timeout")
     if freeze_timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze
@@ -304,7 +315,88 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         databases=databases, backups=backups, sql=_sql_settings(raw.get("sql", {}), source),
         users=_users(raw.get("users", {}), databases, source), tls_cert=tls[0], tls_key=tls[1],
         cluster=_cluster(raw.get("cluster"), source),
+        replication=_replication(raw.get("replication"), databases, source, resolve),
     )
+
+
+_REPLICATION_KEYS = ("replicate_to", "replicate_schedule", "blackout", "on_failure", "replica_of")
+
+
+def _replication_keys(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """The real-time backup keys of one [databases.NAME] (see docs/replication.md)."""
+    out: dict[str, Any] = {}
+    to = spec.get("replicate_to")
+    if to is not None:
+        if not isinstance(to, str) or not re.match(r"^https?://[^/\s]+/?$", to):
+            raise ConfigError(f"{where} replicate_to must be the backup daemon's URL, like \"http://host:8750\", "
+                              f"got {to!r}")
+        out["replicate_to"] = to.rstrip("/")
+    of = spec.get("replica_of")
+    if of is not None:
+        if not isinstance(of, str) or not _NAME.match(of):
+            raise ConfigError(f"{where} replica_of must name the primary's database, got {of!r}")
+        if to is not None:
+            raise ConfigError(f"{where} cannot have both replicate_to and replica_of",
+                              hint="a replica does not ship onward in this version; promote it first")
+        out["replica_of"] = of
+    others = [k for k in ("replicate_schedule", "blackout", "on_failure") if k in spec]
+    if others and to is None:
+        raise ConfigError(f"{where} {others[0]} needs replicate_to = \"http://host:port\" (the backup daemon)")
+    sched = spec.get("replicate_schedule", "continuous")
+    if not isinstance(sched, str):
+        raise ConfigError(f"{where} replicate_schedule must be \"continuous\", \"manual\" or \"every DURATION\"")
+    sched = sched.strip().lower()
+    if sched not in ("continuous", "manual"):
+        if not sched.startswith("every "):
+            raise ConfigError(f"{where} replicate_schedule must be \"continuous\", \"manual\" or "
+                              f"\"every DURATION\" (like \"every 10s\"), got {spec.get('replicate_schedule')!r}")
+        parse_duration(sched[6:], f"{where} replicate_schedule")
+    out["replicate_schedule"] = sched
+    blackout = spec.get("blackout", [])
+    if isinstance(blackout, str):
+        blackout = [blackout]
+    if not isinstance(blackout, list) or not all(isinstance(b, str) and _WINDOW.match(b.strip()) for b in blackout):
+        raise ConfigError(f"{where} blackout must be a list of \"HH:MM-HH:MM\" windows (local time), "
+                          f"got {spec.get('blackout')!r}", hint="for example blackout = [\"22:00-23:30\"]")
+    for b in blackout:
+        for part in b.strip().split("-"):
+            h, m = part.split(":")
+            if int(h) > 23 or int(m) > 59:
+                raise ConfigError(f"{where} blackout window {b!r}: {part} is not a time of day")
+    out["blackout"] = tuple(b.strip() for b in blackout)
+    cmd = spec.get("on_failure")
+    if cmd is not None:
+        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
+            cmd = tuple(cmd)
+        elif not (isinstance(cmd, str) and cmd.strip()):
+            raise ConfigError(f"{where} on_failure must be a command (a string or a list of arguments)")
+        out["on_failure"] = cmd
+    return out
+
+
+_WINDOW = re.compile(r"^\d{1,2}:\d{2}-\d{1,2}:\d{2}$")
+
+
+def _replication(raw: dict[str, Any] | None, databases: dict[str, DatabaseConfig], source: str,
+                 resolve: Any) -> dict[str, Any]:
+    raw = raw or {}
+    out: dict[str, Any] = {}
+    token = raw.get("peer_token_file")
+    if token is not None:
+        if not isinstance(token, str) or not token:
+            raise ConfigError(f"{source}: [replication] peer_token_file must be a path")
+        out["peer_token_file"] = resolve(token)
+    origin = raw.get("origin")
+    if origin is not None:
+        if not isinstance(origin, str) or not origin.strip():
+            raise ConfigError(f"{source}: [replication] origin must be a non-empty name")
+        out["origin"] = origin
+    users = [n for n, d in databases.items() if d.replicate_to or d.replica_of]
+    if users and "peer_token_file" not in out:
+        raise ConfigError(f"{source}: [databases.{users[0]}] replicates, so [replication] needs "
+                          "peer_token_file = \"path\"",
+                          hint="a file holding a shared secret that both daemons read (e.g. `openssl rand -hex 32`)")
+    return out
 
 
 def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:

@@ -78,13 +78,22 @@ class AuthMiddleware:
     configured user only under /v1/sql/. Plain ASGI (not BaseHTTPMiddleware), because it
     runs on every SQL request and should cost microseconds."""
 
-    def __init__(self, app: Any, auth: Authenticator, node: Any = None) -> None:
-        self.app, self.auth, self.node = app, auth, node
+    def __init__(self, app: Any, auth: Authenticator, node: Any = None, peer: Any = None) -> None:
+        self.app, self.auth, self.node, self.peer = app, auth, node, peer
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"].startswith(_PUBLIC_PREFIX):
             return await self.app(scope, receive, send)
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        if scope["path"].startswith("/v1/peer/"):
+            # replication peers: the shared peer token, and only here (never the admin API)
+            if self.peer is None or not self.peer(header):
+                resp = JSONResponse(status_code=401, content={"error": {
+                    "type": "AuthError", "exit_code": 2, "path": None, "details": {},
+                    "message": "missing or wrong peer token",
+                    "hint": "both daemons must read the same [replication] peer_token_file"}})
+                return await resp(scope, receive, send)
+            return await self.app(scope, receive, send)
         principal = self.auth.cached(header)
         if principal is None and header and header.startswith("Basic "):
             principal = await run_in_threadpool(self.auth.principal, header)   # scrypt: off the event loop
@@ -115,7 +124,7 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "
                               "Every request needs `Authorization: Bearer <token>` (the token file in data_dir).")
 
-    app.add_middleware(AuthMiddleware, auth=auth, node=node)
+    app.add_middleware(AuthMiddleware, auth=auth, node=node, peer=lambda h: _peer_allowed(daemon, h))
 
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
@@ -227,4 +236,83 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     def sql_rollback(database: str, tid: str, request: Request) -> dict[str, Any]:
         return daemon.sql.finish(request.state.principal, tid, commit=False)
 
+    _replication_routes(app, daemon)
     return app
+
+
+def _peer_allowed(daemon: Any, header: str | None) -> bool:
+    try:
+        return daemon.replication.peer_allowed(header)
+    except BastionError:        # a passive cluster node has no open daemon: no peer requests
+        return False
+
+
+class PeerRequest(BaseModel):
+    database: str
+    origin: str
+    files: int = Field(..., ge=1)
+
+
+class SeedCommitRequest(PeerRequest):
+    seed: str
+    positions: list[dict[str, int]]
+
+
+class ReplicateRequest(BaseModel):
+    database: str
+    timeout: float = Field(300.0, gt=0, le=86400)
+
+
+def _replication_routes(app: FastAPI, daemon: Daemon) -> None:
+    """Real-time backup (issue 4): admin routes under /v1/replication/, peer routes under /v1/peer/."""
+    import os
+
+    import msgpack
+
+    def rep():  # type: ignore[no-untyped-def]
+        return daemon.replication    # looked up per request: a cluster node opens its Daemon later
+
+    @app.get("/v1/replication/status", summary="Replication: positions shipped and applied, lag, last error")
+    def replication_status(database: str | None = None) -> dict[str, Any]:
+        return rep().status(database)
+
+    @app.post("/v1/replication/run", summary="Ship every pending change of a database now")
+    def replication_run(req: ReplicateRequest) -> dict[str, Any]:
+        return rep().run(req.database, req.timeout)
+
+    @app.post("/v1/replication/promote", summary="On the backup daemon: make a replica a normal writable database")
+    def replication_promote(req: ReplicateRequest) -> dict[str, Any]:
+        return rep().promote(req.database)
+
+    @app.post("/v1/peer/positions", summary="Peer: the positions this replica holds")
+    def peer_positions(req: PeerRequest) -> dict[str, Any]:
+        return rep().receiver.positions(req.database, req.origin, req.files)
+
+    @app.post("/v1/peer/apply", summary="Peer: apply one batch (msgpack) to one file of a replica")
+    async def peer_apply(request: Request) -> dict[str, Any]:
+        if request.headers.get("content-type") != "application/msgpack":
+            raise UsageError("send the batch as application/msgpack")
+        try:
+            d = msgpack.unpackb(await request.body(), raw=False)
+            args = (d["database"], d["origin"], int(d["file"]), int(d["files"]), d["batch"])
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            raise UsageError(f"bad batch: {type(exc).__name__}: {exc}") from None
+        return await run_in_threadpool(rep().receiver.apply, *args)
+
+    @app.post("/v1/peer/seed/upload", summary="Peer: upload one file of a seed (octet-stream)")
+    async def peer_seed_upload(request: Request, database: str, files: int, file: int, seed: str) -> dict[str, Any]:
+        path = await run_in_threadpool(rep().receiver.seed_file_path, database, files, file, seed)
+        part = path + ".part"
+        size = 0
+        with open(part, "wb") as fh:      # a staged name no SQLite connection ever opens
+            async for chunk in request.stream():
+                fh.write(chunk)
+                size += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(part, path)
+        return {"path": path, "bytes": size}
+
+    @app.post("/v1/peer/seed/commit", summary="Peer: every seed file is uploaded; swap them in")
+    def peer_seed_commit(req: SeedCommitRequest) -> dict[str, Any]:
+        return rep().receiver.seed_commit(req.database, req.origin, req.seed, req.positions)

@@ -54,6 +54,8 @@ class Daemon:
         self.backups = Backups(self.config, self.catalog, self.contops)
         self.scheduler = Scheduler(self.config, self.state)
         self.sql = self._sql_service()
+        from ..replication import Replication
+        self.replication = Replication(self)     # real-time backup: shippers and replicas (issue 4)
         self._schedule_jobs()
         if found["rolling_in"]:
             # a reader may hold the roll-in back for minutes: never delay the start for it
@@ -66,6 +68,7 @@ class Daemon:
         self._sweeper = threading.Thread(target=self._sweep, name="bastion-sweeper", daemon=True)
         self._sweeper.start()
         self.scheduler.start()
+        self.replication.start()
 
     def _sql_service(self):  # type: ignore[no-untyped-def]
         from ..sql.service import Database, SQLService, SQLSettings
@@ -110,6 +113,7 @@ class Daemon:
             return
         self._stop.set()
         self.scheduler.stop()
+        self.replication.stop()
         if self._sweeper:
             self._sweeper.join(timeout=5)
         self.sql.close()
@@ -166,7 +170,8 @@ class Daemon:
         # otherwise find the daemon itself holding the files and refuse every time.
         resume = self.sql.suspend([f.path for f in files], "recover --discard-changes")
         try:
-            return self.contops.recover(files, discard)
+            with self.replication.paused():     # its shippers' connections too
+                return self.contops.recover(files, discard)
         finally:
             resume()
 
@@ -188,7 +193,8 @@ class Daemon:
 
     def restore_in_place(self, backup_id: str, url: str | None = None) -> dict[str, Any]:
         from ..backup.backups import restore_in_place
-        return restore_in_place(self.config, self.catalog, self.contops, backup_id, url, sql=self.sql)
+        with self.replication.paused():         # no shipper connection open during the swap
+            return restore_in_place(self.config, self.catalog, self.contops, backup_id, url, sql=self.sql)
 
     def status(self) -> dict[str, Any]:
         dbs = []
@@ -212,4 +218,5 @@ class Daemon:
             "databases": dbs,
             "jobs": self.scheduler.describe(),
             "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
+            "replication": self.replication.status()["databases"],
         }

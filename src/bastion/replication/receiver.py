@@ -1,0 +1,265 @@
+"""The backup side: a copy of the primary's database, kept by applying its changes.
+
+A replica is a configured database with ``replica_of`` = the primary's database name.
+The copy is only ever written by :meth:`Receiver.apply` (capture.apply: one transaction
+per batch per file, idempotent, refusing gaps) and replaced whole by a seed. Its own
+capture is installed under a replica origin at seeding: capture.apply runs with triggers
+off, so whatever that log holds afterwards was written by someone else on the copy, and
+is reported as divergence. The SQL server refuses writes to it until it is promoted.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any
+
+import apsw
+
+from .. import capture
+from ..errors import NotConsistent, StateConflict, UnknownTarget, UsageError
+from ..state import iso
+
+log = logging.getLogger("bastion.replication.receiver")
+_SEED_ID = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def _durable_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Receiver:
+    def __init__(self, daemon: Any, origin: str) -> None:
+        self.daemon = daemon
+        self.config = daemon.config
+        self.origin = f"replica:{origin}"      # this copy's own capture origin (local writes)
+        self.replicas = {n: d for n, d in self.config.databases.items() if d.replica_of}
+        self._locks = {n: threading.Lock() for n in self.replicas}
+        self.dir = os.path.join(self.config.data_dir, "replication")
+        if self.replicas:
+            os.makedirs(self.dir, exist_ok=True)
+        self.state = {n: self._load(n) for n in self.replicas}
+        self.last_apply: dict[str, float] = {}
+
+    # -- state (a small JSON file per replica, written durably) -------------------
+    def _state_path(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.replica.json")
+
+    def _load(self, name: str) -> dict[str, Any]:
+        try:
+            with open(self._state_path(name)) as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return {"promoted": False, "origin": None, "seeded_at": None}
+
+    def _save(self, name: str) -> None:
+        _durable_json(self._state_path(name), self.state[name])
+
+    def promoted(self, name: str) -> bool:
+        return bool(self.state.get(name, {}).get("promoted"))
+
+    def sql_guard(self, name: str, inner: Any) -> Any:
+        """A commit guard for the SQL server: a replica is read-only until promoted."""
+        def guard() -> None:
+            if inner:
+                inner()
+            if not self.promoted(name):
+                raise StateConflict(f"database {name} is a replica of {self.replicas[name].replica_of}: "
+                                    "read-only until it is promoted",
+                                    hint=f"on this server, `bastion replicate promote {name}` makes it writable")
+        return guard
+
+    # -- peer requests -------------------------------------------------------------
+    def _local(self, primary_db: str, nfiles: int | None = None) -> str:
+        names = [n for n, d in self.replicas.items() if d.replica_of == primary_db]
+        if not names:
+            raise UnknownTarget(f"this daemon has no replica of database {primary_db!r}",
+                                hint=f"add [databases.NAME] files = [...] and replica_of = \"{primary_db}\" "
+                                     "to the backup daemon's config")
+        name = names[0]
+        if nfiles is not None and nfiles != len(self.replicas[name].files):
+            raise UsageError(f"the primary's database {primary_db} has {nfiles} files, the replica {name} "
+                             f"lists {len(self.replicas[name].files)}",
+                             hint="list one copy path per primary file, in the same order")
+        if self.promoted(name):
+            raise StateConflict(f"replica {name} was promoted: it no longer takes changes from the primary",
+                                details={"promoted": True},
+                                hint="remove replicate_to on the old primary, or re-create the replica")
+        return name
+
+    def positions(self, primary_db: str, origin: str, nfiles: int) -> dict[str, Any]:
+        name = self._local(primary_db, nfiles)
+        with self._locks[name]:
+            st = self.state[name]
+            files = []
+            for path in self.replicas[name].files:
+                seq = None
+                if st.get("origin") == origin and os.path.exists(path):
+                    seq = capture.applied_position(path, origin)
+                files.append(seq)
+            return {"database": name, "files": files}
+
+    def apply(self, primary_db: str, origin: str, index: int, nfiles: int, batch: dict[str, Any]) -> dict[str, Any]:
+        name = self._local(primary_db, nfiles)
+        with self._locks[name]:
+            if self.state[name].get("origin") != origin:
+                raise StateConflict(f"replica {name} was not seeded from {origin!r}", details={"reseed": True},
+                                    hint="the primary seeds it on its own")
+            changes = capture.from_wire(batch)
+            res = capture.apply(self.replicas[name].files[index], changes, origin)
+            self.last_apply[name] = time.time()
+            return {"database": name, "file": index, "position": res.position, "applied": res.applied,
+                    "skipped": res.skipped}
+
+    def _staged(self, name: str, index: int, seed_id: str) -> str:
+        if not _SEED_ID.match(seed_id):
+            raise UsageError(f"bad seed id {seed_id!r}")
+        files = self.replicas[name].files
+        if not 0 <= index < len(files):
+            raise UsageError(f"file index {index} out of range")
+        return f"{files[index]}.bastion-seed-{seed_id}"
+
+    def seed_file_path(self, primary_db: str, nfiles: int, index: int, seed_id: str) -> str:
+        name = self._local(primary_db, nfiles)
+        path = self._staged(name, index, seed_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def seed_commit(self, primary_db: str, origin: str, seed_id: str, positions: list[dict[str, int]]) -> dict[str, Any]:
+        """Every staged file is here: re-mark its capture as this copy's, then swap all files in."""
+        name = self._local(primary_db, len(positions))
+        db = self.replicas[name]
+        with self._locks[name]:
+            staged = [self._staged(name, i, seed_id) for i in range(len(db.files))]
+            for p in staged:
+                if not os.path.isfile(p):
+                    raise StateConflict(f"seed {seed_id}: {p} was not uploaded", hint="the primary retries the seed")
+            for p, pos in zip(staged, positions):
+                self._prepare(p, origin, int(pos["seq"]), int(pos["hlc"]))
+            self._swap(name, list(zip(staged, db.files)))
+            for target in db.files:     # uploads of seeds that never committed (peer died mid-seed)
+                for left in glob.glob(glob.escape(target) + ".bastion-seed-*"):
+                    os.remove(left)
+            self.state[name] = {"promoted": False, "origin": origin, "seeded_at": time.time()}
+            self._save(name)
+            log.info("replica %s seeded from %s at %s", name, origin, [p["seq"] for p in positions])
+            return {"database": name, "seeded": True, "positions": [p["seq"] for p in positions]}
+
+    def _prepare(self, path: str, origin: str, seq: int, hlc: int) -> None:
+        # The staged copy is not a protected file: opening it here is safe, and its WAL
+        # must be rolled in before the rename (a -wal is never moved with it).
+        con = apsw.Connection(path)
+        try:
+            con.setbusytimeout(5000)
+            ok = con.execute("PRAGMA quick_check").fetchall()[0][0]
+            if ok != "ok":
+                raise NotConsistent(f"seed copy {path} fails quick_check: {ok}", hint="the primary retries the seed")
+            capture.remove(con)      # the primary's log and positions: not this copy's
+            capture.install(con, self.origin)
+            capture.set_applied(con, origin, seq, hlc)
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            con.close()
+        for extra in (path + "-wal", path + "-shm"):
+            if os.path.exists(extra):
+                if extra.endswith("-wal") and os.path.getsize(extra) > 0:
+                    raise NotConsistent(f"seed copy {path}: its WAL could not be rolled in")
+                os.remove(extra)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _swap(self, name: str, pairs: list[tuple[str, str]]) -> None:
+        from ..sqlite.exclusive import replace_in_child
+        d = self.daemon
+        targets = [t for _, t in pairs]
+        files = [d.catalog.files[t] for t in targets if t in d.catalog.files]
+        resume = d.sql.suspend(targets, f"seeding replica {name}")
+        for f in files:
+            f.lock.acquire()     # the sweeper must not re-protect a file between close and swap
+        try:
+            for f in files:
+                f.close()
+            swapped = replace_in_child(pairs)
+            for t in targets:   # the old copy is replaced by design: do not keep it aside
+                aside = swapped["files"][t]["previous_kept_as"]
+                for p in (aside, f"{aside}-wal") if aside else ():
+                    if os.path.exists(p):
+                        os.remove(p)
+        finally:
+            for f in files:
+                try:
+                    f.protect()
+                except Exception:  # noqa: BLE001 - shown by status
+                    pass
+                f.lock.release()
+            resume()
+
+    # -- operator commands -----------------------------------------------------------
+    def promote(self, name: str) -> dict[str, Any]:
+        if name not in self.replicas:
+            raise UnknownTarget(f"{name!r} is not a replica on this daemon",
+                                hint="replicas: " + (", ".join(sorted(self.replicas)) or "none"))
+        with self._locks[name]:
+            if self.promoted(name):
+                return {"database": name, "promoted": True, "already": True, "exit_code": 0}
+            removed = []
+            for path in self.replicas[name].files:
+                if os.path.exists(path) and capture.is_installed(path):
+                    removed.append({"path": path, "removed": capture.remove(path)["removed"]})
+            self.state[name] = {**self.state[name], "promoted": True, "promoted_at": time.time()}
+            self._save(name)
+            log.warning("replica %s promoted: it is now a normal writable database", name)
+            return {"database": name, "promoted": True, "already": False, "capture_removed": removed,
+                    "exit_code": 0}
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for name, db in sorted(self.replicas.items()):
+            st = self.state[name]
+            files = []
+            for path in db.files:
+                files.append({"path": path, **self._file_status(path, st.get("origin"))})
+            out.append({"database": name, "role": "replica", "replica_of": db.replica_of,
+                        "promoted": bool(st.get("promoted")), "primary_origin": st.get("origin"),
+                        "seeded_at": iso(st.get("seeded_at")), "last_apply_at": iso(self.last_apply.get(name)),
+                        "divergence": sum(f.get("local_changes") or 0 for f in files), "files": files})
+        return out
+
+    @staticmethod
+    def _file_status(path: str, origin: str | None) -> dict[str, Any]:
+        if not os.path.exists(path):
+            return {"exists": False, "applied": None}
+        con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        con.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        try:
+            con.setbusytimeout(2000)
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+            out: dict[str, Any] = {"exists": True, "applied": None, "applied_at": None, "local_changes": None}
+            if capture.APPLIED in names and origin:
+                row = con.execute(f"SELECT seq, at FROM {capture.APPLIED} WHERE origin = ?", (origin,)).fetchall()
+                if row:
+                    out["applied"], out["applied_at"] = row[0][0], iso(row[0][1])
+            if capture.LOG in names:
+                # entries in the copy's own log: writes made on the copy, not by apply
+                out["local_changes"] = con.execute(f"SELECT count(*) FROM {capture.LOG} WHERE op != 0").fetchall()[0][0]
+            return out
+        finally:
+            con.close()

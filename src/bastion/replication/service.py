@@ -1,0 +1,98 @@
+"""Replication inside the daemon: shippers for primary databases, a receiver for replicas."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from ..errors import ConfigError, UnknownTarget, UsageError
+from .receiver import Receiver
+from .shipper import Shipper
+
+log = logging.getLogger("bastion.replication")
+
+
+def read_peer_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"peer token file {path} does not exist",
+                          hint="write the same shared secret into it on both daemons "
+                               "(e.g. `openssl rand -hex 32 > FILE; chmod 600 FILE`)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read peer token file {path}: {exc}") from None
+    if len(token) < 16:
+        raise ConfigError(f"peer token file {path} holds less than 16 characters",
+                          hint="use a long random secret, e.g. `openssl rand -hex 32`")
+    return token
+
+
+class Replication:
+    def __init__(self, daemon: Any) -> None:
+        config = daemon.config
+        self.config = config
+        self.origin = config.replication.get("origin") or f"{socket.gethostname()}:{config.data_dir}"
+        needed = any(d.replicate_to or d.replica_of for d in config.databases.values())
+        path = config.replication.get("peer_token_file")
+        self.peer_token = read_peer_token(path) if needed and path else None
+        self.receiver = Receiver(daemon, self.origin)
+        self.shippers = {n: Shipper(daemon, n, self.origin, self.peer_token or "")
+                         for n, d in config.databases.items() if d.replicate_to}
+        for name in self.receiver.replicas:    # writes through the SQL server wait for promotion
+            sqldb = daemon.sql.databases.get(name)
+            if sqldb is not None:
+                sqldb.guard = self.receiver.sql_guard(name, sqldb.guard)
+
+    def start(self) -> None:
+        for s in self.shippers.values():
+            s.start()
+
+    def stop(self) -> None:
+        for s in self.shippers.values():
+            s.stop()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No pass runs (so no connection of ours is open on the files) while this is held."""
+        held = []
+        try:
+            for s in self.shippers.values():
+                s.pass_lock.acquire()
+                held.append(s)
+            yield
+        finally:
+            for s in held:
+                s.pass_lock.release()
+
+    def peer_allowed(self, header: str | None) -> bool:
+        if not self.peer_token or not header or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header[7:].strip().encode(), self.peer_token.encode())
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        dbs = [s.status() for s in self.shippers.values()] + self.receiver.status()
+        if name is not None:
+            dbs = [d for d in dbs if d["database"] == name]
+            if not dbs:
+                raise UnknownTarget(f"database {name!r} neither replicates nor is a replica here",
+                                    hint=self._known())
+        failing = any(d.get("failures") for d in dbs) or any(d.get("divergence") for d in dbs)
+        return {"origin": self.origin, "databases": dbs, "exit_code": 1 if failing else 0}
+
+    def _known(self) -> str:
+        names = sorted(self.shippers) + sorted(self.receiver.replicas)
+        return "replicating databases here: " + (", ".join(names) or "none")
+
+    def run(self, name: str, timeout: float = 300.0) -> dict[str, Any]:
+        s = self.shippers.get(name)
+        if s is None:
+            raise UsageError(f"database {name!r} has no replicate_to in this daemon's config", hint=self._known())
+        return s.run_now(timeout)
+
+    def promote(self, name: str) -> dict[str, Any]:
+        return self.receiver.promote(name)

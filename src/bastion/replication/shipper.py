@@ -1,0 +1,351 @@
+"""The primary side: one thread per database ships its captured changes to the backup daemon.
+
+Per file: capture is installed (origin = this daemon), the peer is asked which position
+it holds (its own ``_bastion_applied``, written in the same transaction as each batch, is
+the only record that counts), then every entry after it is read, sent as msgpack to
+POST /v1/peer/apply, and pruned here once the peer acknowledged it. When the peer holds
+nothing, or refuses a batch because something is missing or the source needs it, the
+whole database is seeded again from a consistent copy (seed.py).
+
+Failures (peer down, network) never lose anything: entries stay in the control tables
+until acknowledged; the thread retries with a growing back-off, and the configured
+``on_failure`` command runs once per streak of failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from typing import Any
+
+import apsw
+import httpx
+import msgpack
+
+from .. import capture
+from ..catalog import Targets
+from ..errors import BastionError, BusyError
+from ..state import iso
+from . import seed
+from .window import Timing
+
+log = logging.getLogger("bastion.replication.shipper")
+BATCH = 2000
+POLL = 0.05             # continuous mode: how often to look for new entries when caught up
+PRUNE_EVERY = 1.0       # prune is a write transaction in the application's file: not after every batch
+
+
+class _Reseed(Exception):
+    """The peer cannot continue from what it holds: seed it again."""
+
+
+class Shipper:
+    def __init__(self, daemon: Any, name: str, origin: str, token: str) -> None:
+        self.daemon = daemon
+        self.name = name
+        self.db = daemon.config.databases[name]
+        self.origin = origin
+        self.timing = Timing.parse(self.db.replicate_schedule, self.db.blackout)
+        self.peer = self.db.replicate_to
+        self._http = httpx.Client(base_url=self.peer, timeout=60.0,
+                                  headers={"Authorization": f"Bearer {token}"})
+        n = len(self.db.files)
+        self._cons: list[apsw.Connection | None] = [None] * n
+        self.acked: list[int | None] = [None] * n     # the peer's position, as it last said
+        self.shipped: list[int | None] = [None] * n   # last position sent
+        self._known = False                            # acked is current (asked since the last failure)
+        self._installed = False
+        self._last_prune = [0.0] * n
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.failures = 0                              # in the current streak
+        self.last_success_at: float | None = None
+        self.seeded_at: float | None = None
+        self.seeds = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._served = 0
+        self._last_result: dict[str, Any] = {}
+        self._thread: threading.Thread | None = None
+        self.pass_lock = threading.Lock()     # held during a pass; Replication.paused() takes it
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"bastion-ship-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+        self._close_cons()
+        self._http.close()
+
+    def run_now(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Ship everything pending now (any schedule); returns that pass's result."""
+        with self._cond:
+            self._requested += 1
+            want = self._requested
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._served < want:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    raise BastionError(f"replication of {self.name}: no pass finished within {timeout:g} s",
+                                       hint="see `bastion replicate status` for the last error")
+                self._cond.wait(min(left, 1.0))
+            return dict(self._last_result)
+
+    # -- the loop ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                serving = self._requested
+            manual = serving > self._served
+            if self.timing.mode == "manual" and not manual:
+                self.state = "waiting (manual)"
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            delay = {"continuous": POLL, "every": self.timing.every, "manual": 0}[self.timing.mode]
+            try:
+                with self.pass_lock:
+                    try:
+                        result = self._cycle()
+                    finally:
+                        self._close_cons()
+                if self.failures:
+                    log.warning("replication of %s to %s works again after %d failures", self.name, self.peer,
+                                self.failures)
+                self.failures = 0
+                self.last_success_at = time.time()
+                result["exit_code"] = 0
+                if result.get("more"):
+                    delay = 0
+            except Exception as exc:  # noqa: BLE001 - the shipper never dies; the error is shown by status
+                self._known = False
+                self._installed = False      # e.g. the file was replaced: install again (idempotent)
+                self.failures += 1
+                self.last_error = exc.message if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
+                self.last_error_at = time.time()
+                self.state = "failing"
+                log.warning("replication of %s to %s failed (%d in a row): %s", self.name, self.peer,
+                            self.failures, self.last_error)
+                if self.failures == 1:
+                    self._notify()
+                delay = min(30.0, 0.25 * 2 ** min(self.failures, 8))
+                result = {"database": self.name, "error": self.last_error, "exit_code": 2}
+            with self._cond:
+                self._last_result = result
+                self._served = serving
+                self._cond.notify_all()
+            if delay:
+                self._wake.wait(delay)
+            self._wake.clear()
+
+    def _close_cons(self) -> None:
+        # Held only during a pass: between passes nothing of ours is open on the application's
+        # files, so restore --replace and recover --discard-changes can prove exclusive access.
+        for i, c in enumerate(self._cons):
+            if c is not None:
+                c.close()
+                self._cons[i] = None
+
+    def _con(self, i: int) -> apsw.Connection:
+        if self._cons[i] is None:
+            con = apsw.Connection(self.db.files[i], flags=apsw.SQLITE_OPEN_READWRITE)
+            con.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)   # never checkpoint the app's WAL
+            con.setbusytimeout(10_000)
+            self._cons[i] = con
+        return self._cons[i]   # type: ignore[return-value]
+
+    def _cycle(self) -> dict[str, Any]:
+        if self.timing.in_blackout():
+            self.state = "blackout"
+            return {"database": self.name, "shipped": 0, "blackout": True}
+        if not self._installed:
+            for i in range(len(self.db.files)):
+                capture.install(self._con(i), self.origin)
+            self._installed = True
+        seeded = False
+        if not self._known:
+            self.acked = self._positions()
+            self._known = True
+        for i, a in enumerate(self.acked):
+            if a is not None and capture.position(self._con(i)).seq < a:
+                # the file went back in time (restored from a backup?): new changes would reuse
+                # positions the peer already holds, and be skipped there as already applied
+                log.warning("%s: capture position is behind the replica's: seeding it again", self.db.files[i])
+                self.acked[i] = None
+        if any(a is None for a in self.acked):
+            self._seed()
+            seeded = True
+        self.state = "shipping"
+        shipped = 0
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            sent = 0
+            for i in range(len(self.db.files)):
+                try:
+                    sent += self._ship_file(i)
+                except _Reseed as why:
+                    log.warning("replica of %s needs a new seed: %s", self.name, why)
+                    self._seed()
+                    seeded = True
+            shipped += sent
+            if not sent:
+                break
+            if time.monotonic() - t0 > 5 and self.timing.mode == "continuous":
+                break   # let status and run requests see progress
+        for i in range(len(self.db.files)):
+            self._prune(i, force=True)
+        self.state = "caught up" if not self._stop.is_set() else "stopping"
+        return {"database": self.name, "shipped": shipped, "seeded": seeded,
+                "positions": list(self.acked), "more": bool(shipped) and self.timing.mode == "continuous"}
+
+    def _ship_file(self, i: int) -> int:
+        after = self.acked[i]
+        assert after is not None
+        changes = capture.read_changes(self._con(i), after, BATCH)
+        if not changes:
+            return 0
+        body = msgpack.packb({"database": self.name, "origin": self.origin, "file": i,
+                              "files": len(self.db.files), "batch": capture.to_wire(changes)}, use_bin_type=True)
+        res = self._request("POST", "/v1/peer/apply", content=body,
+                            headers={"Content-Type": "application/msgpack"})
+        self.shipped[i] = changes[-1].seq
+        self.acked[i] = int(res["position"])
+        self._prune(i)
+        return len(changes)
+
+    def _prune(self, i: int, force: bool = False) -> None:
+        now = time.monotonic()
+        a = self.acked[i]
+        if a is None or (not force and now - self._last_prune[i] < PRUNE_EVERY):
+            return
+        self._last_prune[i] = now
+        con = self._con(i)
+        # A busy application may hold the write lock back to back: never queue behind it for
+        # long (SQLite's busy handler can starve for seconds); the next pass prunes instead.
+        con.setbusytimeout(100)
+        try:
+            capture.prune(con, a)
+        except BusyError:
+            pass
+        finally:
+            con.setbusytimeout(10_000)
+
+    # -- talking to the peer --------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise BastionError(f"backup daemon {self.peer} unreachable ({path}): {type(exc).__name__}: {exc}",
+                               hint="changes queue on the primary and catch up when it answers") from None
+        try:
+            data = r.json()
+        except ValueError:
+            raise BastionError(f"backup daemon {self.peer} answered {r.status_code} to {path} with non-JSON") from None
+        if r.status_code >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            if not isinstance(err, dict):
+                raise BastionError(f"backup daemon {self.peer} answered {r.status_code} to {path}: {data}")
+            details = err.get("details") or {}
+            if r.status_code == 409 and (err.get("type") == "ReseedNeeded" or "expected" in details
+                                         or details.get("reseed")):
+                raise _Reseed(err.get("message"))
+            e = BastionError.from_dict(err)
+            e.message = f"backup daemon {self.peer}: {e.message}"
+            raise e
+        return data
+
+    def _positions(self) -> list[int | None]:
+        res = self._request("POST", "/v1/peer/positions", json={
+            "database": self.name, "origin": self.origin, "files": len(self.db.files)})
+        return [None if p is None else int(p) for p in res["files"]]
+
+    def _seed(self) -> None:
+        """A consistent copy of every file, uploaded, then swapped in on the peer at once."""
+        self.state = "seeding"
+        files = self.daemon.catalog.resolve(Targets.of([self.name]))
+        staging = os.path.join(self.daemon.config.data_dir, "replication", f"{self.name}.seed")
+        items = seed.take(self.daemon.contops, files, staging)
+        sid = uuid.uuid4().hex
+        n = len(files)
+        try:
+            for i, it in enumerate(items):
+                with open(it["staged"], "rb") as fh:
+                    self._request("POST", "/v1/peer/seed/upload", content=_chunks(fh),
+                                  params={"database": self.name, "files": n, "file": i, "seed": sid},
+                                  headers={"Content-Type": "application/octet-stream"})
+            self._request("POST", "/v1/peer/seed/commit", json={
+                "database": self.name, "origin": self.origin, "seed": sid, "files": n,
+                "positions": [{"seq": it["seq"], "hlc": it["hlc"]} for it in items]})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.acked = [it["seq"] for it in items]
+        self.shipped = list(self.acked)
+        self._known = True
+        self.seeded_at = time.time()
+        self.seeds += 1
+        for i in range(n):
+            self._prune(i, force=True)
+        log.info("seeded the replica of %s on %s at positions %s", self.name, self.peer, self.acked)
+
+    def _notify(self) -> None:
+        cmd = self.db.on_failure
+        if not cmd:
+            return
+        env = {**os.environ, "BASTION_DATABASE": self.name, "BASTION_PEER": self.peer or "",
+               "BASTION_ERROR": self.last_error or ""}
+        try:
+            if isinstance(cmd, str):
+                subprocess.Popen(cmd, shell=True, env=env, start_new_session=True)
+            else:
+                subprocess.Popen(list(cmd), env=env, start_new_session=True)
+        except OSError as exc:
+            log.error("on_failure command of %s could not run: %s", self.name, exc)
+
+    # -- status ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        files = []
+        now = time.time()
+        for i, path in enumerate(self.db.files):
+            f: dict[str, Any] = {"path": path, "position": None, "shipped": self.shipped[i],
+                                 "applied": self.acked[i], "lag_changes": None, "lag_seconds": None}
+            try:
+                if capture.is_installed(path):
+                    f["position"] = capture.position(path).seq
+                    a = self.acked[i]
+                    f["lag_changes"] = capture.pending(path, a if a is not None else 0)
+                    first = capture.read_changes(path, a if a is not None else 0, 1, auto_refresh=False)
+                    f["lag_seconds"] = round(max(0.0, now - first[0].time), 3) if first else 0.0
+            except BastionError as exc:
+                f["error"] = exc.message
+            files.append(f)
+        lags = [f["lag_seconds"] for f in files if f["lag_seconds"] is not None]
+        counts = [f["lag_changes"] for f in files if f["lag_changes"] is not None]
+        return {"database": self.name, "role": "primary", "peer": self.peer, "origin": self.origin,
+                "schedule": self.db.replicate_schedule, "blackout": list(self.db.blackout), "state": self.state,
+                "lag_changes": sum(counts) if counts else None, "lag_seconds": max(lags) if lags else None,
+                "last_error": self.last_error, "last_error_at": iso(self.last_error_at),
+                "failures": self.failures, "last_success_at": iso(self.last_success_at),
+                "seeded_at": iso(self.seeded_at), "seeds": self.seeds, "files": files}
+
+
+def _chunks(fh: Any, size: int = 1 << 20) -> Any:
+    while True:
+        data = fh.read(size)
+        if not data:
+            return
+        yield data

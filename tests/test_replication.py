@@ -1,0 +1,311 @@
+"""Real-time backup between two real daemons on loopback (issue 4).
+
+The primary protects the bank (bank.db + audit.db) and ships its captured changes to a
+backup daemon whose config lists a copy of both files with replica_of = "bank". The bank
+workload writes on the primary's files from its own process. Contents are compared with
+stdlib sqlite3 in the test process (user tables only: the _bastion_* control tables differ
+by design between the two sides).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import App, DaemonProc, check_bank, dump, free_port, write_config
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def user_dump(path: Path) -> list[tuple]:
+    return [t for t in dump(path) if not t[0].startswith("_bastion_")]
+
+
+def integrity(path: Path) -> str:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        con.close()
+
+
+class Pair:
+    """A primary daemon protecting the bank and a backup daemon holding its replica."""
+
+    def __init__(self, tmp_path: Path, bank: App, schedule: str = "continuous", primary_extra: str = "") -> None:
+        self.tmp, self.bank = tmp_path, bank
+        self.token_file = tmp_path / "peer.token"
+        self.token_file.write_text(secrets.token_hex(32) + "\n")
+        self.copy = tmp_path / "backup" / "copy"
+        bdir = tmp_path / "backup"
+        bdir.mkdir()
+        bport = free_port()
+        repl = f'[replication]\npeer_token_file = "{self.token_file}"\n'
+        cfg = write_config(bdir, bport, {"bank": [str(self.copy / "bank.db"), str(self.copy / "audit.db")]},
+                           extra=repl)
+        cfg.write_text(cfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
+        self.backup = DaemonProc(cfg, bport, bdir / "var")
+        pdir = tmp_path / "primary"
+        pdir.mkdir()
+        pport = free_port()
+        cfg = write_config(pdir, pport, {"bank": [str(bank.bank), str(bank.audit)]},
+                           extra=repl)
+        cfg.write_text(cfg.read_text().replace(
+            "[databases.bank]\n", f'[databases.bank]\nreplicate_to = "http://127.0.0.1:{bport}"\n'
+                                  f'replicate_schedule = "{schedule}"\n{primary_extra}'))
+        self.primary = DaemonProc(cfg, pport, pdir / "var")
+
+    def start(self, backup: bool = True) -> "Pair":
+        if backup:
+            self.backup.start()
+        self.primary.start()
+        return self
+
+    def stop(self) -> None:
+        for d in (self.primary, self.backup):
+            try:
+                d.stop()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def status(self, d: DaemonProc | None = None) -> dict:
+        r = (d or self.primary).cli("replicate", "status", "--json")
+        assert r.code in (0, 1), r.err
+        return r.json["databases"][0]
+
+    def catch_up(self, timeout: float = 60) -> dict:
+        """Ship everything now (whatever the schedule) until nothing is pending."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.primary.cli("replicate", "run", "bank", "--json")
+            st = self.status()
+            if r.code == 0 and st["lag_changes"] == 0:
+                return r.json
+            assert time.monotonic() < deadline, (r.out, r.err, st)
+            time.sleep(0.5)
+
+    def assert_same(self) -> None:
+        for name in ("bank.db", "audit.db"):
+            want = user_dump(self.bank.dir / name)
+            got = user_dump(self.copy / name)
+            assert [t[0] for t in got] == [t[0] for t in want]
+            assert got == want, f"{name}: replica differs from primary"
+            assert integrity(self.copy / name) == "ok"
+        res = check_bank(self.copy)
+        assert res["ok"], res
+
+
+@pytest.fixture
+def pair(tmp_path, bank):
+    made: list[Pair] = []
+
+    def make(backup: bool = True, **kw) -> Pair:
+        p = Pair(tmp_path, bank, **kw).start(backup)
+        made.append(p)
+        return p
+    yield make
+    if bank.proc and bank.proc.poll() is None:
+        bank.proc.kill()
+        bank.proc.wait()
+    for p in made:
+        p.stop()
+
+
+def test_streams_survives_kill9_of_backup_and_catches_up(pair, bank):
+    p = pair(backup=False)            # the backup comes up while the application writes:
+    bank.start(seconds=120)           # the first seed is taken under load
+    time.sleep(1)
+    p.backup.start()
+    deadline = time.monotonic() + 30
+    while not (p.copy / "bank.db").exists():        # seeded from a consistent copy
+        assert time.monotonic() < deadline, p.primary.log.read_text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(2)
+    st = p.status()
+    assert st["state"] in ("shipping", "caught up") and st["files"][0]["applied"] is not None, st
+    applied_before = [f["applied"] for f in st["files"]]
+    p.backup.kill9()                                  # mid-stream: batches are arriving all the time
+    deadline = time.monotonic() + 15
+    while not (down := p.status())["failures"]:
+        assert time.monotonic() < deadline, down
+        time.sleep(0.3)
+    assert "unreachable" in down["last_error"] and down["state"] == "failing", down
+    p.backup.start()
+    time.sleep(2)
+    stats = bank.stop()
+    assert stats["commits"] > 20 and not stats["errors"], stats
+    p.catch_up()
+    p.assert_same()
+    st = p.status()
+    assert st["failures"] == 0 and all(f["applied"] >= b for f, b in zip(st["files"], applied_before)), st
+    assert st["seeds"] == 1, st       # the kill -9 of the backup needed no re-seed
+    rep = p.status(p.backup)
+    assert rep["role"] == "replica" and not rep["promoted"] and rep["divergence"] == 0, rep
+    # and the transfer count on the replica is the primary's: nothing lost, nothing twice
+    assert check_bank(p.copy)["transfers"] == bank.transfers()
+
+
+def test_stopped_backup_queues_then_catches_up_and_runs_on_failure_once(pair, bank, tmp_path):
+    flag = tmp_path / "failures.log"
+    p = pair(primary_extra=f'on_failure = "echo $BASTION_DATABASE >> {flag}"\n')
+    bank.start(seconds=120)
+    deadline = time.monotonic() + 30
+    while None in [f["applied"] for f in p.status()["files"]]:   # seeded, streaming
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    p.backup.stop()
+    time.sleep(4)                                     # writes go on; several retries fail
+    st = p.status()
+    assert st["state"] == "failing" and st["failures"] >= 2, st
+    assert st["lag_changes"] > 0 and st["lag_seconds"] > 1, st
+    assert "unreachable" in st["last_error"], st
+    p.backup.start()
+    stats = bank.stop()
+    p.catch_up()
+    p.assert_same()
+    assert flag.read_text().split() == ["bank"], "on_failure must run once per failure streak"
+    assert check_bank(p.copy)["transfers"] == bank.transfers()
+
+
+def test_manual_schedule_divergence_and_promotion(pair, bank):
+    p = pair(schedule="manual")
+    bank.start(seconds=120)
+    time.sleep(1)
+    assert not (p.copy / "bank.db").exists()          # manual: nothing is sent before `replicate run`
+    bank.stop()
+    res = p.primary.cli("replicate", "run", "bank", "--json")
+    assert res.code == 0 and res.json["seeded"], (res.out, res.err)
+    p.catch_up()
+    p.assert_same()
+    human = p.primary.cli("replicate", "status")
+    assert human.code == 0 and "primary -> http://127.0.0.1" in human.out and "lag 0 changes" in human.out, human
+    human = p.backup.cli("replicate", "status", "bank")
+    assert human.code == 0 and "replica (read-only) of bank" in human.out and "no divergence" in human.out, human
+    wrong = p.primary.cli("replicate", "run", "nope")
+    assert wrong.code == 3 and "no replicate_to" in wrong.err, wrong
+    # peer routes take the peer token only, and the peer token opens nothing else
+    tok = p.token_file.read_text().strip()
+    body = {"database": "bank", "origin": "x", "files": 2}
+    assert p.backup.api("POST", "/v1/peer/positions", body).status_code == 401          # admin token
+    assert p.backup.api("POST", "/v1/peer/positions", body, token=tok).status_code == 200
+    assert p.backup.api("GET", "/v1/status", token=tok).status_code == 401
+    # the replica refuses writes through the SQL server until promoted
+    w = {"statements": ["UPDATE meta SET value = value WHERE key = 'transfers'"]}
+    r = p.backup.api("POST", "/v1/sql/bank", w)
+    assert r.status_code == 409 and "replica" in r.json()["error"]["message"], r.text
+    # a write made on the copy behind Bastion's back is reported as divergence
+    con = sqlite3.connect(p.copy / "bank.db", timeout=30)
+    con.execute("UPDATE meta SET value = value WHERE key = 'transfers'")
+    con.commit()
+    con.close()
+    rep = p.status(p.backup)
+    assert rep["divergence"] == 1, rep
+    assert p.backup.cli("replicate", "status").code == 1     # divergence makes status exit 1
+    out = p.backup.cli("replicate", "promote", "bank", "--json")
+    assert out.code == 0 and out.json["promoted"] and not out.json["already"], out.err
+    r = p.backup.api("POST", "/v1/sql/bank", {"statements": [
+        "UPDATE accounts SET balance = balance - 5 WHERE id = 1",
+        "UPDATE accounts SET balance = balance + 5 WHERE id = 2"]})
+    assert r.status_code == 200, r.text
+    assert check_bank(p.copy)["ok"]
+    rep = p.status(p.backup)
+    assert rep["promoted"], rep
+    # the old primary can no longer ship into it
+    con = sqlite3.connect(bank.bank, timeout=30)
+    con.execute("UPDATE meta SET value = value WHERE key = 'transfers'")
+    con.commit()
+    con.close()
+    res = p.primary.cli("replicate", "run", "bank", "--json")
+    assert res.code != 0 and "promoted" in (res.out + res.err), (res.out, res.err)
+    assert not any(n.startswith("_bastion_") for n, _ in dump(p.copy / "bank.db"))   # capture removed
+
+
+def test_kill9_of_primary_and_schema_change_while_streaming(pair, bank):
+    p = pair()
+    bank.start(seconds=120)
+    deadline = time.monotonic() + 30
+    while None in [f["applied"] for f in p.status()["files"]]:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    # DDL while the application writes: a new table with rows, a new column on a busy table
+    con = sqlite3.connect(bank.bank, timeout=30)
+    con.execute("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT, data BLOB)")
+    con.executemany("INSERT INTO notes VALUES (?, ?, ?)",
+                    [(i, f"n\u00e9-{i}\x00x", os.urandom(i)) for i in range(50)])
+    con.commit()
+    con.execute("ALTER TABLE accounts ADD COLUMN note TEXT")
+    con.execute("UPDATE accounts SET note = 'x' || id WHERE id % 7 = 0")
+    con.commit()
+    con.close()
+    time.sleep(1)
+    p.primary.kill9()                                 # mid-stream, between or inside a batch
+    time.sleep(1)
+    p.primary.start()
+    time.sleep(1.5)
+    bank.stop()
+    p.catch_up()
+    p.assert_same()
+    assert p.status()["seeds"] == 0   # the restarted primary went on from the peer's positions
+    assert ("notes", user_dump(bank.bank)[2][1]) == user_dump(p.copy / "bank.db")[2]   # the new table came along
+    cols = [r[1] for r in sqlite3.connect(p.copy / "bank.db").execute("PRAGMA table_info(accounts)")]
+    assert "note" in cols
+    assert check_bank(p.copy)["transfers"] == bank.transfers()
+
+
+def test_config_is_checked_and_blackout_windows():
+    import datetime as dt
+
+    from bastion.config import _build
+    from bastion.errors import ConfigError
+    from bastion.replication.window import Timing
+
+    base = {"databases": {"bank": {"files": ["/tmp/x.db"], "replicate_to": "http://h:1"}}}
+    with pytest.raises(ConfigError, match="peer_token_file"):
+        _build(base, "t.toml", "/")
+    ok = {**base, "replication": {"peer_token_file": "tok"}}
+    c = _build(ok, "t.toml", "/etc")
+    assert c.databases["bank"].replicate_to == "http://h:1" and c.replication["peer_token_file"] == "/etc/tok"
+    for key, bad, msg in [("replicate_schedule", "sometimes", "replicate_schedule"),
+                          ("blackout", ["25:00-26:00"], "not a time of day"),
+                          ("replicate_to", "h:1", "replicate_to"),
+                          ("replica_of", "bank", "both")]:
+        raw = {"databases": {"bank": {**base["databases"]["bank"], key: bad}}, "replication": ok["replication"]}
+        with pytest.raises(ConfigError, match=msg):
+            _build(raw, "t.toml", "/")
+    with pytest.raises(ConfigError, match="needs replicate_to"):
+        _build({"databases": {"b": {"files": ["/x"], "blackout": ["01:00-02:00"]}}}, "t.toml", "/")
+    t = Timing.parse("every 10s", ("22:00-23:00", "23:30-00:30"))
+    assert t.mode == "every" and t.every == 10
+    at = lambda h, m: dt.datetime(2026, 1, 1, h, m)   # noqa: E731
+    assert t.in_blackout(at(22, 0)) and t.in_blackout(at(23, 45)) and t.in_blackout(at(0, 10))
+    assert not t.in_blackout(at(23, 0)) and not t.in_blackout(at(0, 30)) and not t.in_blackout(at(12, 0))
+
+
+def test_restore_in_place_on_the_primary_reseeds_the_replica(pair, bank):
+    p = pair()
+    bank.start(seconds=60)
+    time.sleep(1.5)
+    b = p.primary.cli("backup", "bank", "--json")
+    assert b.code == 0, b.err
+    time.sleep(1.5)                                   # more changes after the backup, shipped too
+    bank.stop()
+    p.catch_up()
+    ahead = bank.transfers()
+    # the files go back to the backup's instant: positions the replica already holds would
+    # otherwise be reused by new changes (and skipped there as already applied)
+    r = p.primary.cli("restore", b.json["backup"], "--replace", "--json")
+    assert r.code == 0, (r.out, r.err)
+    assert bank.transfers() < ahead
+    bank.start(seconds=60)
+    time.sleep(1)
+    bank.stop()
+    p.catch_up()
+    p.assert_same()
+    assert p.status()["seeds"] == 2, p.status()
