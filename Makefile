@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup
-	$(BIN)/python bench/bench_contops.py
+	$(BIN)/python bench/bench_contops.py && $(BIN)/python bench/bench_backup.py
 
 clean:
 	rm -rf $(VENV) var bench/out

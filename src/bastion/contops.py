@@ -1,7 +1,7 @@
 """Continuous operations: the main files stand still while applications keep writing.
 
-startbu pauses writers on every file of the group at one instant, checkpoints
-each file completely, then opens a read transaction on each (the *holder*).
+startbu pauses writers on every file of the group at one instant, opens a read
+transaction on each (the *holder*), then checkpoints each file completely.
 While the holder is open no checkpoint of any process can write into the main
 file, so every change goes to the WAL (the delta) and any tool can copy the
 main files: the copy is the database as of startbu. endbu ends the holders and
@@ -43,18 +43,30 @@ class ContinuousOperations:
             held: list[DatabaseFile] = []
 
             def step() -> None:
-                # Under the pause: every frame must reach the main file, else the
-                # copy would miss committed data; then pin the snapshot.
-                for f in files:
-                    res = f.checkpoint()
-                    if res.busy:
-                        raise Retry(f.path, "another process was checkpointing")
-                    if not res.complete:
-                        raise Retry(f.path, "a reader in another process keeps a snapshot older than the last "
-                                            "commit, so the delta could not be checkpointed")
+                # Under the pause: pin the snapshot, then every frame must reach the main
+                # file, else the copy would miss committed data. Writers are paused, so
+                # both orders pin the same instant; pinning first leaves the holder on a
+                # read mark at the last frame rather than on "WAL fully checkpointed" (slot 0).
+                # On slot 0, every application commit's automatic checkpoint would sort
+                # the whole delta before finding it cannot copy anything: throughput fell
+                # 5-10x as the delta grew (bench/bench_contops.py).
                 for f in files:
                     f.hold()
                     held.append(f)
+                try:
+                    for f in files:
+                        res = f.checkpoint()
+                        if res.busy:
+                            raise Retry(f.path, "another process was checkpointing")
+                        if not res.complete:
+                            raise Retry(f.path, "a reader in another process keeps a snapshot older than the "
+                                                "last commit, so the delta could not be checkpointed")
+                except Retry:
+                    # the next attempt must pin a fresh snapshot
+                    for f in held:
+                        f.release()
+                    held.clear()
+                    raise
 
             try:
                 paused = pause_writers(files, self.config.gate_timeout, step)
@@ -122,6 +134,9 @@ class ContinuousOperations:
             for f in files:
                 row = rows[f.path]
                 if row["status"] == st.ACTIVE:
+                    # Measured while still held: once released, the application's own
+                    # automatic checkpoint may roll the delta in before ours looks at it.
+                    row = {**row, "held_delta_bytes": f.held_delta_bytes()}
                     self.state.set_file(row["session_id"], f.path, st.ROLLING_IN)
                     f.release()
                     plan.append((f, row, True, None))
@@ -155,7 +170,8 @@ class ContinuousOperations:
         out = {"path": f.path, "database": f.database, "session": row["session_id"],
                "started_at": _iso(row["started_at"]), "consistent": consistent, "reason": reason,
                "roll_in": "complete" if res["complete"] else "incomplete",
-               "delta_bytes": res["delta_bytes"], "roll_in_seconds": round(res["seconds"], 6),
+               "delta_bytes": res["delta_bytes"] if row.get("held_delta_bytes") is None else row["held_delta_bytes"],
+               "roll_in_seconds": round(res["seconds"], 6),
                "wal_truncated": res.get("wal_truncated", False)}
         if not res["complete"]:
             out["roll_in_problem"] = res.get("reason")
@@ -250,12 +266,27 @@ class ContinuousOperations:
                     f"(a checkpoint ran), so the changes since then are already in it and cannot be discarded",
                     path=f.path, details={"stamp_at_startbu": row["stamp"], "stamp_now": now},
                     hint="run `bastion recover NAME` (without --discard-changes) to keep the changes")
+            if f.gated_since is not None:
+                # Closing our connections below would drop the freeze's write lock while
+                # its session still says frozen: a snapshot taken then would be trusted.
+                raise StateConflict(f"{f.path}: frozen since {_iso(f.gated_since)}; recover --discard-changes "
+                                    "would end the freeze", path=f.path,
+                                    hint="run `bastion thaw` first; nothing was recovered")
         # Our own connections go first (they never checkpoint on close); the child
         # proves nobody else has the files open and keeps them locked while it works.
         for f in files:
             f.close()
         try:
             out = exclusive.discard_in_child([(f.path, rows[f.path]["stamp"]) for f in files])
+        except BaseException:
+            # Closing our connections ended the holders: an active session can no longer
+            # promise a consistent copy, so the next endbu must say so, not "consistent".
+            for f in files:
+                if rows[f.path]["status"] == st.ACTIVE:
+                    self.state.set_file(rows[f.path]["session_id"], f.path, st.INTERRUPTED,
+                                        reason=f"recover --discard-changes released the hold at "
+                                               f"{_iso(time.time())} and was refused")
+            raise
         finally:
             for f in files:
                 try:

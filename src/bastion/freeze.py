@@ -91,20 +91,28 @@ class Freezer:
                                         hint="nothing was thawed")
             results = []
             now = time.time()
+            # Every writer goes on at once: a state write (an fsync) between two files would
+            # keep an application that writes both waiting that long after the first thaw.
+            for f in files:
+                if rows[f.path]["status"] == st.ACTIVE:
+                    f.gate_end()
             for f in files:
                 row = rows[f.path]
                 if row["status"] == st.ACTIVE:
-                    f.gate_end()
                     held = now - row["started_at"]
                     self.state.set_file(row["session_id"], f.path, st.THAWED, result={"hold_seconds": held})
                     results.append({"path": f.path, "freeze": row["session_id"], "consistent": True,
                                     "hold_seconds": round(held, 6)})
                 else:
                     self.state.set_file(row["session_id"], f.path, st.ACKNOWLEDGED)
+                    if row["status"] == st.TIMED_OUT:
+                        when = f"a snapshot taken after {_iso(row['ended_at'])} may be inconsistent"
+                    else:  # the daemon died at an unknown moment of the hold (ended_at is the restart)
+                        when = (f"a snapshot taken under this freeze (since {_iso(row['started_at'])}) "
+                                "cannot be trusted")
                     results.append({"path": f.path, "freeze": row["session_id"], "consistent": False,
                                     "status": row["status"], "reason": row["reason"],
-                                    "message": f"the freeze of {f.path} failed: {row['reason']}; a snapshot "
-                                               f"taken after {_iso(row['ended_at'])} may be inconsistent"})
+                                    "message": f"the freeze of {f.path} failed: {row['reason']}; {when}"})
             still = {r["session_id"] for r in self.state.open_files(KIND) if r["status"] == st.ACTIVE}
             for sid in {r["freeze"] for r in results} - still:
                 timer = self._timers.pop(sid, None)

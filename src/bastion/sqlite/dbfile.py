@@ -152,6 +152,10 @@ class DatabaseFile:
                         f"connection kept it busy in rollback-journal mode for {wal_timeout:g} s", path=self.path,
                         hint="retry when the application is idle, or have it open the database with "
                              "PRAGMA journal_mode=WAL once")
+                # Read once in WAL mode: only then does the anchor open the WAL and keep its
+                # shared locks. Until it has, an application could switch the file back to a
+                # rollback journal (seen: PRAGMA journal_mode=DELETE succeeded right after protect).
+                conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
             except BaseException as exc:
                 conn.close()
                 self.error = getattr(exc, "message", str(exc))
@@ -268,8 +272,14 @@ class DatabaseFile:
         with self.lock:
             if self.holding_since is None:
                 return None
-            res = self.checkpoint()
-            return None if res.busy else self._frames_bytes(res.wal_frames - res.checkpointed)
+            # Busy while an application's automatic checkpoint holds the checkpoint lock:
+            # during a hold that attempt finds nothing to copy and ends within microseconds.
+            for _ in range(50):
+                res = self.checkpoint()
+                if not res.busy:
+                    return self._frames_bytes(res.wal_frames - res.checkpointed)
+                time.sleep(0.001)
+            return None
 
     def _frames_bytes(self, frames: int) -> int:
         """Bytes of the delta: WAL frames (page + 24-byte header) as SQLite counts them;

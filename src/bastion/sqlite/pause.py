@@ -48,6 +48,11 @@ class PausedWriters:
         return time.time() - self.since
 
 
+# Per group of files, the order that last took every lock: usually the applications' own
+# order, so trying it first spares them the deadlock-and-retry dance (each retry stalls them).
+_last_order: dict[tuple[str, ...], list[str]] = {}
+
+
 def pause_writers(files: Sequence[DatabaseFile], timeout: float,
                   step: Callable[[], None] | None = None, first_lock: float = 1.0,
                   next_lock: float = 0.02) -> PausedWriters:
@@ -58,6 +63,10 @@ def pause_writers(files: Sequence[DatabaseFile], timeout: float,
     holds it may be waiting for a lock we already have (a transaction over
     several files), so we let go quickly instead of deadlocking it."""
     base = sorted(files, key=lambda f: f.path)
+    key = tuple(f.path for f in base)
+    known = _last_order.get(key)
+    if known:
+        base = sorted(base, key=lambda f: known.index(f.path))
     started = time.monotonic()
     deadline = started + timeout
     attempt = 0
@@ -67,7 +76,8 @@ def pause_writers(files: Sequence[DatabaseFile], timeout: float,
         held: list[DatabaseFile] = []
         # We do not know in which order the application locks its files: if ours is
         # the opposite, each side holds what the other waits for. So the order
-        # changes from one attempt to the next: sorted, reversed, then shuffled.
+        # changes from one attempt to the next: sorted (or the last that worked),
+        # reversed, then shuffled.
         if attempt == 1:
             ordered = base
         elif attempt == 2:
@@ -83,9 +93,12 @@ def pause_writers(files: Sequence[DatabaseFile], timeout: float,
                 except apsw.BusyError:
                     raise Retry(f.path, "writer") from None
                 held.append(f)
+            # Writers are paused from here: the step's time counts in what resume() reports.
+            locked_at = time.time()
             if step is not None:
                 step()
-            return PausedWriters(held, time.time(), attempt, time.monotonic() - started)
+            _last_order[key] = [f.path for f in held]
+            return PausedWriters(held, locked_at, attempt, time.monotonic() - started)
         except Retry as exc:
             for f in reversed(held):
                 f.gate_end()
