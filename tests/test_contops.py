@@ -576,3 +576,30 @@ def test_no_daemon_running(tmp_path, bank):
         assert p.stdout == ""
         assert "no Bastion daemon is listening" in p.stderr and f"127.0.0.1:{port}" in p.stderr
         assert f"bastion serve --config {cfg}" in p.stderr
+
+
+def test_a_file_replaced_on_disk_is_reported_and_protected_anew(daemon, bank, tmp_path):
+    """An administrator swaps the database file under the daemon: the session that was open
+    cannot vouch for the copy; the next startbu protects the new file."""
+    import shutil
+    import sqlite3
+    r = daemon.cli("startbu", "bank", "--json")
+    assert r.code == 0, r.err
+    new = tmp_path / "new-bank.db"
+    shutil.copyfile(bank.bank, new)
+    con = sqlite3.connect(new)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    new.replace(bank.bank)                # same name, another file
+    r = daemon.cli("endbu", "bank")
+    assert r.code == 2 and "replaced on disk" in r.err, (r.out, r.err)
+    r = daemon.cli("startbu", "bank", "--json")
+    assert r.code == 0, r.err
+    before = bank.bank.read_bytes()
+    app = sqlite3.connect(bank.bank, timeout=10)
+    app.execute("UPDATE accounts SET balance = balance WHERE id = 1")
+    app.commit()
+    app.close()
+    assert bank.bank.read_bytes() == before, "the new main file changed during continuous operations"
+    r = daemon.cli("endbu", "bank", "--json")
+    assert r.code == 0 and r.json["consistent"], r.err

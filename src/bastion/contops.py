@@ -133,7 +133,13 @@ class ContinuousOperations:
             plan = []
             for f in files:
                 row = rows[f.path]
-                if row["status"] == st.ACTIVE:
+                if row["status"] == st.ACTIVE and f.replaced():
+                    # the copy tool read whatever file now has this name, not the one we held
+                    reason = "the file was replaced on disk during continuous operations"
+                    self.state.set_file(row["session_id"], f.path, st.INTERRUPTED, reason=reason)
+                    f.release()
+                    plan.append((f, {**row, "status": st.INTERRUPTED}, False, reason))
+                elif row["status"] == st.ACTIVE:
                     # Measured while still held: once released, the application's own
                     # automatic checkpoint may roll the delta in before ours looks at it.
                     row = {**row, "held_delta_bytes": f.held_delta_bytes()}

@@ -134,7 +134,7 @@ class Daemon:
                 if time.monotonic() - last_retry > 10:
                     last_retry = time.monotonic()
                     for f in list(self.catalog.files.values()):
-                        if not f.protected:
+                        if not f.protected or f.replaced():
                             try:
                                 f.protect()
                             except Exception:  # noqa: BLE001 - kept in f.error, shown by status

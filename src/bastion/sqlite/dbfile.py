@@ -111,15 +111,32 @@ class DatabaseFile:
         self.page_size = 0
         self.holding_since: float | None = None
         self.gated_since: float | None = None
+        self.identity: tuple[int, int] | None = None   # (st_dev, st_ino) of the file we hold open
 
     # -- protection -----------------------------------------------------
     @property
     def protected(self) -> bool:
         return self._anchor is not None
 
+    def replaced(self) -> bool:
+        """The path no longer names the file our connections hold open (an application or an
+        administrator put another file in its place, or removed it)."""
+        if self.identity is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self.identity
+
     def protect(self, wal_timeout: float = 10.0) -> None:
-        """Open the anchor and switch the file to WAL mode; idempotent."""
+        """Open the anchor and switch the file to WAL mode; idempotent. A file replaced on
+        disk since it was protected is let go and the new one protected instead: otherwise
+        the daemon would hold (and "protect") a file nobody uses any more."""
         with self.lock:
+            if self._anchor is not None and self.replaced() and self.holding_since is None \
+                    and self.gated_since is None:
+                self.close()
             if self._anchor is not None:
                 return
             try:
@@ -161,6 +178,8 @@ class DatabaseFile:
                 self.error = getattr(exc, "message", str(exc))
                 raise
             conn.setbusytimeout(0)
+            st = os.stat(self.path)
+            self.identity = (st.st_dev, st.st_ino)
             self._anchor = conn
             self.error = None
 
