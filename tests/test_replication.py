@@ -309,3 +309,40 @@ def test_restore_in_place_on_the_primary_reseeds_the_replica(pair, bank):
     p.catch_up()
     p.assert_same()
     assert p.status()["seeds"] == 2, p.status()
+
+
+def test_replicated_durability_acknowledges_only_what_the_backup_applied(pair, bank):
+    """durability = "replicated": a commit through the SQL server returns once the backup
+    server has applied it; with the backup down it fails with NotReplicated (and stays
+    committed here, queued for later)."""
+    import sqlite3
+
+    import bastion.client as bc
+    p = pair(primary_extra='durability = "replicated"\n')
+    p.catch_up()
+    con = bc.connect(f"bastion://127.0.0.1:{p.primary.port}/bank", token=p.primary.token, autocommit=True)
+    con.execute("CREATE TABLE IF NOT EXISTS rep(id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(20):
+        con.execute("INSERT INTO rep(id, v) VALUES (?, ?)", (i, f"v{i}"))
+        # acknowledged: it is on the backup server already, read by another process there
+        copy = sqlite3.connect(f"file:{p.copy / 'bank.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            assert copy.execute("SELECT v FROM rep WHERE id = ?", (i,)).fetchone() == (f"v{i}",)
+        finally:
+            copy.close()
+    p.backup.stop()
+    t0 = time.monotonic()
+    with pytest.raises(bc.NotReplicated, match="did not apply it"):
+        con.execute("INSERT INTO rep(id, v) VALUES (100, 'queued')")
+    assert time.monotonic() - t0 < 30
+    # committed here all the same, and shipped once the backup is back
+    assert con.execute("SELECT v FROM rep WHERE id = 100").fetchone() == ("queued",)
+    p.backup.start()
+    con.execute("INSERT INTO rep(id, v) VALUES (101, 'after')")
+    copy = sqlite3.connect(f"file:{p.copy / 'bank.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        assert copy.execute("SELECT v FROM rep WHERE id IN (100, 101) ORDER BY id").fetchall() == [
+            ("queued",), ("after",)]
+    finally:
+        copy.close()
+    con.close()

@@ -254,10 +254,10 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         if durability not in ("durable", "fast", "replicated"):
             raise ConfigError(f"{source}: [databases.{name}] durability must be durable, fast or replicated, "
                               f"got {durability!r}")
-        if durability == "replicated":
+        if durability == "replicated" and not spec.get("replicate_to"):
             raise ConfigError(f"{source}: [databases.{name}] durability = \"replicated\" needs real-time backup "
-                              "to a second server, which this version does not have yet",
-                              hint="use \"durable\" (acknowledged after fsync)")
+                              "to a second server: replicate_to = \"http://host:port\"",
+                              hint="see docs/replication.md; or use \"durable\" (acknowledged after fsync)")
         group_commit = spec.get("group_commit", True)
         if not isinstance(group_commit, bool):
             raise ConfigError(f"{source}: [databases.{name}] group_commit must be true or false")

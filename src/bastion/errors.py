@@ -15,6 +15,7 @@
      +-- SQLFailure              a statement sent to the SQL server failed (details: SQLite's error)
      +-- TransactionGone         an interactive transaction expired (idle timeout) or is unknown
      +-- NotActive               this node is passive (or fenced): ask the active node
+     +-- NotReplicated           committed here, but the backup server did not apply it in time
 
 Each error says what happened, to which file, and (``hint``) what to do next.
 The exit codes follow BUTIL: 0 success, 1 partial, 2 failed, 3 usage.
@@ -125,7 +126,11 @@ class NotActive(BastionError):
     http_status = 503
 
 
+class NotReplicated(BastionError):
+    http_status = 504
+
+
 _BY_NAME = {c.__name__: c for c in (
     BastionError, UsageError, ConfigError, UnknownTarget, FileProblem, StateConflict,
     BusyError, NotConsistent, RecoveryRefused, DaemonUnavailable, AuthError, PermissionDenied,
-    SQLFailure, TransactionGone, NotActive)}
+    SQLFailure, TransactionGone, NotActive, NotReplicated)}

@@ -15,7 +15,7 @@ import time
 
 from .connection import Connection, Cursor, connect, parse_dsn
 from .errors import (AccessDenied, DatabaseError, DataError, Error, IntegrityError, InterfaceError, InternalError,
-                     NotSupportedError, OperationalError, OutcomeUnknown, ProgrammingError, TransactionLost, Warning)
+                     NotReplicated, NotSupportedError, OperationalError, OutcomeUnknown, ProgrammingError, TransactionLost, Warning)
 
 apilevel = "2.0"
 threadsafety = 1          # threads may share the module, not connections
@@ -55,5 +55,5 @@ ROWID = _Type({"INTEGER"})
 __all__ = ["connect", "Connection", "Cursor", "parse_dsn", "apilevel", "threadsafety", "paramstyle",
            "Warning", "Error", "InterfaceError", "DatabaseError", "DataError", "OperationalError", "IntegrityError",
            "InternalError", "ProgrammingError", "NotSupportedError", "AccessDenied", "TransactionLost",
-           "OutcomeUnknown", "Binary", "Date", "Time", "Timestamp", "DateFromTicks", "TimeFromTicks",
+           "OutcomeUnknown", "NotReplicated", "Binary", "Date", "Time", "Timestamp", "DateFromTicks", "TimeFromTicks",
            "TimestampFromTicks", "STRING", "BINARY", "NUMBER", "DATETIME", "ROWID"]

@@ -56,6 +56,11 @@ class TransactionLost(OperationalError):
     connection, node failover). Start it again: the driver never replays it."""
 
 
+class NotReplicated(OperationalError):
+    """``durability = "replicated"``: the commit is durable on the node that answered, but
+    the backup server did not apply it in time. It stays queued there and is shipped later."""
+
+
 class OutcomeUnknown(OperationalError):
     """The connection broke after a commit (or an autocommit statement) was sent:
     it may or may not have been committed. Check before retrying."""
@@ -75,6 +80,8 @@ def from_server(status: int, body: Any) -> Error:
         cls = _SQLITE.get(details.get("sqlite_error"), OperationalError)
     elif kind in ("AuthError", "PermissionDenied"):
         cls = AccessDenied
+    elif kind == "NotReplicated":
+        cls = NotReplicated
     elif kind == "TransactionGone":
         cls = TransactionLost
     elif kind in ("UsageError", "UnknownTarget", "ConfigError"):

@@ -43,6 +43,11 @@ class Replication:
         self.receiver = Receiver(daemon, self.origin)
         self.shippers = {n: Shipper(daemon, n, self.origin, self.peer_token or "")
                          for n, d in config.databases.items() if d.replicate_to}
+        for name, s in self.shippers.items():      # durability = "replicated": commits wait for the peer
+            sqldb = daemon.sql.databases.get(name)
+            if sqldb is not None and sqldb.durability == "replicated":
+                sqldb.replicated_wait = (lambda positions, s=s, t=daemon.sql.settings.busy_timeout:
+                                         s.wait_applied(positions, t))
         for name in self.receiver.replicas:    # writes through the SQL server wait for promotion
             sqldb = daemon.sql.databases.get(name)
             if sqldb is not None:

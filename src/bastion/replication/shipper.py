@@ -106,6 +106,25 @@ class Shipper:
                 self._cond.wait(min(left, 1.0))
             return dict(self._last_result)
 
+    def wait_applied(self, positions: list[int], timeout: float) -> None:
+        """Return once the backup server has applied every change up to ``positions`` (one
+        capture position per file): `durability = "replicated"`. Wakes the loop so that
+        a waiting commit does not sit out a poll interval."""
+        from ..errors import NotReplicated
+        deadline = time.monotonic() + timeout
+        while True:
+            acked = self.acked
+            if self._known and all(a is not None and a >= p for a, p in zip(acked, positions)):
+                return
+            if time.monotonic() > deadline:
+                raise NotReplicated(
+                    f"database {self.name}: committed and durable here, but the backup server {self.peer} did "
+                    f"not apply it within {timeout:g} s ({self.last_error or self.state})",
+                    hint="it stays queued and is shipped when the backup server is back; see "
+                         "`bastion replicate status`")
+            self._wake.set()
+            time.sleep(0.002)
+
     # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -204,6 +204,7 @@ class Tx:
     def finish(self, commit: bool) -> None:
         """COMMIT (then wait until durable) or ROLLBACK; the writer turn is given back either way."""
         ticket = None
+        positions = None
         try:
             if self.conn.in_transaction:
                 if commit:
@@ -215,6 +216,8 @@ class Tx:
                         raise SQLFailure(f"commit failed: {exc}", details={"sqlite_error": type(exc).__name__})
                     if self.holds_writer:
                         ticket = self.db.committer.committed()
+                        if self.db.durability == REPLICATED:
+                            positions = self.db.log_positions(self.conn)
                 else:
                     self.internal_exec("ROLLBACK")
         finally:
@@ -228,6 +231,8 @@ class Tx:
                 self.db.give_writer()
         if ticket is not None and self.db.wait_for_fsync:
             self.db.committer.wait_durable(ticket)
+        if positions is not None:
+            self.db.wait_replicated(positions)
 
 
 class _Patience:
@@ -268,7 +273,10 @@ class Database:
         self.foreign_keys = foreign_keys
         self.durability, self.group_commit = durability, group_commit
         self.committer = GroupCommitter(self.paths)
-        self.wait_for_fsync = durability == DURABLE and group_commit
+        self.wait_for_fsync = durability in (DURABLE, REPLICATED) and group_commit
+        # replicated: set by the daemon once real-time backup runs; waits until the backup
+        # server has applied every change up to the given capture positions (one per file)
+        self.replicated_wait: Callable[[list[int]], None] | None = None
         self._writer = threading.Lock()
         self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
         self._pool_lock = threading.Lock()
@@ -276,6 +284,34 @@ class Database:
         self.guard: Callable[[], None] | None = None    # cluster: may this node acknowledge writes now?
         taken = {"main", "temp"}
         self.schemas = ["main"] + [_schema_name(p, taken) for p in self.paths[1:]]
+
+    def log_positions(self, conn: apsw.Connection) -> list[int] | None:
+        """The last change-capture position of each file, read right after our COMMIT (we
+        still hold the writer turn, so nothing of ours can come later). After DDL, capture
+        has not yet logged the new schema (nor the rows no trigger saw): refresh it first,
+        so that the positions cover this commit."""
+        from .. import capture
+        out = []
+        for schema, path in zip(self.schemas, self.paths):
+            try:
+                cookie = conn.execute(f'PRAGMA "{schema}".schema_version').fetchone()[0]
+                seen = conn.execute(f'SELECT value FROM "{schema}"._bastion_meta '
+                                    "WHERE key = 'schema_version'").fetchone()
+                if seen is None or seen[0] != cookie:
+                    capture.refresh(path)
+                row = conn.execute(f'SELECT max(rowid) FROM "{schema}"._bastion_log').fetchone()
+            except apsw.SQLError:
+                return None         # capture not installed yet: nothing can be replicated
+            out.append(int(row[0] or 0))
+        return out
+
+    def wait_replicated(self, positions: list[int] | None) -> None:
+        from ..errors import NotReplicated
+        if positions is None or self.replicated_wait is None:
+            raise NotReplicated(f"database {self.name}: committed here, but real-time backup is not running yet "
+                                "(capture not installed), so the commit is not on the backup server",
+                                hint="see `bastion replicate status`; the commit is durable on this node")
+        self.replicated_wait(positions)
 
     def take_writer(self) -> None:
         if not self._writer.acquire(timeout=self.settings.busy_timeout):
@@ -291,7 +327,7 @@ class Database:
         conn = apsw.Connection(self.paths[0], flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         conn.set_busy_handler(_Patience(self.settings.busy_timeout))
-        sync = "FULL" if self.durability == DURABLE and not self.group_commit else "NORMAL"
+        sync = "FULL" if self.durability in (DURABLE, REPLICATED) and not self.group_commit else "NORMAL"
         conn.execute(f"PRAGMA synchronous={sync}")
         for path, schema in zip(self.paths[1:], self.schemas[1:]):
             conn.execute("ATTACH ? AS " + f'"{schema}"', (path,))
