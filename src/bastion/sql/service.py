@@ -204,7 +204,8 @@ class Tx:
     def finish(self, commit: bool) -> None:
         """COMMIT (then wait until durable) or ROLLBACK; the writer turn is given back either way."""
         ticket = None
-        positions = None
+        replicate = False
+        positions: list[int] | None = None
         try:
             if self.conn.in_transaction:
                 if commit:
@@ -217,6 +218,7 @@ class Tx:
                     if self.holds_writer:
                         ticket = self.db.committer.committed()
                         if self.db.durability == REPLICATED:
+                            replicate = True
                             positions = self.db.log_positions(self.conn)
                 else:
                     self.internal_exec("ROLLBACK")
@@ -231,7 +233,7 @@ class Tx:
                 self.db.give_writer()
         if ticket is not None and self.db.wait_for_fsync:
             self.db.committer.wait_durable(ticket)
-        if positions is not None:
+        if replicate:       # None (capture not running yet) fails: never acknowledged as replicated
             self.db.wait_replicated(positions)
 
 
