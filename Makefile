@@ -22,7 +22,9 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup
-	$(BIN)/python bench/bench_contops.py && $(BIN)/python bench/bench_backup.py
+	$(BIN)/python bench/bench_contops.py && $(BIN)/python bench/bench_backup.py && \
+	$(BIN)/python bench/bench_sql.py && $(BIN)/python bench/bench_failover.py && \
+	$(BIN)/python bench/bench_capture.py && $(BIN)/python bench/bench_replication.py
 
 clean:
 	rm -rf $(VENV) var bench/out
