@@ -301,8 +301,11 @@ class Cut:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
     def cut(self) -> None:
+        if not self.open:
+            return
         self.open = False
         try:
             self.srv.shutdown(socket.SHUT_RDWR)     # wakes the accept() (close alone would not)
@@ -380,4 +383,6 @@ def test_etcd_lease_failover_and_partition_without_split_brain(tmp_path, bank):
     finally:
         for n in nodes:
             n.stop()
+        for r in relays:
+            r.cut()
         etcd.stop()
