@@ -169,7 +169,6 @@ def test_kill9_of_the_active_node_passive_takes_over_no_acknowledged_commit_lost
             (old,) = active_of(nodes)
             before = sum(len(v) for v in w.acked.values())
             t0 = time.monotonic()
-            print(f"kill -9 of {old.name} at {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d}")
             old.kill9()
             # RTO: from kill -9 to the first write acknowledged after it
             wait_for(lambda: sum(len(v) for v in w.acked.values()) > before + 5, what="writes acknowledged again")
