@@ -1,7 +1,6 @@
 """Backups taken while the bank application writes: restorable, verified, damage found."""
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 

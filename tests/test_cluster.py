@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 import bastion.client as bc
 from conftest import PY, check_bank, free_port

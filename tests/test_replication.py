@@ -9,14 +9,12 @@ by design between the two sides).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sqlite3
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import App, DaemonProc, check_bank, dump, free_port, write_config

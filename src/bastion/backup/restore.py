@@ -86,7 +86,8 @@ def _fsync_close(fd: int) -> None:
         os.close(fd)
 
 
-def _fsync_dir(d: str) -> None:
+def fsync_dir(d: str) -> None:
+    """Make renames and new names in ``d`` durable."""
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -164,7 +165,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                 if os.path.exists(stale):
                     os.remove(stale)
             os.replace(tmp, target)
-        _fsync_dir(dest)
+        fsync_dir(dest)
     except BaseException:
         # no thread may still write, sync or read a temp file when it is removed
         fetch.shutdown(wait=True, cancel_futures=True)

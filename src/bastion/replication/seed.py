@@ -21,15 +21,8 @@ from typing import Any
 import apsw
 
 from .. import capture
+from ..backup.restore import fsync_dir
 from ..errors import BastionError, NotConsistent
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_in_child(pairs: list[tuple[str, str]]) -> None:
@@ -75,7 +68,7 @@ def _main() -> None:
             b.flush()
             os.fsync(b.fileno())
         os.rename(dst + ".part", dst)
-        _fsync(os.path.dirname(dst))
+        fsync_dir(os.path.dirname(dst))
 
 
 if __name__ == "__main__":

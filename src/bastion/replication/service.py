@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import socket
 from contextlib import contextmanager
 from typing import Any, Iterator

@@ -44,7 +44,7 @@ from ..errors import (BastionError, BusyError, FileProblem, PermissionDenied, SQ
                       TransactionGone, UnknownTarget, UsageError)
 from . import values
 from .committer import GroupCommitter
-from .users import READ_ONLY, READ_WRITE, Principal
+from .users import READ_ONLY, Principal
 
 log = logging.getLogger("bastion.sql")
 
