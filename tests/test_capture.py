@@ -424,6 +424,37 @@ def test_apply_is_idempotent_atomic_and_refuses_gaps(tmp_path: Path, app: App) -
     assert content(a) == content(b)
 
 
+def test_applying_several_files_is_one_unit(tmp_path: Path, app: App) -> None:
+    """capture.applying: every file's batch goes in, or none does (an error in the second
+    file rolls the first back), and the triggers stay off only while it applies."""
+    src = [new_db(tmp_path / f"s{i}.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, v)") for i in range(2)]
+    dst = [tmp_path / f"d{i}.db" for i in range(2)]
+    for s_, d in zip(src, dst):
+        cap.install(s_, "A")
+    starts = [seed(s_, d) for s_, d in zip(src, dst)]
+    for s_ in src:
+        app.open(s_)
+        app.call("many", ("INSERT INTO t(v) VALUES (?)", [(i,) for i in range(10)]))
+    ch = [cap.read_changes(s_, st) for s_, st in zip(src, starts)]
+    cons = [apsw.Connection(str(d)) for d in dst]
+    try:
+        before = [content(d) for d in dst]
+        with pytest.raises(StateConflict, match="missing"):
+            with cap.applying(cons, "A") as apply:
+                apply(0, ch[0])
+                apply(1, ch[1][5:])           # a gap in the second file
+        assert [content(d) for d in dst] == before          # the first file's batch rolled back too
+        assert [c.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) for c in cons] == [1, 1]
+        with cap.applying(cons, "A") as apply:
+            assert apply(0, ch[0]).applied == 10
+            assert apply(1, ch[1][:5]).applied == 5
+            assert apply(1, ch[1][5:]).applied == 5      # chunks of one file chain inside the unit
+    finally:
+        for c in cons:
+            c.close()
+    assert [content(d) for d in dst] == [content(s_) for s_ in src]
+
+
 def test_applied_changes_are_not_captured_again(tmp_path: Path, app: App) -> None:
     schema = """CREATE TABLE orders(id INTEGER PRIMARY KEY, item TEXT, parent INTEGER REFERENCES orders(id)
                                     ON DELETE CASCADE);

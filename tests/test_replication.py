@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from bastion.workload import BALANCE
 from conftest import App, DaemonProc, check_bank, dump, free_port, write_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -100,6 +102,54 @@ class Pair:
         assert res["ok"], res
 
 
+class InvariantWatch:
+    """Samples the replica while batches arrive, as a reader that takes every file's write
+    lock (Bastion's own pause does the same): between two applied cuts, the bank's
+    invariants must hold across both files. Without cuts applied as one unit, bank.db runs
+    ahead of audit.db and this fails."""
+
+    def __init__(self, copy: Path) -> None:
+        self.copy = copy
+        self.samples: list[int] = []          # transfer counts seen
+        self.bad: list[dict] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "InvariantWatch":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except sqlite3.Error:       # the copy is being seeded or its daemon restarts
+                time.sleep(0.05)
+            time.sleep(0.002)
+
+    def sample(self) -> None:
+        cons = [sqlite3.connect(self.copy / n, timeout=10, isolation_level=None) for n in ("bank.db", "audit.db")]
+        try:
+            for c in cons:
+                c.execute("BEGIN IMMEDIATE")
+            accounts = cons[0].execute("SELECT value FROM meta WHERE key='accounts'").fetchone()[0]
+            total = cons[0].execute("SELECT sum(balance) FROM accounts").fetchone()[0]
+            transfers = cons[0].execute("SELECT value FROM meta WHERE key='transfers'").fetchone()[0]
+            rows, top = cons[1].execute("SELECT count(*), coalesce(max(seq), 0) FROM audit").fetchone()
+            if total != accounts * BALANCE or not transfers == rows == top:
+                self.bad.append({"total": total, "transfers": transfers, "audit_rows": rows, "audit_max": top})
+            self.samples.append(transfers)
+        finally:
+            for c in cons:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                c.close()
+
+
 @pytest.fixture
 def pair(tmp_path, bank):
     made: list[Pair] = []
@@ -125,19 +175,24 @@ def test_streams_survives_kill9_of_backup_and_catches_up(pair, bank):
     while not (p.copy / "bank.db").exists():        # seeded from a consistent copy
         assert time.monotonic() < deadline, p.primary.log.read_text()[-3000:]
         time.sleep(0.1)
-    time.sleep(2)
-    st = p.status()
-    assert st["state"] in ("shipping", "caught up") and st["files"][0]["applied"] is not None, st
-    applied_before = [f["applied"] for f in st["files"]]
-    p.backup.kill9()                                  # mid-stream: batches are arriving all the time
-    deadline = time.monotonic() + 15
-    while not (down := p.status())["failures"]:
-        assert time.monotonic() < deadline, down
-        time.sleep(0.3)
-    assert "unreachable" in down["last_error"] and down["state"] == "failing", down
-    p.backup.start()
-    time.sleep(2)
-    stats = bank.stop()
+    with InvariantWatch(p.copy) as watch:
+        time.sleep(2)
+        st = p.status()
+        assert st["state"] in ("shipping", "caught up") and st["files"][0]["applied"] is not None, st
+        applied_before = [f["applied"] for f in st["files"]]
+        p.backup.kill9()                                  # mid-stream: batches are arriving all the time
+        deadline = time.monotonic() + 15
+        while not (down := p.status())["failures"]:
+            assert time.monotonic() < deadline, down
+            time.sleep(0.3)
+        assert "unreachable" in down["last_error"] and down["state"] == "failing", down
+        p.backup.start()
+        time.sleep(2)
+        stats = bank.stop()
+        p.catch_up()
+    # the invariant held at every state sampled, and the samples saw the copy move many times
+    assert not watch.bad, watch.bad[:5]
+    assert len(set(watch.samples)) > 20, (len(watch.samples), len(set(watch.samples)))
     assert stats["commits"] > 20 and not stats["errors"], stats
     p.catch_up()
     p.assert_same()
@@ -255,6 +310,37 @@ def test_kill9_of_primary_and_schema_change_while_streaming(pair, bank):
     cols = [r[1] for r in sqlite3.connect(p.copy / "bank.db").execute("PRAGMA table_info(accounts)")]
     assert "note" in cols
     assert check_bank(p.copy)["transfers"] == bank.transfers()
+
+
+def test_backup_killed_between_the_commits_of_a_cut_redoes_it(pair, bank, monkeypatch):
+    """SQLite commits WAL files one by one: the backup dies with bank.db committed and
+    audit.db not. The primary is lost too; on restart the promotion first applies the cut
+    again from its durable copy: both files at one instant, nothing half-applied."""
+    p = pair(backup=False)
+    monkeypatch.setenv("BASTION_CRASH_POINT", "replica-cut-half-committed")
+    p.backup.start()
+    monkeypatch.delenv("BASTION_CRASH_POINT")
+    bank.start(seconds=120)
+    assert p.backup.proc.wait(60) != 0          # died at the first cut over both files
+    stats = bank.stop()
+    assert stats["commits"] > 0 and not stats["errors"], stats
+    p.primary.kill9()                           # and the primary is gone for good
+    ready = list((p.backup.data_dir / "replication").glob("bank.cut.ready"))
+    assert ready, list((p.backup.data_dir / "replication").iterdir())
+    half = InvariantWatch(p.copy)
+    half.sample()
+    assert half.bad, "the crash point was not between the two commits"   # bank.db ahead of audit.db
+    p.backup.start()
+    out = p.backup.cli("replicate", "promote", "bank", "--json")
+    assert out.code == 0 and out.json["promoted"], out.err
+    assert not (p.backup.data_dir / "replication" / "bank.cut.ready").exists()
+    res = check_bank(p.copy)
+    assert res["ok"], res
+    assert 0 < res["transfers"] <= bank.transfers()
+    # the copy is the primary as of that cut: audit rows are a prefix of the primary's
+    want = [t for t in user_dump(bank.audit) if t[0] == "audit"][0][1]
+    got = [t for t in user_dump(p.copy / "audit.db") if t[0] == "audit"][0][1]
+    assert got == want[:len(got)]
 
 
 def test_config_is_checked_and_blackout_windows():

@@ -94,7 +94,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import apsw
 
@@ -883,10 +883,7 @@ def apply(target: apsw.Connection | str | os.PathLike, changes: Iterable[Change]
     Entries at or before the position recorded for ``origin`` are skipped; the rest must
     follow it without a gap. Nothing is captured here as a local change."""
     batch = list(changes)
-    for a, b in zip(batch, batch[1:]):
-        if b.seq <= a.seq:
-            raise UsageError(f"changes are out of order: position {b.seq} after {a.seq}",
-                             hint="apply entries in the order read_changes returned them")
+    _check_order(batch)
     with _connection(target) as con:
         if con.in_transaction:
             raise UsageError("the connection is already in a transaction",
@@ -901,6 +898,74 @@ def apply(target: apsw.Connection | str | os.PathLike, changes: Iterable[Change]
         finally:
             con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, triggers_were)
             con.execute(f"PRAGMA foreign_keys = {int(bool(fk_was))}")
+
+
+def _check_order(batch: list[Change]) -> None:
+    for a, b in zip(batch, batch[1:]):
+        if b.seq <= a.seq:
+            raise UsageError(f"changes are out of order: position {b.seq} after {a.seq}",
+                             hint="apply entries in the order read_changes returned them")
+
+
+@contextmanager
+def applying(cons: Sequence[apsw.Connection], origin: str, lock_timeout: float = 10.0,
+             between_commits: Callable[[], None] | None = None
+             ) -> Iterator[Callable[[int, Iterable[Change]], ApplyResult]]:
+    """Apply batches to several files of one database as one unit: ``apply(i, changes)``.
+
+    Every file's write lock is taken before anything is written, and the files commit
+    one after the other only once every batch went in: a reader that takes the write
+    locks of all files (as Bastion's own pause does) never sees one file ahead of
+    another. Any error rolls every file back. Commits are per file (SQLite has no
+    atomic commit across WAL files): a crash between two of them is the caller's to
+    redo, which :func:`apply`'s per-file positions make idempotent."""
+    saved = []
+    for con in cons:
+        if con.in_transaction:
+            raise UsageError("the connection is already in a transaction",
+                             hint="applying runs its own transaction; commit or roll back first")
+        saved.append((con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1), _one(con, "PRAGMA foreign_keys")))
+    begun: list[apsw.Connection] = []
+    try:
+        for con in cons:
+            con.execute("PRAGMA foreign_keys = OFF")     # no effect inside a transaction: set before BEGIN
+            con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+        deadline = time.monotonic() + lock_timeout
+        while True:
+            try:
+                for con in cons:
+                    con.execute("BEGIN IMMEDIATE")
+                    begun.append(con)
+                break
+            except apsw.BusyError:
+                # Someone holds a later file's lock (a pause of all files, taken in another
+                # order): let go of ours so it can finish, then take them all again.
+                for con in reversed(begun):
+                    con.execute("ROLLBACK")
+                begun.clear()
+                if time.monotonic() > deadline:
+                    raise BusyError(f"the copy's files stayed locked for {lock_timeout:g} s",
+                                    hint="a long read or write transaction holds them; retry") from None
+                time.sleep(0.005)
+
+        def apply_one(i: int, changes: Iterable[Change]) -> ApplyResult:
+            batch = list(changes)
+            _check_order(batch)
+            return _apply(cons[i], batch, origin)
+
+        yield apply_one
+        while begun:
+            begun[0].execute("COMMIT")
+            begun.pop(0)
+            if begun and between_commits is not None:
+                between_commits()      # crash tests: die with some files committed, not all
+    finally:
+        for con in reversed(begun):
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+        for con, (trig, fk) in zip(cons, saved):
+            con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, trig)
+            con.execute(f"PRAGMA foreign_keys = {int(bool(fk))}")
 
 
 def _apply(con: apsw.Connection, batch: list[Change], origin: str) -> ApplyResult:

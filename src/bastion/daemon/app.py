@@ -288,13 +288,14 @@ def _replication_routes(app: FastAPI, daemon: Daemon) -> None:
     def peer_positions(req: PeerRequest) -> dict[str, Any]:
         return rep().receiver.positions(req.database, req.origin, req.files)
 
-    @app.post("/v1/peer/apply", summary="Peer: apply one batch (msgpack) to one file of a replica")
+    @app.post("/v1/peer/apply", summary="Peer: one chunk (msgpack) of a cut; the final chunk applies the cut")
     async def peer_apply(request: Request) -> dict[str, Any]:
         if request.headers.get("content-type") != "application/msgpack":
             raise UsageError("send the batch as application/msgpack")
         try:
             d = msgpack.unpackb(await request.body(), raw=False)
-            args = (d["database"], d["origin"], int(d["file"]), int(d["files"]), d["batch"])
+            args = (d["database"], d["origin"], int(d["files"]), str(d["cut"]), int(d["chunk"]),
+                    bool(d["final"]), int(d["file"]), d["batch"])
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise UsageError(f"bad batch: {type(exc).__name__}: {exc}") from None
         return await run_in_threadpool(rep().receiver.apply, *args)

@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import apsw
 import httpx
@@ -29,14 +29,16 @@ import msgpack
 
 from .. import capture
 from ..catalog import Targets
-from ..errors import BastionError, BusyError
+from ..errors import BastionError, BusyError, StateConflict
 from ..state import iso
+from ..sqlite import pause_writers
 from . import seed
 from .window import Timing
 
 log = logging.getLogger("bastion.replication.shipper")
 BATCH = 2000
 POLL = 0.05             # continuous mode: how often to look for new entries when caught up
+CUT_PAUSE_TIMEOUT = 5.0  # pausing writers for a cut: how long to try before the pass fails and retries
 PRUNE_EVERY = 1.0       # prune is a write transaction in the application's file: not after every batch
 
 
@@ -211,16 +213,20 @@ class Shipper:
             seeded = True
         self.state = "shipping"
         shipped = 0
+        reseeds = 0
         t0 = time.monotonic()
         while not self._stop.is_set():
-            sent = 0
-            for i in range(len(self.db.files)):
-                try:
-                    sent += self._ship_file(i)
-                except _Reseed as why:
-                    log.warning("replica of %s needs a new seed: %s", self.name, why)
-                    self._seed()
-                    seeded = True
+            try:
+                sent = self._ship_cut()
+            except _Reseed as why:
+                reseeds += 1
+                if reseeds > 2:
+                    raise BastionError(f"the replica of {self.name} still refuses changes after a new seed: "
+                                       f"{why}") from None
+                log.warning("replica of %s needs a new seed: %s", self.name, why)
+                self._seed()
+                seeded = True
+                continue
             shipped += sent
             if not sent:
                 break
@@ -232,20 +238,71 @@ class Shipper:
         return {"database": self.name, "shipped": shipped, "seeded": seeded,
                 "positions": list(self.acked), "more": bool(shipped) and self.timing.mode == "continuous"}
 
-    def _ship_file(self, i: int) -> int:
-        after = self.acked[i]
-        assert after is not None
-        changes = capture.read_changes(self._con(i), after, BATCH)
-        if not changes:
+    def _cut(self) -> list[int]:
+        """Each file's last position at one commit boundary of the primary.
+
+        A batch must end where a transaction ended, or the copy shows half of one. One
+        file: the last position a read transaction sees. Several files: an application's
+        transaction may span them, and its commit reaches them one by one, so every
+        writer is paused (write locks, an instant) while the positions are read."""
+        n = len(self.db.files)
+        if n == 1:
+            return [capture.position(self._con(0)).seq]
+        files = [self.daemon.catalog.files[p] for p in self.db.files]
+        out: list[int] = []
+
+        def read() -> None:
+            out[:] = [capture.position(self._con(i)).seq for i in range(n)]
+        try:
+            pause_writers(files, CUT_PAUSE_TIMEOUT, step=read).resume()
+        except StateConflict:
+            # Held by a freeze (or a backup's start): then nobody writes; if every file is
+            # held, their positions are one instant already.
+            if not all(f.gated_since is not None for f in files):
+                raise
+            read()
+        return out
+
+    def _chunks(self, cut: list[int]) -> Iterator[tuple[int, list[capture.Change]]]:
+        for i, end in enumerate(cut):
+            after = self.acked[i]
+            assert after is not None
+            while after < end:
+                changes = [c for c in capture.read_changes(self._con(i), after, BATCH) if c.seq <= end]
+                if not changes:
+                    break
+                yield i, changes
+                after = changes[-1].seq
+
+    def _ship_cut(self) -> int:
+        """Send every change up to one cut, in chunks; the peer applies the cut as one unit."""
+        n = len(self.db.files)
+        # A look first (it also logs a schema change), so that an idle database pauses no writer.
+        if not any(capture.read_changes(self._con(i), self.acked[i] or 0, 1) for i in range(n)):
             return 0
-        body = msgpack.packb({"database": self.name, "origin": self.origin, "file": i,
-                              "files": len(self.db.files), "batch": capture.to_wire(changes)}, use_bin_type=True)
-        res = self._request("POST", "/v1/peer/apply", content=body,
-                            headers={"Content-Type": "application/msgpack"})
-        self.shipped[i] = changes[-1].seq
-        self.acked[i] = int(res["position"])
-        self._prune(i)
-        return len(changes)
+        cut = self._cut()
+        cid = uuid.uuid4().hex
+        chunks = self._chunks(cut)
+        nxt = next(chunks, None)
+        k = sent = 0
+        res: dict[str, Any] = {}
+        while nxt is not None:
+            i, changes = nxt
+            nxt = next(chunks, None)
+            body = msgpack.packb({"database": self.name, "origin": self.origin, "files": n, "cut": cid,
+                                  "chunk": k, "final": nxt is None, "file": i,
+                                  "batch": capture.to_wire(changes)}, use_bin_type=True)
+            res = self._request("POST", "/v1/peer/apply", content=body,
+                                headers={"Content-Type": "application/msgpack"})
+            self.shipped[i] = changes[-1].seq
+            k += 1
+            sent += len(changes)
+        if not k:
+            return 0
+        self.acked = [None if p is None else int(p) for p in res["positions"]]
+        for i in range(n):
+            self._prune(i)
+        return sent
 
     def _prune(self, i: int, force: bool = False) -> None:
         now = time.monotonic()
