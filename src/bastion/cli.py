@@ -24,6 +24,7 @@ from . import __version__
 from . import config as cfg
 from .daemon.client import AdminClient
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BastionError, UsageError
+from .tls import trust
 
 # Piped or redirected, rich would squeeze tables into 80 columns and cut paths with '…':
 # give them the room they need, so `bastion status | grep` sees whole paths.
@@ -627,7 +628,7 @@ def cluster_status(conf: cfg.Config, as_json: bool) -> None:
     for name, addr in sorted(_nodes(conf).items()):
         try:
             r = httpx.get(f"{conf.scheme}://{addr}/v1/cluster/status", headers={"Authorization": f"Bearer {token}"},
-                          timeout=5, verify=conf.tls_cert or True)
+                          timeout=5, verify=trust(conf.tls_ca or conf.tls_cert))
             d = r.json()
             rows.append({"node": name, "address": addr, "role": d.get("role"), "writable": d.get("writable"),
                          "token": d.get("token"), "lease_holder": (d.get("lease") or {}).get("holder"),
@@ -663,7 +664,7 @@ def cluster_switchover(conf: cfg.Config, as_json: bool, to: str | None, timeout:
 
     def role(addr: str) -> str:
         try:
-            return httpx.get(f"{conf.scheme}://{addr}/v1/health", timeout=3, verify=conf.tls_cert or True).json()["role"]
+            return httpx.get(f"{conf.scheme}://{addr}/v1/health", timeout=3, verify=trust(conf.tls_ca or conf.tls_cert)).json()["role"]
         except (httpx.HTTPError, ValueError, KeyError):
             return "unreachable"
     active = [n for n, a in nodes.items() if role(a) == "active"]
@@ -672,7 +673,7 @@ def cluster_switchover(conf: cfg.Config, as_json: bool, to: str | None, timeout:
                            hint="see `bastion cluster status`")
     t0 = time.monotonic()
     r = httpx.post(f"{conf.scheme}://{nodes[active[0]]}/v1/cluster/switchover", json={"to": to}, headers=hdr,
-                   timeout=60, verify=conf.tls_cert or True)
+                   timeout=60, verify=trust(conf.tls_ca or conf.tls_cert))
     if r.status_code >= 400:
         raise BastionError.from_dict(r.json().get("error", {}))
     new = None

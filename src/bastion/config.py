@@ -98,6 +98,7 @@ class Config:
     users: dict[str, Any] = field(default_factory=dict)      # name -> bastion.sql.users.User
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_ca: str | None = None     # what local clients (the CLI) trust for tls_cert; default: tls_cert itself
     cluster: dict[str, Any] | None = None                    # [cluster]: see bastion.cluster.node
     replication: dict[str, Any] = field(default_factory=dict)  # [replication]: peer_token_file, origin
 
@@ -135,7 +136,7 @@ class Config:
 
 
 _KNOWN = {
-    "daemon": {"listen", "data_dir", "token_file", "tls_cert", "tls_key"},
+    "daemon": {"listen", "data_dir", "token_file", "tls_cert", "tls_key", "tls_ca"},
     "sql": {"idle_timeout", "busy_timeout", "max_transactions", "pool_size"},
     "users": None,
     "cluster": {"name", "node", "lease", "etcd", "ttl", "peers", "on_promote", "on_demote"},
@@ -144,7 +145,7 @@ _KNOWN = {
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
                 "keep_weekly", "keep_monthly"},
     "databases": None,
-    "replication": {"peer_token_file", "origin"},
+    "replication": {"peer_token_file", "origin", "peer_ca_file"},
 }
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -303,6 +304,14 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
     if any(tls) and not all(isinstance(t, str) and t for t in tls):
         raise ConfigError(f"{source}: [daemon] TLS needs both tls_cert and tls_key (PEM files)")
     tls = [resolve(t) if t else None for t in tls]
+    ca = daemon.get("tls_ca")
+    if ca is not None:
+        if not isinstance(ca, str) or not ca or not tls[0]:
+            raise ConfigError(f"{source}: [daemon] tls_ca must be a PEM file, with tls_cert and tls_key set",
+                              hint="the CA certificate that signed tls_cert, for this machine's clients to trust")
+        tls.append(resolve(ca))
+    else:
+        tls.append(None)
     for t in tls:
         if t and not os.path.isfile(t):
             raise ConfigError(f"{source}: TLS file {t} does not exist")
@@ -313,7 +322,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), f"{source}: [contops] rollin_timeout"),
         freeze_timeout=freeze_timeout,
         databases=databases, backups=backups, sql=_sql_settings(raw.get("sql", {}), source),
-        users=_users(raw.get("users", {}), databases, source), tls_cert=tls[0], tls_key=tls[1],
+        users=_users(raw.get("users", {}), databases, source), tls_cert=tls[0], tls_key=tls[1], tls_ca=tls[2],
         cluster=_cluster(raw.get("cluster"), source),
         replication=_replication(raw.get("replication"), databases, source, resolve),
     )
@@ -391,6 +400,14 @@ def _replication(raw: dict[str, Any] | None, databases: dict[str, DatabaseConfig
         if not isinstance(origin, str) or not origin.strip():
             raise ConfigError(f"{source}: [replication] origin must be a non-empty name")
         out["origin"] = origin
+    ca = raw.get("peer_ca_file")
+    if ca is not None:
+        if not isinstance(ca, str) or not ca:
+            raise ConfigError(f"{source}: [replication] peer_ca_file must be a path to a PEM file")
+        out["peer_ca_file"] = resolve(ca)
+        if not os.path.isfile(out["peer_ca_file"]):
+            raise ConfigError(f"{source}: [replication] peer_ca_file {out['peer_ca_file']} does not exist",
+                              hint="the CA certificate (PEM) that signed the backup daemon's tls_cert")
     users = [n for n, d in databases.items() if d.replicate_to or d.replica_of]
     if users and "peer_token_file" not in out:
         raise ConfigError(f"{source}: [databases.{users[0]}] replicates, so [replication] needs "

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 
+from ..tls import trust
 from .errors import (InterfaceError, OperationalError, OutcomeUnknown, ProgrammingError, TransactionLost)
 from .transport import Transport
 
@@ -343,7 +344,7 @@ def connect(dsn: str, *, password: str | None = None, token: str | None = None, 
     timeout = float(opts.get("timeout", timeout))
     failover_timeout = float(opts.get("failover_timeout", failover_timeout))
     transport = Transport(d["hosts"], scheme="https" if tls else "http", auth=auth, headers=headers,
-                          timeout=timeout, failover_timeout=failover_timeout, verify=ca if ca else True)
+                          timeout=timeout, failover_timeout=failover_timeout, verify=trust(ca))
     try:
         transport.find_active()
     except OperationalError:

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from ..tls import verify_failure
 from .errors import InterfaceError, OperationalError, OutcomeUnknown, from_server
 
 
@@ -43,8 +44,19 @@ class Transport:
         try:
             r = self.http.get(self._url(host, "/v1/health"), timeout=2.0)
             return r.status_code == 200 and r.json().get("role") == "active"
+        except httpx.ConnectError as exc:
+            self._tls_check(host, exc)
+            return False
         except (httpx.HTTPError, ValueError):
             return False
+
+    def _tls_check(self, host: str, exc: Exception) -> None:
+        # A certificate nobody trusts will not get better by waiting for another node.
+        why = verify_failure(exc)
+        if why:
+            raise OperationalError(f"TLS with {host} failed: {why}",
+                                   hint="pass ca=PATH (the CA certificate that signed the daemon's tls_cert), "
+                                        "and connect by a name the certificate holds") from None
 
     def find_active(self, deadline: float | None = None) -> str:
         """Try every host in turn (starting with the current one), with backoff."""
@@ -70,7 +82,8 @@ class Transport:
         while True:
             try:
                 r = self.http.post(self._url(self.host, path), json=body or {})
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self._tls_check(self.host, exc)
                 self.find_active(deadline)      # never reached a server: safe on another one
                 continue
             except httpx.TransportError as exc:

@@ -8,6 +8,7 @@ import httpx
 
 from ..config import Config
 from ..errors import AuthError, BastionError, DaemonUnavailable
+from ..tls import trust, verify_failure
 from .auth import read_token
 
 
@@ -35,9 +36,16 @@ class AdminClient:
         else:
             no_token = None
         try:
-            resp = httpx.request(method, url, json=body, headers=headers, verify=self.config.tls_cert or True,
+            resp = httpx.request(method, url, json=body, headers=headers,
+                                 verify=trust(self.config.tls_ca or self.config.tls_cert),
                                  timeout=self.timeout if timeout == "default" else timeout)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            why = verify_failure(exc)
+            if why:
+                raise DaemonUnavailable(
+                    f"the daemon at {self.config.base_url} answered, but TLS failed: {why}",
+                    hint="set [daemon] tls_ca to the CA certificate that signed tls_cert (or make tls_cert "
+                         "the full chain), and check that the certificate names this host") from None
             raise DaemonUnavailable(
                 f"no Bastion daemon is listening on {self.config.base_url} (config: {self.config.source})",
                 hint="start one with `bastion serve" + (  # the whole command inside the backticks

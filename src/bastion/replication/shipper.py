@@ -31,6 +31,7 @@ from .. import capture
 from ..catalog import Targets
 from ..errors import BastionError, BusyError, StateConflict
 from ..state import iso
+from ..tls import trust, verify_failure
 from ..sqlite import pause_writers
 from . import seed
 from .window import Timing
@@ -55,6 +56,7 @@ class Shipper:
         self.timing = Timing.parse(self.db.replicate_schedule, self.db.blackout)
         self.peer = self.db.replicate_to
         self._http = httpx.Client(base_url=self.peer, timeout=60.0,
+                                  verify=trust(daemon.config.replication.get("peer_ca_file")),
                                   headers={"Authorization": f"Bearer {token}"})
         n = len(self.db.files)
         self._cons: list[apsw.Connection | None] = [None] * n
@@ -326,6 +328,11 @@ class Shipper:
         try:
             r = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
+            why = verify_failure(exc)
+            if why:
+                raise BastionError(f"backup daemon {self.peer}: TLS failed: {why}",
+                                   hint="set [replication] peer_ca_file to the CA certificate that signed the "
+                                        "backup daemon's tls_cert; changes queue meanwhile") from None
             raise BastionError(f"backup daemon {self.peer} unreachable ({path}): {type(exc).__name__}: {exc}",
                                hint="changes queue on the primary and catch up when it answers") from None
         try:
