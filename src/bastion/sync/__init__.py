@@ -1,0 +1,14 @@
+"""n-way synchronisation of SQLite files between sites, with conflict policies (issue 5).
+
+The engine is a library over change capture: :mod:`.site` keeps each file's sync state
+and exchanges changes, :mod:`.policy` decides conflicts. The daemon moves batches
+between sites (``changes_for`` on one side, ``apply`` on the other).
+"""
+
+from .policy import Choice, Policy, Version, load_resolver
+from .site import (ApplyResult, SyncChange, adopt, apply, changes_for, conflict, conflicts, from_wire, ingest, install,
+                   is_installed, prune, raise_clock, record_peer, resolve, site_of, status, to_wire, vector)
+
+__all__ = ["ApplyResult", "Choice", "Policy", "SyncChange", "Version", "adopt", "apply", "changes_for", "conflict", "conflicts",
+           "from_wire", "ingest", "install", "is_installed", "load_resolver", "prune", "raise_clock", "record_peer",
+           "resolve", "site_of", "status", "to_wire", "vector"]
