@@ -95,17 +95,20 @@ def make_cluster(tmp_path: Path, bank, n: int, lease: str, ttl: str = "2s") -> l
 class Writers:
     """Clients writing through the driver with every node in the DSN; each records what was acknowledged."""
 
-    def __init__(self, nodes: list[Node], token: str, count: int = 4) -> None:
+    def __init__(self, nodes: list[Node], token: str | None, count: int = 4, user: str = "",
+                 database: str = "bank") -> None:
         hosts = ",".join(f"127.0.0.1:{n.port}" for n in nodes)
-        self.dsn = f"bastion://{hosts}/bank"
+        self.dsn = f"bastion://{user + '@' if user else ''}{hosts}/{database}"
         self.token = token
         self.acked: dict[int, list[int]] = {i: [] for i in range(count)}
         self.lost: list[str] = []
         self.stop = threading.Event()
+        self.connected = 0
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(count)]
 
     def _run(self, i: int) -> None:
         con = bc.connect(self.dsn, token=self.token, autocommit=True, failover_timeout=30)
+        self.connected += 1
         n = 0
         while not self.stop.is_set():
             try:

@@ -9,6 +9,7 @@ against the directory of that file (the embedded default: the working directory)
 from __future__ import annotations
 
 import math
+import dataclasses
 import os
 import re
 import tomllib
@@ -71,6 +72,10 @@ class DatabaseConfig:
     blackout: tuple[str, ...] = ()           # "HH:MM-HH:MM" local-time windows when nothing is sent
     on_failure: str | tuple[str, ...] | None = None   # command run once per failure streak
     replica_of: str | None = None            # this copy follows the primary's database of that name
+    # set by a replicated cluster's active node (never read from a file): while its standby is
+    # down or being seeded, "replicated" commits are acknowledged once durable here (degraded)
+    standby_optional: bool = False
+    sync_group: str | None = None            # multi-site sync: the [sync_groups.NAME] this database is in
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class Config:
     tls_ca: str | None = None     # what local clients (the CLI) trust for tls_cert; default: tls_cert itself
     cluster: dict[str, Any] | None = None                    # [cluster]: see bastion.cluster.node
     replication: dict[str, Any] = field(default_factory=dict)  # [replication]: peer_token_file, origin
+    # multi-site sync: {"site": this daemon's site id, "groups": {name: {sites, topology, neighbours, ...}}}
+    sync: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scheme(self) -> str:
@@ -139,14 +146,18 @@ _KNOWN = {
     "daemon": {"listen", "data_dir", "token_file", "tls_cert", "tls_key", "tls_ca"},
     "sql": {"idle_timeout", "busy_timeout", "max_transactions", "pool_size"},
     "users": None,
-    "cluster": {"name", "node", "lease", "etcd", "ttl", "peers", "on_promote", "on_demote"},
+    "cluster": {"name", "node", "mode", "lease", "etcd", "ttl", "peers", "on_promote", "on_demote"},
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
                 "keep_weekly", "keep_monthly"},
     "databases": None,
     "replication": {"peer_token_file", "origin", "peer_ca_file"},
+    "sync": {"site"},
+    "sync_groups": None,
 }
+_SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
+                    "blackout", "on_failure"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -243,7 +254,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         if not isinstance(spec, dict) or "files" not in spec:
             raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
         extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit", "foreign_keys",
-                             *_REPLICATION_KEYS}
+                             "sync_group", *_REPLICATION_KEYS}
         if extra:
             raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
                               hint="known keys: files, repository, schedule, durability, group_commit, foreign_keys, "
@@ -255,7 +266,8 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         if durability not in ("durable", "fast", "replicated"):
             raise ConfigError(f"{source}: [databases.{name}] durability must be durable, fast or replicated, "
                               f"got {durability!r}")
-        if durability == "replicated" and not spec.get("replicate_to"):
+        clustered = (raw.get("cluster") or {}).get("mode") == "replicated"   # the cluster names the peer
+        if durability == "replicated" and not spec.get("replicate_to") and not clustered:
             raise ConfigError(f"{source}: [databases.{name}] durability = \"replicated\" needs real-time backup "
                               "to a second server: replicate_to = \"http://host:port\"",
                               hint="see docs/replication.md; or use \"durable\" (acknowledged after fsync)")
@@ -280,9 +292,17 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         sched = spec.get("schedule")
         if sched is not None:
             Schedule.parse(sched, f"{source}: [databases.{name}] schedule")
+        group = spec.get("sync_group")
+        if group is not None and not (isinstance(group, str) and group in (raw.get("sync_groups") or {})):
+            raise ConfigError(f"{source}: [databases.{name}] sync_group = {group!r} names no [sync_groups.NAME]",
+                              hint="define the group: [sync_groups.NAME] sites = { site = \"http://host:port\" }")
         databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched,
                                          durability, group_commit, foreign_keys,
-                                         **_replication_keys(spec, f"{source}: [databases.{name}]"))
+                                         **_replication_keys(spec, f"{source}: [databases.{name}]"),
+                                         sync_group=group)
+        if group is not None and (databases[name].replicate_to or databases[name].replica_of):
+            raise ConfigError(f"{source}: [databases.{name}] is in a sync group: it cannot also replicate_to or be "
+                              "a replica_of", hint="sync already keeps a copy on every site of the group")
 
     freeze_timeout = parse_duration(freeze.get("timeout", "10s"), f"{source}: [freeze] timeout")
     if freeze_timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze
@@ -315,7 +335,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
     for t in tls:
         if t and not os.path.isfile(t):
             raise ConfigError(f"{source}: TLS file {t} does not exist")
-    return Config(
+    config = Config(
         source=source, listen_host=host, listen_port=port, data_dir=data_dir, token_file=token_file,
         contops_max_duration=parse_duration(contops.get("max_duration", "4h"), f"{source}: [contops] max_duration"),
         gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), f"{source}: [contops] gate_timeout"),
@@ -326,6 +346,17 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         cluster=_cluster(raw.get("cluster"), source),
         replication=_replication(raw.get("replication"), databases, source, resolve),
     )
+    config = dataclasses.replace(config, sync=_sync(raw, databases, config, source))
+    if config.cluster and config.cluster["mode"] == "replicated":
+        if "peer_token_file" not in config.replication:
+            raise ConfigError(f"{source}: [cluster] mode = \"replicated\" streams between the nodes, so "
+                              "[replication] needs peer_token_file = \"path\"",
+                              hint="the same secret file on both nodes (e.g. `openssl rand -hex 32`)")
+        for d in databases.values():
+            if d.replicate_to or d.replica_of:
+                raise ConfigError(f"{source}: [databases.{d.name}] in a replicated cluster the nodes replicate to "
+                                  "each other: remove replicate_to / replica_of")
+    return config
 
 
 _REPLICATION_KEYS = ("replicate_to", "replicate_schedule", "blackout", "on_failure", "replica_of")
@@ -416,6 +447,71 @@ def _replication(raw: dict[str, Any] | None, databases: dict[str, DatabaseConfig
     return out
 
 
+def _sync(raw: dict[str, Any], databases: dict[str, DatabaseConfig], config: Config,
+          source: str) -> dict[str, Any]:
+    """[sync] site and [sync_groups.NAME]: multi-site sync (docs/sync.md)."""
+    groups_raw = raw.get("sync_groups") or {}
+    used = {d.sync_group for d in databases.values() if d.sync_group}
+    if not groups_raw:
+        return {}
+    import socket
+    site = (raw.get("sync") or {}).get("site") or socket.gethostname()
+    if not isinstance(site, str) or not _NAME.match(site):
+        raise ConfigError(f"{source}: [sync] site must be a simple name (letters, digits, _ . -), got {site!r}")
+    groups = {}
+    for name, g in groups_raw.items():
+        where = f"{source}: [sync_groups.{name}]"
+        if not isinstance(g, dict):
+            raise ConfigError(f"{where} must be a table")
+        extra = set(g) - _SYNC_GROUP_KEYS
+        if extra:
+            raise ConfigError(f"{where} unknown key '{sorted(extra)[0]}'",
+                              hint="known keys: " + ", ".join(sorted(_SYNC_GROUP_KEYS)))
+        sites = g.get("sites")
+        if not isinstance(sites, dict) or len(sites) < 2 or not all(
+                isinstance(k, str) and _NAME.match(k) and isinstance(v, str) and re.match(r"^https?://[^/\s]+/?$", v)
+                for k, v in sites.items()):
+            raise ConfigError(f"{where} sites must list at least two sites: {{ name = \"http://host:port\", ... }}")
+        if site not in sites and name in used:
+            raise ConfigError(f"{where} does not list this daemon's site {site!r}",
+                              hint="set [sync] site = \"NAME\" to one of: " + ", ".join(sorted(sites)))
+        topology = g.get("topology", "mesh" if len(sites) > 2 else "pair")
+        hub = g.get("hub")
+        if topology == "pair" and len(sites) != 2:
+            raise ConfigError(f"{where} topology = \"pair\" needs exactly two sites")
+        if topology == "hub" and hub not in sites:
+            raise ConfigError(f"{where} topology = \"hub\" needs hub = one of the sites ({', '.join(sorted(sites))})")
+        if topology not in ("pair", "hub", "mesh"):
+            raise ConfigError(f"{where} topology must be \"pair\", \"hub\" or \"mesh\", got {topology!r}")
+        if topology == "hub" and site != hub:
+            neighbours = [hub]
+        else:
+            neighbours = sorted(n for n in sites if n != site)
+        from .sync.policy import Policy
+        from .errors import UsageError
+        try:
+            policy = Policy.of({k: g[k] for k in ("policy", "priority", "update_delete", "resolver") if k in g})
+        except UsageError as exc:
+            raise ConfigError(f"{where} {exc.message}", hint=exc.hint) from None
+        sched = g.get("schedule", "continuous")
+        if not isinstance(sched, str) or not (sched in ("continuous", "manual") or sched.startswith("every ")):
+            raise ConfigError(f"{where} schedule must be \"continuous\", \"manual\" or \"every DURATION\"")
+        if sched.startswith("every "):
+            parse_duration(sched[6:], f"{where} schedule")
+        blackout = g.get("blackout", [])
+        blackout = [blackout] if isinstance(blackout, str) else blackout
+        if not isinstance(blackout, list) or not all(isinstance(b, str) and _WINDOW.match(b.strip())
+                                                      for b in blackout):
+            raise ConfigError(f"{where} blackout must be a list of \"HH:MM-HH:MM\" windows (local time)")
+        groups[name] = {"sites": {k: v.rstrip("/") for k, v in sites.items()}, "topology": topology, "hub": hub,
+                        "neighbours": neighbours, "policy": policy, "schedule": sched,
+                        "blackout": tuple(b.strip() for b in blackout), "on_failure": g.get("on_failure")}
+    if used and "peer_token_file" not in config.replication:
+        raise ConfigError(f"{source}: sync groups talk over the peer API, so [replication] needs "
+                          "peer_token_file = \"path\"", hint="the same secret file on every site")
+    return {"site": site, "groups": groups}
+
+
 def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
     if raw is None:
         return None
@@ -445,7 +541,18 @@ def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
     name = raw.get("name", "bastion")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{where} name must be a simple name")
-    return {"name": name, "node": node, "lease": lease, "etcd": etcd, "ttl": ttl, "peers": dict(peers),
+    mode = raw.get("mode", "shared")
+    if mode not in ("shared", "replicated"):
+        raise ConfigError(f"{where} mode must be \"shared\" (one data_dir for every node) or \"replicated\" "
+                          f"(each node its own copy), got {mode!r}")
+    if mode == "replicated":
+        if lease != "etcd":
+            raise ConfigError(f"{where} mode = \"replicated\" needs lease = \"etcd\": the nodes share nothing "
+                              "else", hint="see docs/cluster.md, replicated standby")
+        if node not in peers or len(peers) != 2:
+            raise ConfigError(f"{where} mode = \"replicated\" needs peers = {{ NODE = \"host:port\", ... }} "
+                              f"with exactly two nodes, this one ({node}) among them")
+    return {"name": name, "node": node, "mode": mode, "lease": lease, "etcd": etcd, "ttl": ttl, "peers": dict(peers),
             "on_promote": raw.get("on_promote"), "on_demote": raw.get("on_demote")}
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import NotActive, StateConflict
 from .lease import EtcdLease, FileLease, LeaseUnavailable
+from .standby import ReplicatedMode
 
 log = logging.getLogger("bastion.cluster")
 
@@ -36,7 +37,7 @@ PASSIVE, ACTIVE, FENCED, PROMOTING = "passive", "active", "fenced", "promoting"
 
 
 class ClusterNode:
-    def __init__(self, config: Config, open_daemon: Callable[[], Any]) -> None:
+    def __init__(self, config: Config, open_daemon: Callable[[Config], Any]) -> None:
         c = config.cluster
         assert c is not None
         self.config = config
@@ -51,6 +52,9 @@ class ClusterNode:
             self.lease = FileLease(config.data_dir, self.name, self.ttl)
         self.open_daemon = open_daemon
         self.daemon: Any = None
+        # replicated mode: each node its own copy; a standby holds a receiving daemon (standby.py)
+        self.replicated = ReplicatedMode(config, self.name) if c.get("mode") == "replicated" else None
+        self.standby: Any = None
         self.role = PASSIVE
         self.token: int | None = None
         self.fence_at = 0.0
@@ -72,12 +76,51 @@ class ClusterNode:
             raise NotActive(f"node {self.name} is {self.role}: it may not accept writes",
                             hint="the driver retries on the active node")
 
+    def replication(self) -> Any:
+        """The replication service peer requests reach: the active's, or the standby's receiver."""
+        if self.role == ACTIVE and self.daemon is not None:
+            return self.daemon.replication
+        if self.standby is not None:
+            return self.standby.replication
+        raise NotActive(f"node {self.name} is {self.role}: it neither ships nor receives now")
+
+    def lag(self) -> dict[str, Any]:
+        """Replicated mode: how far the standby is behind (as the active sees it), or when
+        the standby last applied a cut."""
+        if self.replicated is None:
+            return {"lag_seconds": 0.0}
+        now = time.time()
+        if self._lag_cache and now - self._lag_cache[0] < 1.0:
+            return self._lag_cache[1]
+        out: dict[str, Any] = {"lag_seconds": None}
+        try:
+            if self.role == ACTIVE and self.daemon is not None:
+                st = [s.status() for s in self.daemon.replication.shippers.values()]
+                lags = [x["lag_seconds"] for x in st if x.get("lag_seconds") is not None]
+                out = {"lag_seconds": max(lags) if lags else None,
+                       "lag_changes": sum(x.get("lag_changes") or 0 for x in st),
+                       "standby_state": [x["state"] for x in st],
+                       "degraded": any(x.get("degraded") for x in st)}
+            elif self.standby is not None:
+                rec = self.standby.replication.receiver
+                last = max(rec.last_apply.values(), default=None)
+                out = {"lag_seconds": None, "last_apply_age": None if last is None else round(now - last, 3),
+                       "seeded": all(rec.state[n].get("origin") for n in rec.replicas)}
+        except Exception as exc:  # noqa: BLE001 - health must answer
+            out = {"lag_seconds": None, "error": str(exc)}
+        self._lag_cache = (now, out)
+        return out
+
+    _lag_cache: tuple[float, dict[str, Any]] | None = None
+
     def describe(self) -> dict[str, Any]:
         try:
             holder = self.lease.holder()
         except LeaseUnavailable as exc:
             holder = {"error": str(exc)}
         return {"node": self.name, "role": self.role, "writable": self.may_write(), "token": self.token,
+                "mode": "replicated" if self.replicated else "shared",
+                "standby": self.standby is not None, **({"replication": self.lag()} if self.replicated else {}),
                 "since": self.since, "lease": {"kind": self.config.cluster["lease"], "ttl": self.ttl,
                                                 "holder": holder},
                 "last_error": self.last_error, "events": self.events[-10:]}
@@ -92,6 +135,7 @@ class ClusterNode:
         with self._mutex:
             if self.role in (ACTIVE, FENCED, PROMOTING):
                 self._demote("the daemon is stopping", release=True)
+            self._close_standby()
 
     def switchover(self, to: str | None) -> dict[str, Any]:
         with self._mutex:
@@ -113,6 +157,8 @@ class ClusterNode:
                 with self._mutex:
                     if self.role == ACTIVE:
                         self._renew()
+                    elif self.role == PASSIVE and self.replicated is not None:
+                        self._standby_step()
                     elif self.role == PASSIVE and time.monotonic() >= self._hold_off_until:
                         self._try_promote()
             except Exception as exc:  # noqa: BLE001 - the loop must go on
@@ -133,12 +179,49 @@ class ClusterNode:
         else:
             self._demote("the lease is held by another node", release=False)
 
+    def _standby_step(self) -> None:
+        """Replicated mode, not active: follow the active as its standby, or take over."""
+        assert self.replicated is not None
+        try:
+            holder = self.lease.holder()
+        except LeaseUnavailable as exc:
+            self.last_error = str(exc)
+            return
+        if holder and holder.get("node") != self.name:
+            if self.standby is None:
+                url = self.replicated.peer_url
+                if self.replicated.needs_rejoin():
+                    res = self.replicated.rejoin(url)
+                    self._event("rejoined", **res)
+                self.standby = self.open_daemon(self.replicated.standby_config())
+                self.since = time.time()
+                self._event("standby", of=holder.get("node"))
+                log.warning("node %s is a STANDBY of %s", self.name, holder.get("node"))
+            return
+        if time.monotonic() < self._hold_off_until:
+            return
+        why = self.replicated.eligible()
+        if why:
+            if self.last_error != f"cannot take over: {why}":
+                log.warning("node %s cannot take over: %s", self.name, why)
+            self.last_error = f"cannot take over: {why}"
+            return
+        self._try_promote()
+
+    def _close_standby(self) -> None:
+        if self.standby is not None:
+            try:
+                self.standby.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the standby daemon")
+            self.standby = None
+
     def _try_promote(self) -> None:
         # On a shared data_dir the active holds daemon.lock (an flock) for as long as it
         # holds the lease: getting it proves the active's process is gone, so there is no
         # need to wait for the lease to expire. Still held but the lease long expired: the
         # holder is stalled (stopped, swapping); it is fenced by time, take over anyway.
-        self._lock_fd = self._try_flock()
+        self._lock_fd = self._try_flock() if self.replicated is None else None
         try:
             t0 = time.time()
             if isinstance(self.lease, FileLease):
@@ -159,10 +242,19 @@ class ClusterNode:
         self._event("lease acquired", token=token)
         log.warning("node %s holds the lease (fencing token %s): opening the databases", self.name, token)
         try:
-            if self._lock_fd is None:
-                self._take_data_dir()
-            self._mark_lock()
-            self.daemon = self.open_daemon()
+            if self.replicated is not None:
+                standby, self.standby = self.standby, None
+                taken = self.replicated.take_over(standby)
+                if standby is not None:
+                    standby.close()
+                if taken:
+                    self._event("took over", databases=[t["database"] for t in taken])
+                self.daemon = self.open_daemon(self.replicated.active_config())
+            else:
+                if self._lock_fd is None:
+                    self._take_data_dir()
+                self._mark_lock()
+                self.daemon = self.open_daemon(self.config)
         except Exception as exc:  # noqa: BLE001 - give the lease back, stay passive
             self.last_error = f"promotion failed: {exc}"
             log.error("node %s: promotion failed: %s", self.name, exc)

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from .. import __version__
-from ..errors import BastionError, UsageError
+from ..errors import BastionError, NotActive, UnknownTarget, UsageError
 from .auth import Authenticator
 from .core import Daemon
 
@@ -188,7 +188,8 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     def role() -> dict[str, Any]:
         if node is None:
             return {"role": "active", "writable": True, "node": None, "lag_seconds": 0.0}
-        return {"role": node.role, "writable": node.may_write(), "node": node.name, "lag_seconds": 0.0}
+        # replicated mode: lag as the active sees its standby, or the standby's last apply
+        return {"role": node.role, "writable": node.may_write(), "node": node.name, **node.lag()}
 
     @app.get("/v1/health", summary="For load balancers and drivers: this node's role (no credentials needed)")
     def health() -> dict[str, Any]:
@@ -202,7 +203,8 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     @app.get("/v1/health/standby", summary="200 if this node is a standby (passive), else 503")
     def health_standby() -> JSONResponse:
         r = role()
-        return JSONResponse(status_code=200 if r["role"] == "passive" else 503, content=r)
+        ready = r["role"] == "passive" and (node is None or node.replicated is None or node.standby is not None)
+        return JSONResponse(status_code=200 if ready else 503, content=r)
 
     @app.get("/v1/cluster/status", summary="This node's role, the lease and recent events")
     def cluster_status() -> dict[str, Any]:
@@ -236,8 +238,108 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     def sql_rollback(database: str, tid: str, request: Request) -> dict[str, Any]:
         return daemon.sql.finish(request.state.principal, tid, commit=False)
 
-    _replication_routes(app, daemon)
+    _replication_routes(app, daemon, node)
+    _conflict_routes(app, daemon)
+    _sync_routes(app, daemon)
     return app
+
+
+class SyncRunRequest(BaseModel):
+    database: str
+    timeout: float = Field(300.0, gt=0, le=86400)
+
+
+class SyncPeerRequest(BaseModel):
+    database: str
+    group: str
+    site: str
+    file: int
+    files: int
+
+
+def _sync_routes(app: FastAPI, daemon: Any) -> None:
+    """Multi-site sync (issue 5): admin routes under /v1/sync/, peer routes under /v1/peer/sync/."""
+    import os
+
+    import msgpack
+    from starlette.background import BackgroundTask
+    from starlette.responses import FileResponse
+
+    @app.get("/v1/sync/status", summary="Sync: per database, group, neighbours, vectors, lag, last error")
+    def sync_status(database: str | None = None) -> dict[str, Any]:
+        return daemon.sync.status(database)
+
+    @app.post("/v1/sync/run", summary="Exchange every pending change of a synced database now")
+    def sync_run(req: SyncRunRequest) -> dict[str, Any]:
+        return daemon.sync.get(req.database).run_now(req.timeout)
+
+    @app.post("/v1/peer/sync/vector", summary="Peer: which changes this site holds, per origin")
+    def peer_sync_vector(req: SyncPeerRequest) -> dict[str, Any]:
+        return daemon.sync.get(req.database).vector(req.model_dump())
+
+    @app.post("/v1/peer/sync/apply", summary="Peer: apply one batch of changes (msgpack) with the group's policy")
+    async def peer_sync_apply(request: Request) -> dict[str, Any]:
+        if request.headers.get("content-type") != "application/msgpack":
+            raise UsageError("send the batch as application/msgpack")
+        try:
+            d = msgpack.unpackb(await request.body(), raw=False)
+            batch = d.pop("batch")
+            s = daemon.sync.get(str(d["database"]))
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            raise UsageError(f"bad sync batch: {type(exc).__name__}: {exc}") from None
+        return await run_in_threadpool(s.apply, d, batch)
+
+    @app.post("/v1/peer/sync/snapshot", summary="Peer: a consistent copy of one file, for a joining site")
+    def peer_sync_snapshot(req: SyncPeerRequest) -> FileResponse:
+        path = daemon.sync.snapshot(req.model_dump(), daemon)
+        return FileResponse(path, media_type="application/octet-stream",
+                            background=BackgroundTask(os.remove, path))
+
+
+class ResolveRequest(BaseModel):
+    action: str = Field(pattern="^(reapply|dismiss)$")
+    version: str | None = Field(None, pattern="^(local|remote)$")
+    file: int = Field(0, ge=0)
+
+
+def _conflict_routes(app: FastAPI, daemon: Any) -> None:
+    """The conflict log of sync and of replicated failover (bastion.sync.conflicts)."""
+    import os
+
+    from ..sync import conflict_log as conflicts
+
+    def files_of(name: str) -> tuple[str, ...]:
+        db = daemon.config.databases.get(name)
+        if db is None:
+            raise UnknownTarget(f"no database {name!r} in this daemon's config",
+                                hint="databases: " + ", ".join(sorted(daemon.config.databases)))
+        return db.files
+
+    @app.get("/v1/conflicts", summary="Recorded conflicts (unresolved, or all), per database and file")
+    def conflicts_list(database: str | None = None, all: bool = False) -> dict[str, Any]:
+        names = [database] if database else sorted(daemon.config.databases)
+        found = []
+        for name in names:
+            for i, path in enumerate(files_of(name)):
+                if os.path.exists(path):
+                    found += [{**conflicts.for_json(c), "database": name, "file": i}
+                              for c in conflicts.listing(path, unresolved=not all)]
+        return {"conflicts": found}
+
+    @app.get("/v1/conflicts/{database}/{cid}", summary="One conflict with both versions")
+    def conflicts_show(database: str, cid: int, file: int = 0) -> dict[str, Any]:
+        files = files_of(database)
+        if not 0 <= file < len(files):
+            raise UsageError(f"database {database} has {len(files)} file(s): --file {file} is out of range")
+        return {**conflicts.for_json(conflicts.get(files[file], cid)), "database": database, "file": file}
+
+    @app.post("/v1/conflicts/{database}/{cid}/resolve", summary="Dismiss a conflict, or re-apply its loser")
+    def conflicts_resolve(database: str, cid: int, req: ResolveRequest) -> dict[str, Any]:
+        files = files_of(database)
+        if not 0 <= req.file < len(files):
+            raise UsageError(f"database {database} has {len(files)} file(s): --file {req.file} is out of range")
+        res = conflicts.resolve(files[req.file], cid, req.action, by="admin", version=req.version)
+        return {**conflicts.for_json(res), "database": database, "file": req.file}
 
 
 def _peer_allowed(daemon: Any, header: str | None) -> bool:
@@ -258,16 +360,30 @@ class SeedCommitRequest(PeerRequest):
     positions: list[dict[str, int]]
 
 
+class TakeoverRequest(BaseModel):
+    database: str
+
+
+def _replicated_active(node: Any) -> Any:
+    if node is None or node.replicated is None:
+        raise UsageError("this daemon is not a node of a replicated cluster")
+    if node.role != "active":
+        raise NotActive(f"node {node.name} is {node.role}: ask the active node")
+    return node
+
+
 class ReplicateRequest(BaseModel):
     database: str
     timeout: float = Field(300.0, gt=0, le=86400)
 
 
-def _replication_routes(app: FastAPI, daemon: Daemon) -> None:
+def _replication_routes(app: FastAPI, daemon: Daemon, node: Any = None) -> None:
     """Real-time backup (issue 4): admin routes under /v1/replication/, peer routes under /v1/peer/."""
     import os
 
     import msgpack
+
+    from .. import capture
 
     def rep():  # type: ignore[no-untyped-def]
         return daemon.replication    # looked up per request: a cluster node opens its Daemon later
@@ -313,6 +429,28 @@ def _replication_routes(app: FastAPI, daemon: Daemon) -> None:
             os.fsync(fh.fileno())
         os.replace(part, path)
         return {"path": path, "bytes": size}
+
+    @app.post("/v1/peer/takeover", summary="Peer: what this node holds of the primary it took over from")
+    def peer_takeover(req: TakeoverRequest) -> dict[str, Any]:
+        n = _replicated_active(node)
+        if req.database not in daemon.config.databases:
+            raise UnknownTarget(f"no database {req.database!r} here")
+        return n.replicated.takeover_record(req.database)
+
+    @app.post("/v1/peer/reconcile", summary="Peer: an old primary's changes that never reached this node")
+    async def peer_reconcile(request: Request) -> dict[str, Any]:
+        from ..cluster.standby import reconcile_record
+        _replicated_active(node)
+        try:
+            d = msgpack.unpackb(await request.body(), raw=False)
+            name, origin, who, i, batch = d["database"], d["origin"], d["node"], int(d["file"]), d["batch"]
+            files = daemon.config.databases[name].files
+            path = files[i]
+            changes = capture.from_wire(batch)
+        except (ValueError, KeyError, TypeError, IndexError, msgpack.UnpackException) as exc:
+            raise UsageError(f"bad reconcile request: {type(exc).__name__}: {exc}") from None
+        n = await run_in_threadpool(reconcile_record, path, origin, who, changes)
+        return {"database": name, "file": i, "recorded": n}
 
     @app.post("/v1/peer/seed/commit", summary="Peer: every seed file is uploaded; swap them in")
     def peer_seed_commit(req: SeedCommitRequest) -> dict[str, Any]:

@@ -56,6 +56,8 @@ class Daemon:
         self.sql = self._sql_service()
         from ..replication import Replication
         self.replication = Replication(self)     # real-time backup: shippers and replicas (issue 4)
+        from ..sync.service import Sync
+        self.sync = Sync(self)                   # multi-site sync (issue 5)
         self._schedule_jobs()
         if found["rolling_in"]:
             # a reader may hold the roll-in back for minutes: never delay the start for it
@@ -69,6 +71,7 @@ class Daemon:
         self._sweeper.start()
         self.scheduler.start()
         self.replication.start()
+        self.sync.start()
 
     def _sql_service(self):  # type: ignore[no-untyped-def]
         from ..sql.service import Database, SQLService, SQLSettings
@@ -114,6 +117,7 @@ class Daemon:
         self._stop.set()
         self.scheduler.stop()
         self.replication.stop()
+        self.sync.stop()
         if self._sweeper:
             self._sweeper.join(timeout=5)
         self.sql.close()
@@ -170,7 +174,7 @@ class Daemon:
         # otherwise find the daemon itself holding the files and refuse every time.
         resume = self.sql.suspend([f.path for f in files], "recover --discard-changes")
         try:
-            with self.replication.paused():     # its shippers' connections too
+            with self.replication.paused(), self.sync.paused():     # their connections too
                 return self.contops.recover(files, discard)
         finally:
             resume()
@@ -193,7 +197,7 @@ class Daemon:
 
     def restore_in_place(self, backup_id: str, url: str | None = None) -> dict[str, Any]:
         from ..backup.backups import restore_in_place
-        with self.replication.paused():         # no shipper connection open during the swap
+        with self.replication.paused(), self.sync.paused():   # no connection of theirs open during the swap
             return restore_in_place(self.config, self.catalog, self.contops, backup_id, url, sql=self.sql)
 
     def status(self) -> dict[str, Any]:
@@ -219,4 +223,5 @@ class Daemon:
             "jobs": self.scheduler.describe(),
             "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
             "replication": self.replication.status()["databases"],
+            "sync": self.sync.status()["databases"],
         }

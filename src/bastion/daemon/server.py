@@ -104,6 +104,8 @@ class ActiveDaemon:
         self._node, self.token, self.config = node, token, node.config
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        if name == "replication":      # peer requests: the active's shippers or a standby's receiver
+            return self._node.replication()
         d = self._node.daemon
         if d is None or self._node.role != "active":
             raise NotActive(f"node {self._node.name} is {self._node.role}", hint="ask the active node")
@@ -117,8 +119,8 @@ def _serve_cluster_node(config: Config) -> None:
     token = ensure_token(config.token_file)
     sock = _bind(config)
 
-    def open_daemon() -> Daemon:
-        d = Daemon(config, guard=node.guard)
+    def open_daemon(cfg: Config) -> Daemon:     # replicated mode: the config of the node's role
+        d = Daemon(cfg, guard=node.guard)
         d.open()
         return d
 

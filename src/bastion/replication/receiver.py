@@ -31,7 +31,7 @@ log = logging.getLogger("bastion.replication.receiver")
 _SEED_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 
-def _durable_json(path: str, data: dict[str, Any]) -> None:
+def durable_json(path: str, data: dict[str, Any]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as fh:
         json.dump(data, fh)
@@ -59,6 +59,7 @@ class Receiver:
         self.state = {n: self._load(n) for n in self.replicas}
         self.last_apply: dict[str, float] = {}
         self._cuts: dict[str, dict[str, Any]] = {}    # the cut being received, per replica
+        self.closed = False      # a cluster standby taking over: no more changes from the old primary
 
     # -- state (a small JSON file per replica, written durably) -------------------
     def _state_path(self, name: str) -> str:
@@ -72,7 +73,7 @@ class Receiver:
             return {"promoted": False, "origin": None, "seeded_at": None}
 
     def _save(self, name: str) -> None:
-        _durable_json(self._state_path(name), self.state[name])
+        durable_json(self._state_path(name), self.state[name])
 
     def promoted(self, name: str) -> bool:
         return bool(self.state.get(name, {}).get("promoted"))
@@ -96,6 +97,9 @@ class Receiver:
                                 hint=f"add [databases.NAME] files = [...] and replica_of = \"{primary_db}\" "
                                      "to the backup daemon's config")
         name = names[0]
+        if self.closed:
+            raise StateConflict(f"replica {name} is being promoted: it takes no more changes",
+                                details={"promoted": True})
         if nfiles is not None and nfiles != len(self.replicas[name].files):
             raise UsageError(f"the primary's database {primary_db} has {nfiles} files, the replica {name} "
                              f"lists {len(self.replicas[name].files)}",

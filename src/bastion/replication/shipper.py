@@ -72,6 +72,8 @@ class Shipper:
         self.last_success_at: float | None = None
         self.seeded_at: float | None = None
         self.seeds = 0
+        self.degraded_commits = 0     # replicated commits acknowledged while the standby was down
+        self._waiter_woke = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._cond = threading.Condition()
@@ -120,14 +122,26 @@ class Shipper:
             acked = self.acked
             if self._known and all(a is not None and a >= p for a, p in zip(acked, positions)):
                 return
+            if self.db.standby_optional and self.standby_down():
+                self.degraded_commits += 1     # shown by status: durable here only, for now
+                return
             if time.monotonic() > deadline:
                 raise NotReplicated(
                     f"database {self.name}: committed and durable here, but the backup server {self.peer} did "
                     f"not apply it within {timeout:g} s ({self.last_error or self.state})",
                     hint="it stays queued and is shipped when the backup server is back; see "
                          "`bastion replicate status`")
-            self._wake.set()
+            # A waiting commit cuts a failing pass's back-off short, but at most twice a second:
+            # many waiters must not turn the retries into a busy loop against a dead peer.
+            now = time.monotonic()
+            if not self.failures or now - self._waiter_woke > 0.5:
+                self._waiter_woke = now
+                self._wake.set()
             time.sleep(0.002)
+
+    def standby_down(self) -> bool:
+        """The peer is unreachable, refusing, or being seeded (a replicated cluster degrades then)."""
+        return self.failures > 0 or self.state in ("starting", "seeding")
 
     # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -423,7 +437,9 @@ class Shipper:
                 "lag_changes": sum(counts) if counts else None, "lag_seconds": max(lags) if lags else None,
                 "last_error": self.last_error, "last_error_at": iso(self.last_error_at),
                 "failures": self.failures, "last_success_at": iso(self.last_success_at),
-                "seeded_at": iso(self.seeded_at), "seeds": self.seeds, "files": files}
+                "seeded_at": iso(self.seeded_at), "seeds": self.seeds,
+                "degraded": bool(self.db.standby_optional and self.standby_down()),
+                "degraded_commits": self.degraded_commits, "files": files}
 
 
 def _chunks(fh: Any, size: int = 1 << 20) -> Any:

@@ -1,0 +1,415 @@
+"""Multi-site sync inside the daemon: one thread per synced database pushes to its neighbours.
+
+Every site runs the same loop, so each pair of neighbours exchanges both ways: a pass asks
+the neighbour which changes it holds (its vector), sends what it lacks in batches
+(msgpack, POST /v1/peer/sync/apply; the neighbour applies each batch in one transaction
+with the group's policy and answers with its new vector), and records that vector, so
+the log can be pruned once every neighbour holds an entry. Forwarding needs nothing
+more: what a site applied is in its log and goes on to its own neighbours (hub and
+spokes). A site offline for days catches up the same way. A site whose files do not
+exist yet joins by copying a neighbour's files (a consistent copy under continuous
+operations) and adopting them under its own site id.
+
+Failures never lose anything: a batch not acknowledged is sent again (duplicates are
+skipped by the receiver), with a growing back-off; ``on_failure`` runs once per streak.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import apsw
+import httpx
+import msgpack
+
+from ..errors import BastionError, StateConflict, UnknownTarget, UsageError
+from ..replication.window import Timing
+from ..state import iso
+from ..tls import trust, verify_failure
+from . import site
+
+log = logging.getLogger("bastion.sync")
+BATCH = 2000
+POLL = 0.05
+PRUNE_EVERY = 5.0
+
+
+class Syncer:
+    def __init__(self, daemon: Any, name: str, token: str) -> None:
+        self.daemon = daemon
+        self.name = name
+        self.db = daemon.config.databases[name]
+        self.group_name = self.db.sync_group
+        self.group = daemon.config.sync["groups"][self.group_name]
+        self.site = daemon.config.sync["site"]
+        self.timing = Timing.parse(self.group["schedule"], self.group["blackout"])
+        verify = trust(daemon.config.replication.get("peer_ca_file"))
+        self._http = {p: httpx.Client(base_url=self.group["sites"][p], timeout=60.0, verify=verify,
+                                      headers={"Authorization": f"Bearer {token}"})
+                      for p in self.group["neighbours"]}
+        n = len(self.db.files)
+        self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group["neighbours"]}
+        self.peer_state: dict[str, dict[str, Any]] = {p: {"sent": 0, "last_error": None, "last_ok_at": None}
+                                                      for p in self.group["neighbours"]}
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.failures = 0
+        self.last_success_at: float | None = None
+        self.sent = 0
+        self.joined_from: str | None = None
+        self._installed = False
+        self._last_prune = 0.0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._requested = self._served = 0
+        self._last_result: dict[str, Any] = {}
+        self._thread: threading.Thread | None = None
+        self.pass_lock = threading.Lock()
+        self.apply_lock = threading.Lock()      # batches from several neighbours: one at a time
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"bastion-sync-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+        for c in self._http.values():
+            c.close()
+
+    def run_now(self, timeout: float = 300.0) -> dict[str, Any]:
+        with self._cond:
+            self._requested += 1
+            want = self._requested
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._served < want:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    raise BastionError(f"sync of {self.name}: no pass finished within {timeout:g} s",
+                                       hint="see `bastion sync status` for the last error")
+                self._cond.wait(min(left, 1.0))
+            return dict(self._last_result)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                serving = self._requested
+            manual = serving > self._served
+            if self.timing.mode == "manual" and not manual:
+                self.state = "waiting (manual)"
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            delay = {"continuous": POLL, "every": self.timing.every, "manual": 0}[self.timing.mode]
+            try:
+                with self.pass_lock:
+                    result = self._cycle()
+                if self.failures:
+                    log.warning("sync of %s works again after %d failures", self.name, self.failures)
+                self.failures = 0
+                self.last_success_at = time.time()
+                result["exit_code"] = 0
+                if result.get("sent") and self.timing.mode == "continuous":
+                    delay = 0
+            except Exception as exc:  # noqa: BLE001 - the loop never dies; status shows the error
+                self._installed = False
+                self.failures += 1
+                self.last_error = exc.message if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
+                self.last_error_at = time.time()
+                self.state = "failing"
+                log.warning("sync of %s failed (%d in a row): %s", self.name, self.failures, self.last_error)
+                if self.failures == 1:
+                    self._notify()
+                delay = min(30.0, 0.25 * 2 ** min(self.failures, 8))
+                result = {"database": self.name, "error": self.last_error, "exit_code": 2}
+            with self._cond:
+                self._last_result = result
+                self._served = serving
+                self._cond.notify_all()
+            if delay:
+                self._wake.wait(delay)
+            self._wake.clear()
+
+    # -- one pass -----------------------------------------------------------------------------
+    def _cycle(self) -> dict[str, Any]:
+        if self.timing.in_blackout():
+            self.state = "blackout"
+            return {"database": self.name, "sent": 0, "blackout": True}
+        if not self._installed:
+            for i, path in enumerate(self.db.files):
+                if not os.path.exists(path):
+                    self._join(i)
+                site.install(path, self.site)
+            self._installed = True
+        self.state = "syncing"
+        sent = 0
+        errors = []
+        for peer in self.group["neighbours"]:
+            try:
+                for i, path in enumerate(self.db.files):
+                    sent += self._push(peer, i, path)
+                self.peer_state[peer].update(last_error=None, last_ok_at=time.time())
+            except BastionError as exc:   # one neighbour down must not stop the others
+                self.their[peer] = [None] * len(self.db.files)
+                self.peer_state[peer]["last_error"] = exc.message
+                errors.append(f"{peer}: {exc.message}")
+        if time.monotonic() - self._last_prune > PRUNE_EVERY:
+            self._last_prune = time.monotonic()
+            for path in self.db.files:
+                site.prune(path, self.group["neighbours"])
+        if errors and len(errors) == len(self.group["neighbours"]):
+            raise BastionError(f"sync of {self.name}: no neighbour reachable: " + "; ".join(errors),
+                               hint="changes stay here and go out when a neighbour answers")
+        self.state = "in sync" if not errors else "partial (" + "; ".join(errors) + ")"
+        self.sent += sent
+        return {"database": self.name, "sent": sent, "errors": errors}
+
+    def _push(self, peer: str, i: int, path: str) -> int:
+        known = self.their[peer][i]
+        if known is not None and not site.changes_for(path, known, 1):
+            return 0
+        vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i))["vector"]
+        total = 0
+        while not self._stop.is_set():
+            changes = site.changes_for(path, vec, BATCH)
+            if not changes:
+                break
+            body = msgpack.packb({**self._who(i), "batch": site.to_wire(changes)}, use_bin_type=True)
+            res = self._request(peer, "POST", "/v1/peer/sync/apply", content=body,
+                                headers={"Content-Type": "application/msgpack"})
+            vec = res["vector"]
+            total += len(changes)
+        self.their[peer][i] = vec
+        site.record_peer(path, peer, vec)
+        self.peer_state[peer]["sent"] += total
+        return total
+
+    def _who(self, i: int) -> dict[str, Any]:
+        return {"database": self.name, "group": self.group_name, "site": self.site, "file": i,
+                "files": len(self.db.files)}
+
+    def _join(self, i: int) -> None:
+        """This site has no copy yet: take a neighbour's, adopted under this site's id."""
+        path = self.db.files[i]
+        tried = []
+        for peer in self.group["neighbours"]:
+            tmp = f"{path}.bastion-join-{uuid.uuid4().hex[:8]}"
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                with self._http[peer].stream("POST", "/v1/peer/sync/snapshot", json=self._who(i),
+                                             timeout=600.0) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        raise BastionError(f"{peer} refused the snapshot: HTTP {r.status_code} {r.text[:300]}")
+                    with open(tmp, "wb") as fh:
+                        for chunk in r.iter_bytes():
+                            fh.write(chunk)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                site.adopt(tmp, self.site)
+                # The copy is not a protected file yet: roll its WAL in before the rename (a -wal
+                # never moves with it).
+                con = apsw.Connection(tmp)
+                try:
+                    con.setbusytimeout(5000)
+                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                finally:
+                    con.close()
+                if os.path.exists(tmp + "-wal") and os.path.getsize(tmp + "-wal") > 0:
+                    raise BastionError(f"{tmp}: the joined copy's WAL could not be rolled in")
+                os.replace(tmp, path)
+                from ..backup.restore import fsync_dir
+                fsync_dir(os.path.dirname(path) or ".")
+                f = self.daemon.catalog.files.get(path)
+                if f is not None:
+                    f.protect()
+                self.joined_from = peer
+                log.warning("%s: joined sync group %s with a copy of %s's file", path, self.group_name, peer)
+                return
+            except (BastionError, httpx.HTTPError, OSError) as exc:
+                tried.append(f"{peer}: {getattr(exc, 'message', None) or exc}")
+            finally:
+                for p in (tmp, tmp + "-wal", tmp + "-shm"):
+                    if os.path.exists(p):
+                        os.remove(p)
+        raise BastionError(f"{path} does not exist and no neighbour gave a copy to join the group: "
+                           + "; ".join(tried), hint="a new site joins with a copy of a current site's files")
+
+    def _request(self, peer: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        url = self.group["sites"][peer]
+        try:
+            r = self._http[peer].request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            why = verify_failure(exc)
+            raise BastionError(f"site {peer} ({url}): " + (f"TLS failed: {why}" if why else
+                               f"unreachable ({path}): {type(exc).__name__}: {exc}")) from None
+        try:
+            data = r.json()
+        except ValueError:
+            raise BastionError(f"site {peer} answered {r.status_code} to {path} without JSON") from None
+        if r.status_code >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else str(data)
+            raise BastionError(f"site {peer} refused {path}: {msg}")
+        return data
+
+    def _notify(self) -> None:
+        cmd = self.group.get("on_failure")
+        if not cmd:
+            return
+        env = {**os.environ, "BASTION_DATABASE": self.name, "BASTION_GROUP": self.group_name or "",
+               "BASTION_ERROR": self.last_error or ""}
+        try:
+            if isinstance(cmd, str):
+                subprocess.Popen(cmd, shell=True, env=env, start_new_session=True)
+            else:
+                subprocess.Popen(list(cmd), env=env, start_new_session=True)
+        except OSError as exc:
+            log.error("on_failure command of sync group %s could not run: %s", self.group_name, exc)
+
+    # -- receiving -------------------------------------------------------------------------------
+    def _file(self, req: dict[str, Any]) -> str:
+        if req.get("group") != self.group_name or req.get("site") not in self.group["sites"]:
+            raise StateConflict(f"database {self.name} here is in sync group {self.group_name!r}; the request "
+                                f"came for group {req.get('group')!r} from site {req.get('site')!r}",
+                                hint="every site must list the same [sync_groups.NAME] sites")
+        if req.get("site") == self.site:
+            raise StateConflict(f"site {self.site!r} received a sync request from itself: two daemons use the "
+                                "same [sync] site", hint="give every daemon its own site name")
+        i = int(req.get("file", -1))
+        if not 0 <= i < len(self.db.files) or int(req.get("files", -1)) != len(self.db.files):
+            raise UsageError(f"database {self.name} has {len(self.db.files)} file(s) here; the request names file "
+                             f"{i} of {req.get('files')}", hint="list the files in the same order on every site")
+        path = self.db.files[i]
+        if not self._installed:
+            if not os.path.exists(path):
+                raise StateConflict(f"{path} is not here yet (this site is joining the group)")
+            site.install(path, self.site)
+        return path
+
+    def vector(self, req: dict[str, Any]) -> dict[str, Any]:
+        path = self._file(req)
+        return {"database": self.name, "site": self.site, "vector": site.vector(path)}
+
+    def apply(self, req: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
+        path = self._file(req)
+        with self.apply_lock:
+            res = site.apply(path, site.from_wire(batch), self.group["policy"], peer=req["site"])
+            vec = site.vector(path)
+        if res.conflicts:
+            log.warning("sync of %s from %s: %d conflict(s) recorded (bastion conflicts list %s)", self.name,
+                        req["site"], res.conflicts, self.name)
+        self._wake.set()      # forward what arrived to the other neighbours soon
+        return {"database": self.name, "site": self.site, "vector": vec, **res.to_dict()}
+
+    def status(self) -> dict[str, Any]:
+        files = []
+        for i, path in enumerate(self.db.files):
+            f: dict[str, Any] = {"path": path}
+            try:
+                if os.path.exists(path) and site.is_installed(path):
+                    st = site.status(path)
+                    f.update(vector=st["vector"], log_entries=st["log_entries"],
+                             unresolved_conflicts=st["unresolved_conflicts"])
+                    f["peers"] = {p: {"their_vector": (self.their[p][i] or None),
+                                      "lag_changes": _lag(st.get("vector") or {}, self.their[p][i])}
+                                  for p in self.group["neighbours"]}
+            except BastionError as exc:
+                f["error"] = exc.message
+            files.append(f)
+        return {"database": self.name, "group": self.group_name, "site": self.site,
+                "topology": self.group["topology"], "neighbours": self.group["neighbours"],
+                "policy": self.group["policy"].rule, "schedule": self.group["schedule"], "state": self.state,
+                "sent": self.sent, "joined_from": self.joined_from, "last_error": self.last_error,
+                "last_error_at": iso(self.last_error_at), "failures": self.failures,
+                "last_success_at": iso(self.last_success_at),
+                "peers": {p: {**s, "last_ok_at": iso(s["last_ok_at"])} for p, s in self.peer_state.items()},
+                "files": files}
+
+
+def _lag(ours: dict[str, int], theirs: dict[str, int] | None) -> int | None:
+    """Changes held here that the neighbour lacks, as far as its last known vector says."""
+    if theirs is None:
+        return None
+    return sum(max(0, n - theirs.get(o, 0)) for o, n in ours.items())
+
+
+class Sync:
+    """Every synced database of this daemon."""
+
+    def __init__(self, daemon: Any) -> None:
+        from ..replication.service import read_peer_token
+        cfg = daemon.config
+        self.syncers: dict[str, Syncer] = {}
+        names = [n for n, d in cfg.databases.items() if d.sync_group]
+        if names:
+            token = read_peer_token(cfg.replication["peer_token_file"])
+            self.syncers = {n: Syncer(daemon, n, token) for n in names}
+
+    def start(self) -> None:
+        for s in self.syncers.values():
+            s.start()
+
+    def stop(self) -> None:
+        for s in self.syncers.values():
+            s.stop()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No pass runs while this is held (restore --replace, recover --discard-changes)."""
+        held = []
+        try:
+            for s in self.syncers.values():
+                s.pass_lock.acquire()
+                s.apply_lock.acquire()
+                held.append(s)
+            yield
+        finally:
+            for s in held:
+                s.apply_lock.release()
+                s.pass_lock.release()
+
+    def get(self, name: str) -> Syncer:
+        s = self.syncers.get(name)
+        if s is None:
+            raise UnknownTarget(f"database {name!r} is in no sync group here",
+                                hint="synced databases: " + (", ".join(sorted(self.syncers)) or "none"))
+        return s
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        dbs = [self.get(name).status()] if name else [s.status() for s in self.syncers.values()]
+        failing = any(d["failures"] for d in dbs)
+        return {"databases": dbs, "exit_code": 1 if failing else 0}
+
+    def snapshot(self, req: dict[str, Any], daemon: Any) -> str:
+        """A consistent copy of one file for a joining site; returns the staged path (the caller
+        streams it and removes it)."""
+        from ..catalog import Targets
+        from ..replication import seed
+        s = self.get(req.get("database", ""))
+        path = s._file({**req, "site": req.get("site")})
+        files = daemon.catalog.resolve(Targets.of([s.name]))
+        staging = os.path.join(daemon.config.data_dir, "sync", f"{s.name}.snapshot-{uuid.uuid4().hex[:8]}")
+        items = seed.take(daemon.contops, files, staging)
+        i = int(req["file"])
+        keep = items[i]["staged"]
+        out = f"{staging}.file{i}"
+        os.replace(keep, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        assert path
+        return out
