@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -34,6 +32,7 @@ from ..state import iso
 from ..tls import trust, verify_failure
 from ..sqlite import pause_writers
 from . import seed
+from ..passloop import PassLoop
 from .window import Timing
 
 log = logging.getLogger("bastion.replication.shipper")
@@ -47,70 +46,41 @@ class _Reseed(Exception):
     """The peer cannot continue from what it holds: seed it again."""
 
 
-class Shipper:
+class Shipper(PassLoop):
+    poll = POLL
+
     def __init__(self, daemon: Any, name: str, origin: str, token: str) -> None:
+        db = daemon.config.databases[name]
+        super().__init__(name, f"replication of {name} to {db.replicate_to}",
+                         Timing.parse(db.replicate_schedule, db.blackout), db.on_failure,
+                         {"BASTION_DATABASE": name, "BASTION_PEER": db.replicate_to or ""})
         self.daemon = daemon
-        self.name = name
-        self.db = daemon.config.databases[name]
+        self.db = db
         self.origin = origin
-        self.timing = Timing.parse(self.db.replicate_schedule, self.db.blackout)
-        self.peer = self.db.replicate_to
+        self.peer = db.replicate_to
         self._http = httpx.Client(base_url=self.peer, timeout=60.0,
                                   verify=trust(daemon.config.replication.get("peer_ca_file")),
                                   headers={"Authorization": f"Bearer {token}"})
-        n = len(self.db.files)
+        n = len(db.files)
         self._cons: list[apsw.Connection | None] = [None] * n
         self.acked: list[int | None] = [None] * n     # the peer's position, as it last said
         self.shipped: list[int | None] = [None] * n   # last position sent
         self._known = False                            # acked is current (asked since the last failure)
         self._installed = False
         self._last_prune = [0.0] * n
-        self.state = "starting"
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
-        self.failures = 0                              # in the current streak
-        self.last_success_at: float | None = None
         self.seeded_at: float | None = None
         self.seeds = 0
         self.degraded_commits = 0     # replicated commits acknowledged while the standby was down
         self._waiter_woke = 0.0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._cond = threading.Condition()
-        self._requested = 0
-        self._served = 0
-        self._last_result: dict[str, Any] = {}
-        self._thread: threading.Thread | None = None
-        self.pass_lock = threading.Lock()     # held during a pass; Replication.paused() takes it
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"bastion-ship-{self.name}", daemon=True)
-        self._thread.start()
+    def start(self) -> None:  # type: ignore[override]
+        super().start(f"bastion-ship-{self.name}")
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=30)
+        super().stop()
         self._close_cons()
         self._http.close()
-
-    def run_now(self, timeout: float = 300.0) -> dict[str, Any]:
-        """Ship everything pending now (any schedule); returns that pass's result."""
-        with self._cond:
-            self._requested += 1
-            want = self._requested
-        self._wake.set()
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._served < want:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    raise BastionError(f"replication of {self.name}: no pass finished within {timeout:g} s",
-                                       hint="see `bastion replicate status` for the last error")
-                self._cond.wait(min(left, 1.0))
-            return dict(self._last_result)
 
     def wait_applied(self, positions: list[int], timeout: float) -> None:
         """Return once the backup server has applied every change up to ``positions`` (one
@@ -143,52 +113,13 @@ class Shipper:
         """The peer is unreachable, refusing, or being seeded (a replicated cluster degrades then)."""
         return self.failures > 0 or self.state in ("starting", "seeding")
 
-    # -- the loop ---------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._cond:
-                serving = self._requested
-            manual = serving > self._served
-            if self.timing.mode == "manual" and not manual:
-                self.state = "waiting (manual)"
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            delay = {"continuous": POLL, "every": self.timing.every, "manual": 0}[self.timing.mode]
-            try:
-                with self.pass_lock:
-                    try:
-                        result = self._cycle()
-                    finally:
-                        self._close_cons()
-                if self.failures:
-                    log.warning("replication of %s to %s works again after %d failures", self.name, self.peer,
-                                self.failures)
-                self.failures = 0
-                self.last_success_at = time.time()
-                result["exit_code"] = 0
-                if result.get("more"):
-                    delay = 0
-            except Exception as exc:  # noqa: BLE001 - the shipper never dies; the error is shown by status
-                self._known = False
-                self._installed = False      # e.g. the file was replaced: install again (idempotent)
-                self.failures += 1
-                self.last_error = exc.message if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
-                self.last_error_at = time.time()
-                self.state = "failing"
-                log.warning("replication of %s to %s failed (%d in a row): %s", self.name, self.peer,
-                            self.failures, self.last_error)
-                if self.failures == 1:
-                    self._notify()
-                delay = min(30.0, 0.25 * 2 ** min(self.failures, 8))
-                result = {"database": self.name, "error": self.last_error, "exit_code": 2}
-            with self._cond:
-                self._last_result = result
-                self._served = serving
-                self._cond.notify_all()
-            if delay:
-                self._wake.wait(delay)
-            self._wake.clear()
+    # -- the loop (passloop.PassLoop) ---------------------------------------------------
+    def _after_pass(self) -> None:
+        self._close_cons()
+
+    def _after_failure(self) -> None:
+        self._known = False
+        self._installed = False      # e.g. the file was replaced: install again (idempotent)
 
     def _close_cons(self) -> None:
         # Held only during a pass: between passes nothing of ours is open on the application's
@@ -398,20 +329,6 @@ class Shipper:
         for i in range(n):
             self._prune(i, force=True)
         log.info("seeded the replica of %s on %s at positions %s", self.name, self.peer, self.acked)
-
-    def _notify(self) -> None:
-        cmd = self.db.on_failure
-        if not cmd:
-            return
-        env = {**os.environ, "BASTION_DATABASE": self.name, "BASTION_PEER": self.peer or "",
-               "BASTION_ERROR": self.last_error or ""}
-        try:
-            if isinstance(cmd, str):
-                subprocess.Popen(cmd, shell=True, env=env, start_new_session=True)
-            else:
-                subprocess.Popen(list(cmd), env=env, start_new_session=True)
-        except OSError as exc:
-            log.error("on_failure command of %s could not run: %s", self.name, exc)
 
     # -- status ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -202,14 +202,9 @@ def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, 
         try:
             with capture._transaction(con, write=True):
                 c = get(con, conflict_id)
-                if c["resolved_at"] is not None:
-                    raise StateConflict(f"conflict {conflict_id} was already resolved ({c['resolution']})")
+                pick = to_reapply(c, action, version)
                 resolution = "dismissed"
-                if action == "reapply":
-                    pick = version or {"local": "remote", "remote": "local"}.get(c["outcome"])
-                    if pick not in ("local", "remote"):
-                        raise UsageError(f"conflict {conflict_id} was merged: say which version to reapply",
-                                         hint="--version local or --version remote")
+                if pick is not None:
                     if c["table"] == "(schema)":
                         con.execute(c[pick]["values"]["sql"])
                     else:
@@ -220,6 +215,20 @@ def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, 
         finally:
             con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, trig)
         return get(con, conflict_id)
+
+
+def to_reapply(c: dict[str, Any], action: str, version: str | None) -> str | None:
+    """Which version of conflict ``c`` a resolution writes again ("local"/"remote"), or None
+    to dismiss it; refuses one already resolved."""
+    if c["resolved_at"] is not None:
+        raise StateConflict(f"conflict {c['id']} was already resolved ({c['resolution']})")
+    if action != "reapply":
+        return None
+    pick = version or {"local": "remote", "remote": "local"}.get(c["outcome"])
+    if pick not in ("local", "remote"):
+        raise UsageError(f"conflict {c['id']} was merged: say which version to reapply",
+                         hint="--version local or --version remote")
+    return pick
 
 
 def _write(con: apsw.Connection, table: str, key_columns: Sequence[str], key: Sequence[Any],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ import httpx
 import msgpack
 
 from ..errors import BastionError, StateConflict, UnknownTarget, UsageError
+from ..passloop import PassLoop
 from ..replication.window import Timing
 from ..state import iso
 from ..tls import trust, verify_failure
@@ -42,15 +42,20 @@ POLL = 0.05
 PRUNE_EVERY = 5.0
 
 
-class Syncer:
+class Syncer(PassLoop):
+    poll = POLL
+
     def __init__(self, daemon: Any, name: str, token: str) -> None:
+        db = daemon.config.databases[name]
+        group = daemon.config.sync["groups"][db.sync_group]
+        super().__init__(name, f"sync of {name} (group {db.sync_group})",
+                         Timing.parse(group["schedule"], group["blackout"]), group.get("on_failure"),
+                         {"BASTION_DATABASE": name, "BASTION_GROUP": db.sync_group or ""})
         self.daemon = daemon
-        self.name = name
-        self.db = daemon.config.databases[name]
-        self.group_name = self.db.sync_group
-        self.group = daemon.config.sync["groups"][self.group_name]
+        self.db = db
+        self.group_name = db.sync_group
+        self.group = group
         self.site = daemon.config.sync["site"]
-        self.timing = Timing.parse(self.group["schedule"], self.group["blackout"])
         verify = trust(daemon.config.replication.get("peer_ca_file"))
         self._http = {p: httpx.Client(base_url=self.group["sites"][p], timeout=60.0, verify=verify,
                                       headers={"Authorization": f"Bearer {token}"})
@@ -59,91 +64,23 @@ class Syncer:
         self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group["neighbours"]}
         self.peer_state: dict[str, dict[str, Any]] = {p: {"sent": 0, "last_error": None, "last_ok_at": None}
                                                       for p in self.group["neighbours"]}
-        self.state = "starting"
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
-        self.failures = 0
-        self.last_success_at: float | None = None
         self.sent = 0
         self.joined_from: str | None = None
         self._installed = False
         self._last_prune = 0.0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._cond = threading.Condition()
-        self._requested = self._served = 0
-        self._last_result: dict[str, Any] = {}
-        self._thread: threading.Thread | None = None
-        self.pass_lock = threading.Lock()
         self.apply_lock = threading.Lock()      # batches from several neighbours: one at a time
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"bastion-sync-{self.name}", daemon=True)
-        self._thread.start()
+    def start(self) -> None:  # type: ignore[override]
+        super().start(f"bastion-sync-{self.name}")
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=30)
+        super().stop()
         for c in self._http.values():
             c.close()
 
-    def run_now(self, timeout: float = 300.0) -> dict[str, Any]:
-        with self._cond:
-            self._requested += 1
-            want = self._requested
-        self._wake.set()
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._served < want:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    raise BastionError(f"sync of {self.name}: no pass finished within {timeout:g} s",
-                                       hint="see `bastion sync status` for the last error")
-                self._cond.wait(min(left, 1.0))
-            return dict(self._last_result)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._cond:
-                serving = self._requested
-            manual = serving > self._served
-            if self.timing.mode == "manual" and not manual:
-                self.state = "waiting (manual)"
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            delay = {"continuous": POLL, "every": self.timing.every, "manual": 0}[self.timing.mode]
-            try:
-                with self.pass_lock:
-                    result = self._cycle()
-                if self.failures:
-                    log.warning("sync of %s works again after %d failures", self.name, self.failures)
-                self.failures = 0
-                self.last_success_at = time.time()
-                result["exit_code"] = 0
-                if result.get("sent") and self.timing.mode == "continuous":
-                    delay = 0
-            except Exception as exc:  # noqa: BLE001 - the loop never dies; status shows the error
-                self._installed = False
-                self.failures += 1
-                self.last_error = exc.message if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
-                self.last_error_at = time.time()
-                self.state = "failing"
-                log.warning("sync of %s failed (%d in a row): %s", self.name, self.failures, self.last_error)
-                if self.failures == 1:
-                    self._notify()
-                delay = min(30.0, 0.25 * 2 ** min(self.failures, 8))
-                result = {"database": self.name, "error": self.last_error, "exit_code": 2}
-            with self._cond:
-                self._last_result = result
-                self._served = serving
-                self._cond.notify_all()
-            if delay:
-                self._wake.wait(delay)
-            self._wake.clear()
+    def _after_failure(self) -> None:
+        self._installed = False
 
     # -- one pass -----------------------------------------------------------------------------
     def _cycle(self) -> dict[str, Any]:
@@ -177,7 +114,8 @@ class Syncer:
                                hint="changes stay here and go out when a neighbour answers")
         self.state = "in sync" if not errors else "partial (" + "; ".join(errors) + ")"
         self.sent += sent
-        return {"database": self.name, "sent": sent, "errors": errors}
+        return {"database": self.name, "sent": sent, "errors": errors,
+                "more": bool(sent) and self.timing.mode == "continuous"}
 
     def _push(self, peer: str, i: int, path: str) -> int:
         known = self.their[peer][i]
@@ -267,20 +205,6 @@ class Syncer:
             msg = err.get("message") if isinstance(err, dict) else str(data)
             raise BastionError(f"site {peer} refused {path}: {msg}")
         return data
-
-    def _notify(self) -> None:
-        cmd = self.group.get("on_failure")
-        if not cmd:
-            return
-        env = {**os.environ, "BASTION_DATABASE": self.name, "BASTION_GROUP": self.group_name or "",
-               "BASTION_ERROR": self.last_error or ""}
-        try:
-            if isinstance(cmd, str):
-                subprocess.Popen(cmd, shell=True, env=env, start_new_session=True)
-            else:
-                subprocess.Popen(list(cmd), env=env, start_new_session=True)
-        except OSError as exc:
-            log.error("on_failure command of sync group %s could not run: %s", self.group_name, exc)
 
     # -- receiving -------------------------------------------------------------------------------
     def _file(self, req: dict[str, Any]) -> str:

@@ -108,6 +108,7 @@ import msgpack
 from .. import capture
 from ..capture import RawText
 from ..errors import BusyError, StateConflict, UsageError
+from . import conflict_log
 from .policy import Policy, Version, same_row
 
 FORMAT = 1
@@ -117,7 +118,7 @@ LOG = "_bastion_sync_log"
 SHAPES = "_bastion_sync_shapes"
 SEEN = "_bastion_sync_seen"
 PEERS = "_bastion_sync_peers"
-CONFLICTS = "_bastion_conflicts"
+CONFLICTS = conflict_log.TABLE
 
 OP_INSERT, OP_UPDATE, OP_DELETE, OP_DDL = 1, 2, 3, 4
 _OP_NAME = {OP_INSERT: "insert", OP_UPDATE: "update", OP_DELETE: "delete", OP_DDL: "ddl"}
@@ -138,11 +139,7 @@ _TABLES_SQL = [
      "pruned INTEGER NOT NULL DEFAULT 0)"),
     (f"CREATE TABLE IF NOT EXISTS {PEERS}(peer TEXT NOT NULL, origin TEXT NOT NULL, oseq INTEGER NOT NULL, "
      "at REAL NOT NULL, PRIMARY KEY(peer, origin)) WITHOUT ROWID"),
-    (f"CREATE TABLE IF NOT EXISTS {CONFLICTS}(id INTEGER PRIMARY KEY, at REAL NOT NULL, tbl TEXT NOT NULL, "
-     "key BLOB NOT NULL, key_columns TEXT NOT NULL, policy TEXT NOT NULL, outcome TEXT NOT NULL, "
-     "local_hlc INTEGER NOT NULL, local_origin TEXT NOT NULL, local_columns TEXT, local_values BLOB, "
-     "remote_hlc INTEGER NOT NULL, remote_origin TEXT NOT NULL, remote_oseq INTEGER, remote_columns TEXT, "
-     "remote_values BLOB, resolved_at REAL, resolution TEXT, resolved_by TEXT)"),
+    conflict_log.DDL,
 ]
 
 
@@ -890,27 +887,6 @@ def prune(target: apsw.Connection | str | os.PathLike[str], peers: Sequence[str]
 
 # -- conflicts ---------------------------------------------------------------------------------
 
-_CONFLICT_COLS = ("id, at, tbl, key, key_columns, policy, outcome, local_hlc, local_origin, local_columns, "
-                  "local_values, remote_hlc, remote_origin, remote_oseq, remote_columns, remote_values, "
-                  "resolved_at, resolution, resolved_by")
-
-
-def _version_dict(hlc: int, origin: str, columns: str | None, values: bytes | None) -> dict[str, Any]:
-    vals = _unpack(values)
-    cols = json.loads(columns) if columns else []
-    return {"hlc": hlc, "origin": origin, "time": (hlc >> capture.HLC_SHIFT) / 1000.0, "deleted": vals is None,
-            "values": None if vals is None else dict(zip(cols, vals))}
-
-
-def _conflict_dict(r: Sequence[Any]) -> dict[str, Any]:
-    (cid, at, tbl, key, kcols, pol, outcome, lh, lo, lc, lv, rh, ro, rseq, rc, rv, rat, resolution, by) = r
-    return {"id": cid, "at": at, "table": tbl, "key": dict(zip(json.loads(kcols), _unpack(key) or ())),
-            "policy": pol, "outcome": outcome,
-            "winner": {"local": "local", "remote": "remote", "merged": "merged"}[outcome],
-            "local": _version_dict(lh, lo, lc, lv), "remote": {**_version_dict(rh, ro, rc, rv), "oseq": rseq},
-            "resolved_at": rat, "resolution": resolution, "resolved_by": by}
-
-
 def conflicts(target: apsw.Connection | str | os.PathLike[str], unresolved: bool = True,
               limit: int | None = None) -> list[dict[str, Any]]:
     """Recorded conflicts, oldest first (only those not resolved yet, by default)."""
@@ -918,17 +894,14 @@ def conflicts(target: apsw.Connection | str | os.PathLike[str], unresolved: bool
         _Site(con)
         where = "WHERE resolved_at IS NULL" if unresolved else ""
         lim = f"LIMIT {int(limit)}" if limit is not None else ""
-        return [_conflict_dict(r) for r in con.execute(f"SELECT {_CONFLICT_COLS} FROM {CONFLICTS} {where} "
-                                                       f"ORDER BY id {lim}")]
+        return [conflict_log.as_dict(r) for r in con.execute(f"SELECT {conflict_log.COLUMNS} FROM {CONFLICTS} "
+                                                             f"{where} ORDER BY id {lim}")]
 
 
 def conflict(target: apsw.Connection | str | os.PathLike[str], conflict_id: int) -> dict[str, Any]:
     with _connection(target) as con, _transaction(con, write=False):
         _Site(con)
-        got = con.execute(f"SELECT {_CONFLICT_COLS} FROM {CONFLICTS} WHERE id = ?", (int(conflict_id),)).fetchall()
-        if not got:
-            raise UsageError(f"no conflict {conflict_id} in this database", hint="list them with conflicts list")
-        return _conflict_dict(got[0])
+        return conflict_log.get(con, conflict_id)
 
 
 def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, action: str,
@@ -946,20 +919,10 @@ def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, 
         try:
             with _transaction(con):
                 s = _Site(con)
-                got = con.execute(f"SELECT {_CONFLICT_COLS} FROM {CONFLICTS} WHERE id = ?",
-                                  (int(conflict_id),)).fetchall()
-                if not got:
-                    raise UsageError(f"no conflict {conflict_id} in this database",
-                                     hint="list them with conflicts list")
-                c = _conflict_dict(got[0])
-                if c["resolved_at"] is not None:
-                    raise StateConflict(f"conflict {conflict_id} was already resolved ({c['resolution']})")
+                c = conflict_log.get(con, conflict_id)
+                pick = conflict_log.to_reapply(c, action, version)
                 resolution = "dismissed"
-                if action == "reapply":
-                    pick = version or {"local": "remote", "remote": "local"}.get(c["outcome"])
-                    if pick not in ("local", "remote"):
-                        raise UsageError(f"conflict {conflict_id} was merged: say which version to reapply",
-                                         hint="version='local' or version='remote'")
+                if pick is not None:
                     s.ingest()
                     v = c[pick]
                     kcols = tuple(c["key"])

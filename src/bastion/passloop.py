@@ -1,0 +1,144 @@
+"""A background thread that runs passes on a schedule: real-time backup's shipper, sync's syncer.
+
+Schedules (replication/window.py): ``continuous`` (a pass as soon as the last one sent
+something, else every ``poll`` seconds), ``every N``, ``manual`` (only on :meth:`run_now`),
+and blackout windows (checked by the pass itself). A pass that fails is retried with a
+growing back-off; the configured ``on_failure`` command runs once per streak of failures.
+The loop never dies: the last error is kept for status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import BastionError
+
+if TYPE_CHECKING:
+    from .replication.window import Timing
+
+log = logging.getLogger("bastion.passloop")
+
+
+class PassLoop:
+    """Subclasses implement :meth:`_cycle` (one pass; ``"more": True`` in its result runs the
+    next one at once) and may override :meth:`_after_pass` and :meth:`_after_failure`."""
+
+    poll = 0.05
+
+    def __init__(self, name: str, what: str, timing: "Timing", on_failure: Any, failure_env: dict[str, str]) -> None:
+        self.name = name
+        self.what = what                   # "replication of NAME to PEER": for logs
+        self.timing = timing
+        self.on_failure = on_failure
+        self.failure_env = failure_env
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.failures = 0                  # in the current streak
+        self.last_success_at: float | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._served = 0
+        self._last_result: dict[str, Any] = {}
+        self._thread: threading.Thread | None = None
+        self.pass_lock = threading.Lock()  # held during a pass: a pause of the daemon takes it
+
+    # -- to implement ---------------------------------------------------------------------
+    def _cycle(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _after_pass(self) -> None:
+        """Runs after every pass, failed or not, still under pass_lock."""
+
+    def _after_failure(self) -> None:
+        """Forget what a failure may have made stale (the peer's positions, installs)."""
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, thread_name: str) -> None:
+        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def run_now(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Run a pass now (any schedule) and return its result."""
+        with self._cond:
+            self._requested += 1
+            want = self._requested
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._served < want:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    raise BastionError(f"{self.what}: no pass finished within {timeout:g} s",
+                                       hint="see the status command for the last error")
+                self._cond.wait(min(left, 1.0))
+            return dict(self._last_result)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                serving = self._requested
+            manual = serving > self._served
+            if self.timing.mode == "manual" and not manual:
+                self.state = "waiting (manual)"
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            delay = {"continuous": self.poll, "every": self.timing.every, "manual": 0}[self.timing.mode]
+            try:
+                with self.pass_lock:
+                    try:
+                        result = self._cycle()
+                    finally:
+                        self._after_pass()
+                if self.failures:
+                    log.warning("%s works again after %d failures", self.what, self.failures)
+                self.failures = 0
+                self.last_success_at = time.time()
+                result["exit_code"] = 0
+                if result.get("more"):
+                    delay = 0
+            except Exception as exc:  # noqa: BLE001 - the loop never dies; status shows the error
+                self._after_failure()
+                self.failures += 1
+                self.last_error = exc.message if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
+                self.last_error_at = time.time()
+                self.state = "failing"
+                log.warning("%s failed (%d in a row): %s", self.what, self.failures, self.last_error)
+                if self.failures == 1:
+                    self._notify()
+                delay = min(30.0, 0.25 * 2 ** min(self.failures, 8))
+                result = {"database": self.name, "error": self.last_error, "exit_code": 2}
+            with self._cond:
+                self._last_result = result
+                self._served = serving
+                self._cond.notify_all()
+            if delay:
+                self._wake.wait(delay)
+            self._wake.clear()
+
+    def _notify(self) -> None:
+        cmd = self.on_failure
+        if not cmd:
+            return
+        env = {**os.environ, **self.failure_env, "BASTION_ERROR": self.last_error or ""}
+        try:
+            if isinstance(cmd, str):
+                subprocess.Popen(cmd, shell=True, env=env, start_new_session=True)
+            else:
+                subprocess.Popen(list(cmd), env=env, start_new_session=True)
+        except OSError as exc:
+            log.error("on_failure command of %s could not run: %s", self.what, exc)
