@@ -343,6 +343,21 @@ def test_backup_killed_between_the_commits_of_a_cut_redoes_it(pair, bank, monkey
     assert got == want[:len(got)]
 
 
+def test_every_n_seconds_schedule_ships_on_its_own(pair, bank):
+    p = pair(schedule="every 2s")
+    p.catch_up()
+    assert p.status()["schedule"] == "every 2s"
+    con = sqlite3.connect(bank.bank, timeout=30)
+    con.execute("UPDATE accounts SET owner = owner || ' (moved)' WHERE id = 1")
+    con.commit()
+    con.close()
+    want = user_dump(bank.bank)
+    deadline = time.monotonic() + 20          # a pass every 2 s ships it without `replicate run`
+    while user_dump(p.copy / "bank.db") != want:
+        assert time.monotonic() < deadline, p.status()
+        time.sleep(0.2)
+
+
 def test_config_is_checked_and_blackout_windows():
     import datetime as dt
 

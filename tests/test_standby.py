@@ -138,6 +138,22 @@ def test_standby_takes_over_and_the_old_primary_rejoins_through_the_conflict_log
         kept = list((tmp_path / "n1" / "var" / "cluster").glob("rejoined-*/app.db"))
         assert kept, "the old files were kept aside"
         wait_for(lambda: user_rows(n1.db) == user_rows(n2.db), 30, "n1's copy equals n2")
+
+        # planned switchover back to n1: n2 stops acknowledging, ships everything, hands over
+        r = cli(n2, "cluster", "switchover", "--to", "n1", "--json")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: active_of(nodes) == [n1], 30, "n1 active again")
+        wait_for(lambda: is_standby(n2), 60, "n2 back as a seeded standby")
+        back = bc.connect(f"bastion://{user}@127.0.0.1:{n1.port}/app", autocommit=True)
+        assert w1.check(back) == acked_before and w2.check(back) > 30
+        assert back.execute("SELECT count(*) FROM acked WHERE client = 99").fetchone() == (1,)
+        back.close()
+        # the conflict log came along, with the resolution made on n2 after n1's copy was seeded
+        r = cli(n1, "conflicts", "list", "app", "--all", "--json")
+        assert r.returncode == 0 and len(json.loads(r.stdout)["conflicts"]) == 2, r.stdout
+        left = json.loads(cli(n1, "conflicts", "list", "app", "--json").stdout)["conflicts"]
+        assert [c["remote"]["values"]["n"] for c in left] == [-1], left     # only the update is still open
+        wait_for(lambda: user_rows(n1.db) == user_rows(n2.db), 30, "n2's copy equals n1")
         for n in nodes:
             c = sqlite3.connect(f"file:{n.db}?mode=ro", uri=True)
             assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)

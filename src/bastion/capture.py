@@ -107,6 +107,9 @@ META = "_bastion_meta"
 TABLES = "_bastion_tables"
 APPLIED = "_bastion_applied"
 
+# Bastion tables that are not capture's and may outlive it (a copy keeps its conflict log).
+NOT_CAPTURES = ("_bastion_conflicts",)
+
 HLC_SHIFT = 16
 # Unix ms from julianday('now'): SQLite keeps the time as integer ms since the julian
 # epoch; 210866760000000 ms is 1970-01-01 on that scale.
@@ -437,7 +440,8 @@ def install(target: apsw.Connection | str | os.PathLike, origin: str) -> Install
             res = _sync(con, emit=True)
             names = [r[0] for r in con.execute(f"SELECT name FROM {TABLES} WHERE active = 1 ORDER BY name")]
             return InstallResult(origin, _position(con), names, res.uncaptured, already=True, refresh=res)
-        left = [r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE substr(name, 1, 9) = ?", (PREFIX,))]
+        left = [r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE substr(name, 1, 9) = ?", (PREFIX,))
+                if r[0] not in NOT_CAPTURES]
         if left:
             raise StateConflict(f"the database holds Bastion objects but no capture record ({', '.join(left[:5])})",
                                 hint="remove them with capture.remove, then install again")
@@ -1089,11 +1093,14 @@ def status(target: apsw.Connection | str | os.PathLike) -> dict[str, Any]:
                 "schema_current": _one(con, "PRAGMA schema_version") == _meta(con, "schema_version")}
 
 
-def remove(target: apsw.Connection | str | os.PathLike) -> dict[str, Any]:
-    """Drop every Bastion trigger and table from the database; user tables and rows stay as they are."""
+def remove(target: apsw.Connection | str | os.PathLike, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """Drop every Bastion trigger and table from the database; user tables and rows stay as they are.
+
+    ``keep``: tables to leave (a copy taking over keeps its conflict log)."""
     with _connection(target) as con, _transaction(con, write=True):
         objs = con.execute("SELECT type, name FROM sqlite_schema WHERE substr(name, 1, 9) = ? "
                            "AND type IN ('trigger', 'view', 'table') ORDER BY type = 'table'", (PREFIX,)).fetchall()
+        objs = [(k, n) for k, n in objs if n not in keep]
         for kind, name in objs:
             con.execute(f"DROP {kind.upper()} IF EXISTS main.{_q(name)}")
         return {"removed": [n for _, n in objs]}

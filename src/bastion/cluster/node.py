@@ -68,7 +68,7 @@ class ClusterNode:
 
     # -- what the rest of the daemon asks ---------------------------------------------
     def may_write(self) -> bool:
-        return self.role == ACTIVE and time.time() < self.fence_at
+        return self.role == ACTIVE and time.time() < self.fence_at and not self._draining
 
     def guard(self) -> None:
         """Raise unless this node may acknowledge a write now (called right before COMMIT)."""
@@ -138,16 +138,33 @@ class ClusterNode:
             self._close_standby()
 
     def switchover(self, to: str | None) -> dict[str, Any]:
-        with self._mutex:
-            if self.role != ACTIVE:
-                raise NotActive(f"node {self.name} is {self.role}: only the active node can hand over")
-            if to == self.name:
-                raise StateConflict(f"node {self.name} is already active")
-            self._demote(f"switchover to {to or 'any passive node'}", release=True, handoff_to=to)
-            # stay out of the race for a while so that another node takes it
-            self._hold_off_until = time.monotonic() + 3 * self.ttl
+        if self.role != ACTIVE:
+            raise NotActive(f"node {self.name} is {self.role}: only the active node can hand over")
+        if to == self.name:
+            raise StateConflict(f"node {self.name} is already active")
+        try:
+            if self.replicated is not None and self.daemon is not None:
+                # Replicated standby: stop acknowledging writes, then ship everything to the
+                # standby before it takes over, so that the handover leaves nothing behind.
+                # (Not under the mutex: the lease must keep being renewed meanwhile.)
+                self._draining = True
+                for shipper in self.daemon.replication.shippers.values():
+                    res = shipper.run_now(timeout=60)
+                    if res.get("error"):
+                        raise StateConflict(f"switchover refused: the standby did not take the last changes "
+                                            f"of {shipper.name}: {res['error']}",
+                                            hint="check `bastion replicate status`; retry when it is caught up")
+            with self._mutex:
+                if self.role != ACTIVE:
+                    raise NotActive(f"node {self.name} is {self.role}: only the active node can hand over")
+                self._demote(f"switchover to {to or 'any passive node'}", release=True, handoff_to=to)
+                # stay out of the race for a while so that another node takes it
+                self._hold_off_until = time.monotonic() + 3 * self.ttl
+        finally:
+            self._draining = False
         return {"from": self.name, "to": to, "exit_code": 0}
 
+    _draining = False
     _hold_off_until = 0.0
 
     # -- the loop ------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from .. import capture
 from ..backup.restore import fsync_dir
 from ..config import Config
 from ..errors import BastionError, ConfigError, StateConflict
-from ..replication.receiver import durable_json
+from ..replication.receiver import KEEP, durable_json
+from ..sync import conflict_log
 from ..tls import trust
 
 log = logging.getLogger("bastion.cluster.standby")
@@ -129,7 +130,7 @@ class ReplicatedMode:
             durable_json(os.path.join(self.dir, f"takeover-{name}.json"), record)
             for path in db.files:
                 if os.path.exists(path) and capture.is_installed(path):
-                    capture.remove(path)
+                    capture.remove(path, keep=KEEP)
             self._reset_replica_state(name)
             out.append(record)
             log.warning("took over %s from %s at positions %s", name, old, applied)
@@ -182,6 +183,14 @@ class ReplicatedMode:
                         n += len(changes)
                         after = changes[-1].seq
                     counts.append(n)
+                    # and this node's conflict log: resolutions made here while it was primary
+                    # (the copy the active holds came with an older one)
+                    log_rows = conflict_log.rows(path)
+                    if log_rows:
+                        body = msgpack.packb({"database": name, "origin": self.origin, "node": self.node,
+                                              "file": i, "conflicts": log_rows}, use_bin_type=True)
+                        _call(http, "POST", "/v1/peer/reconcile", content=body,
+                              headers={"Content-Type": "application/msgpack"})
                 sent[name] = counts
         finally:
             http.close()
@@ -216,13 +225,16 @@ def _call(http: httpx.Client, method: str, path: str, **kw: Any) -> dict[str, An
     return data
 
 
-def reconcile_record(con_path: str, origin: str, node: str, changes: list[capture.Change]) -> int:
-    """On the active: record an old primary's unshipped changes in the conflict log."""
-    from ..sync import conflict_log
+def reconcile_record(con_path: str, origin: str, node: str, changes: list[capture.Change] | None,
+                     conflicts: list[Any] | None = None) -> int:
+    """On the active: record an old primary's unshipped changes in the conflict log, or take in
+    its conflict log."""
     con = apsw.Connection(con_path, flags=apsw.SQLITE_OPEN_READWRITE)
     try:
         con.setbusytimeout(10_000)
         con.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-        return conflict_log.record_unshipped(con, origin, node, changes)
+        if conflicts is not None:
+            return conflict_log.merge(con, conflicts)
+        return conflict_log.record_unshipped(con, origin, node, changes or [])
     finally:
         con.close()

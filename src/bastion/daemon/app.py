@@ -289,8 +289,9 @@ def _sync_routes(app: FastAPI, daemon: Any) -> None:
             raise UsageError(f"bad sync batch: {type(exc).__name__}: {exc}") from None
         return await run_in_threadpool(s.apply, d, batch)
 
-    @app.post("/v1/peer/sync/snapshot", summary="Peer: a consistent copy of one file, for a joining site")
-    def peer_sync_snapshot(req: SyncPeerRequest) -> FileResponse:
+    @app.post("/v1/peer/sync/snapshot", summary="Peer: a consistent copy of one file, for a joining site",
+              response_model=None, response_class=FileResponse)
+    def peer_sync_snapshot(req: SyncPeerRequest):  # type: ignore[no-untyped-def]
         path = daemon.sync.snapshot(req.model_dump(), daemon)
         return FileResponse(path, media_type="application/octet-stream",
                             background=BackgroundTask(os.remove, path))
@@ -443,13 +444,14 @@ def _replication_routes(app: FastAPI, daemon: Daemon, node: Any = None) -> None:
         _replicated_active(node)
         try:
             d = msgpack.unpackb(await request.body(), raw=False)
-            name, origin, who, i, batch = d["database"], d["origin"], d["node"], int(d["file"]), d["batch"]
+            name, origin, who, i = d["database"], d["origin"], d["node"], int(d["file"])
             files = daemon.config.databases[name].files
             path = files[i]
-            changes = capture.from_wire(batch)
+            changes = capture.from_wire(d["batch"]) if "batch" in d else None
+            conflicts = d.get("conflicts")
         except (ValueError, KeyError, TypeError, IndexError, msgpack.UnpackException) as exc:
             raise UsageError(f"bad reconcile request: {type(exc).__name__}: {exc}") from None
-        n = await run_in_threadpool(reconcile_record, path, origin, who, changes)
+        n = await run_in_threadpool(reconcile_record, path, origin, who, changes, conflicts)
         return {"database": name, "file": i, "recorded": n}
 
     @app.post("/v1/peer/seed/commit", summary="Peer: every seed file is uploaded; swap them in")

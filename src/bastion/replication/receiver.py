@@ -28,6 +28,9 @@ from ..errors import NotConsistent, StateConflict, UnknownTarget, UsageError
 from ..state import iso
 
 log = logging.getLogger("bastion.replication.receiver")
+# What a copy keeps of the primary's control tables: its conflict log (an old primary's unshipped
+# changes waiting for a decision must survive a seed and a failover).
+KEEP = capture.NOT_CAPTURES
 _SEED_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 
@@ -267,7 +270,7 @@ class Receiver:
             ok = con.execute("PRAGMA quick_check").fetchall()[0][0]
             if ok != "ok":
                 raise NotConsistent(f"seed copy {path} fails quick_check: {ok}", hint="the primary retries the seed")
-            capture.remove(con)      # the primary's log and positions: not this copy's
+            capture.remove(con, keep=KEEP)     # the primary's log and positions: not this copy's
             capture.install(con, self.origin)
             capture.set_applied(con, origin, seq, hlc)
             con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -323,7 +326,7 @@ class Receiver:
             removed = []
             for path in self.replicas[name].files:
                 if os.path.exists(path) and capture.is_installed(path):
-                    removed.append({"path": path, "removed": capture.remove(path)["removed"]})
+                    removed.append({"path": path, "removed": capture.remove(path, keep=KEEP)["removed"]})
             self.state[name] = {**self.state[name], "promoted": True, "promoted_at": time.time()}
             self._save(name)
             log.warning("replica %s promoted: it is now a normal writable database", name)

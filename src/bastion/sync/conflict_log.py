@@ -187,6 +187,39 @@ def record_unshipped(con: apsw.Connection, origin: str, node: str, changes: Sequ
     return n
 
 
+def rows(target: apsw.Connection | str | os.PathLike[str]) -> list[tuple[Any, ...]]:
+    """Every conflict as stored (to hand a node's log to another: :func:`merge`)."""
+    with _connection(target) as con:
+        if not _has_table(con):
+            return []
+        return [tuple(r) for r in con.execute(f"SELECT {COLUMNS} FROM {TABLE} ORDER BY id")]
+
+
+def merge(con: apsw.Connection, incoming: Sequence[Sequence[Any]]) -> int:
+    """Take in another node's conflict log (a node rejoining after a failover or a switchover):
+    conflicts not known here are added, and a resolution made there is carried over to the
+    same conflict here. A conflict is the same when its table, key, policy and both versions'
+    origin and clock value are. Returns how many rows changed."""
+    n = 0
+    with capture._transaction(con, write=True):
+        _ensure(con)
+        for r in incoming:
+            (_id, at, tbl, key, kcols, pol, outcome, lh, lo, lc, lv, rh, ro, rseq, rc, rv, rat, res, by) = r
+            same = con.execute(f"SELECT id, resolved_at FROM {TABLE} WHERE tbl = ? AND key = ? AND policy = ? AND "
+                               "local_hlc = ? AND local_origin = ? AND remote_hlc = ? AND remote_origin = ? AND "
+                               "remote_oseq IS ?", (tbl, key, pol, lh, lo, rh, ro, rseq)).fetchall()
+            if not same:
+                con.execute(f"INSERT INTO {TABLE}({COLUMNS.replace('id, ', '', 1)}) VALUES "
+                            f"({', '.join('?' * 18)})", (at, tbl, key, kcols, pol, outcome, lh, lo, lc, lv, rh, ro,
+                                                         rseq, rc, rv, rat, res, by))
+                n += 1
+            elif rat is not None and same[0][1] is None:
+                con.execute(f"UPDATE {TABLE} SET resolved_at = ?, resolution = ?, resolved_by = ? WHERE id = ?",
+                            (rat, res, by, same[0][0]))
+                n += 1
+    return n
+
+
 # -- settling ----------------------------------------------------------------------------------------
 
 def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, action: str,
