@@ -26,7 +26,10 @@ class Transport:
         self.hosts = hosts
         self.scheme = scheme
         self.failover_timeout = failover_timeout
-        self.http = httpx.Client(auth=auth, headers=headers, timeout=timeout, verify=verify)
+        # A short connect timeout: a node cut off the network drops packets, and every attempt
+        # to reach it would otherwise cost the whole request timeout before moving on.
+        self.http = httpx.Client(auth=auth, headers=headers, verify=verify,
+                                 timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)))
         self.current = 0
         self.switches = 0
 

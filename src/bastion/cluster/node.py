@@ -70,6 +70,13 @@ class ClusterNode:
     def may_write(self) -> bool:
         return self.role == ACTIVE and time.time() < self.fence_at and not self._draining
 
+    def renewed_after(self, t: float) -> bool:
+        """This node may write, and its lease was renewed by a request that started after ``t``
+        (so no other node can take the lease before this node's fence time). A primary that
+        is itself cut off cannot prove that, so it never acknowledges a commit its standby
+        did not get (replicated mode, standby down: see Shipper.wait_applied)."""
+        return self.may_write() and self.fence_at - (self.ttl - self.margin) > t
+
     def guard(self) -> None:
         """Raise unless this node may acknowledge a write now (called right before COMMIT)."""
         if not self.may_write():

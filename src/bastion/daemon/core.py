@@ -29,9 +29,10 @@ log = logging.getLogger("bastion.daemon")
 
 
 class Daemon:
-    def __init__(self, config: Config, guard=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: Config, guard=None, renewed_after=None) -> None:  # type: ignore[no-untyped-def]
         self.config = config
         self.guard = guard          # cluster node: raises unless this node may acknowledge writes
+        self.renewed_after = renewed_after   # cluster node: lease renewed by a request begun after t?
         self.state: StateStore | None = None
         self.started_at = 0.0
         self._stop = threading.Event()

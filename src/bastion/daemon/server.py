@@ -120,7 +120,7 @@ def _serve_cluster_node(config: Config) -> None:
     sock = _bind(config)
 
     def open_daemon(cfg: Config) -> Daemon:     # replicated mode: the config of the node's role
-        d = Daemon(cfg, guard=node.guard)
+        d = Daemon(cfg, guard=node.guard, renewed_after=node.renewed_after)
         d.open()
         return d
 

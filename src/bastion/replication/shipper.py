@@ -72,6 +72,7 @@ class Shipper(PassLoop):
         self.seeds = 0
         self.degraded_commits = 0     # replicated commits acknowledged while the standby was down
         self._waiter_woke = 0.0
+        self.down_since = time.time()  # when the standby last went missing (start, failure, seed)
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:  # type: ignore[override]
@@ -92,7 +93,7 @@ class Shipper(PassLoop):
             acked = self.acked
             if self._known and all(a is not None and a >= p for a, p in zip(acked, positions)):
                 return
-            if self.db.standby_optional and self.standby_down():
+            if self.db.standby_optional and self.standby_down() and self._may_degrade():
                 self.degraded_commits += 1     # shown by status: durable here only, for now
                 return
             if time.monotonic() > deadline:
@@ -113,11 +114,21 @@ class Shipper(PassLoop):
         """The peer is unreachable, refusing, or being seeded (a replicated cluster degrades then)."""
         return self.failures > 0 or self.state in ("starting", "seeding")
 
+    def _may_degrade(self) -> bool:
+        # "The standby is down" looks the same from a primary that is itself cut off, which the
+        # standby is about to replace: acknowledge without the standby only once the lease was
+        # renewed by a request that began after the standby went missing (then nobody can take
+        # over before this node fences itself), and while this node may still write.
+        check = getattr(self.daemon, "renewed_after", None)
+        return check is not None and check(self.down_since)
+
     # -- the loop (passloop.PassLoop) ---------------------------------------------------
     def _after_pass(self) -> None:
         self._close_cons()
 
     def _after_failure(self) -> None:
+        if not self.failures:
+            self.down_since = time.time()
         self._known = False
         self._installed = False      # e.g. the file was replaced: install again (idempotent)
 
@@ -304,6 +315,7 @@ class Shipper(PassLoop):
 
     def _seed(self) -> None:
         """A consistent copy of every file, uploaded, then swapped in on the peer at once."""
+        self.down_since = time.time()
         self.state = "seeding"
         files = self.daemon.catalog.resolve(Targets.of([self.name]))
         staging = os.path.join(self.daemon.config.data_dir, "replication", f"{self.name}.seed")

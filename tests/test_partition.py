@@ -1,0 +1,498 @@
+"""A real network partition of the active node (issue 7), with Linux network namespaces.
+
+Each node (`bastion serve`) runs in its own network namespace, wired by a veth pair to a
+bridge in the root namespace, where etcd and the test's clients are:
+
+    root ns: bridge 10.123.S.1/24, etcd on it; clients write through the driver (both nodes in the DSN)
+      |-- veth -- ns 0: n1 at 10.123.S.2, and one client of its own ("same side" of the cut)
+      `-- veth -- ns 1: n2 at 10.123.S.3
+
+Two kinds of cut: "switch" sets the root end of the active node's veth down, as if its
+cable were pulled at the switch (whatever it sends is dropped, no error comes back); "nic"
+sets the node's own interface down (its connections out fail at once with ENETUNREACH).
+Either way the node keeps running and the client inside its namespace keeps reaching it;
+that client is where a node failing to fence itself would acknowledge writes the rest of
+the cluster never sees. So: the cut node
+must stop acknowledging before the other node's first acknowledgement (compared on one
+clock: the namespaces share the kernel's), every acknowledged commit must be on the new
+active, and after the network heals the cut node comes back as a passive node (shared
+storage) or a seeded standby whose unshipped commits are in the conflict log (replicated).
+
+The last test cuts the primary after a quiet spell, when its shipper has no open
+connection to the standby (it found a bug: an isolated primary acknowledged, as "degraded", commits
+the standby never got; the primary now proves it still holds the lease first).
+
+Needs root (creating namespaces); skipped with the reason otherwise. Everything created
+is named with a random tag and removed in the fixture, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import PY, free_port
+from test_cluster import wait_for
+
+import bastion.client as bc
+from bastion.sql.users import hash_password
+
+pytestmark = pytest.mark.timeout(240)
+PW = "partition-test-password"
+TTL = 2.0
+TESTS = str(Path(__file__).resolve().parent)
+
+
+# -- the network ---------------------------------------------------------------------------
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(["ip", *args], check=False, capture_output=True, text=True, timeout=30)
+    if check and p.returncode:
+        raise RuntimeError(f"ip {' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
+    return p
+
+
+class Space:
+    def __init__(self, ns: str, veth: str, inner: str, addr: str) -> None:
+        self.ns, self.veth, self.inner, self.addr = ns, veth, inner, addr
+
+
+class Net:
+    """A bridge in the root namespace and one namespace per node on it (10.123.S.0/24)."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)         # names stay under 15 characters (IFNAMSIZ)
+        self.bridge = f"bpb{self.tag}"
+        self.spaces: list[Space] = []
+        used = ip("-4", "-o", "addr").stdout + ip("-4", "route").stdout
+        free = [s for s in range(1, 255) if f"10.123.{s}." not in used]
+        if not free:
+            raise RuntimeError("no free 10.123.S.0/24 subnet here")
+        self.prefix = f"10.123.{secrets.choice(free)}"
+        self.gw = f"{self.prefix}.1"
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{self.gw}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+
+    def add(self) -> Space:
+        i = len(self.spaces)
+        sp = Space(f"bpn{self.tag}{i}", f"bpv{self.tag}{i}", f"bpi{self.tag}{i}", f"{self.prefix}.{i + 2}")
+        self.spaces.append(sp)
+        ip("netns", "add", sp.ns)
+        ip("link", "add", sp.veth, "type", "veth", "peer", "name", sp.inner, "netns", sp.ns)
+        ip("link", "set", sp.veth, "master", self.bridge, "up")
+        ip("-n", sp.ns, "addr", "add", f"{sp.addr}/24", "dev", sp.inner)
+        ip("-n", sp.ns, "link", "set", sp.inner, "up")
+        ip("-n", sp.ns, "link", "set", "lo", "up")
+        return sp
+
+    def cut(self, sp: Space, how: str) -> None:
+        """switch: the root end goes down (cable pulled at the switch): packets vanish, no error
+        comes back. nic: the node's own interface goes down: its connections to anything off
+        the host fail at once (ENETUNREACH) while local clients still reach it."""
+        if how == "switch":
+            ip("link", "set", sp.veth, "down")
+        else:
+            ip("-n", sp.ns, "link", "set", sp.inner, "down")
+
+    def heal(self, sp: Space, how: str) -> None:
+        if how == "switch":
+            ip("link", "set", sp.veth, "up")
+        else:
+            ip("-n", sp.ns, "link", "set", sp.inner, "up")
+
+    def close(self) -> None:
+        for sp in self.spaces:
+            ip("netns", "del", sp.ns, check=False)         # takes its end of the veth pair with it
+            ip("link", "del", sp.veth, check=False)
+        ip("link", "del", self.bridge, check=False)
+
+
+@pytest.fixture
+def net():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (ip netns add)")
+    if not shutil.which("ip"):
+        pytest.skip("iproute2 (`ip`) is not installed")
+    probe = f"bpprobe{secrets.token_hex(3)}"
+    p = ip("netns", "add", probe, check=False)
+    if p.returncode:
+        pytest.skip(f"cannot create a network namespace here: {p.stderr.strip()}")
+    ip("netns", "del", probe, check=False)
+    n = Net()
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def etcd_on(base: Path, host: str) -> tuple[subprocess.Popen, str]:
+    exe = shutil.which("etcd")
+    assert exe, "etcd is not installed: run `make setup` (Debian package etcd-server)"
+    client, peer = free_port(), free_port()
+    url = f"http://{host}:{client}"
+    with open(base / "etcd.log", "w") as logf:        # the child keeps its own descriptor
+        proc = subprocess.Popen([exe, "--data-dir", str(base / "etcd"), "--name", "p", "--listen-client-urls", url,
+                                 "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                                 "--initial-cluster", f"p=http://127.0.0.1:{peer}"],
+                                stdout=logf, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_for(up, 30, "etcd up")
+    return proc, url
+
+
+# -- nodes in namespaces ---------------------------------------------------------------------
+
+class NsNode:
+    def __init__(self, base: Path, name: str, sp: Space, port: int) -> None:
+        self.name, self.sp, self.port = name, sp, port
+        self.host = f"{sp.addr}:{port}"
+        self.config = base / f"{name}.toml"
+        self.log = base / f"{name}.log"
+        self.db = self.data_dir = Path()          # set by make_nodes
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "a") as lf:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.sp.ns, PY, "-m", "bastion", "serve",
+                                          "--config", str(self.config)],
+                                         stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def health(self, path: str = "/v1/health") -> tuple[int, dict]:
+        """As seen from the root namespace (0 when unreachable)."""
+        try:
+            r = httpx.get(f"http://{self.host}{path}", timeout=1)
+            return r.status_code, r.json()
+        except (httpx.HTTPError, ValueError):
+            return 0, {}
+
+    def writable(self) -> bool:
+        return bool(self.health()[1].get("writable"))
+
+    def seeded_standby(self) -> bool:
+        code, h = self.health("/v1/health/standby")
+        return code == 200 and bool(h.get("seeded"))
+
+    def health_inside(self) -> dict:
+        """As seen from inside its own namespace (reachable while cut off)."""
+        p = subprocess.run(["ip", "netns", "exec", self.sp.ns, PY, "-c",
+                            f"import httpx; print(httpx.get('http://{self.host}/v1/health', timeout=3).text)"],
+                           check=False, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def make_nodes(base: Path, net: Net, mode: str, etcd_url: str) -> list[NsNode]:
+    """Two nodes, each in its own namespace. shared: one data_dir and one file for both;
+    replicated: each its own, commits acknowledged once the standby applied them."""
+    spaces = [net.add(), net.add()]
+    nodes = [NsNode(base, f"n{i + 1}", sp, free_port()) for i, sp in enumerate(spaces)]
+    peers = ", ".join(f'{n.name} = "{n.host}"' for n in nodes)
+    token = base / "peer.token"
+    token.write_text(secrets.token_hex(32))
+    for n in nodes:
+        d = base / (n.name if mode == "replicated" else "shared")
+        d.mkdir(exist_ok=True)
+        n.db = d / "app.db"
+        n.data_dir = d / "var"
+        repl = f'[replication]\npeer_token_file = "{token}"\n\n' if mode == "replicated" else ""
+        n.config.write_text(
+            f'[daemon]\nlisten = "{n.host}"\ndata_dir = "{n.data_dir}"\n\n'
+            f'[databases.app]\nfiles = ["{n.db}"]\n'
+            f'durability = "{"replicated" if mode == "replicated" else "durable"}"\n\n'
+            f'[sql]\nbusy_timeout = "3s"\n\n{repl}'
+            f'[users.alice]\npassword_hash = "{hash_password(PW)}"\naccess = {{ app = "read-write" }}\n\n'
+            f'[cluster]\nname = "part-{net.tag}"\nnode = "{n.name}"\nmode = "{mode}"\nlease = "etcd"\n'
+            f'etcd = ["{etcd_url}"]\nttl = "{TTL:g}s"\npeers = {{ {peers} }}\n')
+    con = sqlite3.connect(nodes[0].db)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE acked(id INTEGER PRIMARY KEY, client INT, n INT, at REAL)")
+    con.commit()
+    con.close()
+    return nodes
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+# `at` is the time the daemon ran the INSERT, before its COMMIT: a lower bound of when it acknowledged
+INSERT = "INSERT INTO acked(client, n, at) VALUES (?, ?, unixepoch('subsec')) RETURNING at"
+
+
+class Writers:
+    """Clients in the root namespace: `count` with both nodes in their DSN, and one pinned to
+    `pinned` alone (client 50, asking all along: its first acknowledgement comes as soon as
+    that node serves). Each acknowledgement is kept with the daemon's `at`, the time the
+    answer arrived, and the host that gave it."""
+
+    def __init__(self, nodes: list[NsNode], pinned: NsNode, count: int = 3) -> None:
+        both = f"bastion://alice@{','.join(n.host for n in nodes)}/app"
+        self.acked: list[tuple[int, int, float, float, str]] = []
+        self.errors: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i, both), daemon=True) for i in range(count)]
+        self.threads.append(threading.Thread(target=self._run, args=(50, f"bastion://alice@{pinned.host}/app"),
+                                             daemon=True))
+
+    def _run(self, i: int, dsn: str) -> None:
+        con = None
+        n = 0
+        while not self.stop.is_set():
+            try:
+                if con is None:
+                    # a short request timeout: a client of a node that vanished from the network moves on
+                    con = bc.connect(dsn, password=PW, autocommit=True, timeout=3,
+                                     failover_timeout=30 if i < 50 else 0.2)
+                at = con.execute(INSERT, (i, n)).fetchone()[0]
+                self.acked.append((i, n, at, time.time(), con.transport.host))
+            except bc.Error as exc:       # OutcomeUnknown, NotReplicated, no active node: not acknowledged
+                self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
+                time.sleep(0.02)
+            n += 1
+        if con is not None:
+            con.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def by(self, host: str) -> list[tuple[int, int, float, float, str]]:
+        return [a for a in list(self.acked) if a[4] == host]
+
+
+def side_writer(host: str, out: str, stop: str, go: str = "") -> None:
+    """Run inside a node's namespace (same side of the cut as the node): inserts through that
+    node alone, one JSON line per answer: acknowledged (the daemon's `at`, time received) or not.
+    With `go`: connects, then waits for that file to exist before the first insert."""
+    con = bc.connect(f"bastion://alice@{host}/app", password=PW, autocommit=True, timeout=5, failover_timeout=1)
+    while go and not os.path.exists(go):
+        time.sleep(0.002)
+    n = 0
+    with open(out, "a") as f:
+        while not os.path.exists(stop):
+            rec = {"n": n}
+            try:
+                rec["at"] = con.execute(INSERT, (100, n)).fetchone()[0]
+            except bc.Error as exc:
+                rec["error"] = type(exc).__name__
+                time.sleep(0.05)
+            rec["recv"] = time.time()
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            n += 1
+
+
+class SideWriter:
+    def __init__(self, base: Path, node: NsNode, wait_for_go: bool = False) -> None:
+        self.out, self.stopfile, self.gofile = base / "side.jsonl", base / "side.stop", base / "side.go"
+        code = f"import sys; sys.path.insert(0, {TESTS!r}); import test_partition as t; t.side_writer(*sys.argv[1:])"
+        with open(base / "side.log", "w") as logf:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", node.sp.ns, PY, "-c", code, node.host,
+                                          str(self.out), str(self.stopfile), str(self.gofile) if wait_for_go else ""],
+                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def records(self) -> list[dict]:
+        if not self.out.exists():
+            return []
+        out = []
+        for line in self.out.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass                # a line being written
+        return out
+
+    def acked(self) -> list[dict]:
+        return [r for r in self.records() if "at" in r]
+
+    def stop(self) -> None:
+        self.stopfile.touch()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def rows_of(n: NsNode) -> tuple[set[tuple[int, int]], str]:
+    """(client, n) of every row on this node alone, and its integrity_check."""
+    con = bc.connect(f"bastion://alice@{n.host}/app", password=PW, autocommit=True, failover_timeout=5)
+    try:
+        rows = {(c, k) for c, k in con.execute("SELECT client, n FROM acked").fetchall()}
+        return rows, con.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        con.close()
+
+
+def cli(n: NsNode, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "bastion", "--config", str(n.config), *args], check=False, capture_output=True,
+                          text=True, timeout=60)
+
+
+def file_rows(path: Path) -> set[tuple[int, int]]:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",), path
+        return set(con.execute("SELECT client, n FROM acked").fetchall())
+    finally:
+        con.close()
+
+
+# -- the test -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("mode", "how"), [("replicated", "switch"), ("replicated", "nic"), ("shared", "switch")])
+def test_partition_of_the_active_node_no_split_brain_no_acknowledged_commit_lost(tmp_path, net, mode, how):
+    etcd, etcd_url = etcd_on(tmp_path, net.gw)
+    n1, n2 = nodes = make_nodes(tmp_path, net, mode, etcd_url)
+    side = None
+    try:
+        n1.start()
+        wait_for(n1.writable, 60, "n1 active")
+        n2.start()
+        if mode == "replicated":
+            wait_for(n2.seeded_standby, 90, "n2 a seeded standby")
+        else:
+            wait_for(lambda: n2.health()[1].get("role") == "passive", 60, "n2 passive")
+
+        side = SideWriter(tmp_path, n1)
+        with Writers(nodes, pinned=n2) as w:
+            wait_for(lambda: len(side.acked()) > 20 and len(w.by(n1.host)) > 20, 60, "commits on n1 from both sides")
+            assert not w.by(n2.host)
+            t_cut = time.time()
+            net.cut(n1.sp, how)
+            wait_for(n2.writable, 30, "n2 active after the cut")
+            takeover = time.time() - t_cut
+            wait_for(lambda: len(w.by(n2.host)) > 20 and any(a[0] < 50 for a in w.by(n2.host)), 60,
+                     "commits acknowledged by n2, to the clients with both nodes in their DSN too")
+            # cut off, n1 is still running but no longer active (it cannot renew its lease)
+            inside = n1.health_inside()
+            assert not inside["writable"] and inside["role"] in ("passive", "fenced"), inside
+            side.stop()
+        side_acks = side.acked()
+        old_recv = [r["recv"] for r in side_acks] + [a[3] for a in w.by(n1.host)]
+        new_at = [a[2] for a in w.by(n2.host)]
+        last_old, first_new = max(old_recv), min(new_at)
+        after = {}
+        for r in side.records():
+            if r["recv"] > t_cut:
+                after[r.get("error", "acknowledged")] = after.get(r.get("error", "acknowledged"), 0) + 1
+        moved = min(a[3] for a in w.by(n2.host) if a[0] < 50) - t_cut
+        print(f"\n{mode}, cut at the {how}: n2 active {takeover:.2f} s after the cut; n1's last acknowledgement "
+              f"reached its client {last_old - t_cut:+.3f} s from the cut, {first_new - last_old:.3f} s before n2's "
+              f"first commit; the clients with both nodes in their DSN (request timeout 3 s) wrote on n2 "
+              f"{moved:.1f} s after the cut; n1's own-side client after the cut: {after}; "
+              f"root clients' errors {w.errors}")
+        # self-fencing: n1 acknowledged nothing once the lease could move (ttl after its last
+        # renewal, which came before the cut), and nothing once n2 had started: no split brain
+        assert last_old < t_cut + TTL, f"n1 acknowledged a write {last_old - t_cut:.3f} s after the cut (ttl {TTL} s)"
+        assert last_old < first_new, (last_old, first_new)
+
+        # every commit acknowledged by either node, to either side, is on n2; intact
+        got, integrity = rows_of(n2)
+        acked = {(a[0], a[1]) for a in w.acked} | {(100, r["n"]) for r in side_acks}
+        missing = acked - got
+        assert not missing, f"{len(missing)} acknowledged commit(s) missing on n2: {sorted(missing)[:10]}"
+        assert integrity == "ok"
+
+        # the network heals: n1 comes back passive, n2 stays the one active node
+        net.heal(n1.sp, how)
+        if mode == "replicated":
+            wait_for(n1.seeded_standby, 90, "n1 back as a seeded standby")
+        else:
+            wait_for(lambda: n1.health()[1].get("role") == "passive", 60, "n1 back as passive")
+        assert [n for n in nodes if n.writable()] == [n2]
+
+        if mode == "replicated":
+            # what n1 committed on its side and n2 never applied (unacknowledged: NotReplicated,
+            # or answers lost in the cut) is in n2's conflict log, not lost and not applied
+            (old_file,) = list((n1.data_dir / "cluster").glob("rejoined-*/app.db"))
+            unshipped = file_rows(old_file) - got
+            r = cli(n2, "conflicts", "list", "app", "--json")
+            assert r.returncode == 0, r.stderr
+            logged = {((c["remote"]["values"] or {}).get("client"), (c["remote"]["values"] or {}).get("n"))
+                      for c in json.loads(r.stdout)["conflicts"] if c["policy"] == "failover"}
+            assert unshipped <= logged, f"not in the conflict log: {sorted(unshipped - logged)[:10]}"
+            print(f"replicated: {len(unshipped)} unacknowledged commit(s) of n1 in n2's conflict log")
+            # n1's new copy catches up with n2 and is intact
+            wait_for(lambda: file_rows(n1.db) == rows_of(n2)[0], 60, "n1's copy equal to n2's")
+        else:
+            assert file_rows(n1.db) == got
+    finally:
+        net.heal(n1.sp, how)         # (idempotent) a node cut off takes longer to stop
+        if side is not None and side.proc.poll() is None:
+            side.stop()
+        for n in nodes:
+            n.stop()
+        etcd.terminate()
+        etcd.wait(10)
+
+
+def test_replicated_a_partition_after_a_quiet_spell_loses_no_acknowledged_commit(tmp_path, net):
+    """The database was quiet for a while (the primary's connection to its standby closed),
+    then the primary's network interface fails and a client on its side writes at once:
+    the primary must not acknowledge, as merely "degraded" (standby down), commits that the
+    standby, about to take over, never received."""
+    etcd, etcd_url = etcd_on(tmp_path, net.gw)
+    n1, n2 = nodes = make_nodes(tmp_path, net, "replicated", etcd_url)
+    side = None
+    try:
+        n1.start()
+        wait_for(n1.writable, 60, "n1 active")
+        n2.start()
+        wait_for(n2.seeded_standby, 90, "n2 a seeded standby")
+        side = SideWriter(tmp_path, n1, wait_for_go=True)
+        time.sleep(7.0)          # quiet: more than the idle time of the shipper's HTTP connection
+        t_cut = time.time()
+        net.cut(n1.sp, "nic")
+        side.gofile.touch()
+        wait_for(n2.writable, 30, "n2 active after the cut")
+        time.sleep(1.0)
+        side.stop()
+        recs = side.records()
+        acked = {(100, r["n"]) for r in recs if "at" in r}
+        print(f"\nquiet, then cut: n1's own-side client got {len(acked)} acknowledgement(s), the last "
+              f"{max((r['recv'] for r in recs if 'at' in r), default=t_cut) - t_cut:+.3f} s from the cut; "
+              f"errors {sorted({r['error'] for r in recs if 'error' in r})}")
+        got, integrity = rows_of(n2)
+        assert integrity == "ok"
+        missing = acked - got
+        assert not missing, (f"{len(missing)} commit(s) acknowledged by n1 after the cut are not on n2, "
+                             f"the new active: {sorted(missing)[:10]}")
+    finally:
+        net.heal(n1.sp, "nic")       # (idempotent) a node cut off takes longer to stop
+        if side is not None and side.proc.poll() is None:
+            side.stop()
+        for n in nodes:
+            n.stop()
+        etcd.terminate()
+        etcd.wait(10)
