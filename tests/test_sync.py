@@ -174,3 +174,38 @@ def test_kill9_during_apply_on_either_side_loses_and_duplicates_nothing(sites):
     con.close()
     st = json.loads(s.d["a"].cli("sync", "status", "shop", "--json").out)["databases"][0]
     assert st["files"][0]["peers"]["b"]["lag_changes"] == 0, st
+
+
+def test_hub_forwards_and_a_failing_neighbour_runs_the_hook(sites, tmp_path):
+    """Hub and spokes: spoke c reaches spoke b only through hub a. With the hub down,
+    a spoke's pass fails and the group's on_failure command runs (once per streak)."""
+    hook = tmp_path / "hook.out"
+    cmd = json.dumps([PY, "-c", "import os, sys; open(sys.argv[1], 'a').write(os.environ['BASTION_GROUP'] + ' ' "
+                                "+ os.environ['BASTION_ERROR'] + '\\n')", str(hook)])
+    s = sites(["a", "b", "c"], extra=f'topology = "hub"\nhub = "a"\non_failure = {cmd}\n')
+    seed_file(s.db["a"])
+    for n in ("a", "b", "c"):
+        s.d[n].start()
+    s.settle(["b", "c"], rounds=1)
+    st = s.d["c"].cli("sync", "status", "shop", "--json").json["databases"][0]
+    assert st["topology"] == "hub" and st["neighbours"] == ["a"], st
+    app_sql(s.db["c"], "INSERT INTO items VALUES (300, 'from c', 3, NULL)")
+    s.settle(["c", "a", "b"], rounds=2)          # c -> a (hub) -> b
+    assert user_rows(s.db["b"]) == user_rows(s.db["c"]) == user_rows(s.db["a"])
+    s.d["a"].stop()
+    app_sql(s.db["c"], "INSERT INTO items VALUES (301, 'while the hub is down', 4, NULL)")
+    for _ in range(2):
+        r = s.d["c"].cli("sync", "run", "shop", "--json")
+        assert r.code == 2 and "no neighbour reachable" in r.json["error"], (r.code, r.out)
+    deadline = time.monotonic() + 10
+    while not hook.exists():
+        assert time.monotonic() < deadline, "on_failure did not run"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    lines = hook.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("g ") and "unreachable" in lines[0], lines
+    st = s.d["c"].cli("sync", "status", "shop", "--json")
+    assert st.code == 1 and st.json["databases"][0]["failures"] >= 2, st.out
+    s.d["a"].start()
+    s.settle(["c", "a", "b"], rounds=2)
+    assert user_rows(s.db["b"]) == user_rows(s.db["c"]) == user_rows(s.db["a"])
