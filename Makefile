@@ -24,7 +24,8 @@ test: setup
 bench: setup
 	$(BIN)/python bench/bench_contops.py && $(BIN)/python bench/bench_backup.py && \
 	$(BIN)/python bench/bench_sql.py && $(BIN)/python bench/bench_failover.py && \
-	$(BIN)/python bench/bench_capture.py && $(BIN)/python bench/bench_replication.py
+	$(BIN)/python bench/bench_capture.py && $(BIN)/python bench/bench_replication.py && \
+	$(BIN)/python bench/bench_sync.py
 
 clean:
 	rm -rf $(VENV) var bench/out

@@ -29,6 +29,7 @@ class PassLoop:
     next one at once) and may override :meth:`_after_pass` and :meth:`_after_failure`."""
 
     poll = 0.05
+    max_backoff = 30.0     # seconds between attempts after failures in a row (doubling from 0.5 s)
 
     def __init__(self, name: str, what: str, timing: "Timing", on_failure: Any, failure_env: dict[str, str]) -> None:
         self.name = name
@@ -120,7 +121,7 @@ class PassLoop:
                 log.warning("%s failed (%d in a row): %s", self.what, self.failures, self.last_error)
                 if self.failures == 1:
                     self._notify()
-                delay = min(30.0, 0.25 * 2 ** min(self.failures, 8))
+                delay = min(self.max_backoff, 0.25 * 2 ** min(self.failures, 8))
                 result = {"database": self.name, "error": self.last_error, "exit_code": 2}
             with self._cond:
                 self._last_result = result

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -44,6 +45,9 @@ PRUNE_EVERY = 5.0
 
 class Syncer(PassLoop):
     poll = POLL
+    # A site cut off for a while must notice the network is back soon: its own changes only
+    # leave when it pushes them (nothing wakes it when a neighbour comes back).
+    max_backoff = 2.0
 
     def __init__(self, daemon: Any, name: str, token: str) -> None:
         db = daemon.config.databases[name]
@@ -57,9 +61,15 @@ class Syncer(PassLoop):
         self.group = group
         self.site = daemon.config.sync["site"]
         verify = trust(daemon.config.replication.get("peer_ca_file"))
-        self._http = {p: httpx.Client(base_url=self.group["sites"][p], timeout=60.0, verify=verify,
+        # Short connect and vector timeouts: a neighbour that drops packets must cost seconds, not
+        # the minute a large batch may take to apply.
+        self._http = {p: httpx.Client(base_url=self.group["sites"][p], verify=verify,
+                                      timeout=httpx.Timeout(60.0, connect=3.0),
                                       headers={"Authorization": f"Bearer {token}"})
                       for p in self.group["neighbours"]}
+        # one thread per neighbour: a silent one must not hold up the exchange with the others
+        self._pool = ThreadPoolExecutor(max_workers=len(self.group["neighbours"]),
+                                        thread_name_prefix=f"bastion-sync-{name}")
         n = len(self.db.files)
         self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group["neighbours"]}
         self.peer_state: dict[str, dict[str, Any]] = {p: {"sent": 0, "last_error": None, "last_ok_at": None}
@@ -76,6 +86,7 @@ class Syncer(PassLoop):
 
     def stop(self) -> None:
         super().stop()
+        self._pool.shutdown(wait=True)
         for c in self._http.values():
             c.close()
 
@@ -96,13 +107,12 @@ class Syncer(PassLoop):
         self.state = "syncing"
         sent = 0
         errors = []
-        for peer in self.group["neighbours"]:
+        running = {peer: self._pool.submit(self._push_all, peer) for peer in self.group["neighbours"]}
+        for peer, fut in running.items():
             try:
-                for i, path in enumerate(self.db.files):
-                    sent += self._push(peer, i, path)
+                sent += fut.result()
                 self.peer_state[peer].update(last_error=None, last_ok_at=time.time())
             except BastionError as exc:   # one neighbour down must not stop the others
-                self.their[peer] = [None] * len(self.db.files)
                 self.peer_state[peer]["last_error"] = exc.message
                 errors.append(f"{peer}: {exc.message}")
         if time.monotonic() - self._last_prune > PRUNE_EVERY:
@@ -117,11 +127,14 @@ class Syncer(PassLoop):
         return {"database": self.name, "sent": sent, "errors": errors,
                 "more": bool(sent) and self.timing.mode == "continuous"}
 
+    def _push_all(self, peer: str) -> int:
+        return sum(self._push(peer, i, path) for i, path in enumerate(self.db.files))
+
     def _push(self, peer: str, i: int, path: str) -> int:
         known = self.their[peer][i]
         if known is not None and not site.changes_for(path, known, 1):
             return 0
-        vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i))["vector"]
+        vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i), timeout=10.0)["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
