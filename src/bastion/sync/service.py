@@ -104,7 +104,8 @@ class Syncer(PassLoop):
                     self._join(i)
                 site.install(path, self.site)
             self._installed = True
-        self.state = "syncing"
+        if not self.failures:        # a failing streak stays "failing" while it retries
+            self.state = "syncing"
         sent = 0
         errors = []
         running = {peer: self._pool.submit(self._push_all, peer) for peer in self.group["neighbours"]}
@@ -113,6 +114,8 @@ class Syncer(PassLoop):
                 sent += fut.result()
                 self.peer_state[peer].update(last_error=None, last_ok_at=time.time())
             except BastionError as exc:   # one neighbour down must not stop the others
+                if self.peer_state[peer]["last_error"] is None:
+                    log.warning("sync of %s: neighbour %s fails: %s", self.name, peer, exc.message)
                 self.peer_state[peer]["last_error"] = exc.message
                 errors.append(f"{peer}: {exc.message}")
         if time.monotonic() - self._last_prune > PRUNE_EVERY:
@@ -131,10 +134,17 @@ class Syncer(PassLoop):
         return sum(self._push(peer, i, path) for i, path in enumerate(self.db.files))
 
     def _push(self, peer: str, i: int, path: str) -> int:
-        known = self.their[peer][i]
-        if known is not None and not site.changes_for(path, known, 1):
-            return 0
-        vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i), timeout=10.0)["vector"]
+        known = self.their[peer][i]       # a lower bound of what it holds: enough to skip an idle pass
+        if known is not None:
+            try:
+                if not site.changes_for(path, known, 1):
+                    return 0
+            except StateConflict:
+                # We pruned what it lacked by that old vector: other neighbours' word that it holds
+                # them is newer than our memory of it. Ask it (below) rather than fail every pass.
+                pass
+        vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i),
+                            timeout=httpx.Timeout(10.0, connect=3.0))["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
