@@ -87,7 +87,14 @@ class AuthMiddleware:
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         if scope["path"].startswith("/v1/peer/"):
             # replication peers: the shared peer token, and only here (never the admin API)
-            if self.peer is None or not self.peer(header):
+            allowed = None if self.peer is None else self.peer(header)
+            if allowed is None and self.node is not None:
+                resp = JSONResponse(status_code=503, content={"error": {
+                    "type": "NotActive", "exit_code": 2, "path": None, "details": {"role": self.node.role},
+                    "message": f"node {self.node.name} is {self.node.role}: it takes no peer requests now",
+                    "hint": "it is changing roles; retry"}})
+                return await resp(scope, receive, send)
+            if not allowed:
                 resp = JSONResponse(status_code=401, content={"error": {
                     "type": "AuthError", "exit_code": 2, "path": None, "details": {},
                     "message": "missing or wrong peer token",
@@ -343,11 +350,13 @@ def _conflict_routes(app: FastAPI, daemon: Any) -> None:
         return {**conflicts.for_json(res), "database": database, "file": req.file}
 
 
-def _peer_allowed(daemon: Any, header: str | None) -> bool:
+def _peer_allowed(daemon: Any, header: str | None) -> bool | None:
+    """True/False: the peer token is right or wrong; None: this node has nothing open that
+    takes peer requests now (a cluster node between roles), so it cannot tell."""
     try:
         return daemon.replication.peer_allowed(header)
-    except BastionError:        # a passive cluster node has no open daemon: no peer requests
-        return False
+    except BastionError:
+        return None
 
 
 class PeerRequest(BaseModel):
