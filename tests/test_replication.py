@@ -199,6 +199,8 @@ def test_streams_survives_kill9_of_backup_and_catches_up(pair, bank):
     st = p.status()
     assert st["failures"] == 0 and all(f["applied"] >= b for f, b in zip(st["files"], applied_before)), st
     assert st["seeds"] == 1, st       # the kill -9 of the backup needed no re-seed
+    assert 0 < st["cut_pause_max_ms"] < 5000, st       # writers were paused to cut, and let go
+    print(f"longest writer pause for a cut: {st['cut_pause_max_ms']} ms")
     rep = p.status(p.backup)
     assert rep["role"] == "replica" and not rep["promoted"] and rep["divergence"] == 0, rep
     # and the transfer count on the replica is the primary's: nothing lost, nothing twice

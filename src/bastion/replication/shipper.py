@@ -73,6 +73,7 @@ class Shipper(PassLoop):
         self.degraded_commits = 0     # replicated commits acknowledged while the standby was down
         self._waiter_woke = 0.0
         self.down_since = time.time()  # when the standby last went missing (start, failure, seed)
+        self.cut_pause_max = 0.0       # longest hold of the writers to read a cut (several files)
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:  # type: ignore[override]
@@ -212,7 +213,8 @@ class Shipper(PassLoop):
         def read() -> None:
             out[:] = [capture.position(self._con(i)).seq for i in range(n)]
         try:
-            pause_writers(files, CUT_PAUSE_TIMEOUT, step=read).resume()
+            held = pause_writers(files, CUT_PAUSE_TIMEOUT, step=read).resume()
+            self.cut_pause_max = max(self.cut_pause_max, held)
         except StateConflict:
             # Held by a freeze (or a backup's start): then nobody writes; if every file is
             # held, their positions are one instant already.
@@ -368,7 +370,8 @@ class Shipper(PassLoop):
                 "failures": self.failures, "last_success_at": iso(self.last_success_at),
                 "seeded_at": iso(self.seeded_at), "seeds": self.seeds,
                 "degraded": bool(self.db.standby_optional and self.standby_down()),
-                "degraded_commits": self.degraded_commits, "files": files}
+                "degraded_commits": self.degraded_commits,
+                "cut_pause_max_ms": round(self.cut_pause_max * 1000, 3), "files": files}
 
 
 def _chunks(fh: Any, size: int = 1 << 20) -> Any:
