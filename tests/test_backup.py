@@ -215,7 +215,7 @@ def test_scheduled_backups_run_retain_and_failures_show(tmp_path, bank):
     d = DaemonProc(cfg, port, tmp_path / "var").start()
     try:
         bank.start()
-        lst = _wait(lambda: (lambda b: b if len(b) >= 2 else None)(
+        _wait(lambda: (lambda b: b if len(b) >= 2 else None)(
             d.cli("backups", "list", "--json").json["backups"]))
         job = d.cli("status", "--json").json["jobs"][0]
         assert job["job"] == "backup bank" and job["last_ok"] and job["failures"] == 0

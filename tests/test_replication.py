@@ -222,7 +222,7 @@ def test_stopped_backup_queues_then_catches_up_and_runs_on_failure_once(pair, ba
     assert st["lag_changes"] > 0 and st["lag_seconds"] > 1, st
     assert "unreachable" in st["last_error"], st
     p.backup.start()
-    stats = bank.stop()
+    bank.stop()
     p.catch_up()
     p.assert_same()
     assert flag.read_text().split() == ["bank"], "on_failure must run once per failure streak"
