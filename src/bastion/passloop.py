@@ -55,6 +55,13 @@ class PassLoop:
     def _cycle(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _progress(self) -> None:
+        """The peer answered, inside a pass that may go on for a while: the failure streak is over."""
+        if self.failures:
+            log.warning("%s works again after %d failures", self.what, self.failures)
+            self.failures = 0
+        self.last_success_at = time.time()
+
     def _after_pass(self) -> None:
         """Runs after every pass, failed or not, still under pass_lock."""
 
@@ -105,19 +112,18 @@ class PassLoop:
                         result = self._cycle()
                     finally:
                         self._after_pass()
-                if self.failures:
-                    log.warning("%s works again after %d failures", self.what, self.failures)
-                self.failures = 0
-                self.last_success_at = time.time()
+                self._progress()
                 result["exit_code"] = 0
                 if result.get("more"):
                     delay = 0
             except Exception as exc:  # noqa: BLE001 - the loop never dies; status shows the error
                 self._after_failure()
-                self.failures += 1
+                # error and state before the count: a status read in between must not show a
+                # failure count with the state of the pass before
                 self.last_error = exc.message if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
                 self.last_error_at = time.time()
                 self.state = "failing"
+                self.failures += 1
                 log.warning("%s failed (%d in a row): %s", self.what, self.failures, self.last_error)
                 if self.failures == 1:
                     self._notify()

@@ -27,7 +27,7 @@ import msgpack
 
 from .. import capture
 from ..catalog import Targets
-from ..errors import BastionError, BusyError, StateConflict
+from ..errors import BastionError, BusyError
 from ..state import iso
 from ..tls import trust, verify_failure
 from ..sqlite import pause_writers
@@ -44,6 +44,32 @@ PRUNE_EVERY = 1.0       # prune is a write transaction in the application's file
 
 class _Reseed(Exception):
     """The peer cannot continue from what it holds: seed it again."""
+
+
+class _Writer:
+    """pause_writers' view of one of the shipper's own connections: BEGIN IMMEDIATE on it
+    holds that file's writers for as long as the cut is read."""
+
+    def __init__(self, path: str, con: apsw.Connection) -> None:
+        self.path, self.con = path, con
+
+    def gate_begin(self, busy_ms: int) -> None:
+        # Poll every half millisecond, like the daemon's own gate: SQLite's default back-off
+        # sleeps ever longer and misses the short gaps between a busy writer's commits.
+        deadline = time.monotonic() + max(0, busy_ms) / 1000
+
+        def busy(_: int) -> bool:
+            time.sleep(0.0005)
+            return time.monotonic() < deadline
+        self.con.set_busy_handler(busy)
+        try:
+            self.con.execute("BEGIN IMMEDIATE")
+        finally:
+            self.con.setbusytimeout(10_000)
+
+    def gate_end(self) -> None:
+        if self.con.in_transaction:
+            self.con.execute("ROLLBACK")
 
 
 class Shipper(PassLoop):
@@ -207,20 +233,19 @@ class Shipper(PassLoop):
         n = len(self.db.files)
         if n == 1:
             return [capture.position(self._con(0)).seq]
-        files = [self.daemon.catalog.files[p] for p in self.db.files]
         out: list[int] = []
 
         def read() -> None:
             out[:] = [capture.position(self._con(i)).seq for i in range(n)]
-        try:
-            held = pause_writers(files, CUT_PAUSE_TIMEOUT, step=read).resume()
-            self.cut_pause_max = max(self.cut_pause_max, held)
-        except StateConflict:
-            # Held by a freeze (or a backup's start): then nobody writes; if every file is
-            # held, their positions are one instant already.
-            if not all(f.gated_since is not None for f in files):
-                raise
-            read()
+        frozen = [self.daemon.catalog.files.get(p) for p in self.db.files]
+        if all(f is not None and f.gated_since is not None for f in frozen):
+            read()      # a freeze holds every writer already: the positions are one instant
+            return out
+        # The write locks are taken on the shipper's own connections, not through the daemon's
+        # gate: startbu and freeze need that gate for themselves and must not find it taken.
+        writers = [_Writer(p, self._con(i)) for i, p in enumerate(self.db.files)]
+        held = pause_writers(writers, CUT_PAUSE_TIMEOUT, step=read).resume()  # type: ignore[arg-type]
+        self.cut_pause_max = max(self.cut_pause_max, held)
         return out
 
     def _chunks(self, cut: list[int]) -> Iterator[tuple[int, list[capture.Change]]]:
@@ -260,6 +285,7 @@ class Shipper(PassLoop):
         if not k:
             return 0
         self.acked = [None if p is None else int(p) for p in res["positions"]]
+        self._progress()
         for i in range(n):
             self._prune(i)
         return sent
@@ -340,6 +366,7 @@ class Shipper(PassLoop):
         self._known = True
         self.seeded_at = time.time()
         self.seeds += 1
+        self._progress()
         for i in range(n):
             self._prune(i, force=True)
         log.info("seeded the replica of %s on %s at positions %s", self.name, self.peer, self.acked)
