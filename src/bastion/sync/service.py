@@ -144,7 +144,7 @@ class Syncer(PassLoop):
                 # them is newer than our memory of it. Ask it (below) rather than fail every pass.
                 pass
         vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i),
-                            timeout=httpx.Timeout(10.0, connect=3.0))["vector"]
+                            timeout=httpx.Timeout(3.0))["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
