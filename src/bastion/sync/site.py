@@ -107,7 +107,7 @@ import msgpack
 
 from .. import capture
 from ..capture import RawText
-from ..errors import BusyError, StateConflict, UsageError
+from ..errors import StateConflict, UsageError
 from . import conflict_log
 from .policy import Policy, Version, same_row
 
@@ -261,23 +261,8 @@ def _transaction(con: apsw.Connection, write: bool = True, quiet: bool = False) 
         con.execute("PRAGMA foreign_keys = OFF")
         con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
     try:
-        try:
-            con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        except apsw.BusyError:
-            raise BusyError("the database stayed locked by another writer",
-                            hint="retry; set a busy timeout on the connection") from None
-        try:
+        with capture._transaction(con, write):      # begin, commit or roll back: capture's own
             yield
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        try:
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
     finally:
         if saved is not None:
             con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, saved[0])
