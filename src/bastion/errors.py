@@ -31,9 +31,18 @@ EXIT_FAILED = 2
 EXIT_USAGE = 3
 
 
+_BY_NAME: dict[str, type["BastionError"]] = {}
+
+
 class BastionError(Exception):
     exit_code = EXIT_FAILED
     http_status = 500
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        # every subclass, wherever defined (StoreFull, RepositoryError...), keeps its type and
+        # HTTP status when it crosses a process boundary as a dict (backup reader -> daemon -> CLI)
+        super().__init_subclass__(**kw)
+        _BY_NAME.setdefault(cls.__name__, cls)
 
     def __init__(self, message: str, *, hint: str | None = None, path: str | None = None,
                  details: dict[str, Any] | None = None) -> None:
@@ -156,7 +165,4 @@ def from_os_error(exc: OSError, doing: str) -> BastionError:
     return err
 
 
-_BY_NAME = {c.__name__: c for c in (
-    BastionError, UsageError, ConfigError, UnknownTarget, FileProblem, StateConflict,
-    BusyError, NotConsistent, RecoveryRefused, DaemonUnavailable, AuthError, PermissionDenied,
-    SQLFailure, TransactionGone, NotActive, NotReplicated)}
+_BY_NAME["BastionError"] = BastionError

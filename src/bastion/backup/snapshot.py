@@ -62,20 +62,20 @@ def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAU
     for f in files:
         with _Reading(f["path"]):
             total += os.stat(f["path"]).st_size
-    read = {"bytes": 0}     # how far the copy got: for the disk-full message
+    stored = {"bytes": 0}     # raw bytes of new chunks stored so far: for the disk-full message
     try:
-        res = _copy(repo, files, chunk_size, jobs, progress, total, read)
+        res = _copy(repo, files, chunk_size, jobs, progress, total, stored)
     except StoreFull as exc:
-        got = read["bytes"]
-        raise StoreFull(f"{exc.message}; the backup had read {got} of {total} bytes of the database, "
-                        f"so up to {max(total - got, 0)} more bytes (before compression) are needed",
-                        hint=exc.hint, details={"bytes_read": got, "bytes_total": total}) from None
+        got = stored["bytes"]
+        raise StoreFull(f"{exc.message}; this backup of {total} bytes had stored {got} bytes of new data when "
+                        f"the device filled, so up to {max(total - got, 0)} more bytes (before compression) "
+                        "are needed", hint=exc.hint, details={"bytes_stored": got, "bytes_total": total}) from None
     res["temporaries_removed"] = removed
     return res
 
 
 def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: int,
-          progress: Callable[[int, int], None] | None, total: int, read: dict[str, int]) -> dict[str, Any]:
+          progress: Callable[[int, int], None] | None, total: int, stored: dict[str, int]) -> dict[str, Any]:
     done = 0
     known = repo.chunk_digests()
     t0 = time.monotonic()
@@ -91,9 +91,14 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
             window = threading.BoundedSemaphore(jobs * 4)
             pending: list[Any] = []
 
+            counting = threading.Lock()
+
             def put(data: bytes, digest: str) -> tuple[str, int]:
                 try:
-                    return repo.put_chunk(data, digest)
+                    out = repo.put_chunk(data, digest)
+                    with counting:
+                        stored["bytes"] += len(data)
+                    return out
                 finally:
                     window.release()
             for spec, digests in zip(files, tables):
@@ -116,7 +121,6 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
                             break
                         size += len(data)
                         done += len(data)
-                        read["bytes"] = done
                         if progress:
                             progress(done, total)
                         whole.update(data)
