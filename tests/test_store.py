@@ -247,7 +247,7 @@ def test_killed_writer_leaves_nothing_half_written(remote, tmp_path):
 
 
 def test_sftp_write_is_fsynced_then_renamed_on_the_server(sshd_server, tmp_path):
-    """The server's own request log: temp file written, fsync@openssh.com, closed, posix-rename."""
+    """The server's own request log: temp file made private, written, fsync@openssh.com, closed, posix-rename."""
     url = sshd_server.url(f"{tmp_path}/repo")
     repo = Repository.open(url, create=True)
     start = sshd_server.sftp_log.stat().st_size if sshd_server.sftp_log.exists() else 0
@@ -259,9 +259,11 @@ def test_sftp_write_is_fsynced_then_renamed_on_the_server(sshd_server, tmp_path)
     tmp = lines[0].split('"')[1]
     assert tmp.startswith(final + ".tmp-"), lines
     kinds = [ln.split()[0] for ln in lines]
-    assert kinds == ["open", "fsync", "close", "posix-rename"], lines
+    # "set" is the fchmod to 0600 of the still empty temporary, before any byte is written
+    assert kinds == ["open", "set", "fsync", "close", "posix-rename"], lines
     assert f'posix-rename old "{tmp}" new "{final}"' in lines[-1]
     assert json.loads(Path(final).read_text())["id"] == "m1"
+    assert Path(final).stat().st_mode & 0o777 == 0o600
 
 
 # ----------------------------------------------------------------------------------------------

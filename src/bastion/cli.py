@@ -372,34 +372,80 @@ def thaw(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> Non
 @common
 @targets_option
 def backup(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, to: str | None) -> None:
-    """Back up databases at one instant while applications keep writing (chunked, deduplicated, verified)."""
+    """Back up databases while applications keep writing (chunked, deduplicated, verified).
+
+    Each database named (every configured one with --all) gets its own backup, taken at one
+    instant across its files. Several databases: exit 1 if some failed, 2 if all did."""
+    from .backup.store import check_url
+    if to is not None:
+        check_url(to)       # a mistyped URL is refused here, before the daemon does anything
     client = _client(conf)
-    with _progress(as_json, "backup") as bar:
+    with _backup_progress(as_json) as bar:
         if bar is None:
             data = client.backup(targets, all_, to)
         else:   # the backup call blocks: poll the daemon for its progress meanwhile
             import concurrent.futures
-            task = bar.add_task("backing up", total=None)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 fut = pool.submit(client.backup, targets, all_, to)
+                tasks: dict[str, Any] = {}
                 while not fut.done():
-                    for r in client.request("GET", "/v1/backups/running").get("running", []):
-                        bar.update(task, completed=r["done"], total=r["total"] or None)
+                    try:
+                        running = client.request("GET", "/v1/backups/running").get("running", [])
+                    except BastionError:
+                        running = []       # progress is a courtesy: the backup's own answer decides
+                    for r in running:
+                        _show_progress(bar, tasks, r)
                     time.sleep(0.3)
                 data = fut.result()
 
-    def human(d: dict[str, Any]) -> None:
+    def one(d: dict[str, Any]) -> None:
+        if "error" in d:
+            e = d["error"]
+            err.print(f"error: backup of {d['database']} failed: {e['message']}", markup=False)
+            if e.get("hint"):
+                err.print(f"hint: {e['hint']}", markup=False)
+            return
         out.print(f"backup {d['backup']} of {d['database']} at {d['instant']} in {d['repository']}: "
                   f"{_fmt_bytes(d['logical_bytes'])} read, {_fmt_bytes(d['stored_bytes_added'])} stored "
                   f"({d['chunks_new']} new of {d['chunks_total']} chunks) in {d['seconds']:.2f} s; "
                   f"quick verify {'ok' if d['verified'] else 'FAILED'}")
+
+    def human(d: dict[str, Any]) -> None:
+        for b in d.get("backups", [d]):
+            one(b)
+        if "backups" in d and d["failed"]:
+            err.print(f"{d['failed']} of {len(d['backups'])} backup(s) failed", markup=False)
     emit(data, as_json, human)
+
+
+def _show_progress(bar: Any, tasks: dict[str, Any], r: dict[str, Any]) -> None:
+    """One line per database under way: bytes read of the total while copying, else its phase."""
+    name = str(r.get("database"))
+    done, total = int(r.get("done") or 0), int(r.get("total") or 0)
+    phase = str(r.get("phase") or "copying")
+    if name not in tasks:
+        tasks[name] = bar.add_task(name, total=None, bytes="")
+    counted = f"{_fmt_bytes(done)} of {_fmt_bytes(total)}" if total else f"{_fmt_bytes(done)}"
+    bar.update(tasks[name], description=f"{name}: {phase}", completed=done if total else 0,
+               total=total or None, bytes=counted)
 
 
 def _repo(conf: cfg.Config, url: str | None, database: str | None = None):  # type: ignore[no-untyped-def]
     from .backup import Repository
     from .backup.backups import default_repository
     return Repository.open(url or default_repository(conf, database))
+
+
+def _backup_progress(as_json: bool):  # type: ignore[no-untyped-def]
+    """Per database under way: bytes as the daemon counts them ("3.0 MiB of 12.0 MiB"); while the
+    total is unknown, a spinner and a pulsing bar with the bytes so far, never a made-up "0/?"."""
+    import contextlib
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+    if as_json or not err.is_terminal:
+        return contextlib.nullcontext(None)
+    return Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
+                    TextColumn("{task.fields[bytes]}", markup=False), TimeRemainingColumn(),
+                    console=err, transient=True)
 
 
 def _progress(as_json: bool, what: str):  # type: ignore[no-untyped-def]

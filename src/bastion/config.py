@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .schedule import Schedule
 
 DEFAULT_CONFIG_NAME = "bastion.toml"
@@ -606,6 +606,11 @@ def _repo_url(value: Any, base: str, source: str, db: str | None) -> str | None:
     where = f"[databases.{db}] repository" if db else "[backups] repository"
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{source}: {where} must be a URL such as \"file:///backups\" or \"sftp://host/path\"")
+    from .backup.store import check_url   # the one list of schemes and options; no connection made
+    try:
+        check_url(value)
+    except UsageError as exc:
+        raise ConfigError(f"{source}: {where}: {exc.message}", hint=exc.hint) from None
     if "://" in value:
         return value
     return "file://" + os.path.abspath(os.path.join(base, os.path.expanduser(value)))

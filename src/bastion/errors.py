@@ -31,9 +31,18 @@ EXIT_FAILED = 2
 EXIT_USAGE = 3
 
 
+_BY_NAME: dict[str, type["BastionError"]] = {}
+
+
 class BastionError(Exception):
     exit_code = EXIT_FAILED
     http_status = 500
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        # every subclass, wherever defined (StoreFull, RepositoryError...), keeps its type and
+        # HTTP status when it crosses a process boundary as a dict (backup reader -> daemon -> CLI)
+        super().__init_subclass__(**kw)
+        _BY_NAME.setdefault(cls.__name__, cls)
 
     def __init__(self, message: str, *, hint: str | None = None, path: str | None = None,
                  details: dict[str, Any] | None = None) -> None:
@@ -130,7 +139,30 @@ class NotReplicated(BastionError):
     http_status = 504
 
 
-_BY_NAME = {c.__name__: c for c in (
-    BastionError, UsageError, ConfigError, UnknownTarget, FileProblem, StateConflict,
-    BusyError, NotConsistent, RecoveryRefused, DaemonUnavailable, AuthError, PermissionDenied,
-    SQLFailure, TransactionGone, NotActive, NotReplicated)}
+def from_os_error(exc: OSError, doing: str) -> BastionError:
+    """An OSError that reached the edge (daemon route, CLI) in words: what was being done, on
+    which path, and what to do. ``doing`` says the side, e.g. "reading the database file"."""
+    import errno
+    path = exc.filename if isinstance(exc.filename, str) else None
+    where = f" {path}" if path else ""
+    what = exc.strerror or str(exc)
+    hints = {
+        errno.ENOSPC: "free space on that file system (df -h), then retry",
+        errno.EACCES: "give the daemon's user access to it (ls -l, chmod/chown), then retry",
+        errno.EPERM: "the operation is not permitted there (immutable file, mount options): fix that, then retry",
+        errno.EROFS: "the file system is mounted read-only: remount it read-write, or use another place",
+        errno.EIO: "the disk reported an I/O error: check it (dmesg) before retrying",
+        errno.ENOENT: "check that the path exists (and its directory): the config may name a moved file",
+        errno.ENOTDIR: "a component of the path is a file, not a directory: check the path",
+    }
+    cls = FileProblem if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM) else BastionError
+    err = cls(f"{doing}{where}: {what}", path=path, hint=hints.get(exc.errno or 0, "check the path and retry"),
+              details={"errno": exc.errno})
+    if exc.errno == errno.ENOSPC:
+        err.http_status = 507
+    elif cls is BastionError:
+        err.http_status = 503 if exc.errno in (errno.EROFS, errno.EIO) else 500
+    return err
+
+
+_BY_NAME["BastionError"] = BastionError

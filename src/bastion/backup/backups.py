@@ -19,7 +19,7 @@ import apsw
 from ..catalog import Catalog
 from ..config import Config
 from ..contops import ContinuousOperations
-from ..errors import NotConsistent
+from ..errors import BastionError, NotConsistent, from_os_error
 from ..sqlite import DatabaseFile
 from ..state import iso
 from .repository import FORMAT, Repository
@@ -52,25 +52,73 @@ class Backups:
         self.contops = contops
         self.running: dict[str, dict[str, Any]] = {}   # label -> progress of a backup under way
 
+    def take_each(self, names: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
+        """One backup per database named (or per configured database and protected file, for --all),
+        each under its own name. One target: that backup's result (errors raise). Several: every
+        result or error, exit 0 if all succeeded, 1 if some did, 2 if none did."""
+        groups = self._groups(names, all_)     # unknown names: a usage error before anything is done
+        if len(groups) == 1 and not all_:
+            label, files = groups[0]
+            return self.take(label, files, to)
+        results: list[dict[str, Any]] = []
+        for label, files in groups:
+            try:
+                results.append(self.take(label, files, to))
+            except BastionError as exc:
+                results.append({"database": label, "error": exc.to_dict(), "exit_code": exc.exit_code})
+        failed = [r for r in results if r["exit_code"] != 0]
+        code = 0 if not failed else (2 if len(failed) == len(results) else 1)
+        return {"backups": results, "failed": len(failed), "exit_code": code}
+
+    def _groups(self, names: list[str], all_: bool) -> list[tuple[str, list[DatabaseFile]]]:
+        from ..catalog import Targets
+        if not all_:
+            out: list[tuple[str, list[DatabaseFile]]] = []
+            for n in dict.fromkeys(names):
+                out.append((n, self.catalog.resolve(Targets.of([n]))))
+            if not out:
+                self.catalog.resolve(Targets.of([]))   # raises: name at least one database, or --all
+            return out
+        every = self.catalog.resolve(Targets.of([], True))
+        groups: dict[str, list[DatabaseFile]] = {}
+        for f in every:   # configured databases by name; a protected file of none under its path
+            groups.setdefault(f.database or f.path, []).append(f)
+        return list(groups.items())
+
     def take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
+        try:
+            return self._take(label, files, to)
+        except OSError as exc:   # an OS error the store or contops did not name: still in words
+            raise from_os_error(exc, f"backup of {label}") from None
+
+    def _take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
         url = to or default_repository(self.config, label)
         repo = Repository.open(url, create=True)   # refuse an incompatible repository before starting
         lock = repo.lock("backup")
         try:
             repo.wait_for_no_prune()
+            # stat() opens no descriptor, so it is safe here (DESIGN.md, pitfalls): the bar has a
+            # total from the start; the reader's own figures replace it once it reports
+            total = sum(os.stat(f.path).st_size for f in files if os.path.exists(f.path))
+            progress = self.running[label] = {"database": label, "phase": "starting", "done": 0, "total": total,
+                                              "started_at": iso(time.time())}
             start = self.contops.start(files)
-            progress = self.running[label] = {"database": label, "done": 0, "total": 0, "started_at": iso(time.time())}
+            progress["phase"] = "copying"
             try:
                 res = snapshot_in_child(url, [{"path": f.path, "name": n} for f, n in zip(files, _names(files))],
                                         progress=lambda d, t: progress.update(done=d, total=t))
+                progress["phase"] = "ending continuous operations"
             finally:
-                self.running.pop(label, None)
                 end = self.contops.end(files)
             if not end["consistent"]:
                 raise NotConsistent(f"backup of {label} abandoned: continuous operations was interrupted during "
                                     "the copy, so no manifest was written", hint="run the backup again")
-            return self._finish(repo, label, start, res)
+            progress["phase"] = "verifying"
+            out = self._finish(repo, label, start, res)
+            out["temporaries_removed"] = res.get("temporaries_removed", 0)
+            return out
         finally:
+            self.running.pop(label, None)
             repo.unlock(lock)
 
     def _finish(self, repo: Repository, label: str, start: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:

@@ -4,15 +4,19 @@ The policy is restic's: keep the last N backups, and the newest backup of each
 of the last N hours/days/weeks/months that have one; per database. A backup
 kept by any rule is kept. Chunk deletion is skipped while a backup is running
 (see Repository locks) and only ever removes chunks no remaining manifest names.
+A repository is untrusted input: a manifest prune cannot read entirely stops it
+(nothing removed), and only names of Bastion's own shape are ever deleted.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
+from . import names
 from .repository import Repository, RepositoryError
 
 
@@ -64,13 +68,33 @@ def select(manifests: list[dict[str, Any]], policy: Policy) -> dict[str, list[st
     return keep
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _well_formed(m: dict[str, Any]) -> bool:
+    """Everything prune reads from a manifest has the shape Bastion writes; anything else counts as
+    damaged (a hand-edited manifest must not make prune crash, nor hide the chunks it names)."""
+    try:
+        names.backup_id(m["id"])
+        if not isinstance(m["database"], str) or not isinstance(m["instant"], str):
+            return False
+        float(m["instant_epoch"])
+        for f in m["files"]:
+            for d, n in f["chunks"]:
+                if not isinstance(d, str) or not isinstance(n, int):
+                    return False
+        return True
+    except (KeyError, TypeError, ValueError, names.UnsafeName):
+        return False
+
+
 def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     if policy.empty():
         raise UsageError("prune needs a policy: at least one of --keep-last, --keep-hourly, --keep-daily, "
                          "--keep-weekly, --keep-monthly", hint="nothing was removed")
     manifests, damaged = [], []
     for m in repo.manifests():
-        (damaged if isinstance(m, RepositoryError) else manifests).append(m)
+        (damaged if isinstance(m, RepositoryError) or not _well_formed(m) else manifests).append(m)
     if damaged:
         # A damaged manifest might reference chunks: deleting "unreferenced" chunks could finish it off.
         raise RepositoryError(f"{len(damaged)} manifest(s) in {repo.url} are damaged; prune removes nothing "
@@ -96,7 +120,8 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
                           chunk_cleanup="deferred: a backup is running; the next prune removes the chunks")
             result["exit_code"] = 0
             return result
-        unreferenced = sorted(repo.chunk_digests() - referenced)
+        # only names Bastion writes: a stray or hostile file under chunks/ is neither counted nor touched
+        unreferenced = sorted(d for d in repo.chunk_digests() - referenced if _DIGEST.fullmatch(d))
         freed = 0
         for d in unreferenced:
             try:
@@ -105,7 +130,8 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
                 pass
             if not dry_run:
                 repo.delete_chunk(d)
-        temps = repo.store.temporaries()
+        # only temporaries no live process can still be writing (store._tmp_removable)
+        temps = repo.store.removable_temporaries()
         if not dry_run:
             for t in temps:
                 repo.store.delete(t)

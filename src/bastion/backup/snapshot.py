@@ -22,17 +22,60 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from ..errors import BastionError
+from ..errors import BastionError, from_os_error
 from .digest import file_digests
 from .repository import Repository
+from .store import StoreFull
 
 DEFAULT_CHUNK = 256 * 1024
+
+
+class _Reading:
+    """OSErrors from the database side, named as such (a full or read-only repository is the
+    store's StoreError, never confused with a database file that cannot be read)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, OSError):
+            raise from_os_error(exc, "reading the database file for the backup") from None
+
+
+def _cleanup(repo: Repository) -> int:
+    """Temporaries of earlier backups that failed or were killed; only those no live writer owns."""
+    n = 0
+    for name in repo.store.removable_temporaries():
+        repo.store.delete(name)
+        n += 1
+    return n
 
 
 def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
              jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     repo = Repository.open(repo_url, create=True)
-    total = sum(os.stat(f["path"]).st_size for f in files)
+    removed = _cleanup(repo)
+    total = 0
+    for f in files:
+        with _Reading(f["path"]):
+            total += os.stat(f["path"]).st_size
+    stored = {"bytes": 0}     # raw bytes of new chunks stored so far: for the disk-full message
+    try:
+        res = _copy(repo, files, chunk_size, jobs, progress, total, stored)
+    except StoreFull as exc:
+        got = stored["bytes"]
+        raise StoreFull(f"{exc.message}; this backup of {total} bytes had stored {got} bytes of new data when "
+                        f"the device filled, so up to {max(total - got, 0)} more bytes (before compression) "
+                        "are needed", hint=exc.hint, details={"bytes_stored": got, "bytes_total": total}) from None
+    res["temporaries_removed"] = removed
+    return res
+
+
+def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: int,
+          progress: Callable[[int, int], None] | None, total: int, stored: dict[str, int]) -> dict[str, Any]:
     done = 0
     known = repo.chunk_digests()
     t0 = time.monotonic()
@@ -48,9 +91,14 @@ def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAU
             window = threading.BoundedSemaphore(jobs * 4)
             pending: list[Any] = []
 
+            counting = threading.Lock()
+
             def put(data: bytes, digest: str) -> tuple[str, int]:
                 try:
-                    return repo.put_chunk(data, digest)
+                    out = repo.put_chunk(data, digest)
+                    with counting:
+                        stored["bytes"] += len(data)
+                    return out
                 finally:
                     window.release()
             for spec, digests in zip(files, tables):
@@ -58,13 +106,17 @@ def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAU
                 whole = hashlib.sha256()
                 chunks: list[list[Any]] = []
                 size = 0
-                with open(path, "rb") as fh:
-                    header = fh.read(100)
-                    fh.seek(0)
+                with _Reading(path):
+                    fh = open(path, "rb")
+                with fh:
+                    with _Reading(path):
+                        header = fh.read(100)
+                        fh.seek(0)
                     page_size = int.from_bytes(header[16:18], "big") if len(header) >= 18 else 0
                     page_size = 65536 if page_size == 1 else page_size
                     while True:
-                        data = fh.read(chunk_size)
+                        with _Reading(path):
+                            data = fh.read(chunk_size)
                         if not data:
                             break
                         size += len(data)
@@ -144,8 +196,12 @@ def _main() -> None:
     except BastionError as exc:
         print(json.dumps({"error": exc.to_dict()}))
         sys.exit(2)
-    except OSError as exc:
-        print(json.dumps({"error": BastionError(f"reading for backup: {exc}").to_dict()}))
+    except OSError as exc:      # not from a file read nor a store call: say it all the same
+        print(json.dumps({"error": from_os_error(exc, "backup reader").to_dict()}))
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - the daemon gets an error it can show, not a traceback
+        print(json.dumps({"error": BastionError(f"the backup reader failed: {type(exc).__name__}: {exc}",
+                                                hint="see the daemon's log; please report this").to_dict()}))
         sys.exit(2)
     print(json.dumps(res))
 

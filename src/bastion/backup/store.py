@@ -13,10 +13,21 @@ A store lists, reads, writes and deletes named objects under one root:
   Credentials come from the usual AWS places (environment, profile, config
   files, instance role), never from the URL.
 
+Nothing else: any other scheme (``ftp://``, ``memory://``, ``gcs://``...) is
+refused before anything is written (see ``check_url``).
+
 Options that are not secret ride in the URL's query string (so a repository
 URL alone is enough to restore): ``connect_timeout``, ``read_timeout``; for
 sftp ``key_filename``, ``known_hosts``; for s3 ``endpoint_url``, ``region``,
-``profile``.
+``profile``. ``file://`` URLs and plain paths take none.
+
+Objects are private: files 0600 in directories 0700 (local, and sftp through
+the server's chmod); on s3 access is the bucket's policy (objects get the
+bucket's default ACL, private unless the bucket says otherwise).
+
+Temporaries (names holding ``TMP_MARK``) are left only by a writer that died
+or failed mid-write; ``removable_temporaries`` says which of them no live
+process can still be writing (see ``_tmp_removable``).
 
 Every remote call is retried with jittered exponential back-off when the
 failure looks transient (connection refused/reset/dropped, time-outs, 5xx),
@@ -57,6 +68,18 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 
 TMP_MARK = ".tmp-"
+# A temporary older than this is removed whoever wrote it: no single object write takes a day
+# (a 256 KiB chunk, a manifest). Younger ones only if their writer, on this host, is dead.
+TMP_SAFE_AGE = 86400.0
+
+# What a repository URL may be: scheme -> the options its query string may carry.
+SCHEMES: dict[str, tuple[str, ...]] = {
+    "file": (),
+    "sftp": ("connect_timeout", "read_timeout", "key_filename", "known_hosts"),
+    "s3": ("connect_timeout", "read_timeout", "endpoint_url", "region", "profile"),
+}
+ALIASES = {"ssh": "sftp", "s3a": "s3"}
+SUPPORTED = "file:///absolute/path (or a plain path), sftp://[user@]host[:port]/path, s3://bucket[/prefix]"
 
 
 class StoreError(BastionError):
@@ -75,6 +98,57 @@ class StoreRefused(StoreError):
     """A permanent refusal: credentials, host key, missing bucket, permissions. Retrying cannot help."""
 
 
+class StoreFull(StoreError):
+    """The repository's file system (or quota) has no room for an object."""
+    http_status = 507
+
+
+def check_url(url: object) -> str:
+    """``url`` if it names a supported repository with known options, else UsageError.
+
+    Only looks at the text (no connection): the CLI, the config loader and open_store
+    all use it, so a mistyped URL is refused before anything is written anywhere."""
+    if not isinstance(url, str) or not url.strip():
+        raise UsageError("the repository URL is empty", hint=f"supported: {SUPPORTED}")
+    if "://" not in url:
+        if "?" in url:
+            raise UsageError(f"repository {url!r}: a plain path takes no options",
+                             hint="remove the '?...' part (file:// URLs and paths have no options)")
+        return url      # a plain path: a local directory
+    parsed = urlparse(url)
+    scheme = ALIASES.get(parsed.scheme.lower(), parsed.scheme.lower())
+    if scheme not in SCHEMES:
+        raise UsageError(f"repository {_redact(url)}: unsupported scheme {parsed.scheme + '://'!r}",
+                         hint=f"supported: {SUPPORTED}; nothing was written")
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            # file://backups/x would otherwise silently mean the directory /x (or the current one)
+            raise UsageError(f"repository {url}: a file:// URL needs an absolute path (file:///dir), "
+                             f"got host {parsed.netloc!r}",
+                             hint=f"write file:///{parsed.netloc}{parsed.path} or a plain path")
+        if not parsed.path.startswith("/"):
+            raise UsageError(f"repository {url}: no directory", hint="file:///absolute/path")
+    if parsed.query or url.endswith("?"):
+        try:
+            opts = dict(parse_qsl(parsed.query, keep_blank_values=True, strict_parsing=True))
+        except ValueError:
+            raise UsageError(f"repository {_redact(url)}: cannot parse the options after '?'",
+                             hint="write them as ?name=value&name=value") from None
+        unknown = sorted(set(opts) - set(SCHEMES[scheme]))
+        if unknown:
+            takes = ", ".join(SCHEMES[scheme]) or "no options"
+            raise UsageError(f"repository {_redact(url)}: unknown option(s) {', '.join(unknown)}",
+                             hint=f"{scheme}:// URLs take: {takes}")
+    return url
+
+
+def _redact(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    return url.replace(f":{parsed.password}@", ":***@", 1)
+
+
 class Store:
     url: str
 
@@ -88,12 +162,78 @@ class Store:
         """Half-written objects left by a crash (only stores that write through temp names have any)."""
         return []
 
+    def removable_temporaries(self, safe_age: float = TMP_SAFE_AGE) -> list[str]:
+        """The temporaries no live process can still be writing (see _tmp_removable)."""
+        return []
+
     def close(self) -> None:
         """Drop connections now (they are also dropped when the store is garbage-collected)."""
 
 
+_HOST = socket.gethostname()
+
+
 def _tmp_name(path: str) -> str:
-    return f"{path}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
+    # the writer's pid and host ride in the name: a later backup or prune can tell a dead writer's
+    # leftovers from an upload still in flight
+    return f"{path}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}@{_HOST}"
+
+
+def _tmp_removable(name: str, mtime: float | None, now: float, safe_age: float = TMP_SAFE_AGE) -> bool:
+    """No live process can still be writing this temporary: it is older than ``safe_age``, or its
+    name says it was written on this host by a process that no longer exists."""
+    if mtime is not None and now - mtime > safe_age:
+        return True
+    tail = name.rsplit("/", 1)[-1].split(TMP_MARK, 1)[-1]
+    owner, _, host = tail.partition("@")
+    if host != _HOST:
+        return False        # another host's writer (or an older name without one): only age tells
+    try:
+        pid = int(owner.split("-", 1)[0])
+    except ValueError:
+        return False
+    return not _pid_alive(pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _os_error(exc: OSError, what: str, url: str, size: int | None = None, where: str | None = None) -> StoreError:
+    """A local file system's refusal, in words: which side, what, what to do."""
+    where = where or url
+    code = exc.errno
+    detail = exc.strerror or str(exc)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        need = f", {size} bytes needed for this object" if size is not None else ""
+        return StoreFull(f"{what} the repository at {url}: no space left on the device{need} ({detail})",
+                         hint=f"free space on the file system that holds {where} (df -h), prune old backups "
+                              "(bastion prune), or back up to another repository; nothing half-written is listed "
+                              "and the next backup or prune removes the temporaries")
+    if code in (errno.EACCES, errno.EPERM):
+        return StoreRefused(f"{what} the repository at {url}: permission denied ({exc.filename or where}: {detail})",
+                            hint=f"give the daemon's user (uid {os.geteuid()}) write access to {where}, "
+                                 "or choose another repository")
+    if code == errno.EROFS:
+        return StoreRefused(f"{what} the repository at {url}: the file system is read-only ({detail})",
+                            hint=f"remount {where} read-write, or choose another repository")
+    if code == errno.ENOTDIR:
+        return StoreRefused(f"{what} the repository at {url}: a path component is a file, not a "
+                            f"directory ({exc.filename or where})", hint="check the repository path")
+    if code == errno.EIO:
+        return StoreError(f"{what} the repository at {url}: input/output error ({detail})",
+                          hint=f"the disk under {where} reported an I/O error: check it (dmesg), "
+                               "then `bastion verify --all` the repository")
+    return StoreError(f"{what} the repository at {url}: {detail} ({type(exc).__name__}, errno {code})",
+                      hint=f"check {where}")
 
 
 class LocalStore(Store):
@@ -110,49 +250,96 @@ class LocalStore(Store):
                 return fh.read()
         except FileNotFoundError:
             raise ObjectMissing(f"{self.url}/{name}: missing") from None
+        except OSError as exc:
+            raise _os_error(exc, f"reading {name} from", self.url, where=self.root) from None
+
+    def _makedirs(self, d: str) -> None:
+        """Create ``d`` and its missing parents 0700 (os.makedirs gives the parents the umask's mode)."""
+        if os.path.isdir(d):
+            return
+        parent = os.path.dirname(d)
+        if parent != d:
+            self._makedirs(parent)
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            return
+        os.chmod(d, 0o700)      # the umask may have taken bits away; never added any
 
     def write(self, name: str, data: bytes) -> None:
         path = self._p(name)
         d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
         tmp = _tmp_name(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            self._makedirs(d)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            try:
+                os.remove(tmp)      # a failed write leaves nothing behind (disk full: frees the room)
+            except OSError:
+                pass
+            raise _os_error(exc, f"writing {name} to", self.url, size=len(data), where=self.root) from None
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self._p(name))
 
+    def _walk(self, base: str) -> Iterator[tuple[str, list[str]]]:
+        # A listing is complete or it is an error: a directory that cannot be read would hide
+        # manifests, and prune would then delete the chunks they need.
+        def fail(exc: OSError) -> None:
+            raise _os_error(exc, "listing", self.url, where=self.root)
+        for dirpath, _, files in os.walk(base, onerror=fail):
+            yield dirpath, files
+
     def temporaries(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
         out = []
-        for dirpath, _, files in os.walk(self.root):
+        for dirpath, files in self._walk(self.root):
             out += [os.path.relpath(os.path.join(dirpath, f), self.root) for f in files if TMP_MARK in f]
+        return sorted(out)
+
+    def removable_temporaries(self, safe_age: float = TMP_SAFE_AGE) -> list[str]:
+        now = time.time()
+        out = []
+        for name in self.temporaries():
+            try:
+                mtime = os.lstat(self._p(name)).st_mtime
+            except FileNotFoundError:
+                continue        # finished (renamed) or removed meanwhile
+            if _tmp_removable(name, mtime, now, safe_age):
+                out.append(name)
         return out
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self._p(prefix)
-        for dirpath, _, files in os.walk(base):
-            for f in files:
-                if TMP_MARK in f:
-                    continue
-                yield os.path.relpath(os.path.join(dirpath, f), self.root)
+        if not os.path.isdir(base):
+            return iter(())
+        return iter([os.path.relpath(os.path.join(dirpath, f), self.root)
+                     for dirpath, files in self._walk(base) for f in files if TMP_MARK not in f])
 
     def delete(self, name: str) -> None:
         try:
             os.remove(self._p(name))
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise _os_error(exc, f"deleting {name} from", self.url, where=self.root) from None
 
 
 def _float_option(opts: dict[str, str], key: str, default: float, url: str) -> float:
@@ -177,6 +364,7 @@ class RemoteStore(Store):
     per_thread = False    # one connection per thread (SSH) or one shared client (S3)
 
     def __init__(self, url: str) -> None:
+        check_url(url)
         parsed = urlparse(url)
         self.url = url.rstrip("/") if not parsed.query else url
         try:
@@ -502,7 +690,8 @@ class SftpStore(RemoteStore):
         except FileNotFoundError:
             self._mkdirs(fs, posixpath.dirname(d))
             try:
-                fs.ftp.mkdir(d)
+                fs.ftp.mkdir(d, 0o700)
+                fs.ftp.chmod(d, 0o700)      # the server's umask may have changed the mode
             except OSError as exc:
                 try:
                     fs.ftp.stat(d)     # made meanwhile by another writer is fine
@@ -515,6 +704,7 @@ class SftpStore(RemoteStore):
         tmp = _tmp_name(path)
         try:
             with fs.ftp.open(tmp, "wb") as fh:
+                fh.chmod(0o600)         # before any byte is in it: never readable by others
                 self._write_all(fs, fh, data)
                 self._fsync_remote(fs, fh)
             # posix-rename replaces an existing object atomically (plain SFTP rename refuses to)
@@ -566,8 +756,11 @@ class SftpStore(RemoteStore):
             raise _Missing() from None
 
     def _find(self, fs: Any, path: str) -> list[str]:
+        return [p for p, _ in self._find_attrs(fs, path)]
+
+    def _find_attrs(self, fs: Any, path: str) -> list[tuple[str, float | None]]:
         from stat import S_ISDIR
-        out: list[str] = []
+        out: list[tuple[str, float | None]] = []
         try:
             entries = fs.ftp.listdir_attr(path)
         except FileNotFoundError:
@@ -583,7 +776,7 @@ class SftpStore(RemoteStore):
                     except FileNotFoundError:
                         continue
                 else:
-                    out.append(p)
+                    out.append((p, e.st_mtime))
         return sorted(out)
 
     def _rm(self, fs: Any, path: str) -> None:
@@ -592,13 +785,20 @@ class SftpStore(RemoteStore):
         except FileNotFoundError:
             raise _Missing() from None
 
-    def temporaries(self) -> list[str]:
+    def _temporaries(self) -> list[tuple[str, float | None]]:
         try:
-            found = self._call("listing", lambda fs: self._find(fs, self.root))
+            found = self._call("listing", lambda fs: self._find_attrs(fs, self.root))
         except _Missing:
             return []
         base = self.root.rstrip("/") + "/"
-        return [p[len(base):] for p in found if TMP_MARK in p.rsplit("/", 1)[-1]]
+        return [(p[len(base):], m) for p, m in found if TMP_MARK in p.rsplit("/", 1)[-1]]
+
+    def temporaries(self) -> list[str]:
+        return [p for p, _ in self._temporaries()]
+
+    def removable_temporaries(self, safe_age: float = TMP_SAFE_AGE) -> list[str]:
+        now = time.time()
+        return [p for p, m in self._temporaries() if _tmp_removable(p, m, now, safe_age)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,66 +944,18 @@ def _s3_code(exc: BaseException) -> str | None:
     return None
 
 
-class FsspecStore(RemoteStore):
-    """Any other fsspec URL (memory://, gcs://...): fsspec's own calls, one shared instance."""
-
-    options = ()
-
-    def __init__(self, url: str) -> None:
-        import fsspec
-        self.url = url.rstrip("/")
-        try:
-            self._shared, self.root = fsspec.core.url_to_fs(self.url)
-        except (ImportError, ValueError) as exc:
-            raise UsageError(f"cannot use backup target {url}: {exc}",
-                             hint="supported: file://, sftp:// (paramiko), s3:// (s3fs)") from None
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._all = []
-        self._reached = True
-
-    def _connect(self) -> Any:
-        return self._shared
-
-    def _drop(self) -> None:
-        pass
-
-    def _classify(self, exc: BaseException, what: str) -> str:
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            return str(exc)
-        raise StoreError(f"{what} {self.url}: {type(exc).__name__}: {exc}") from None
-
-    def _read(self, fs: Any, path: str) -> bytes:
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            raise _Missing() from None
-
-    def _write(self, fs: Any, path: str, data: bytes) -> None:
-        fs.pipe_file(path, data)
-
-    def _stat(self, fs: Any, path: str) -> None:
-        try:
-            fs.info(path)
-        except FileNotFoundError:
-            raise _Missing() from None
-
-    def _find(self, fs: Any, path: str) -> list[str]:
-        return fs.find(path) if fs.isdir(path) else []
-
-    def _rm(self, fs: Any, path: str) -> None:
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            raise _Missing() from None
-
-
 def open_store(url: str) -> Store:
+    """The store for a repository URL; anything but file://, a path, sftp:// and s3:// is refused.
+
+    (There used to be a fallback to any fsspec URL: ``memory://`` then "stored" backups in the
+    daemon's memory and ``gcs://`` failed half-way with a traceback.)"""
+    check_url(url)
     parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        return LocalStore(unquote(parsed.path) if parsed.scheme else url)
-    if parsed.scheme in ("sftp", "ssh"):
+    scheme = ALIASES.get(parsed.scheme.lower(), parsed.scheme.lower())
+    if "://" not in url:
+        return LocalStore(url)
+    if scheme == "file":
+        return LocalStore(unquote(parsed.path))
+    if scheme == "sftp":
         return SftpStore(url)
-    if parsed.scheme in ("s3", "s3a"):
-        return S3Store(url)
-    return FsspecStore(url)
+    return S3Store(url)

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from .. import __version__
-from ..errors import BastionError, NotActive, UnknownTarget, UsageError
+from ..errors import BastionError, NotActive, UnknownTarget, UsageError, from_os_error
 from .auth import Authenticator
 from .core import Daemon
 
@@ -144,6 +144,14 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
         parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
         err = UsageError("invalid request: " + "; ".join(parts), hint="see GET /openapi.json for the request format")
         return JSONResponse(status_code=422, content={"error": err.to_dict()})
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> JSONResponse:
+        # a file-system refusal (disk full, permission, read-only, I/O error) that no library call
+        # put in words: still a Bastion error with the path and a hint, not "internal error"
+        err = from_os_error(exc, f"{request.method} {request.url.path}")
+        log.warning("%s (%s)", err.message, type(exc).__name__)
+        return JSONResponse(status_code=err.http_status, content={"error": err.to_dict()})
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -191,10 +191,7 @@ class Daemon:
         return self.freezer.thaw(files)
 
     def backup(self, names: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
-        files = self.resolve(names, all_)
-        label = names[0] if len(names) == 1 and not all_ else ("all" if all_ else ",".join(
-            os.path.basename(n) for n in names))
-        return self.backups.take(label, files, to)
+        return self.backups.take_each(names, all_, to)    # one backup per database, each under its name
 
     def restore_in_place(self, backup_id: str, url: str | None = None) -> dict[str, Any]:
         from ..backup.backups import restore_in_place
