@@ -454,3 +454,112 @@ def test_catalogue_figures(capsys: pytest.CaptureFixture[str]) -> None:
         print(f"\ncorruption catalogue: quick verify detected {q[0]}/{q[1]}, full verify detected {f[0]}/{f[1]} "
               f"({len(CASES) - len(damaging)} harmless changes not reported as damage)")
     assert f[0] == f[1] == len(damaging)
+
+
+# -- through a daemon: the backup that reuses a damaged chunk, and what is recorded -------------
+
+def _chunk_of(daemon: DaemonProc, bid: str, file: int = 0, index: int = 0) -> tuple[str, Path]:
+    repo = daemon.data_dir / "backups"
+    m = json.loads((repo / "manifests" / f"{bid}.json").read_text())
+    digest = m["files"][file]["chunks"][index][0]
+    return digest, repo / "chunks" / digest[:2] / digest
+
+
+def test_backup_reusing_a_corrupt_chunk_is_not_ok(daemon: DaemonProc, bank: Any, tmp_path: Path) -> None:
+    first = daemon.cli("backup", "bank", "--json")
+    assert first.code == 0, first.err
+    b1 = first.json["backup"]
+    digest, path = _chunk_of(daemon, b1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    # the database did not change: the second backup reuses every chunk, the damaged one too
+    second = daemon.cli("backup", "bank", "--json")
+    assert second.code == 2, second.out
+    d = second.json
+    b2 = d["backup"]
+    assert d["verified"] is False and d["chunks_new"] == 0
+    broken = {(p["backup"], p["file"], p["chunk"]) for p in d["problems"]}
+    assert (b2, "bank.db", digest) in broken and (b1, "bank.db", digest) in broken   # both backups it breaks
+    assert digest[:16] in d["message"] and b1 in d["message"] and b2 in d["message"]
+    human = daemon.cli("backup", "bank")
+    assert human.code == 2 and "FAILED" in human.out and digest[:16] in human.err and "hint:" in human.err
+    # recorded: both listed as failed, and status says so for the newest
+    listed = {b["id"]: b["verified"] for b in daemon.cli("backups", "list", "--json").json["backups"]}
+    assert listed[b1].startswith("quick FAILED") and listed[b2].startswith("quick FAILED")
+    st = daemon.cli("status", "--json").json["backups"]
+    assert st[0]["database"] == "bank" and "FAILED" in st[0]["verified"]
+    assert "FAILED" in daemon.cli("status").out
+    r = daemon.cli("restore", b2, "--to", str(tmp_path / "r"))
+    assert r.code == 2 and not (tmp_path / "r" / "bank.db").exists()
+    # the repair the hint gives: delete the damaged chunk, back up again; the content comes back
+    path.unlink()
+    third = daemon.cli("backup", "bank", "--json")
+    assert third.code == 0 and third.json["verified"] is True and third.json["chunks_new"] == 1, third.out
+    r = daemon.cli("verify", "--all", "--json")
+    assert r.code == 0, r.out
+    listed = {b["id"]: b["verified"] for b in daemon.cli("backups", "list", "--json").json["backups"]}
+    assert all(v.startswith("quick ok") for v in listed.values()), listed
+    assert daemon.cli("restore", b1, "--to", str(tmp_path / "r1")).code == 0
+
+
+def test_every_verify_outcome_is_recorded(daemon: DaemonProc, bank: Any) -> None:
+    b = daemon.cli("backup", "bank", "--json").json["backup"]
+
+    def shown() -> str:
+        return {x["id"]: x["verified"] for x in daemon.cli("backups", "list", "--json").json["backups"]}[b]
+    assert shown().startswith("quick ok")
+    digest, path = _chunk_of(daemon, b, file=1)
+    saved = path.read_bytes()
+    path.write_bytes(saved[:-1])
+    r = daemon.cli("verify", b, "--json")
+    assert r.code == 2 and r.json["recorded"] is True
+    assert shown().startswith("quick FAILED")                    # a CLI verify that finds damage says so
+    r = daemon.cli("verify", b, "--full", "--json")
+    assert r.code == 2 and shown().startswith("full FAILED")
+    path.write_bytes(saved)                                       # repaired
+    r = daemon.cli("verify", b, "--json")
+    assert r.code == 0
+    # a quick ok does not hide a full verify's failure; only a full ok clears it
+    assert shown().startswith("quick ok") and "(full FAILED at" in shown()
+    assert daemon.cli("verify", b, "--full").code == 0
+    assert shown().startswith("full ok") and "FAILED" not in shown()
+    rec = json.loads((daemon.data_dir / "backups" / "verified" / f"{b}.json").read_text())
+    assert rec["quick"]["ok"] and rec["full"]["ok"] and rec["full"]["at"] >= rec["quick"]["at"]
+    # the record of a failure keeps its problems, naming file and chunk
+    path.unlink()
+    daemon.cli("verify", b)
+    rec = json.loads((daemon.data_dir / "backups" / "verified" / f"{b}.json").read_text())
+    assert rec["quick"]["problems"][0]["chunk"] == digest and rec["quick"]["problems"][0]["file"] == "audit.db"
+
+
+def test_scheduled_verify_is_recorded(tmp_path: Path, bank: Any) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]},
+                       extra='[backups]\nverify_schedule = "every 1s"\n')
+    d = DaemonProc(cfg, port, tmp_path / "var").start()
+    try:
+        b = d.cli("backup", "bank", "--json").json["backup"]
+        import time
+        deadline = time.monotonic() + 30
+        while True:
+            v = {x["id"]: x["verified"] for x in d.cli("backups", "list", "--json").json["backups"]}[b]
+            if v.startswith("full ok"):
+                break
+            assert time.monotonic() < deadline, v
+            time.sleep(0.3)
+    finally:
+        d.stop()
+
+
+def test_empty_manifest_neither_verifies_nor_restores(daemon: DaemonProc, bank: Any, tmp_path: Path) -> None:
+    b = daemon.cli("backup", "bank", "--json").json["backup"]
+    mp = daemon.data_dir / "backups" / "manifests" / f"{b}.json"
+    m = json.loads(mp.read_text())
+    m["files"], m["logical_bytes"], m["chunks_total"] = [], 0, 0      # consistent, and empty
+    mp.write_text(json.dumps(m))
+    r = daemon.cli("verify", b, "--json")
+    assert r.code == 2 and "no files" in r.json["problems"][0]["problem"]
+    r = daemon.cli("restore", b, "--to", str(tmp_path / "e"), "--json")
+    assert r.code == 2 and "no files" in r.err
+    assert not (tmp_path / "e").exists() or not os.listdir(tmp_path / "e")
