@@ -156,8 +156,9 @@ def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
                 if (not isinstance(d, dict) or not _int(d.get("rows")) or d["rows"] < 0
                         or not isinstance(d.get("sha256"), str) or not HEX64.fullmatch(d["sha256"])):
                     bad(f"file {name}: digest of table {t!r} is malformed ({json.dumps(d)[:100]})", name)
-        if "path" in f and not isinstance(f["path"], str):
-            bad(f"file {name}: source path {f['path']!r} is not text", name)
+        if not isinstance(f.get("path"), str) or not f["path"].startswith("/") or "\x00" in f["path"]:
+            # restore --replace puts the file back there
+            bad(f"file {name}: source path {f.get('path')!r} is not an absolute path", name)
     if not _int(m.get("logical_bytes")) or m["logical_bytes"] != logical:
         bad(f"logical_bytes {m.get('logical_bytes')!r} differs from the sum of its file sizes ({logical})")
     if "chunks_total" in m and m["chunks_total"] != chunks_total:
