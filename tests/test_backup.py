@@ -269,6 +269,9 @@ def test_manifest_naming_a_missing_chunk_is_found(daemon, bank, tmp_path):
     data = json.loads(m.read_text())
     ghost = "ab" * 32
     data["files"][1]["chunks"].append([ghost, 4096])
+    data["files"][1]["size"] += 4096         # an edit that keeps the manifest consistent: only the chunk is absent
+    data["logical_bytes"] += 4096
+    data["chunks_total"] += 1
     m.write_text(json.dumps(data))
     r = daemon.cli("verify", "--all", "--json")
     assert r.code == 2

@@ -160,6 +160,12 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                 table.add_row(db["name"], f["path"], prot, f["journal_mode"] or "-",
                               _fmt_bytes(f["wal_bytes"]), delta, co_s, fr_s)
         out.print(table)
+        if d.get("backups"):
+            bk = Table("database", "latest backup", "instant", "verified")
+            for b in d["backups"]:
+                bk.add_row(b["database"], b["backup"] or "none", b["instant"] or "-",
+                           f"unknown: {b['error']}" if b["error"] else (b["verified"] or "-"))
+            out.print(bk)
         if d.get("jobs"):
             jobs = Table("job", "schedule", "next run", "last success", "problem")
             for j in d["jobs"]:
@@ -409,6 +415,7 @@ def backup(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool, to: 
                   f"{_fmt_bytes(d['logical_bytes'])} read, {_fmt_bytes(d['stored_bytes_added'])} stored "
                   f"({d['chunks_new']} new of {d['chunks_total']} chunks) in {d['seconds']:.2f} s; "
                   f"quick verify {'ok' if d['verified'] else 'FAILED'}")
+        _print_problems(d)
 
     def human(d: dict[str, Any]) -> None:
         for b in d.get("backups", [d]):
@@ -428,6 +435,19 @@ def _show_progress(bar: Any, tasks: dict[str, Any], r: dict[str, Any]) -> None:
     counted = f"{_fmt_bytes(done)} of {_fmt_bytes(total)}" if total else f"{_fmt_bytes(done)}"
     bar.update(tasks[name], description=f"{name}: {phase}", completed=done if total else 0,
                total=total or None, bytes=counted)
+
+
+def _print_problems(d: dict[str, Any]) -> None:
+    """Each verify problem on stderr, naming the backup, file and chunk it concerns."""
+    for p in d.get("problems", []):
+        err.print(f"error: backup {p['backup']}" + (f", file {p['file']}" if p.get("file") else "")
+                  + (f", chunk {p['chunk'][:16]}" if p.get("chunk") else "") + f": {p['problem']}")
+    if d.get("message"):
+        err.print(f"error: {d['message']}")
+    if d.get("hint"):
+        err.print(f"hint: {d['hint']}")
+    for n in d.get("notes", []):
+        err.print(f"note: {n}")
 
 
 def _repo(conf: cfg.Config, url: str | None, database: str | None = None):  # type: ignore[no-untyped-def]
@@ -498,7 +518,9 @@ def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url
 @common
 def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: bool, full: bool,
            repo_url: str | None) -> None:
-    """Verify backups: every chunk read back and re-hashed; --full restores and checks them."""
+    """Verify backups: manifests checked, every chunk read back and re-hashed; --full restores and checks them.
+
+    Every outcome is recorded in the repository (shown by `backups list` and `status`)."""
     from .backup import verify as run
     if not backup_ids and not all_:
         raise UsageError("name backups to verify, or use --all", hint="see `bastion backups list`")
@@ -510,11 +532,12 @@ def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: b
 
     def human(d: dict[str, Any]) -> None:
         for b in d["backups"]:
-            out.print(f"  {b['backup']} ({b['database']}, {b['instant']}): {b['chunks_checked']} chunks, "
+            what = (f"{b['database']}, {b['instant']}" if b["database"] else "manifest damaged")
+            out.print(f"  {b['backup']} ({what}): {b['chunks_checked']} chunks, "
                       f"{'ok' if b['ok'] else 'DAMAGED'}" + (f"; {b['full']}" if "full" in b else ""))
-        for p in d["problems"]:
-            err.print(f"error: backup {p['backup']}" + (f", file {p['file']}" if p.get("file") else "")
-                      + f": {p['problem']}")
+        _print_problems(d)
+        if not d.get("recorded", True):
+            err.print("warning: the outcome was not recorded in the repository")
     emit(data, as_json, human)
 
 

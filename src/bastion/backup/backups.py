@@ -8,7 +8,6 @@ consistent writes the manifest (last, durably) and verifies the new backup.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -22,7 +21,7 @@ from ..contops import ContinuousOperations
 from ..errors import BastionError, NotConsistent, from_os_error
 from ..sqlite import DatabaseFile
 from ..state import iso
-from .repository import FORMAT, Repository
+from .repository import FORMAT, NoRepository, Repository, describe_verification
 from .snapshot import snapshot_in_child
 from .verify import verify
 
@@ -51,6 +50,40 @@ class Backups:
         self.catalog = catalog
         self.contops = contops
         self.running: dict[str, dict[str, Any]] = {}   # label -> progress of a backup under way
+        self._latest: dict[str, tuple[float, dict[str, Any]]] = {}   # database -> (when read, summary)
+
+    LATEST_TTL = 10.0   # status is polled; a remote repository is not read more often than this
+
+    def latest(self, database: str) -> dict[str, Any]:
+        """The database's newest backup and its latest recorded verification, for `bastion status`."""
+        now = time.monotonic()
+        hit = self._latest.get(database)
+        if hit and now - hit[0] < self.LATEST_TTL:
+            return hit[1]
+        url = default_repository(self.config, database)
+        out: dict[str, Any] = {"database": database, "repository": url, "backup": None, "instant": None,
+                               "verified": None, "verification": None, "error": None}
+        try:
+            repo = Repository.open(url)
+            # ids start with the instant: read manifests newest first until one is this database's
+            for bid in reversed(repo.backup_ids()):
+                try:
+                    m = repo.manifest(bid)
+                except BastionError:
+                    continue
+                if m["database"] == database:
+                    ver = repo.verification(bid)
+                    out.update(backup=bid, instant=m["instant"], verified=describe_verification(ver),
+                               verification=ver["latest"])
+                    break
+        except NoRepository:
+            pass
+        except BastionError as exc:
+            out["error"] = exc.message
+        except Exception as exc:  # noqa: BLE001 - status must answer whatever the repository does
+            out["error"] = f"{url}: {exc}"
+        self._latest[database] = (now, out)
+        return out
 
     def take_each(self, names: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
         """One backup per database named (or per configured database and protected file, for --all),
@@ -132,15 +165,29 @@ class Backups:
             "chunks_new": res["chunks_new"], "read_seconds": round(res["seconds"], 3),
         }
         repo.put_manifest(manifest)   # the backup exists from here on
-        # Read back what this backup wrote; the chunks it shares were read back when written.
-        check = verify(repo, [bid], read_only=set(res["new_chunks"]))
-        repo.store.write(f"verified/{bid}.json", json.dumps(
-            {"mode": "quick", "ok": check["ok"], "at": iso(time.time()), "problems": check["problems"]}).encode())
-        return {"backup": bid, "database": label, "repository": repo.url, "instant": manifest["instant"],
-                "logical_bytes": manifest["logical_bytes"], "stored_bytes_added": manifest["stored_bytes_added"],
-                "chunks_total": manifest["chunks_total"], "chunks_new": manifest["chunks_new"],
-                "seconds": round(res["seconds"], 3), "writers_paused_ms": start["writers_paused_ms"],
-                "verified": check["ok"], "exit_code": 0 if check["ok"] else 2}
+        # Read back every chunk the backup references, the ones it reused as well as the ones it
+        # wrote: a chunk already in the repository is trusted by name only when the snapshot
+        # dedups, and may have been damaged since it was written. verify() records the outcome.
+        t0 = time.monotonic()
+        check = verify(repo, [bid])
+        out: dict[str, Any] = {
+            "backup": bid, "database": label, "repository": repo.url, "instant": manifest["instant"],
+            "logical_bytes": manifest["logical_bytes"], "stored_bytes_added": manifest["stored_bytes_added"],
+            "chunks_total": manifest["chunks_total"], "chunks_new": manifest["chunks_new"],
+            "seconds": round(res["seconds"], 3), "writers_paused_ms": start["writers_paused_ms"],
+            "verified": check["ok"], "verify_seconds": round(time.monotonic() - t0, 3),
+            "exit_code": 0 if check["ok"] else 2}
+        if not check["ok"]:
+            out["problems"] = check["problems"]
+            broken = sorted({p["backup"] for p in check["problems"]})
+            chunks = sorted({p["chunk"][:16] for p in check["problems"] if p.get("chunk")})
+            out["message"] = (f"backup {bid} was written but is NOT restorable: the repository's copy of "
+                              + (f"chunk(s) {', '.join(chunks)}" if chunks else "it") + " is damaged; "
+                              f"backups affected: {', '.join(broken)}")
+            out["hint"] = ("delete the damaged chunk object(s) named above from the repository and run the backup "
+                           "again: it uploads the content anew, which also repairs older backups that share it")
+        self._latest.pop(label, None)   # status shows this backup at once
+        return out
 
 
 def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperations, backup_id: str,
@@ -199,6 +246,7 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
 
 
 def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any]:
+    """Every backup with its latest recorded verification; damaged manifests as named problems."""
     rows = []
     problems = []
     for m in repo.manifests():
@@ -207,13 +255,10 @@ def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any
             continue
         if database and m["database"] != database:
             continue
-        try:
-            ver = json.loads(repo.store.read(f"verified/{m['id']}.json"))
-            verified = f"{ver['mode']} {'ok' if ver['ok'] else 'FAILED'} at {ver['at']}"
-        except Exception:  # noqa: BLE001 - no verification recorded yet
-            verified = "never"
+        ver = repo.verification(m["id"])
         rows.append({"id": m["id"], "database": m["database"], "instant": m["instant"],
-                     "logical_bytes": m["logical_bytes"], "stored_bytes_added": m["stored_bytes_added"],
-                     "files": [f["name"] for f in m["files"]], "verified": verified})
+                     "logical_bytes": m["logical_bytes"], "stored_bytes_added": m.get("stored_bytes_added", 0),
+                     "files": [f["name"] for f in m["files"]], "verified": describe_verification(ver),
+                     "verification": {k: ver[k] for k in ("latest", "quick", "full", "unreadable")}})
     rows.sort(key=lambda r: r["instant"])
     return {"repository": repo.url, "backups": rows, "problems": problems, "exit_code": 2 if problems else 0}

@@ -219,6 +219,7 @@ class Daemon:
                        "interrupted_at_startup": self.startup.get("interrupted", [])},
             "databases": dbs,
             "jobs": self.scheduler.describe(),
+            "backups": [self.backups.latest(name) for name in sorted(self.config.databases)],
             "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
             "replication": self.replication.status()["databases"],
             "sync": self.sync.status()["databases"],
