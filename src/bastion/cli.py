@@ -148,6 +148,7 @@ def status(conf: cfg.Config, as_json: bool) -> None:
             out.print("no database protected yet: list them in the config, or name files by path")
         table = Table("database", "file", "protected", "journal", "WAL file", "delta", "continuous operations",
                       "frozen")
+        hints: list[str] = []
         for db in d["databases"]:
             for f in db["files"]:
                 co = f["contops"]
@@ -155,11 +156,17 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                                            else f"{co['status']} (since {co['since']})")
                 fr = f["frozen"]
                 fr_s = "-" if not fr else (f"since {fr['since']}" if fr["status"] == "active" else fr["status"])
-                prot = "yes" if f["protected"] else f"no: {f['error'] or 'missing'}"
+                state = f.get("state") or ("protected" if f["protected"] else "unprotected")
+                prot = "yes" if state == "protected" else (
+                    f"no: {f['error']}" if state == "unprotected" and f["error"] else f"no: {state.upper()}")
+                if f.get("hint"):
+                    hints.append(f"{f['path']}: {state}: {f['hint']}")
                 delta = "-" if f.get("delta_bytes") is None else _fmt_bytes(f["delta_bytes"])
                 table.add_row(db["name"], f["path"], prot, f["journal_mode"] or "-",
                               _fmt_bytes(f["wal_bytes"]), delta, co_s, fr_s)
         out.print(table)
+        for h in hints:
+            err.print(f"hint: {h}")
         if d.get("jobs"):
             jobs = Table("job", "schedule", "next run", "last success", "problem")
             for j in d["jobs"]:

@@ -294,10 +294,12 @@ class ClusterNode:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:   # not a name a stopping daemon removed
+                return fd
         except OSError:
-            os.close(fd)
-            return None
+            pass
+        os.close(fd)
+        return None
 
     def _take_data_dir(self) -> None:
         """Lease taken without daemon.lock: the previous active may still be closing its

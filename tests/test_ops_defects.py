@@ -1,0 +1,199 @@
+"""Defects an outside review found in operations: refused starts that leave files behind,
+missing files reported as protected, a primary that logs every peer request, cluster hooks
+given as strings that never ran, `bastion sql` against a passive node, and a demo that was
+flaky and could not run twice at once. Real daemons, real files, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import PY, App, DaemonProc, free_port, write_config
+
+
+class InfoDaemon(DaemonProc):
+    """A daemon at the default log level (the fixtures run at debug), its log kept."""
+
+    def start(self, timeout: float = 20.0) -> "InfoDaemon":
+        self.log = self.data_dir.parent / f"daemon-{time.time_ns()}.log"
+        with open(self.log, "w") as logf:
+            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(self.config)],
+                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                if self.api("GET", "/v1/status").status_code == 200:
+                    return self
+            except (httpx.HTTPError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start: {self.log.read_text()}")
+
+
+def serve(config: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`bastion serve` expected to be refused: it must exit on its own."""
+    return subprocess.run([PY, "-m", "bastion", "serve", "--config", str(config)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout:g} s")
+
+
+# -- 6. a refused start removes what it created; a second daemon is refused by pid ------------
+
+def test_refused_start_port_in_use_leaves_no_lock_and_no_new_files(tmp_path, bank):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        # a fresh data_dir: nothing of it may remain
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        cfg = write_config(fresh, port, {"bank": [str(bank.bank), str(bank.audit)]})
+        p = serve(cfg)
+        assert p.returncode != 0 and "already in use" in p.stderr, p.stderr
+        assert not (fresh / "var").exists(), list((fresh / "var").iterdir())
+        # a data_dir of an earlier run: what was there stays, nothing is added (no daemon.lock)
+        used = tmp_path / "used"
+        used.mkdir()
+        cfg2 = write_config(used, free_port(), {"bank": [str(bank.bank), str(bank.audit)]})
+        d = DaemonProc(cfg2, int(re.search(r":(\d+)", cfg2.read_text()).group(1)), used / "var").start()
+        d.stop()
+        before = sorted(x.name for x in (used / "var").iterdir())
+        cfg2.write_text(cfg2.read_text().replace(f"127.0.0.1:{d.port}", f"127.0.0.1:{port}"))
+        p = serve(cfg2)
+        assert p.returncode != 0 and "already in use" in p.stderr, p.stderr
+        after = sorted(x.name for x in (used / "var").iterdir())
+        assert "daemon.lock" not in after
+        assert after == before, (before, after)
+        assert {"state.db", "token"} <= set(after)
+
+
+def test_refused_start_bad_config_found_after_the_lock_removes_what_it_made(tmp_path, bank):
+    fresh = tmp_path / "n"
+    fresh.mkdir()
+    cfg = write_config(fresh, free_port(), {"bank": [str(bank.bank), str(bank.audit)]},
+                       extra=f'[replication]\npeer_token_file = "{tmp_path / "missing.token"}"\n')
+    cfg.write_text(cfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
+    p = serve(cfg)
+    assert p.returncode == 3 and "peer token file" in p.stderr, p.stderr
+    assert not (fresh / "var").exists(), sorted(x.name for x in (fresh / "var").iterdir())
+    # and the same config fixed starts (nothing left over stands in the way)
+    (tmp_path / "missing.token").write_text(secrets.token_hex(32) + "\n")
+    d = DaemonProc(cfg, int(re.search(r":(\d+)", cfg.read_text()).group(1)), fresh / "var").start()
+    d.stop()
+
+
+def test_second_daemon_on_the_same_data_dir_is_refused_naming_the_pid(tmp_path, daemon):
+    other = tmp_path / "other.toml"
+    other.write_text(daemon.config.read_text().replace(f"127.0.0.1:{daemon.port}", f"127.0.0.1:{free_port()}"))
+    p = serve(other)
+    assert p.returncode != 0
+    assert f"pid {daemon.proc.pid}" in p.stderr and "already running" in p.stderr, p.stderr
+    # the running daemon is untouched: its lock still names it, it still answers
+    assert (daemon.data_dir / "daemon.lock").read_text().split()[0] == str(daemon.proc.pid)
+    assert daemon.api("GET", "/v1/status").status_code == 200
+    daemon.stop()
+    assert not (daemon.data_dir / "daemon.lock").exists()      # a clean stop removes it too
+    d2 = DaemonProc(other, int(re.search(r":(\d+)", other.read_text()).group(1)), daemon.data_dir).start()
+    try:
+        assert (daemon.data_dir / "daemon.lock").read_text().split()[0] == str(d2.proc.pid)
+    finally:
+        d2.stop()
+
+
+# -- 7. a configured file that does not exist is missing, never protected -----------------------
+
+def test_missing_files_are_reported_missing_with_a_hint_not_protected(tmp_path, bank):
+    missing = tmp_path / "app" / "later.db"
+    port = free_port()
+    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)], "later": [str(missing)]})
+    d = InfoDaemon(cfg, port, tmp_path / "var").start()
+    try:
+        banner = d.log.read_text()
+        assert "2 of 3 file(s) protected" in banner and f"missing: {missing}" in banner, banner
+        st = d.cli("status", "--json").json
+        files = {f["path"]: f for db in st["databases"] for f in db["files"]}
+        assert files[str(missing)]["protected"] is False and files[str(missing)]["state"] == "missing"
+        assert "does not exist" in files[str(missing)]["hint"]
+        assert files[str(bank.bank)]["state"] == "protected"
+        human = d.cli("status")
+        assert "MISSING" in human.out and "hint:" in human.err, (human.out, human.err)
+        # a protected file removed afterwards: the daemon still holds it open, yet it is missing
+        os.remove(bank.audit)
+        st = d.cli("status", "--json").json
+        f = {f["path"]: f for db in st["databases"] for f in db["files"]}[str(bank.audit)]
+        assert f["protected"] is False and f["state"] == "missing", f
+    finally:
+        d.stop()
+
+
+# -- 5. peer, replication and health requests are not logged at INFO ---------------------------
+
+def test_a_replicating_pair_logs_little_at_info(tmp_path, bank):
+    token_file = tmp_path / "peer.token"
+    token_file.write_text(secrets.token_hex(32) + "\n")
+    repl = f'[replication]\npeer_token_file = "{token_file}"\n'
+    bdir, pdir = tmp_path / "backup", tmp_path / "primary"
+    bdir.mkdir()
+    pdir.mkdir()
+    copy = bdir / "copy"
+    bport, pport = free_port(), free_port()
+    bcfg = write_config(bdir, bport, {"bank": [str(copy / "bank.db"), str(copy / "audit.db")]}, extra=repl)
+    bcfg.write_text(bcfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
+    pcfg = write_config(pdir, pport, {"bank": [str(bank.bank), str(bank.audit)]}, extra=repl)
+    pcfg.write_text(pcfg.read_text().replace(
+        "[databases.bank]\n", f'[databases.bank]\nreplicate_to = "http://127.0.0.1:{bport}"\n'
+                              'replicate_schedule = "continuous"\n'))
+    backup = InfoDaemon(bcfg, bport, bdir / "var").start()
+    primary = InfoDaemon(pcfg, pport, pdir / "var").start()
+    try:
+        bank.start()
+        # replication is under way: the replica has received transfers
+        wait_for(lambda: (copy / "bank.db").exists() and _transfers(copy / "bank.db") > 0, 60, "replica seeded")
+        n0 = [len(primary.log.read_text().splitlines()), len(backup.log.read_text().splitlines())]
+        t0 = _transfers(copy / "bank.db")
+        time.sleep(4)
+        for _ in range(20):               # health polling, as a load balancer does
+            httpx.get(f"http://127.0.0.1:{pport}/v1/health", timeout=5)
+        assert _transfers(copy / "bank.db") > t0, "replication did not go on"
+        n1 = [len(primary.log.read_text().splitlines()), len(backup.log.read_text().splitlines())]
+        grew = [b - a for a, b in zip(n0, n1)]
+        assert max(grew) <= 10, (grew, primary.log.read_text()[-3000:], backup.log.read_text()[-3000:])
+    finally:
+        if bank.proc and bank.proc.poll() is None:
+            bank.proc.kill()
+            bank.proc.wait()
+        primary.stop()
+        backup.stop()
+
+
+def _transfers(path: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return con.execute("SELECT value FROM meta WHERE key='transfers'").fetchone()[0]
+        finally:
+            con.close()
+    except (sqlite3.Error, TypeError):
+        return 0
