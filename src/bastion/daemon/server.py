@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from ..config import Config
-from ..errors import BastionError, ConfigError, NotActive, StateConflict
+from ..errors import ConfigError, NotActive, StateConflict
 from .app import create_app
 from .core import Daemon, protection, summary
 
