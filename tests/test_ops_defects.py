@@ -197,3 +197,54 @@ def _transfers(path: Path) -> int:
             con.close()
     except (sqlite3.Error, TypeError):
         return 0
+
+
+# -- 2. cluster hooks: strings through the shell, lists as argv, output and failures logged ----
+
+def test_cluster_hooks_run_strings_through_the_shell_and_log_output_and_failures(tmp_path, bank):
+    from test_cluster import Node, active_of, token_of
+    hooks = tmp_path / "hooks.log"
+    ports = [free_port(), free_port()]
+    peers = ", ".join(f'n{i + 1} = "127.0.0.1:{p}"' for i, p in enumerate(ports))
+    # A slow promote hook (longer than the ttl): the lease must keep being renewed meanwhile.
+    promote = f"echo promoted $BASTION_NODE $BASTION_TOKEN >> {hooks}; echo promote-output-$BASTION_NODE; sleep 3"
+    demote = f"echo demoted $BASTION_NODE $BASTION_TOKEN >> {hooks}; echo demote-went-wrong >&2; exit 7"
+    cluster = (f'[cluster]\nname = "h"\nlease = "file"\nttl = "1s"\npeers = {{ {peers} }}\n'
+               f"on_promote = {json.dumps(promote)}\non_demote = {json.dumps(demote)}\n")
+    n1, n2 = [Node(tmp_path, f"n{i + 1}", p, [bank.bank, bank.audit], cluster) for i, p in enumerate(ports)]
+    # n2's promote hook is a list: argv, no shell ($HOME stays as written, the space stays in one argument)
+    argv = [PY, "-c", "import os, sys; open(sys.argv[1], 'a').write(f\"argv {os.environ['BASTION_NODE']} "
+            "{os.environ['BASTION_TOKEN']} {sys.argv[2]}\\n\")", str(hooks), "$HOME two words"]
+    n2.config.write_text(n2.config.read_text().replace(f"on_promote = {json.dumps(promote)}",
+                                                       f"on_promote = {json.dumps(argv)}"))
+    try:
+        n1.start()
+        wait_for(lambda: n1.health().get("role") == "active", 30, "n1 active")
+        time.sleep(2.0)                  # the promote hook still sleeps: n1 must stay writable
+        assert n1.health().get("writable") is True, "a slow hook stopped the lease renewals"
+        wait_for(lambda: hooks.exists() and "promoted n1" in hooks.read_text(), 30, "n1's promote hook")
+        assert re.search(r"^promoted n1 \d+$", hooks.read_text(), re.M), hooks.read_text()
+        wait_for(lambda: "promote-output-n1" in n1.log.read_text(), 30, "the hook's output in the log")
+        n2.start()
+        wait_for(lambda: n2.health().get("role") == "passive", 30, "n2 passive")
+        r = subprocess.run([PY, "-m", "bastion", "--config", str(n1.config), "cluster", "switchover", "--to", "n2",
+                            "--json"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: active_of([n1, n2]) == [n2], 30, "n2 active")
+        wait_for(lambda: "demoted n1" in hooks.read_text() and "argv n2" in hooks.read_text(), 30, "hooks")
+        text = hooks.read_text()
+        assert re.search(r"^demoted n1 \d+$", text, re.M), text        # the token n1 held
+        assert re.search(r"^argv n2 \d+ \$HOME two words$", text, re.M), text
+        # the failing demote hook: its output and its exit code in n1's log, and in cluster status
+        wait_for(lambda: "demote-went-wrong" in n1.log.read_text(), 30, "the failing hook's output")
+        log = n1.log.read_text()
+        assert re.search(r"ERROR .*on_demote hook exited with code 7", log), log[-2000:]
+        st = httpx.get(f"http://127.0.0.1:{n1.port}/v1/cluster/status",
+                       headers={"Authorization": f"Bearer {token_of(tmp_path)}"}, timeout=10).json()
+        assert "on_demote hook exited with code 7" in (st.get("last_error") or ""), st
+        # stopping the active node runs its demote hook before the process exits
+        n2.stop()
+        assert "demoted n2" in hooks.read_text(), hooks.read_text()
+    finally:
+        n1.stop()
+        n2.stop()
