@@ -248,3 +248,63 @@ def test_cluster_hooks_run_strings_through_the_shell_and_log_output_and_failures
     finally:
         n1.stop()
         n2.stop()
+
+
+# -- 3. `bastion sql` on a passive node follows the active one, or says which it is ------------
+
+def test_sql_on_a_passive_node_follows_the_active_or_names_it(tmp_path, bank):
+    from test_cluster import make_cluster, active_of
+    n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
+    try:
+        for n in (n1, n2):
+            n.start()
+        (active,) = wait_for(lambda: (a := active_of([n1, n2])) and len(a) == 1 and a, 30, "one active node")
+        passive = n2 if active is n1 else n1
+        wait_for(lambda: passive.health().get("role") == "passive", 30, "the other passive")
+        r = subprocess.run([PY, "-m", "bastion", "--config", str(passive.config), "sql", "bank", "-c",
+                            "SELECT count(*) FROM accounts", "--json"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["results"][0]["rows"] == [[200]]
+        # a config that knows no other node: the passive node says which node is active, and what to do
+        alone = tmp_path / "alone.toml"
+        alone.write_text(re.sub(r"peers = \{[^}]*\}", "peers = {}", passive.config.read_text()))
+        r = subprocess.run([PY, "-m", "bastion", "--config", str(alone), "sql", "bank", "-c", "SELECT 1"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        assert f"this node ({passive.name}) is passive; the active node is {active.name}" in r.stderr, r.stderr
+        assert "--dsn" in r.stderr and "not running" not in r.stderr, r.stderr
+        # and a daemon that is not running is called that
+        for n in (n1, n2):
+            n.stop()
+        r = subprocess.run([PY, "-m", "bastion", "--config", str(alone), "sql", "bank", "-c", "SELECT 1"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "is the daemon running? nothing answers" in r.stderr, r.stderr
+    finally:
+        for n in (n1, n2):
+            n.stop()
+
+
+# -- 4. the DSN is documented: every option the driver reads, and the examples parse ----------
+
+def test_the_dsn_section_documents_every_option_the_driver_reads():
+    import inspect
+    from bastion.client import connection
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "sql.md").read_text()
+    assert "## The DSN" in text
+    section = text.split("## The DSN", 1)[1].split("\n## ", 1)[0]
+    read = set(re.findall(r'opts\.get\("(\w+)"', inspect.getsource(connection.connect)))
+    assert {"token_file", "tls", "ca"} <= read, read
+    for opt in read:
+        assert f"`{opt}=" in section, f"DSN option {opt} is not documented in docs/sql.md"
+    for needed in ("USER[:PASSWORD]@", "$BASTION_PASSWORD", "bastions://", "8750", "[users]"):
+        assert needed in section, needed
+    block = section.split("Examples:", 1)[1].split("```")[1]
+    examples = re.findall(r"^(bastions?://\S+)", block, re.M)
+    assert len(examples) >= 3, block
+    assert any("token_file=" in e for e in examples) and any("," in e.split("/")[2] for e in examples)
+    for e in examples:
+        d = connection.parse_dsn(e)
+        assert d["hosts"] and d["database"] == "bank", e
+    guide = (root / "docs" / "user-guide.md").read_text()
+    assert "token_file=" in guide and "sql.md#the-dsn" in guide
