@@ -308,3 +308,52 @@ def test_the_dsn_section_documents_every_option_the_driver_reads():
         assert d["hosts"] and d["database"] == "bank", e
     guide = (root / "docs" / "user-guide.md").read_text()
     assert "token_file=" in guide and "sql.md#the-dsn" in guide
+
+
+# -- 1. the demo: not flaky, two runs at once, port 8750 taken ------------------------------------
+
+def _demo(cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "bastion.demo"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _proved(out: str) -> int:
+    m = re.search(r"^(\d+) of (\d+) claims proved; everything started was stopped\.$", out, re.M)
+    assert m and m[1] == m[2], out[-4000:]
+    # continuous operations, freeze, backup/verify/restore and the restored copy are all there
+    for what in ("tar copy passes PRAGMA integrity_check", "exactly the frozen state", "verify --full",
+                 "restored copy passes PRAGMA integrity_check", "the live database's rows"):
+        assert f"OK   {what}" in out or re.search(rf"OK   .*{re.escape(what)}", out), (what, out[-4000:])
+    return int(m[2])
+
+
+@pytest.mark.timeout(900)
+def test_demo_twice_at_once_both_prove_every_claim(tmp_path):
+    procs = [_demo(tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=800)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+        assert _proved(out) >= 15
+    ports = [re.search(r"listening on 127\.0\.0\.1:(\d+)", o)[1] for o in outs]
+    dirs = [re.search(r"^run directory: (\S+)", o, re.M)[1] for o in outs]
+    assert ports[0] != ports[1] and dirs[0] != dirs[1], (ports, dirs)
+    assert list((tmp_path / "var" / "demo").iterdir()) == []       # a run that proved everything cleans up
+
+
+@pytest.mark.timeout(600)
+def test_demo_with_port_8750_taken(tmp_path):
+    taker = socket.socket()
+    try:
+        try:
+            taker.bind(("127.0.0.1", 8750))
+            taker.listen(1)
+        except OSError:
+            pass                          # taken by someone else: taken all the same
+        p = _demo(tmp_path)
+        out = p.communicate(timeout=500)[0]
+    finally:
+        taker.close()
+    assert p.returncode == 0, out[-4000:]
+    _proved(out)
+    assert "port 8750 is taken" in out
+    assert "listening on 127.0.0.1:8750" not in out
