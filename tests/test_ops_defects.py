@@ -357,3 +357,22 @@ def test_demo_with_port_8750_taken(tmp_path):
     _proved(out)
     assert "port 8750 is taken" in out
     assert "listening on 127.0.0.1:8750" not in out
+
+
+def test_admin_commands_on_a_passive_node_name_the_active_one(tmp_path, bank):
+    from test_cluster import make_cluster, active_of
+    n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
+    try:
+        for n in (n1, n2):
+            n.start()
+        (active,) = wait_for(lambda: (a := active_of([n1, n2])) and len(a) == 1 and a, 30, "one active node")
+        passive = n2 if active is n1 else n1
+        wait_for(lambda: passive.health().get("role") == "passive", 30, "the other passive")
+        r = subprocess.run([PY, "-m", "bastion", "--config", str(passive.config), "status"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0
+        assert f"node {passive.name} is passive" in r.stderr, r.stderr
+        assert f"the active node is {active.name} at 127.0.0.1:{active.port}" in r.stderr, r.stderr
+    finally:
+        for n in (n1, n2):
+            n.stop()

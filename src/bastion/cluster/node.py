@@ -93,6 +93,19 @@ class ClusterNode:
             return self.standby.replication
         raise NotActive(f"node {self.name} is {self.role}: it neither ships nor receives now")
 
+    def active_hint(self) -> str:
+        """What to tell a person who sent an admin request to this passive node: which node to
+        ask instead (drivers just try their next host)."""
+        try:
+            holder = (self.lease.holder() or {}).get("node")
+        except Exception:  # noqa: BLE001 - a hint must not turn one error into another
+            holder = None
+        if not holder or holder == self.name:
+            return "no node is active now: see `bastion cluster status`; drivers retry on their own"
+        addr = (self.config.cluster or {}).get("peers", {}).get(holder)
+        return (f"the active node is {holder}" + (f" at {addr}" if addr else "") + ": run the command there "
+                "(with its --config), or see `bastion cluster status`; drivers do this on their own")
+
     def lag(self) -> dict[str, Any]:
         """Replicated mode: how far the standby is behind (as the active sees it), or when
         the standby last applied a cut."""

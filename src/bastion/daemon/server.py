@@ -181,7 +181,7 @@ class ActiveDaemon:
             return self._node.replication()
         d = self._node.daemon
         if d is None or self._node.role != "active":
-            raise NotActive(f"node {self._node.name} is {self._node.role}", hint="ask the active node")
+            raise NotActive(f"node {self._node.name} is {self._node.role}", hint=self._node.active_hint())
         return getattr(d, name)
 
 
