@@ -302,14 +302,17 @@ class Demo:
         self.claim(code == 0, "verify --full: every chunk read back and re-hashed, the backup restored to scratch "
                               "space, integrity_check and content digests match" + (f" ({err})" if code else ""))
         code, _, err = self.bastion("restore", bid, "--to", "restored")
-        if not self.claim(code == 0, "restore --to restored/: written under temporary names, checked, renamed"
+        if not self.claim(code == 0, "the backup restored into restored/, a directory apart from the live files"
                           + (f" ({err})" if code else "")):
             raise Abort
-        if not all(self.path(f"restored/{n}").exists() for n in ("bank.db", "audit.db")):
-            self.claim(False, f"the restored copy holds bank.db and audit.db: it holds "
-                              f"{sorted(p.name for p in self.path('restored').iterdir())}")
+        # where restore put the files (by their names in the backup; not assuming the layout)
+        found = [p.parent for p in self.path("restored").rglob("bank.db") if (p.parent / "audit.db").exists()]
+        if not found:
+            self.claim(False, "the restored copy holds bank.db and audit.db: it holds "
+                              f"{sorted(str(p.relative_to(self.path('restored'))) for p in self.path('restored').rglob('*'))}")
             raise Abort
-        res = self.check("restored")
+        restored = os.path.relpath(found[0], self.run)
+        res = self.check(restored)
         self.claim(res["bank_integrity"] == "ok" and res["audit_integrity"] == "ok",
                    "the restored copy passes PRAGMA integrity_check (both files)")
         self.claim(res["total"] == res["expected_total"],
@@ -319,7 +322,7 @@ class Demo:
                    f"the restored copy is the state of one instant during the backup: {n:,} transfers == "
                    f"{res['audit_rows']:,} audit rows, between {n_before:,} (before `bastion backup`) and "
                    f"{n_after:,} (after)")
-        self.claim(self.audit_rows("restored/audit.db", n) == self.audit_rows("app/audit.db", n),
+        self.claim(self.audit_rows(f"{restored}/audit.db", n) == self.audit_rows("app/audit.db", n),
                    f"its {n:,} audit rows are the live database's rows 1..{n:,}, field for field")
 
     def finish(self, keep: bool) -> int:
@@ -359,11 +362,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bastion.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="keep the run directory even when every claim holds")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)      # stopped from outside: still stop what it started
     demo = Demo()
     try:
         demo.main()
