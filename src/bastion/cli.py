@@ -148,6 +148,7 @@ def status(conf: cfg.Config, as_json: bool) -> None:
             out.print("no database protected yet: list them in the config, or name files by path")
         table = Table("database", "file", "protected", "journal", "WAL file", "delta", "continuous operations",
                       "frozen")
+        hints: list[str] = []
         for db in d["databases"]:
             for f in db["files"]:
                 co = f["contops"]
@@ -155,7 +156,11 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                                            else f"{co['status']} (since {co['since']})")
                 fr = f["frozen"]
                 fr_s = "-" if not fr else (f"since {fr['since']}" if fr["status"] == "active" else fr["status"])
-                prot = "yes" if f["protected"] else f"no: {f['error'] or 'missing'}"
+                state = f.get("state") or ("protected" if f["protected"] else "unprotected")
+                prot = "yes" if state == "protected" else (
+                    f"no: {f['error']}" if state == "unprotected" and f["error"] else f"no: {state.upper()}")
+                if f.get("hint"):
+                    hints.append(f"{f['path']}: {state}: {f['hint']}")
                 delta = "-" if f.get("delta_bytes") is None else _fmt_bytes(f["delta_bytes"])
                 table.add_row(db["name"], f["path"], prot, f["journal_mode"] or "-",
                               _fmt_bytes(f["wal_bytes"]), delta, co_s, fr_s)
@@ -166,6 +171,8 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                 bk.add_row(b["database"], b["backup"] or "none", b["instant"] or "-",
                            f"unknown: {b['error']}" if b["error"] else (b["verified"] or "-"))
             out.print(bk)
+        for h in hints:
+            err.print(f"hint: {h}")
         if d.get("jobs"):
             jobs = Table("job", "schedule", "next run", "last success", "problem")
             for j in d["jobs"]:
@@ -619,24 +626,27 @@ def sql(conf: cfg.Config, as_json: bool, database: str, commands: tuple[str, ...
     """SQL on DATABASE through the daemon's SQL server: -c "..." or an interactive shell."""
     from . import client
     from .shell import interactive, run_one, show
-    host = conf.base_url.split("://", 1)[1]
+    # this daemon first, then the other nodes of its cluster: the driver follows the active one
+    hosts = ",".join(dict.fromkeys([conf.base_url.split("://", 1)[1], *(conf.cluster or {}).get("peers", {}).values()]))
     scheme = "bastions" if conf.tls_cert else "bastion"
     try:
         if dsn:
-            con = client.connect(dsn, ca=conf.tls_cert)
+            con = client.connect(dsn, ca=conf.tls_ca or conf.tls_cert)
         elif user:
             pw = os.environ.get("BASTION_PASSWORD")
             if pw is None:
                 pw = click.prompt(f"password for {user}", hide_input=True, err=True)
-            con = client.connect(f"{scheme}://{user}@{host}/{database}", password=pw, ca=conf.tls_cert,
+            con = client.connect(f"{scheme}://{user}@{hosts}/{database}", password=pw, ca=conf.tls_ca or conf.tls_cert,
                                  autocommit=True, failover_timeout=5)
         else:
             from .daemon.auth import read_token
-            con = client.connect(f"{scheme}://{host}/{database}", token=read_token(conf.token_file),
-                                 ca=conf.tls_cert, autocommit=True, failover_timeout=5)
+            con = client.connect(f"{scheme}://{hosts}/{database}", token=read_token(conf.token_file),
+                                 ca=conf.tls_ca or conf.tls_cert, autocommit=True, failover_timeout=5)
         con.autocommit = True
     except client.Error as exc:
-        raise BastionError(str(exc), hint="is the daemon running? (bastion status)") from None
+        if dsn:
+            raise BastionError(str(exc), hint="check the DSN's hosts and credentials (docs/sql.md, DSN)") from None
+        raise _no_sql_node(conf, exc) from None
     try:
         if not commands:
             sys.exit(interactive(con, out, err))
@@ -654,6 +664,38 @@ def sql(conf: cfg.Config, as_json: bool, database: str, commands: tuple[str, ...
                 show(out, r)
     finally:
         con.close()
+
+
+def _no_sql_node(conf: cfg.Config, exc: Exception) -> BastionError:
+    """Why `bastion sql` found no node to talk to, and what to do: the daemon is down, or
+    this node is passive (then: which node is active, if any answers)."""
+    import httpx
+    from .daemon.auth import read_token
+    verify = trust(conf.tls_ca or conf.tls_cert)
+    try:
+        health = httpx.get(f"{conf.base_url}/v1/health", timeout=3, verify=verify).json()
+    except (httpx.HTTPError, ValueError):
+        return BastionError(f"{exc}", hint=f"is the daemon running? nothing answers on {conf.listen} "
+                                           "(start it with `bastion serve`; `bastion status` checks it)")
+    if not conf.cluster or health.get("role") == "active":
+        return BastionError(str(exc))
+    name, role = conf.cluster["node"], health.get("role")
+    holder = None
+    try:
+        st = httpx.get(f"{conf.base_url}/v1/cluster/status", timeout=3, verify=verify,
+                       headers={"Authorization": f"Bearer {read_token(conf.token_file)}"}).json()
+        holder = ((st.get("lease") or {}).get("holder") or {}).get("node")
+    except (httpx.HTTPError, ValueError, BastionError, AttributeError):
+        pass
+    peers = conf.cluster.get("peers", {})
+    if holder and holder != name:
+        where = f" at {peers[holder]}" if holder in peers else " (not in this config's [cluster] peers)"
+        return BastionError(f"this node ({name}) is {role}; the active node is {holder}{where}, and it did not "
+                            f"answer: {exc}",
+                            hint=f"run the command on {holder}, or pass --dsn bastion://HOST:PORT/DATABASE with its "
+                                 "address; `bastion cluster status` shows every node")
+    return BastionError(f"this node ({name}) is {role} and no node is active: {exc}",
+                        hint="see `bastion cluster status`; a node becomes active once it holds the lease")
 
 
 @cli.command()

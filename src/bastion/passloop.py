@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -141,11 +140,8 @@ class PassLoop:
         cmd = self.on_failure
         if not cmd:
             return
-        env = {**os.environ, **self.failure_env, "BASTION_ERROR": self.last_error or ""}
-        try:
-            if isinstance(cmd, str):
-                subprocess.Popen(cmd, shell=True, env=env, start_new_session=True)
-            else:
-                subprocess.Popen(list(cmd), env=env, start_new_session=True)
-        except OSError as exc:
-            log.error("on_failure command of %s could not run: %s", self.what, exc)
+        env = {**self.failure_env, "BASTION_ERROR": self.last_error or ""}
+        # in its own thread (the pass loop goes on): its output and exit code go to the daemon log
+        from . import hooks
+        threading.Thread(target=hooks.run, args=(cmd, f"on_failure command of {self.what}", env),
+                         kwargs={"timeout": 120}, name="bastion-on-failure", daemon=True).start()

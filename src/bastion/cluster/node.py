@@ -20,12 +20,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shlex
-import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from typing import Any, Callable
 
+from .. import hooks
 from ..config import Config
 from ..errors import NotActive, StateConflict
 from .lease import EtcdLease, FileLease, LeaseUnavailable
@@ -46,6 +46,8 @@ class ClusterNode:
         self.margin = self.ttl / 3
         self.interval = self.ttl / 6
         self.hooks = {"promote": c.get("on_promote"), "demote": c.get("on_demote")}
+        # hooks run one at a time, in order, off the lease loop: a slow hook must not stop renewals
+        self._hook_runner = ThreadPoolExecutor(1, thread_name_prefix="bastion-hook")
         if c["lease"] == "etcd":
             self.lease: Any = EtcdLease(c["etcd"], c["name"], self.name, self.ttl)
         else:
@@ -90,6 +92,19 @@ class ClusterNode:
         if self.standby is not None:
             return self.standby.replication
         raise NotActive(f"node {self.name} is {self.role}: it neither ships nor receives now")
+
+    def active_hint(self) -> str:
+        """What to tell a person who sent an admin request to this passive node: which node to
+        ask instead (drivers just try their next host)."""
+        try:
+            holder = (self.lease.holder() or {}).get("node")
+        except Exception:  # noqa: BLE001 - a hint must not turn one error into another
+            holder = None
+        if not holder or holder == self.name:
+            return "no node is active now: see `bastion cluster status`; drivers retry on their own"
+        addr = (self.config.cluster or {}).get("peers", {}).get(holder)
+        return (f"the active node is {holder}" + (f" at {addr}" if addr else "") + ": run the command there "
+                "(with its --config), or see `bastion cluster status`; drivers do this on their own")
 
     def lag(self) -> dict[str, Any]:
         """Replicated mode: how far the standby is behind (as the active sees it), or when
@@ -143,6 +158,7 @@ class ClusterNode:
             if self.role in (ACTIVE, FENCED, PROMOTING):
                 self._demote("the daemon is stopping", release=True)
             self._close_standby()
+        self._hook_runner.shutdown(wait=True)      # on_demote runs before the process exits
 
     def switchover(self, to: str | None) -> dict[str, Any]:
         if self.role != ACTIVE:
@@ -287,17 +303,19 @@ class ClusterNode:
         self.role, self.since = ACTIVE, time.time()
         self._event("active", token=token)
         log.warning("node %s is ACTIVE (fencing token %s)", self.name, token)
-        self._hook("promote")
+        self._hook("promote", token)
 
     def _try_flock(self) -> int | None:
         path = os.path.join(self.config.data_dir, "daemon.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:   # not a name a stopping daemon removed
+                return fd
         except OSError:
-            os.close(fd)
-            return None
+            pass
+        os.close(fd)
+        return None
 
     def _take_data_dir(self) -> None:
         """Lease taken without daemon.lock: the previous active may still be closing its
@@ -317,7 +335,7 @@ class ClusterNode:
             os.pwrite(self._lock_fd, f"{os.getpid()} {self.name}\n".encode(), 0)
 
     def _demote(self, why: str, release: bool, handoff_to: str | None = None) -> None:
-        was = self.role
+        was, token = self.role, self.token
         self.role = FENCED
         self.fence_at = 0.0
         self._event("fenced", why=why)
@@ -339,24 +357,21 @@ class ClusterNode:
         self.role, self.token, self.since = PASSIVE, None, time.time()
         self._event("passive", why=why)
         if was == ACTIVE:
-            self._hook("demote")
+            self._hook("demote", token)
 
     def _event(self, what: str, **kw: Any) -> None:
         self.events.append({"at": time.time(), "event": what, **kw})
         del self.events[:-50]
 
-    def _hook(self, which: str) -> None:
+    def _hook(self, which: str, token: int | None) -> None:
         cmd = self.hooks.get(which)
         if not cmd:
             return
-        argv = cmd if isinstance(cmd, list) else shlex.split(cmd)
-        env = {**os.environ, "BASTION_NODE": self.name, "BASTION_ROLE": which, "BASTION_TOKEN": str(self.token or "")}
-        try:
-            p = subprocess.run(argv, env=env, timeout=30, capture_output=True, text=True)
-            if p.returncode:
-                self.last_error = f"on_{which} hook exited {p.returncode}: {p.stderr.strip()[:300]}"
-                log.error("node %s: %s", self.name, self.last_error)
-            self._event(f"on_{which} hook", exit_code=p.returncode)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            self.last_error = f"on_{which} hook failed: {exc}"
-            log.error("node %s: %s", self.name, self.last_error)
+        env = {"BASTION_NODE": self.name, "BASTION_ROLE": which, "BASTION_TOKEN": str(token or "")}
+        self._hook_runner.submit(self._run_hook, which, cmd, env)
+
+    def _run_hook(self, which: str, cmd: Any, env: dict[str, str]) -> None:
+        res = hooks.run(cmd, f"node {self.name}: on_{which} hook", env, timeout=30)
+        if res["error"]:
+            self.last_error = f"on_{which} hook {res['error']}"
+        self._event(f"on_{which} hook", exit_code=res["exit_code"], error=res["error"])

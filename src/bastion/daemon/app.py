@@ -118,7 +118,9 @@ class AuthMiddleware:
             resp = JSONResponse(status_code=503, content={"error": {
                 "type": "NotActive", "exit_code": 2, "path": None, "details": {"role": self.node.role},
                 "message": f"node {self.node.name} is {self.node.role}, not active",
-                "hint": "send it to the active node (bastion cluster status); drivers do this on their own"}})
+                # people get the active node's name (a lease read, off the loop); drivers move on at once
+                "hint": "drivers retry on the active node on their own" if sql else
+                        await run_in_threadpool(self.node.active_hint)}})
             return await resp(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, receive, send)

@@ -28,6 +28,39 @@ from .scheduler import Scheduler
 log = logging.getLogger("bastion.daemon")
 
 
+_HINTS = {
+    "missing": "the file does not exist: check the path in the config, or let the application create it; "
+               "the daemon protects it within 10 s of it appearing",
+    "replaced": "the path names another file than the one the daemon protected (removed or put in place since): "
+                "the daemon lets the old one go and protects the new one within 10 s",
+    "unprotected": "see the error; the daemon retries every 10 s",
+}
+
+
+def protection(f: Any) -> tuple[str, str | None]:
+    """protected | missing | replaced | unprotected, and what to do about it. A file removed after
+    it was protected is still held open (so f.protected is true): it is missing all the same."""
+    if not os.path.exists(f.path):
+        return "missing", _HINTS["missing"]
+    if f.protected and f.replaced():
+        return "replaced", _HINTS["replaced"]
+    if f.protected:
+        return "protected", None
+    return "unprotected", _HINTS["unprotected"]
+
+
+def summary(files: list[Any]) -> str:
+    """For the start-up line: how many files are protected, and which are not, by state."""
+    states: dict[str, list[str]] = {}
+    for f in files:
+        states.setdefault(protection(f)[0], []).append(f.path)
+    text = f"{len(states.get('protected', []))} of {len(files)} file(s) protected"
+    for state in ("missing", "replaced", "unprotected"):
+        if states.get(state):
+            text += f"; {state}: {', '.join(states[state])}"
+    return text
+
+
 class Daemon:
     def __init__(self, config: Config, guard=None, renewed_after=None) -> None:  # type: ignore[no-untyped-def]
         self.config = config
@@ -48,6 +81,14 @@ class Daemon:
         self.token = ensure_token(self.config.token_file)
         self.state = StateStore(self.config.data_dir)
         found = self.state.begin_run(os.getpid())
+        try:
+            self._open_services(found)
+        except BaseException:
+            self._abort_open()      # a refused start keeps nothing open (server.py removes what it made)
+            raise
+
+    def _open_services(self, found: dict[str, Any]) -> None:
+        assert self.state is not None
         self.catalog = Catalog(self.config, self.state)
         problems = self.catalog.protect_all()
         self.contops = ContinuousOperations(self.config, self.catalog, self.state)
@@ -111,6 +152,24 @@ class Daemon:
         if not res["ok"]:
             res["message"] = "; ".join(p["problem"] for p in res["problems"])
         return res
+
+    def _abort_open(self) -> None:
+        self._stop.set()
+        if self._sweeper:
+            self._sweeper.join(timeout=5)
+        for name in ("sync", "replication", "scheduler", "sql"):
+            part = self.__dict__.get(name)
+            if part is not None:
+                try:
+                    part.stop() if name != "sql" else part.close()
+                except Exception:  # noqa: BLE001 - the start's own error is the one to report
+                    log.exception("closing %s after a refused start", name)
+        if "catalog" in self.__dict__:
+            self.catalog.close()
+        assert self.state is not None
+        self.state.end_run()
+        self.state.close()
+        self.state = None
 
     def close(self) -> None:
         if self.state is None:
@@ -204,8 +263,10 @@ class Daemon:
             out = []
             for f in files:
                 exists = os.path.exists(f.path)
+                state, hint = protection(f)
                 out.append({
-                    "path": f.path, "exists": exists, "protected": f.protected, "error": f.error,
+                    "path": f.path, "exists": exists, "protected": state == "protected", "state": state,
+                    "hint": hint, "error": f.error,
                     "journal_mode": f.journal_mode(), "wal_bytes": f.wal_bytes() if exists else 0,
                     "delta_bytes": f.held_delta_bytes() if exists else None,
                     "main_bytes": os.stat(f.path).st_size if exists else 0,
