@@ -323,6 +323,11 @@ def test_backup_all_and_several_names_back_up_each_database(tmp_path, bank):
         r = d.cli("backup", "bank", "nope")
         assert r.code == 3 and "unknown database 'nope'" in r.err
         assert len(d.cli("backups", "list", "--json").json["backups"]) == 5
+        # files named by path in one command are one group: one backup, one instant for both
+        r = d.cli("backup", str(bank.bank), str(bank.audit), "--json")
+        assert r.code == 0 and r.json["database"] == "bank.db,audit.db", r.out + r.err
+        listed = d.cli("backups", "list", "--json").json["backups"]
+        assert [b["files"] for b in listed if b["id"] == r.json["backup"]] == [["bank.db", "audit.db"]]
     finally:
         d.stop()
     # one database that cannot be backed up: the others are, exit 1; all failing: exit 2

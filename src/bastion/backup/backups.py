@@ -106,11 +106,18 @@ class Backups:
     def _groups(self, names: list[str], all_: bool) -> list[tuple[str, list[DatabaseFile]]]:
         from ..catalog import Targets
         if not all_:
-            out: list[tuple[str, list[DatabaseFile]]] = []
-            for n in dict.fromkeys(names):
-                out.append((n, self.catalog.resolve(Targets.of([n]))))
-            if not out:
+            if not names:
                 self.catalog.resolve(Targets.of([]))   # raises: name at least one database, or --all
+            out: list[tuple[str, list[DatabaseFile]]] = []
+            # Each configured database is its own backup; files named by path in one command are one
+            # group taken at one instant (an invariant may span them, as in the demo's two files).
+            paths = [n for n in dict.fromkeys(names) if n not in self.config.databases]
+            for n in dict.fromkeys(names):
+                if n in self.config.databases:
+                    out.append((n, self.catalog.resolve(Targets.of([n]))))
+            if paths:
+                label = ",".join(os.path.basename(p.rstrip("/")) or p for p in paths)
+                out.append((label, self.catalog.resolve(Targets.of(paths))))
             return out
         every = self.catalog.resolve(Targets.of([], True))
         groups: dict[str, list[DatabaseFile]] = {}
