@@ -205,6 +205,7 @@ def test_crafted_manifests_write_nothing_outside_the_target(daemon, bank, tmp_pa
 
 @pytest.mark.parametrize("bad", ["../../../tmp/x", "/etc/passwd", "a/b", "..", "x\ny"])
 def test_bad_backup_ids_on_the_command_line_are_refused(daemon, tmp_path, bad):
+    _backup(daemon)
     out = tmp_path / "target"
     r = daemon.cli("restore", bad, "--to", str(out))
     assert r.code == 3 and "not a valid backup id" in r.err, (r.code, r.err)
@@ -391,7 +392,7 @@ def test_kill9_of_restore_to_leaves_complete_files(daemon, bank, tmp_path):
         leftover.unlink()
     rng = random.Random(7)
     seen = set()
-    for i in range(16):
+    for i in range(10):
         mark = f"to-{os.getpid()}-{i}"
         p = subprocess.Popen([PY, "-m", "bastion", "--config", str(daemon.config), "restore", new_b["backup"],
                               "--to", str(out), "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -419,6 +420,63 @@ def test_kill9_of_restore_to_leaves_complete_files(daemon, bank, tmp_path):
                 if "before-restore" in leftover.name or leftover.name.endswith(".bastion-restore-tmp"):
                     leftover.unlink()
     assert seen == {(n, v) for n in ("bank.db", "audit.db") for v in (False, True)}, "kills never hit both states"
+
+
+def _dying_writer(path: Path, sql: str) -> None:
+    """Commit sql into path's WAL and die without a checkpoint: committed frames only the WAL holds."""
+    p = subprocess.run([PY, "-c", f"""
+import sqlite3, os
+con = sqlite3.connect({str(path)!r}, isolation_level=None)
+con.execute("PRAGMA journal_mode=WAL")
+con.execute("PRAGMA wal_autocheckpoint=0")
+con.executescript({sql!r})
+os._exit(0)
+"""])
+    assert p.returncode == 0 and Path(f"{path}-wal").stat().st_size > 0
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace(1) is needed to kill the restore at each file operation")
+def test_kill9_at_each_file_operation_of_restore_to(daemon, bank, tmp_path):
+    """strace kills the restore (SIGKILL) at its Nth unlink/rename/link: at every step where it touches names."""
+    _big_bank(bank)
+    old_b = _backup(daemon)
+    con = sqlite3.connect(bank.bank)
+    con.execute("DELETE FROM big WHERE id % 2 = 0")
+    con.commit()
+    con.close()
+    new_b = _backup(daemon)
+    new = {n: dump(bank.dir / n) for n in ("bank.db", "audit.db")}
+    pristine = tmp_path / "pristine"
+    assert daemon.cli("restore", old_b["backup"], "--to", str(pristine)).code == 0
+    for n in ("bank.db", "audit.db"):     # the old files have commits only their WAL holds
+        _dying_writer(pristine / n, "CREATE TABLE late(x); INSERT INTO late VALUES (1);")
+        (pristine / f"{n}-shm").unlink()
+    old = {n: dump(pristine / n) for n in ("bank.db", "audit.db")}
+    for n in ("bank.db", "audit.db"):
+        (pristine / f"{n}-shm").unlink(missing_ok=True)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    for call in ("unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat"):
+        for nth in (1, 2, 3):
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(pristine, out)
+            mark = f"strace-{os.getpid()}-{call}-{nth}"
+            p = subprocess.run(["strace", "-o", "/dev/null", "-e", "trace=none",
+                                "-e", f"inject={call}:signal=KILL:when={nth}", PY, "-m", "bastion", "--config",
+                                str(daemon.config), "restore", new_b["backup"], "--to", str(out), "--force"],
+                               env={**env, "BASTION_TEST_MARK": mark}, capture_output=True, text=True)
+            _wait_gone(mark)
+            state = []
+            for n in ("bank.db", "audit.db"):
+                _wait_unlocked(out / n)
+                assert _integrity(out / n) == "ok", (call, nth, n)
+                got = dump(out / n)
+                assert got in (old[n], new[n]), (call, nth, n, "neither the old file nor the restored one")
+                state.append(got == new[n])
+                if got == new[n]:    # the old file, with the commits of its WAL, is kept aside
+                    kept = [k for k in out.glob(f"{n}.before-restore-*") if not k.name.endswith(("-wal", "-shm"))]
+                    assert [dump(k) for k in kept] == [old[n]], (call, nth, n)
+            assert state[0] == state[1], (call, nth, "the group is half restored")
 
 
 def test_kill9_of_restore_replace_leaves_complete_files(daemon, bank, tmp_path, monkeypatch):
