@@ -137,7 +137,15 @@ def test_force_over_a_protected_database_is_refused_and_points_to_replace(daemon
     r = daemon.cli("restore", b["backup"], "--replace")
     assert r.code == 2 and "continuous operations" in r.err, r.err
     assert daemon.cli("endbu", "bank").code == 0
+    # frozen: the same
+    assert daemon.cli("freeze", "bank").code == 0
+    r = daemon.cli("restore", b["backup"], "--to", str(bank.dir), "--force")
+    assert r.code == 2 and f"process {daemon.proc.pid}" in r.err, r.err
+    r = daemon.cli("restore", b["backup"], "--replace")
+    assert r.code == 2 and "frozen" in r.err, r.err
+    assert daemon.cli("thaw", "bank").code == 0
     assert (dump(bank.bank), dump(bank.audit)) == before
+    assert not [p.name for p in bank.dir.iterdir() if "bastion" in p.name or "before-restore" in p.name]
 
 
 def test_force_keeps_the_previous_files_and_their_wal_aside(daemon, bank, tmp_path):

@@ -142,6 +142,14 @@ def _make_dirs(dest: str) -> list[str]:
     return created
 
 
+def _remove_dirs(created: list[str]) -> None:
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
 def _space(exc: OSError, what: str, need: int, dest: str) -> BastionError:
     try:
         free = _free_bytes(dest)
@@ -171,7 +179,11 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
         raise UsageError(f"{dest} exists and is not a directory; nothing was restored")
     created = _make_dirs(dest)
     real = os.path.realpath(dest)
-    dfd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        dfd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        _remove_dirs(created)
+        raise
     targets = [os.path.join(real, f["name"]) for f in files]
     tmps: list[str] = []           # names inside dest
     fetch = ThreadPoolExecutor(max_workers=FETCH_THREADS)
@@ -186,6 +198,9 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                                      hint="remove the link (it may have been planted to redirect the restore) "
                                           "and run the command again")
                 if os.path.exists(p):
+                    if not os.path.isfile(p):
+                        raise UsageError(f"{p} exists and is not a regular file; refused, nothing was restored",
+                                         hint="move it away, or restore into another directory")
                     existing.append(p)
             if os.path.realpath(t) != t:     # names are one component: this holds unless the tree moves under us
                 raise UsageError(f"{t} does not resolve inside {real}; refused, nothing was restored")
@@ -284,11 +299,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                 os.unlink(tmp, dir_fd=dfd)
             except FileNotFoundError:
                 pass
-        for d in reversed(created):   # a failed restore leaves no directory it made
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
+        _remove_dirs(created)     # a failed restore leaves no directory it made
         raise
     finally:
         fetch.shutdown(wait=True, cancel_futures=True)
@@ -303,6 +314,8 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
 def _refusal(exc: RecoveryRefused, configured: dict[str, str]) -> RecoveryRefused:
     """The lock probe's refusal, saying so when the file is a database of the local config."""
     db = configured.get(os.path.realpath(exc.path or ""))
+    if not exc.details.get("pid"):     # not a holder (a link planted meanwhile): the helper's own words
+        return RecoveryRefused(f"{exc.message}; nothing was restored", path=exc.path, hint=exc.hint)
     if db is None:
         return RecoveryRefused(f"{exc.message}; nothing was restored", path=exc.path, details=exc.details,
                                hint="stop the application (every process that opens the files) and run the "
