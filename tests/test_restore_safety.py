@@ -464,16 +464,20 @@ def test_kill9_at_each_file_operation_of_restore_to(daemon, bank, tmp_path):
         (pristine / f"{n}-shm").unlink(missing_ok=True)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    for call in ("unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat"):
+    killed = 0
+    # name operations, and the moments it starts a process or waits for one (the swap helper)
+    for call in ("unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "vfork", "clone3",
+                 "wait4"):
         for nth in (1, 2, 3):
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(pristine, out)
             mark = f"strace-{os.getpid()}-{call}-{nth}"
-            p = subprocess.run(["strace", "-o", "/dev/null", "-e", "trace=none",
+            p = subprocess.run(["strace", "-o", "/dev/null",
                                 "-e", f"inject={call}:signal=KILL:when={nth}", PY, "-m", "bastion", "--config",
                                 str(daemon.config), "restore", new_b["backup"], "--to", str(out), "--force"],
                                env={**env, "BASTION_TEST_MARK": mark}, capture_output=True, text=True)
             _wait_gone(mark)
+            killed += p.returncode != 0
             state = []
             for n in ("bank.db", "audit.db"):
                 _wait_unlocked(out / n)
@@ -485,6 +489,7 @@ def test_kill9_at_each_file_operation_of_restore_to(daemon, bank, tmp_path):
                     kept = [k for k in out.glob(f"{n}.before-restore-*") if not k.name.endswith(("-wal", "-shm"))]
                     assert [dump(k) for k in kept] == [old[n]], (call, nth, n)
             assert state[0] == state[1], (call, nth, "the group is half restored")
+    assert killed > 0, "strace never killed the restore"
 
 
 def test_kill9_of_restore_replace_leaves_complete_files(daemon, bank, tmp_path, monkeypatch):
