@@ -284,7 +284,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             try:
                 swapped = replace_in_child([(os.path.join(real, tmp), t) for tmp, t in zip(tmps, targets)])
             except RecoveryRefused as exc:
-                raise _refusal(exc, configured or {}) from None
+                raise _refusal(exc, configured or {}, backup_id) from None
             kept = {t: swapped["files"][t]["previous_kept_as"] for t in targets}
         tmps = []
     except BaseException:
@@ -311,7 +311,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             "bytes": total, "seconds": round(secs, 3), "exit_code": 0}
 
 
-def _refusal(exc: RecoveryRefused, configured: dict[str, str]) -> RecoveryRefused:
+def _refusal(exc: RecoveryRefused, configured: dict[str, str], backup_id: str) -> RecoveryRefused:
     """The lock probe's refusal, saying so when the file is a database of the local config."""
     db = configured.get(os.path.realpath(exc.path or ""))
     if not exc.details.get("pid"):     # not a holder (a link planted meanwhile): the helper's own words
@@ -323,4 +323,4 @@ def _refusal(exc: RecoveryRefused, configured: dict[str, str]) -> RecoveryRefuse
     return RecoveryRefused(f"{exc.message}; it is a file of database {db!r} in the config, which the Bastion "
                            "daemon protects; nothing was restored", path=exc.path, details=exc.details,
                            hint=f"to put the backup back in place of database {db!r}, stop the application and "
-                                "run `bastion restore ID --replace`; or restore into another directory")
+                                f"run `bastion restore {backup_id} --replace`; or restore into another directory")
