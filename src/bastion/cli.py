@@ -555,14 +555,20 @@ def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: b
               help="Put the backup back in place of the protected files it came from (through the daemon; "
                    "applications must be stopped for the swap; the old files are kept aside).")
 @click.option("--from", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
-@click.option("--force", is_flag=True, help="Overwrite existing files in the directory.")
+@click.option("--force", is_flag=True,
+              help="Replace existing files in the directory (refused while any process has them open; the old "
+                   "files and their WAL are kept aside).")
 @common
 def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, replace: bool,
             repo_url: str | None, force: bool) -> None:
     """Restore a backup into a directory (temp names, fsync, integrity_check, digests, then rename)."""
-    from .backup import restore as run
+    from .backup import names, restore as run
     if (dest is None) == (not replace):
         raise UsageError("give exactly one of --to DIR or --replace", hint="bastion restore ID --to DIR")
+    try:
+        names.backup_id(backup_id)
+    except names.UnsafeName as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
     if replace:
         with _spinner(as_json, "restoring in place..."):
             res = _client(conf).restore_in_place(backup_id, repo_url)
@@ -577,11 +583,13 @@ def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, r
     with _progress(as_json, "restore") as bar:
         task = bar.add_task("restoring", total=None) if bar else None
         data = run(repo, backup_id, dest, force,
-                   progress=(lambda d, t: bar.update(task, completed=d, total=t)) if bar else None)
+                   progress=(lambda d, t: bar.update(task, completed=d, total=t)) if bar else None,
+                   configured={os.path.realpath(p): db.name for db in conf.databases.values() for p in db.files})
 
     def human(d: dict[str, Any]) -> None:
         for f in d["files"]:
-            out.print(f"  {f['path']}: integrity {f['integrity']}, {f['tables']} tables match the manifest")
+            out.print(f"  {f['path']}: integrity {f['integrity']}, {f['tables']} tables match the manifest"
+                      + (f"; previous file kept as {f['previous_kept_as']}" if f.get("previous_kept_as") else ""))
         out.print(f"restored backup {d['backup']} of {d['database']} (instant {d['instant']}): "
                   f"{_fmt_bytes(d['bytes'])} in {d['seconds']:.2f} s")
     emit(data, as_json, human)

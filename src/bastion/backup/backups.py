@@ -21,6 +21,7 @@ from ..contops import ContinuousOperations
 from ..errors import BastionError, NotConsistent, from_os_error
 from ..sqlite import DatabaseFile
 from ..state import iso
+from . import names
 from .repository import FORMAT, NoRepository, Repository, describe_verification
 from .snapshot import snapshot_in_child
 from .verify import verify
@@ -197,41 +198,73 @@ class Backups:
         return out
 
 
+def _configured_targets(config: Config, catalog: Catalog, backup_id: str, m: dict[str, Any]) -> list[str]:
+    """The local files a backup goes back over: the files of the config's database the manifest
+    names, matched by name. Never the manifest's own paths: a repository is untrusted input."""
+    from .restore import RestoreFailed
+    label = m.get("database")
+    db = config.databases.get(label) if isinstance(label, str) else None
+    if db is None:
+        raise RestoreFailed(f"backup {backup_id} is of {label!r}, which is not a database of the config; "
+                            "nothing was changed", hint="restore it into a directory with `bastion restore ID --to "
+                                                        "DIR` and move the files yourself")
+    got = names.file_names([f.get("name") if isinstance(f, dict) else None for f in m["files"]])
+    want = _names([catalog.files.get(p) or DatabaseFile(p, db.name) for p in db.files])
+    if len(got) != len(want):
+        raise RestoreFailed(f"backup {backup_id} has {len(got)} file{'s' if len(got) != 1 else ''} "
+                            f"({', '.join(got)}), database {label!r} in the config has {len(want)} "
+                            f"file{'s' if len(want) != 1 else ''} ({', '.join(want)}); nothing was changed",
+                            hint="restore it into a directory with --to DIR and move the files yourself")
+    if sorted(got) != sorted(want):
+        raise RestoreFailed(f"backup {backup_id} holds {', '.join(got)}; database {label!r} in the config has "
+                            f"{', '.join(want)}; nothing was changed",
+                            hint="restore it into a directory with --to DIR and move the files yourself")
+    by_name = dict(zip(want, db.files))
+    return [by_name[n] for n in got]
+
+
 def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperations, backup_id: str,
                      url: str | None = None, sql: Any = None) -> dict[str, Any]:
-    """Put a backup back where its files came from, while the daemon protects them.
+    """Put a backup back in place of the config's database files it came from.
 
     The backup is restored and checked beside the targets first; then, only if no
-    other process has the files open (proved by SQLite's own locks, in a child),
-    the current files and their WAL are renamed aside and the restored ones take
-    their place. Applications must be stopped for that instant; the error says so."""
+    other process has the files open (proved by SQLite's own locks, in a child that
+    holds them across the swap), the current files and their WAL are kept aside and
+    the restored ones take their place. Applications must be stopped for that
+    instant; the error says so."""
+    import secrets
     import shutil
+    import tempfile
     from ..errors import StateConflict
     from ..sqlite.exclusive import replace_in_child
     from .restore import restore
+    names.backup_id(backup_id)
     repo = Repository.open(url or default_repository(config))
     m = repo.manifest(backup_id)
-    targets = [f["path"] for f in m["files"]]
+    targets = _configured_targets(config, catalog, backup_id, m)
     busy = contops.state.open_files("contops", targets) + contops.state.open_files("freeze", targets)
     if busy:
         raise StateConflict(f"{busy[0]['path']}: in continuous operations or frozen", path=busy[0]["path"],
                             hint="end it (endbu/thaw) before restoring over the file; nothing was changed")
-    staging = os.path.join(os.path.dirname(targets[0]), f".bastion-restore-{backup_id}")
-    shutil.rmtree(staging, ignore_errors=True)
+    # beside the targets (0700, a name nobody can guess), so the swap is a rename
+    staging = tempfile.mkdtemp(prefix=".bastion-restore-", dir=os.path.dirname(targets[0]))
     pairs = []
     try:
-        restored = restore(repo, backup_id, staging)
+        restored = restore(repo, backup_id, os.path.join(staging, "files"))
         for f, target in zip(m["files"], targets):
-            staged = f"{target}.bastion-staged"
-            shutil.move(os.path.join(staging, f["name"]), staged)   # same directory: the swap is a rename
+            staged = os.path.join(os.path.dirname(target),
+                                  f".{os.path.basename(target)}.{secrets.token_hex(6)}.bastion-staged")
+            shutil.move(os.path.join(staging, "files", f["name"]), staged)
             pairs.append((staged, target))
         files = [catalog.files[t] for t in targets if t in catalog.files]
         # the SQL server's connections go too (refused if a transaction is open); back after the swap
         resume = sql.suspend(targets, f"restoring backup {backup_id} in place") if sql else (lambda: None)
         for f in files:
-            f.close()       # never checkpoints on close; the child needs nobody holding the files
+            f.lock.acquire()     # the sweeper must not re-protect a file between close and swap
         try:
-            swapped = replace_in_child(pairs)
+            for f in files:
+                f.close()       # never checkpoints on close; the child needs nobody holding the files
+            swapped = replace_in_child(pairs, keep_mode=True)
         finally:
             resume()
             for f in files:
@@ -239,6 +272,8 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
                     f.protect()
                 except Exception:  # noqa: BLE001 - shown by status
                     pass
+                finally:
+                    f.lock.release()
         checks = {f.path: f.quick_check() for f in files}
     finally:
         shutil.rmtree(staging, ignore_errors=True)

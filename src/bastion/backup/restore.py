@@ -7,8 +7,11 @@ Never runs inside the daemon: it is a library call of the CLI (or a child).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import secrets
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,11 +19,14 @@ from typing import Any, Callable, Iterator
 
 import apsw
 
-from ..errors import UsageError
+from ..errors import BastionError, RecoveryRefused, UsageError
+from ..sqlite.exclusive import replace_in_child
+from . import names
 from .digest import table_digests
 from .repository import Repository, RepositoryError
 
 TMP_SUFFIX = ".bastion-restore-tmp"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class RestoreFailed(RepositoryError):
@@ -95,36 +101,135 @@ def fsync_dir(d: str) -> None:
         os.close(fd)
 
 
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _tmp_name(name: str) -> str:
+    """A temp name nobody can guess ahead (a link planted there would be refused anyway: O_EXCL|O_NOFOLLOW)."""
+    return f".{name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+
+
+def _checked(backup_id: str, m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's files, each name and field checked: a repository is untrusted input."""
+    files = m["files"]
+    names.file_names([f.get("name") if isinstance(f, dict) else None for f in files])
+    for f in files:
+        chunks = f.get("chunks")
+        if not (isinstance(f.get("size"), int) and f["size"] >= 0 and isinstance(f.get("sha256"), str)
+                and isinstance(f.get("tables"), dict) and isinstance(chunks, list)
+                and all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and _HEX64.fullmatch(c[0])
+                        and isinstance(c[1], int) and c[1] >= 0 for c in chunks)):
+            raise RestoreFailed(f"backup {backup_id}: the manifest's entry for {f['name']!r} is damaged; refused",
+                                hint="run `bastion verify` on the backup, and restore another one")
+    return files
+
+
+def _make_dirs(dest: str) -> list[str]:
+    """Create dest and missing parents, each 0700; return the ones created (deepest last)."""
+    missing = []
+    d = dest
+    while not os.path.lexists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    created = []
+    for d in reversed(missing):
+        os.mkdir(d, 0o700)
+        os.chmod(d, 0o700)      # whatever the umask
+        created.append(d)
+    return created
+
+
+def _remove_dirs(created: list[str]) -> None:
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def _space(exc: OSError, what: str, need: int, dest: str) -> BastionError:
+    try:
+        free = _free_bytes(dest)
+    except OSError:
+        free = 0
+    return RestoreFailed(f"{what}: no space left on the device: the restore needs {need} bytes, {free} bytes are "
+                         f"free on the filesystem of {dest}; nothing was restored",
+                         path=what, hint="free space there, or restore into a directory on another filesystem "
+                                         "(--to DIR)") if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc
+
+
 def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[int, int], None] | None = None,
+            configured: dict[str, str] | None = None) -> dict[str, Any]:
+    """Restore backup ``backup_id`` into directory ``dest``; only inside it, never over open files.
+
+    ``configured`` maps the real paths of the local config's database files to their database
+    names, so a refusal can say the files belong to a database the daemon protects."""
+    names.backup_id(backup_id)
     m = repo.manifest(backup_id)
+    files = _checked(backup_id, m)
     dest = os.path.abspath(dest)
-    os.makedirs(dest, exist_ok=True)
-    targets = [os.path.join(dest, f["name"]) for f in m["files"]]
-    if not force:
-        for t in targets:
-            for p in (t, t + "-wal", t + "-shm", t + "-journal"):
-                if os.path.exists(p):
-                    raise UsageError(f"{p} already exists; nothing was restored",
-                                     hint="restore into an empty directory, or pass --force to overwrite")
-    total = sum(f["size"] for f in m["files"])
-    done = 0
-    t0 = time.monotonic()
-    tmps: list[str] = []
-    # Chunks are fetched, decompressed and re-hashed by threads ahead of the writer; once a file is
-    # written, its fsync, integrity_check and content digests run side by side (and beside the writing
-    # of the next file). Nothing is renamed into place before every one of them has succeeded.
+    if os.path.islink(dest):
+        raise UsageError(f"{dest} is a symbolic link; refused, nothing was restored",
+                         hint="name the real directory (a link may have been planted to redirect the restore)")
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise UsageError(f"{dest} exists and is not a directory; nothing was restored")
+    created = _make_dirs(dest)
+    real = os.path.realpath(dest)
+    try:
+        dfd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        _remove_dirs(created)
+        raise
+    targets = [os.path.join(real, f["name"]) for f in files]
+    tmps: list[str] = []           # names inside dest
     fetch = ThreadPoolExecutor(max_workers=FETCH_THREADS)
     checks = ThreadPoolExecutor(max_workers=3)
     syncs: list[tuple[Future, int]] = []
     try:
+        existing = []
+        for t in targets:
+            for p in (t, t + "-wal", t + "-shm", t + "-journal"):
+                if os.path.islink(p):
+                    raise UsageError(f"{p} is a symbolic link; refused, nothing was restored",
+                                     hint="remove the link (it may have been planted to redirect the restore) "
+                                          "and run the command again")
+                if os.path.exists(p):
+                    if not os.path.isfile(p):
+                        raise UsageError(f"{p} exists and is not a regular file; refused, nothing was restored",
+                                         hint="move it away, or restore into another directory")
+                    existing.append(p)
+            if os.path.realpath(t) != t:     # names are one component: this holds unless the tree moves under us
+                raise UsageError(f"{t} does not resolve inside {real}; refused, nothing was restored")
+        if existing and not force:
+            raise UsageError(f"{existing[0]} already exists; nothing was restored",
+                             hint="restore into an empty directory, or pass --force to replace the files (refused "
+                                  "while any process has them open; the old files are kept aside)")
+        total = sum(f["size"] for f in files)
+        if total > _free_bytes(real):
+            raise RestoreFailed(f"{real}: not enough space to restore backup {backup_id} ({', '.join(f['name'] for f in files)}): "
+                                f"it needs {total} bytes, {_free_bytes(real)} bytes are free; nothing was restored",
+                                path=real, hint="free space there, or restore into a directory on another "
+                                                "filesystem (--to DIR)")
+        done = 0
+        t0 = time.monotonic()
+        # Chunks are fetched, decompressed and re-hashed by threads ahead of the writer; once a file is
+        # written, its fsync, integrity_check and content digests run side by side (and beside the writing
+        # of the next file). Nothing gets a final name before every one of them has succeeded.
         pending = []
-        for f, target in zip(m["files"], targets):
-            tmp = target + TMP_SUFFIX
+        for f, target in zip(files, targets):
+            tmp = _tmp_name(f["name"])
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+            except FileExistsError:
+                raise RestoreFailed(f"{os.path.join(real, tmp)} already exists; refused, nothing was restored",
+                                    hint="remove it (a leftover, or a link planted to redirect the restore)") from None
             tmps.append(tmp)
             whole = hashlib.sha256()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
+                os.fchmod(fd, 0o600)
                 for (digest, size), data in _fetch_ahead(fetch, repo, f["chunks"]):
                     if isinstance(data, RepositoryError):
                         raise RestoreFailed(f"backup {backup_id}, file {f['name']}: {data.message}; nothing was "
@@ -135,8 +240,11 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                                             f"the manifest says {size}")
                     whole.update(data)
                     view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    try:
+                        while view:
+                            view = view[os.write(fd, view):]
+                    except OSError as exc:
+                        raise _space(exc, target, total, real) from None
                     done += size
                     if progress:
                         progress(done, total)
@@ -148,10 +256,14 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             if whole.hexdigest() != f["sha256"]:
                 synced.result()
                 raise RestoreFailed(f"{f['name']}: restored bytes do not match the manifest's SHA-256")
-            pending.append((f, synced, checks.submit(_integrity, tmp), checks.submit(_digests, tmp)))
+            path = os.path.join(real, tmp)
+            pending.append((f, target, synced, checks.submit(_integrity, path), checks.submit(_digests, path)))
         results = []
-        for f, synced, integrity_fut, digests_fut in pending:
-            synced.result()
+        for f, target, synced, integrity_fut, digests_fut in pending:
+            try:
+                synced.result()
+            except OSError as exc:
+                raise _space(exc, target, total, real) from None
             integrity, digests = integrity_fut.result(), digests_fut.result()
             if integrity != "ok":
                 raise RestoreFailed(f"{f['name']}: integrity_check failed on the restored file: {integrity[:500]}")
@@ -159,13 +271,21 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                 bad = sorted(t for t in set(digests) | set(f["tables"]) if digests.get(t) != f["tables"].get(t))
                 raise RestoreFailed(f"{f['name']}: content differs from the manifest in tables {', '.join(bad)}")
             results.append({"name": f["name"], "integrity": integrity, "tables": len(digests)})
-        for tmp, target in zip(tmps, targets):
-            for stale in (target + "-wal", target + "-shm", target + "-journal"):
-                # a WAL left beside a restored file would be replayed into it: never keep one
-                if os.path.exists(stale):
-                    os.remove(stale)
-            os.replace(tmp, target)
-        fsync_dir(dest)
+        kept: dict[str, Any] = {}
+        if created:
+            # a directory this restore made: nobody else has files in it
+            for tmp, f in zip(tmps, files):
+                os.rename(tmp, f["name"], src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+        else:
+            # Proved exclusive with SQLite's own locks, held across the swap, old files and WAL kept aside;
+            # in a child, which holds no SQLite connection here and finishes even if we are killed.
+            try:
+                swapped = replace_in_child([(os.path.join(real, tmp), t) for tmp, t in zip(tmps, targets)])
+            except RecoveryRefused as exc:
+                raise _refusal(exc, configured or {}, backup_id) from None
+            kept = {t: swapped["files"][t]["previous_kept_as"] for t in targets}
+        tmps = []
     except BaseException:
         # no thread may still write, sync or read a temp file when it is removed
         fetch.shutdown(wait=True, cancel_futures=True)
@@ -174,13 +294,32 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             if synced.cancelled():   # never ran: its descriptor is still open
                 os.close(fd)
         for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+        _remove_dirs(created)     # a failed restore leaves no directory it made
         raise
     finally:
         fetch.shutdown(wait=True, cancel_futures=True)
         checks.shutdown(wait=True, cancel_futures=True)
+        os.close(dfd)
     secs = time.monotonic() - t0
-    return {"backup": backup_id, "database": m["database"], "instant": m["instant"], "to": dest,
-            "files": [{"path": t, **c} for t, c in zip(targets, results)], "bytes": total,
-            "seconds": round(secs, 3), "exit_code": 0}
+    return {"backup": backup_id, "database": m["database"], "instant": m["instant"], "to": real,
+            "files": [{"path": t, "previous_kept_as": kept.get(t), **c} for t, c in zip(targets, results)],
+            "bytes": total, "seconds": round(secs, 3), "exit_code": 0}
+
+
+def _refusal(exc: RecoveryRefused, configured: dict[str, str], backup_id: str) -> RecoveryRefused:
+    """The lock probe's refusal, saying so when the file is a database of the local config."""
+    db = configured.get(os.path.realpath(exc.path or ""))
+    if not exc.details.get("pid"):     # not a holder (a link planted meanwhile): the helper's own words
+        return RecoveryRefused(f"{exc.message}; nothing was restored", path=exc.path, hint=exc.hint)
+    if db is None:
+        return RecoveryRefused(f"{exc.message}; nothing was restored", path=exc.path, details=exc.details,
+                               hint="stop the application (every process that opens the files) and run the "
+                                    "restore again, or restore into another directory")
+    return RecoveryRefused(f"{exc.message}; it is a file of database {db!r} in the config, which the Bastion "
+                           "daemon protects; nothing was restored", path=exc.path, details=exc.details,
+                           hint=f"to put the backup back in place of database {db!r}, stop the application and "
+                                f"run `bastion restore {backup_id} --replace`; or restore into another directory")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -81,51 +82,110 @@ def discard(files: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
             os.close(fd)
 
 
+def _holder(pid: int) -> str:
+    """'process PID (its command line)', for the operator to find it."""
+    if pid <= 0:
+        return "another process"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        cmd = ""
+    return f"process {pid}" + (f" ({cmd[:200]})" if cmd else "")
+
+
 def _lock_all(paths: list[str], fds: list[int]) -> dict[str, Any] | None:
     """Lock every file as SQLite would for exclusive use; a refusal naming the holder, or None."""
     for path in paths:
         if not os.path.exists(path):
             continue
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         fds.append(fd)
         pid = _try_lock(fd, PENDING, 2 + SHARED_SIZE)
         if pid is None and os.path.exists(path + "-shm"):
-            sfd = os.open(path + "-shm", os.O_RDWR)
+            sfd = os.open(path + "-shm", os.O_RDWR | os.O_NOFOLLOW)
             fds.append(sfd)
             pid = _try_lock(sfd, SHM_LOCKS, SHM_LOCK_LEN)
         if pid is not None:
-            who = f"process {pid}" if pid > 0 else "another process"
-            return {"ok": False, "path": path, "error": f"{path}: open in {who}",
+            return {"ok": False, "path": path, "pid": pid, "error": f"{path}: open in {_holder(pid)}",
                     "hint": "stop the application (every process that opens the file), run the command again, "
                             "then start the application"}
     return None
 
 
-def replace(pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Put each staged file in place of a database file, keeping the old one (and its WAL) aside."""
+COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def _fsync_dir(d: str) -> None:
+    dfd = os.open(d or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _aside_name(target: str, suffix: str) -> str:
+    base = f"{target}.before-restore-{suffix}"
+    name, n = base, 1
+    while any(os.path.lexists(name + c) for c in ("",) + COMPANIONS):
+        n += 1
+        name = f"{base}.{n}"
+    return name
+
+
+def replace(pairs: list[tuple[str, str]], keep_mode: bool = False) -> dict[str, Any]:
+    """Put each staged file in place of a database file, keeping the old one (and its WAL) aside.
+
+    Exclusive access is proved on every target first and held until the last rename; the
+    staged files are locked the same way before they get their final names, so no application
+    sees the group half swapped. Per file: the old main file gets a second name (a hard link),
+    its -wal and -journal are renamed beside it (a WAL is never deleted: it belongs to the old
+    file and must never be replayed into the restored one), -shm goes (SQLite rebuilds it), and
+    the restored file replaces the final name in one rename. A kill at any instant leaves under
+    the final name the old file complete or the restored one; the old one is always kept."""
     fds: list[int] = []
     try:
+        for staged, target in pairs:
+            for p in (target,) + tuple(target + c for c in COMPANIONS):
+                if os.path.islink(p):
+                    return {"ok": False, "path": p, "error": f"{p} is a symbolic link; refused, nothing was changed",
+                            "hint": "remove the link (it may have been planted to redirect the restore), "
+                                    "then run the command again"}
+            if os.path.realpath(os.path.dirname(staged)) != os.path.realpath(os.path.dirname(target)):
+                return {"ok": False, "path": staged, "error": f"{staged} is not in the directory of {target}",
+                        "hint": "internal error: nothing was changed"}
         refusal = _lock_all([target for _, target in pairs], fds)
         if refusal:
             return refusal
+        for staged, _ in pairs:
+            sfd = os.open(staged, os.O_RDWR | os.O_NOFOLLOW)
+            fds.append(sfd)
+            fcntl.lockf(sfd, fcntl.LOCK_EX | fcntl.LOCK_NB, 2 + SHARED_SIZE, PENDING, os.SEEK_SET)
         suffix = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         out: dict[str, Any] = {}
         for staged, target in pairs:
-            aside = None
-            if os.path.exists(target):
-                aside = f"{target}.before-restore-{suffix}"
-                os.rename(target, aside)
-                if os.path.exists(target + "-wal"):
-                    os.rename(target + "-wal", aside + "-wal")
+            aside = _aside_name(target, suffix)
+            kept = None
+            old = os.stat(target) if os.path.exists(target) else None
+            if old is not None:
+                try:
+                    os.link(target, aside)
+                except OSError:           # no hard links here: a rename (the final name is absent until below)
+                    os.rename(target, aside)
+                kept = aside
+            for c in ("-wal", "-journal"):
+                if os.path.exists(target + c):
+                    os.rename(target + c, aside + c)
+                    kept = kept or aside + c
             if os.path.exists(target + "-shm"):
                 os.unlink(target + "-shm")
-            os.rename(staged, target)
-            dfd = os.open(os.path.dirname(target) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            out[target] = {"previous_kept_as": aside}
+            if keep_mode and old is not None:   # the application's own owner and mode, as before
+                os.chmod(staged, stat.S_IMODE(old.st_mode))
+                if os.geteuid() == 0:
+                    os.chown(staged, old.st_uid, old.st_gid)
+            os.replace(staged, target)
+            _fsync_dir(os.path.dirname(target))
+            out[target] = {"previous_kept_as": kept}
         return {"ok": True, "files": out}
     finally:
         for fd in fds:
@@ -133,18 +193,21 @@ def replace(pairs: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 def _child(op: str, payload: Any) -> dict[str, Any]:
+    # In a session of its own and with no time limit: once it has proved exclusive access it
+    # finishes its renames even if the restore that started it is killed (kill -9 included).
     proc = subprocess.run([sys.executable, "-m", "bastion.sqlite.exclusive", op], input=json.dumps(payload),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, start_new_session=True)
     if proc.returncode != 0:
         raise BastionError(f"{op} helper failed: {proc.stderr.strip()[-2000:]}")
     out = json.loads(proc.stdout)
     if not out["ok"]:
-        raise RecoveryRefused(out["error"], path=out.get("path"), hint=out.get("hint"))
+        raise RecoveryRefused(out["error"], path=out.get("path"), hint=out.get("hint"),
+                              details={"pid": out["pid"]} if out.get("pid") else None)
     return out
 
 
-def replace_in_child(pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    return _child("replace", [[a, b] for a, b in pairs])
+def replace_in_child(pairs: list[tuple[str, str]], keep_mode: bool = False) -> dict[str, Any]:
+    return _child("replace", {"pairs": [[a, b] for a, b in pairs], "keep_mode": keep_mode})
 
 
 def discard_in_child(files: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
@@ -155,8 +218,11 @@ def _main() -> None:
     op = sys.argv[1] if len(sys.argv) == 2 else ""
     if op not in ("discard", "replace"):
         sys.exit("usage: python -m bastion.sqlite.exclusive discard|replace < request.json")
-    items = [(a, b) for a, b in json.load(sys.stdin)]
-    print(json.dumps(discard(items) if op == "discard" else replace(items)))
+    req = json.load(sys.stdin)
+    if op == "discard":
+        print(json.dumps(discard([(a, b) for a, b in req])))
+    else:
+        print(json.dumps(replace([(a, b) for a, b in req["pairs"]], bool(req.get("keep_mode")))))
 
 
 if __name__ == "__main__":
