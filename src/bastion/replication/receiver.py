@@ -300,8 +300,10 @@ class Receiver:
                 f.close()
             swapped = replace_in_child(pairs)
             for t in targets:   # the old copy is replaced by design: do not keep it aside
-                aside = swapped["files"][t]["previous_kept_as"]
-                for p in (aside, f"{aside}-wal") if aside else ():
+                aside = swapped["files"][t]["previous_kept_as"] or ""
+                for c in ("-wal", "-journal"):   # kept_as names a companion when there was no main file
+                    aside = aside[:-len(c)] if aside.endswith(c) else aside
+                for p in (aside, f"{aside}-wal", f"{aside}-journal") if aside else ():
                     if os.path.exists(p):
                         os.remove(p)
         finally:
