@@ -45,6 +45,11 @@ class ReplaceRequest(BaseModel):
     repository: str | None = Field(None, description="repository URL; default from the config")
 
 
+class DrillRequest(BaseModel):
+    database: str
+    repository: str | None = Field(None, description="repository URL; default the database's repository")
+
+
 class FreezeRequest(TargetRequest):
     timeout: float | None = Field(None, gt=0, le=3600, description="seconds before an automatic thaw")
 
@@ -201,6 +206,14 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     @app.post("/v1/restore/replace", summary="Put a backup back in place of the files it came from")
     def restore_replace(req: ReplaceRequest) -> dict[str, Any]:
         return daemon.restore_in_place(req.backup, req.repository)
+
+    @app.post("/v1/drill", summary="Recovery drill: restore the newest backup into scratch, verify, check, RTO/RPO")
+    def drill(req: DrillRequest) -> dict[str, Any]:
+        return daemon.drill(req.database, req.repository)
+
+    @app.get("/v1/drills", summary="Recent recovery drills, newest first")
+    def drills(database: str | None = None, limit: int = 10) -> dict[str, Any]:
+        return {"drills": daemon.state.drills(database, max(1, min(limit, 100)))}
 
     @app.post("/v1/freeze", summary="Freeze: hold every writer until thaw or timeout")
     def freeze(req: FreezeRequest) -> dict[str, Any]:

@@ -269,7 +269,10 @@ class Daemon:
 
     def drill(self, name: str, url: str | None = None) -> dict[str, Any]:
         from ..drill import run
-        return run(self.config, self.state, name, url)
+        try:
+            return run(self.config, self.state, name, url)
+        finally:
+            self.backups._latest.pop(name, None)    # the drill recorded a verification: status shows it now
 
     def status(self) -> dict[str, Any]:
         dbs = []

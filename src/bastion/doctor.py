@@ -1,0 +1,1 @@
+def run(conf): return {"checks": [], "summary": "", "exit_code": 0}
