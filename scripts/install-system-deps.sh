@@ -4,7 +4,9 @@
 # tested against a real sshd that the tests start themselves on loopback, as the
 # current user, with keys they generate), etcd-server (the failover lease across
 # machines, tested against an etcd the tests start on loopback), resource-agents,
-# libxml2-utils and curl (the OCF resource agent, checked with ocf-tester).
+# libxml2-utils and curl (the OCF resource agent, checked with ocf-tester), prometheus
+# (promtool checks the sample alert rules in contrib/), systemd (systemd-analyze verifies
+# the sample unit in contrib/).
 # Idempotent: installs only what is missing; says what to do when it cannot.
 set -euo pipefail
 
@@ -18,6 +20,8 @@ declare -A NEEDS=(
   [resource-agents]=/usr/sbin/ocf-tester
   [libxml2-utils]=/usr/bin/xmllint
   [curl]=/usr/bin/curl
+  [prometheus]=/usr/bin/promtool
+  [systemd]=/usr/bin/systemd-analyze
 )
 
 missing=()
