@@ -159,7 +159,10 @@ _KNOWN = {
     "replication": {"peer_token_file", "origin", "peer_ca_file"},
     "sync": {"site"},
     "sync_groups": None,
-    "notify": None,     # checked by bastion.notify.settings
+    "notify": {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
+               "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
+               "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes",
+               "disk_free_percent"},   # values checked by bastion.notify.settings
 }
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
                     "blackout", "on_failure"}
