@@ -141,7 +141,8 @@ def test_interrupted_continuous_operations_notify_and_survive_restart(tmp_path: 
     d.kill9()                                   # the session dies with the daemon
     d = DaemonProc(cfg, port, tmp_path / "var").start()
     try:
-        got = wait_for(lambda: hook.events("contops_interrupted:"), what="the interrupted notification")
+        got = wait_for(lambda: len(hook.events("contops_interrupted:")) >= 2 and hook.events("contops_interrupted:"),
+                       what="the interrupted notifications of both files")
         assert sorted(k for _, k in got) == sorted(f"contops_interrupted:{p}" for p in (bank.bank, bank.audit))
         d.stop()
         d = DaemonProc(cfg, port, tmp_path / "var").start()
