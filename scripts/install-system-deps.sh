@@ -5,7 +5,8 @@
 # current user, with keys they generate), etcd-server (the failover lease across
 # machines, tested against an etcd the tests start on loopback), resource-agents,
 # libxml2-utils and curl (the OCF resource agent, checked with ocf-tester), strace
-# (kills a restore at each of its file operations).
+# (kills a restore at each of its file operations), prometheus (promtool checks the
+# sample alert rules in contrib/), systemd (systemd-analyze verifies the sample unit).
 # Idempotent: installs only what is missing; says what to do when it cannot.
 set -euo pipefail
 
@@ -20,6 +21,8 @@ declare -A NEEDS=(
   [libxml2-utils]=/usr/bin/xmllint
   [curl]=/usr/bin/curl
   [strace]=/usr/bin/strace
+  [prometheus]=/usr/bin/promtool
+  [systemd]=/usr/bin/systemd-analyze
 )
 
 missing=()

@@ -179,7 +179,20 @@ def status(conf: cfg.Config, as_json: bool) -> None:
                 problem = f"FAILED {j['failures']}x: {j['last_error']}" if j["last_error"] else "-"
                 jobs.add_row(j["job"], j["schedule"], j["next_run"] or "-", j["last_ok"] or "never", problem)
             out.print(jobs)
+        _print_drills_and_alerts(d)
     emit(data, as_json, human)
+
+
+def _print_drills_and_alerts(d: dict[str, Any]) -> None:
+    if d.get("drills"):
+        t = Table("database", "last drill", "backup", "outcome", "RTO", "RPO")
+        for name, r in sorted(d["drills"].items()):
+            t.add_row(name, r["started"], r.get("backup") or "-", "ok" if r["ok"] else f"FAILED: {r['error']}",
+                      "-" if r.get("rto_seconds") is None else f"{r['rto_seconds']:.1f} s",
+                      "-" if r.get("rpo_seconds") is None else f"{r['rpo_seconds']:.0f} s")
+        out.print(t)
+    for a in d.get("alerts") or []:
+        err.print(f"alert: {a['message']}" + ("" if a.get("notified_at") else " (not yet notified)"))
 
 
 @cli.command()
@@ -970,6 +983,56 @@ def conflicts_resolve(conf: cfg.Config, as_json: bool, database: str, conflict_i
     data = _client(conf).request("POST", f"/v1/conflicts/{database}/{conflict_id}/resolve",
                                  {"action": action, "version": version, "file": file_})
     emit(data, as_json, lambda d: out.print(f"conflict #{conflict_id}: {d['resolution']}"))
+
+
+@cli.command()
+@click.argument("database")
+@click.option("--from", "url", default=None, help="Repository URL (default: the database's repository).")
+@common
+def drill(conf: cfg.Config, as_json: bool, database: str, url: str | None) -> None:
+    """Disaster-recovery drill: restore the newest backup into scratch space, verify it, run the
+    application's checks (drill_check, drill_command) and report the measured RTO and RPO.
+
+    Exit 0 if the restored copy passed every check, 2 if a step failed (the output says which)."""
+    if url is not None:
+        from .backup.store import check_url
+        check_url(url)
+    with _spinner(as_json, f"drill of {database}"):
+        data = _client(conf).request("POST", "/v1/drill", {"database": database, "repository": url}, timeout=None)
+
+    def human(d: dict[str, Any]) -> None:
+        if d["ok"]:
+            out.print(f"drill of {d['database']} ok: backup {d['backup']} (instant {d['instant']}) restored, "
+                      f"verified and checked; RTO {d['rto_seconds']:.1f} s (time to a usable database), "
+                      f"RPO {d['rpo_seconds']:.0f} s (age of its newest data)")
+        else:
+            err.print(f"error: drill of {d['database']} FAILED at step '{d['step']}': {d['error']}")
+        for c in d.get("checks", []):
+            out.print(f"  check {'ok' if c['ok'] else 'FAILED'}: {c['check']} -> {c.get('error') or c['value']!r}")
+        if d.get("command"):
+            out.print(f"  drill_command exit code {d['command']['exit_code']}")
+    emit(data, as_json, human)
+
+
+@cli.command()
+@common
+def doctor(conf: cfg.Config, as_json: bool) -> None:
+    """Check this machine for Bastion: WAL mode of protected files, permissions of the token, data_dir
+    and repository, clock sync, free space, reachable peers and targets.
+
+    Runs without the daemon. Exit 0 if all is well, 1 if there are warnings, 2 if a check failed."""
+    from .doctor import run as run_doctor
+    data = run_doctor(conf)
+
+    def human(d: dict[str, Any]) -> None:
+        marks = {"ok": "ok  ", "warning": "WARN", "failed": "FAIL", "unknown": "??  "}
+        for c in d["checks"]:
+            line = f"{marks[c['status']]} {c['check']}: {c['message']}"
+            (out if c["status"] in ("ok", "unknown") else err).print(line)
+            if c.get("hint") and c["status"] != "ok":
+                err.print(f"     hint: {c['hint']}")
+        out.print(f"{d['summary']}")
+    emit(data, as_json, human)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,6 +76,9 @@ class DatabaseConfig:
     # down or being seeded, "replicated" commits are acknowledged once durable here (degraded)
     standby_optional: bool = False
     sync_group: str | None = None            # multi-site sync: the [sync_groups.NAME] this database is in
+    # recovery drills (bastion.drill): SQL assertions each returning a true first value, and/or a command
+    drill_check: tuple[str, ...] = ()
+    drill_command: str | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class BackupConfig:
     schedule: str | None = None      # 'every 1h' or cron; none: backups only on request
     verify_schedule: str | None = None   # full verify of each database's newest backup
     keep: dict[str, int] = field(default_factory=dict)   # retention applied after scheduled backups
+    drill_schedule: str | None = None    # recovery drill of each database's newest backup (bastion.drill)
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ class Config:
     replication: dict[str, Any] = field(default_factory=dict)  # [replication]: peer_token_file, origin
     # multi-site sync: {"site": this daemon's site id, "groups": {name: {sites, topology, neighbours, ...}}}
     sync: dict[str, Any] = field(default_factory=dict)
-
+    notify: dict[str, Any] = field(default_factory=dict)     # [notify]: see bastion.notify.settings
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
@@ -150,11 +154,15 @@ _KNOWN = {
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
-                "keep_weekly", "keep_monthly"},
+                "keep_weekly", "keep_monthly", "drill_schedule"},
     "databases": None,
     "replication": {"peer_token_file", "origin", "peer_ca_file"},
     "sync": {"site"},
     "sync_groups": None,
+    "notify": {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
+               "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
+               "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes",
+               "disk_free_percent"},   # values checked by bastion.notify.settings
 }
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
                     "blackout", "on_failure"}
@@ -254,10 +262,10 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         if not isinstance(spec, dict) or "files" not in spec:
             raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
         extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit", "foreign_keys",
-                             "sync_group", *_REPLICATION_KEYS}
+                             "sync_group", "drill_check", "drill_command", *_REPLICATION_KEYS}
         if extra:
             raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
-                              hint="known keys: files, repository, schedule, durability, group_commit, foreign_keys, "
+                              hint="known keys: files, repository, schedule, durability, group_commit, foreign_keys, drill_check, drill_command, "
                                    + ", ".join(_REPLICATION_KEYS))
         foreign_keys = spec.get("foreign_keys", False)
         if not isinstance(foreign_keys, bool):
@@ -299,7 +307,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched,
                                          durability, group_commit, foreign_keys,
                                          **_replication_keys(spec, f"{source}: [databases.{name}]"),
-                                         sync_group=group)
+                                         sync_group=group, **_drill_keys(spec, f"{source}: [databases.{name}]"))
         if group is not None and (databases[name].replicate_to or databases[name].replica_of):
             raise ConfigError(f"{source}: [databases.{name}] is in a sync group: it cannot also replicate_to or be "
                               "a replica_of", hint="sync already keeps a copy on every site of the group")
@@ -309,7 +317,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         raise ConfigError(f"{source}: [freeze] timeout must be at most 1h, got {freeze.get('timeout')!r}",
                           hint="a freeze holds every writer; keep it short")
     b = raw.get("backups", {})
-    for key in ("schedule", "verify_schedule"):
+    for key in ("schedule", "verify_schedule", "drill_schedule"):
         if b.get(key) is not None:
             Schedule.parse(b[key], f"{source}: [backups] {key}")
     keep = {}
@@ -319,7 +327,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
                 raise ConfigError(f"{source}: [backups] {key} must be a whole number >= 0, got {b[key]!r}")
             keep[key[5:]] = b[key]
     backups = BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
-                           b.get("verify_schedule"), keep)
+                           b.get("verify_schedule"), keep, b.get("drill_schedule"))
     tls = [daemon.get("tls_cert"), daemon.get("tls_key")]
     if any(tls) and not all(isinstance(t, str) and t for t in tls):
         raise ConfigError(f"{source}: [daemon] TLS needs both tls_cert and tls_key (PEM files)")
@@ -347,6 +355,9 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
         replication=_replication(raw.get("replication"), databases, source, resolve),
     )
     config = dataclasses.replace(config, sync=_sync(raw, databases, config, source))
+    if "notify" in raw:
+        from .notify import settings as notify_settings
+        config = dataclasses.replace(config, notify=notify_settings(raw["notify"], f"{source}: [notify]", resolve))
     if config.cluster and config.cluster["mode"] == "replicated":
         if "peer_token_file" not in config.replication:
             raise ConfigError(f"{source}: [cluster] mode = \"replicated\" streams between the nodes, so "
@@ -357,6 +368,22 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
                 raise ConfigError(f"{source}: [databases.{d.name}] in a replicated cluster the nodes replicate to "
                                   "each other: remove replicate_to / replica_of")
     return config
+
+
+def _drill_keys(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    check = spec.get("drill_check", [])
+    if isinstance(check, str):
+        check = [check]
+    if not isinstance(check, list) or not all(isinstance(c, str) and c.strip() for c in check):
+        raise ConfigError(f"{where} drill_check must be a list of SQL queries whose first value must be true",
+                          hint='for example drill_check = ["SELECT count(*) > 0 FROM accounts"]')
+    cmd = spec.get("drill_command")
+    if cmd is not None:
+        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
+            cmd = tuple(cmd)
+        elif not (isinstance(cmd, str) and cmd.strip()):
+            raise ConfigError(f"{where} drill_command must be a command (a string or a list of arguments)")
+    return {"drill_check": tuple(check), "drill_command": cmd}
 
 
 _REPLICATION_KEYS = ("replicate_to", "replicate_schedule", "blackout", "on_failure", "replica_of")

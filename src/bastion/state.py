@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS jobs(
     failures INTEGER NOT NULL DEFAULT 0,
     last_result TEXT NOT NULL DEFAULT '{}') STRICT;
 CREATE TABLE IF NOT EXISTS adhoc_files(path TEXT PRIMARY KEY, added_at REAL NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS drills(
+    id INTEGER PRIMARY KEY, database TEXT NOT NULL, started_at REAL NOT NULL, ok INTEGER NOT NULL,
+    result TEXT NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS alerts(
+    key TEXT PRIMARY KEY, kind TEXT NOT NULL, subject TEXT NOT NULL, since REAL NOT NULL,
+    message TEXT NOT NULL, notified_at REAL) STRICT;
 """
 FORMAT_VERSION = "1"
 
@@ -204,3 +210,38 @@ class StateStore:
 
     def adhoc_files(self) -> list[str]:
         return [r["path"] for r in self._rows("SELECT path FROM adhoc_files ORDER BY path")]
+
+    # -- recovery drills (bastion.drill) and open alerts (bastion.notify) ----------
+    def save_drill(self, database: str, started_at: float, ok: bool, result: dict[str, Any]) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT INTO drills(database, started_at, ok, result) VALUES(?,?,?,?)",
+                             (database, started_at, int(ok), json.dumps(result, default=str)))
+            # keep the last 100 per database: enough for a trend, bounded
+            self._db.execute("DELETE FROM drills WHERE database=? AND id NOT IN (SELECT id FROM drills "
+                             "WHERE database=? ORDER BY id DESC LIMIT 100)", (database, database))
+
+    def drills(self, database: str | None = None, limit: int = 10) -> list[dict[str, Any]]:
+        where, args = ("WHERE database=?", (database,)) if database else ("", ())
+        rows = self._rows(f"SELECT result FROM drills {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [json.loads(r["result"]) for r in rows]
+
+    def latest_drills(self) -> dict[str, dict[str, Any]]:
+        rows = self._rows("SELECT database, result FROM drills WHERE id IN (SELECT max(id) FROM drills "
+                          "GROUP BY database)")
+        return {r["database"]: json.loads(r["result"]) for r in rows}
+
+    def alerts(self) -> dict[str, dict[str, Any]]:
+        return {r["key"]: r for r in self._rows("SELECT * FROM alerts")}
+
+    def open_alert(self, key: str, kind: str, subject: str, message: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR IGNORE INTO alerts(key, kind, subject, since, message) VALUES(?,?,?,?,?)",
+                             (key, kind, subject, time.time(), message))
+
+    def alert_notified(self, key: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("UPDATE alerts SET notified_at=? WHERE key=?", (time.time(), key))
+
+    def close_alert(self, key: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM alerts WHERE key=?", (key,))

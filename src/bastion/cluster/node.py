@@ -189,6 +189,7 @@ class ClusterNode:
 
     _draining = False
     _hold_off_until = 0.0
+    renewals = 0
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -216,6 +217,7 @@ class ClusterNode:
             return
         if ok:
             self.fence_at = t0 + self.ttl - self.margin
+            self.renewals += 1      # for /metrics
         else:
             self._demote("the lease is held by another node", release=False)
 

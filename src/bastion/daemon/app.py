@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -43,6 +43,11 @@ class BackupRequest(TargetRequest):
 class ReplaceRequest(BaseModel):
     backup: str
     repository: str | None = Field(None, description="repository URL; default from the config")
+
+
+class DrillRequest(BaseModel):
+    database: str
+    repository: str | None = Field(None, description="repository URL; default the database's repository")
 
 
 class FreezeRequest(TargetRequest):
@@ -114,7 +119,8 @@ class AuthMiddleware:
                          "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir")}},
                 headers={"WWW-Authenticate": 'Basic realm="bastion"'} if sql else None)
             return await resp(scope, receive, send)
-        if self.node is not None and self.node.role != "active" and not path.startswith("/v1/cluster/"):
+        if (self.node is not None and self.node.role != "active" and not path.startswith("/v1/cluster/")
+                and path != "/metrics"):      # a passive node is scraped too (its role, lease, lag)
             resp = JSONResponse(status_code=503, content={"error": {
                 "type": "NotActive", "exit_code": 2, "path": None, "details": {"role": self.node.role},
                 "message": f"node {self.node.name} is {self.node.role}, not active",
@@ -134,6 +140,9 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
                               "Every request needs `Authorization: Bearer <token>` (the token file in data_dir).")
 
     app.add_middleware(AuthMiddleware, auth=auth, node=node, peer=lambda h: _peer_allowed(daemon, h))
+    from ..metrics import CONTENT_TYPE, Metrics, SQLMetricsMiddleware
+    metrics = Metrics(daemon, node)
+    app.add_middleware(SQLMetricsMiddleware, metrics=metrics)   # outside auth: refused requests count too
 
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
@@ -161,6 +170,10 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
         return JSONResponse(status_code=500, content={"error": {
             "type": "BastionError", "message": f"internal error in the daemon: {type(exc).__name__}: {exc}",
             "hint": "see the daemon's log; please report this", "exit_code": 2, "path": None, "details": {}}})
+
+    @app.get("/metrics", summary="Prometheus metrics (text format; needs the admin token)")
+    def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/status", summary="Protected databases and files, continuous operations and freezes")
     def status() -> dict[str, Any]:
@@ -193,6 +206,14 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     @app.post("/v1/restore/replace", summary="Put a backup back in place of the files it came from")
     def restore_replace(req: ReplaceRequest) -> dict[str, Any]:
         return daemon.restore_in_place(req.backup, req.repository)
+
+    @app.post("/v1/drill", summary="Recovery drill: restore the newest backup into scratch, verify, check, RTO/RPO")
+    def drill(req: DrillRequest) -> dict[str, Any]:
+        return daemon.drill(req.database, req.repository)
+
+    @app.get("/v1/drills", summary="Recent recovery drills, newest first")
+    def drills(database: str | None = None, limit: int = 10) -> dict[str, Any]:
+        return {"drills": daemon.state.drills(database, max(1, min(limit, 100)))}
 
     @app.post("/v1/freeze", summary="Freeze: hold every writer until thaw or timeout")
     def freeze(req: FreezeRequest) -> dict[str, Any]:

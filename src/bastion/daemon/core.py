@@ -114,6 +114,13 @@ class Daemon:
         self.scheduler.start()
         self.replication.start()
         self.sync.start()
+        from ..notify import Notifier
+        self.notifier = Notifier(self)           # issue 17: every detected failure, once per streak
+        self.notifier.start()
+        if self.config.cluster:                  # a cluster node opens its daemon when it takes the lease
+            self.notifier.event("failover", self.config.cluster["node"],
+                                f"node {self.config.cluster['node']} of cluster {self.config.cluster['name']} "
+                                "became active (took the lease)")
 
     def _sql_service(self):  # type: ignore[no-untyped-def]
         from ..sql.service import Database, SQLService, SQLSettings
@@ -130,6 +137,8 @@ class Daemon:
                 self.scheduler.add(f"backup {name}", sched, lambda n=name: self._scheduled_backup(n))
             if b.verify_schedule:
                 self.scheduler.add(f"verify {name}", b.verify_schedule, lambda n=name: self._scheduled_verify(n))
+            if b.drill_schedule:
+                self.scheduler.add(f"drill {name}", b.drill_schedule, lambda n=name: self.drill(n))
 
     def _scheduled_backup(self, name: str) -> dict[str, Any]:
         res = self.backup([name])
@@ -157,7 +166,7 @@ class Daemon:
         self._stop.set()
         if self._sweeper:
             self._sweeper.join(timeout=5)
-        for name in ("sync", "replication", "scheduler", "sql"):
+        for name in ("notifier", "sync", "replication", "scheduler", "sql"):
             part = self.__dict__.get(name)
             if part is not None:
                 try:
@@ -175,6 +184,7 @@ class Daemon:
         if self.state is None:
             return
         self._stop.set()
+        self.notifier.stop()
         self.scheduler.stop()
         self.replication.stop()
         self.sync.stop()
@@ -257,6 +267,13 @@ class Daemon:
         with self.replication.paused(), self.sync.paused():   # no connection of theirs open during the swap
             return restore_in_place(self.config, self.catalog, self.contops, backup_id, url, sql=self.sql)
 
+    def drill(self, name: str, url: str | None = None) -> dict[str, Any]:
+        from ..drill import run
+        try:
+            return run(self.config, self.state, name, url)
+        finally:
+            self.backups._latest.pop(name, None)    # the drill recorded a verification: status shows it now
+
     def status(self) -> dict[str, Any]:
         dbs = []
         for name, files in sorted(self.catalog.database_names().items()):
@@ -284,4 +301,6 @@ class Daemon:
             "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
             "replication": self.replication.status()["databases"],
             "sync": self.sync.status()["databases"],
+            "drills": self.state.latest_drills(),
+            "alerts": sorted(self.state.alerts().values(), key=lambda a: a["since"]),
         }

@@ -29,6 +29,7 @@ class GroupCommitter:
         self._syncing = False
         self._error: str | None = None
         self.fsyncs = 0
+        self.batches: dict[int, int] = {}   # commits made durable by one fsync -> how often (/metrics)
 
     def committed(self) -> int:
         """Called right after a COMMIT returned: the ticket to wait for."""
@@ -55,6 +56,8 @@ class GroupCommitter:
                 if err:
                     self._error = err
                 else:
+                    n = target - self._synced
+                    self.batches[n] = self.batches.get(n, 0) + 1
                     self._synced = max(self._synced, target)
                     self.fsyncs += 1
                 self._cond.notify_all()
