@@ -4,7 +4,8 @@
 # tested against a real sshd that the tests start themselves on loopback, as the
 # current user, with keys they generate), etcd-server (the failover lease across
 # machines, tested against an etcd the tests start on loopback), resource-agents,
-# libxml2-utils and curl (the OCF resource agent, checked with ocf-tester).
+# libxml2-utils and curl (the OCF resource agent, checked with ocf-tester), chromium (the
+# dashboard is tested, and its screenshots for the docs taken, in a real headless browser).
 # Idempotent: installs only what is missing; says what to do when it cannot.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ declare -A NEEDS=(
   [resource-agents]=/usr/sbin/ocf-tester
   [libxml2-utils]=/usr/bin/xmllint
   [curl]=/usr/bin/curl
+  [chromium]=/usr/bin/chromium
 )
 
 missing=()
