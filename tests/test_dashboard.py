@@ -137,6 +137,9 @@ def test_browser_login_backup_conflict_and_escaping(dash, tmp_path: Path) -> Non
 
         page.goto(base(d) + "/dashboard/events")
         assert "Recent events" in page.inner_text("h1")
+        assert f"app: backup {bid}" in page.inner_text("table.events")       # from the repository
+        assert "ended" in page.inner_text("table.events")                    # its session, from state.db
+        no_injected_markup(page)
         files = shots.shoot(page, base(d), tmp_path / "shots")
         assert all(f.stat().st_size > 5000 and f.read_bytes()[:4] == b"\x89PNG" for f in files)
 

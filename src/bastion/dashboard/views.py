@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ..errors import BastionError
 from ..state import iso
+from . import svg
 
 
 def _err(exc: BaseException) -> str:
@@ -192,6 +193,21 @@ def events(daemon: Any, node: Any, limit: int = 50) -> list[dict[str, Any]]:
             if r.get("last_error"):
                 out.append({"at": _epoch(r["last_error_at"]), "kind": kind, "level": "error",
                             "what": f"{r['database']}: {r.get('failures', 0)} failure(s)", "detail": r["last_error"]})
+    admin = type("Admin", (), {"admin": True, "role": lambda self, n: "read-write"})()
+    for repo in backups(daemon, admin):
+        if repo["error"]:
+            out.append({"at": time.time(), "kind": "backup", "level": "error", "what": f"{repo['database']}: "
+                        "repository unreadable", "detail": repo["error"]})
+        for b in repo["backups"][:10]:
+            out.append({"at": _epoch(b["instant"]), "kind": "backup", "level": "info",
+                        "what": f"{b['database']}: backup {b['id']}",
+                        "detail": f"{svg.human_bytes(b['logical_bytes'])}, {svg.human_bytes(b['stored_bytes_added'])} new"})
+            v = b["verification"]["latest"]
+            if v:
+                out.append({"at": _epoch(v.get("at")), "kind": "verify", "level": "info" if v.get("ok") else "error",
+                            "what": f"{b['database']}: {v.get('mode', '')} verify of {b['id']}",
+                            "detail": "ok" if v.get("ok") else "FAILED: " + "; ".join(
+                                str(p.get("problem", p)) if isinstance(p, dict) else str(p) for p in v.get("problems") or [])})
     if node is not None:
         for e in node.events[-20:]:
             out.append({"at": e["at"], "kind": "cluster", "level": "info", "what": f"{node.name} {e['event']}",
@@ -207,6 +223,7 @@ def _epoch(text: str | None) -> float | None:
     if not text:
         return None
     try:
-        return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
+        frac = float(text[19:23]) if text[19:20] == "." and text[20:23].isdigit() else 0.0
+        return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + frac
     except ValueError:
         return None
