@@ -135,6 +135,8 @@ def test_browser_login_backup_conflict_and_escaping(dash, tmp_path: Path) -> Non
         assert {c["id"]: c["resolution"] for c in settled} == {1: "reapplied the remote version", 2: "dismissed"}
         assert all(c["resolved_by"] == "admin (dashboard)" for c in settled)
 
+        page.goto(base(d) + "/dashboard/cluster")
+        assert "runs on its own" in page.inner_text("main")
         page.goto(base(d) + "/dashboard/events")
         assert "Recent events" in page.inner_text("h1")
         assert f"app: backup {bid}" in page.inner_text("table.events")       # from the repository
