@@ -1,10 +1,11 @@
 # Quick start: `make demo` and `make test`. Both create .venv and install what they need.
+# `make docs` takes the dashboard screenshots in docs/img/ (headless Chromium, a scene of its own).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench docs clean
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	@bash scripts/install-system-deps.sh
@@ -26,6 +27,9 @@ bench: setup
 	$(BIN)/python bench/bench_sql.py && $(BIN)/python bench/bench_failover.py && \
 	$(BIN)/python bench/bench_capture.py && $(BIN)/python bench/bench_replication.py && \
 	$(BIN)/python bench/bench_sync.py
+
+docs: setup
+	$(BIN)/python scripts/dashboard_shots.py docs/img
 
 clean:
 	rm -rf $(VENV) var bench/out

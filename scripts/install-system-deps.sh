@@ -6,7 +6,8 @@
 # machines, tested against an etcd the tests start on loopback), resource-agents,
 # libxml2-utils and curl (the OCF resource agent, checked with ocf-tester), strace
 # (kills a restore at each of its file operations), prometheus (promtool checks the
-# sample alert rules in contrib/), systemd (systemd-analyze verifies the sample unit).
+# sample alert rules in contrib/), systemd (systemd-analyze verifies the sample unit),
+# chromium (the dashboard is tested, and its screenshots taken, in a real headless browser).
 # Idempotent: installs only what is missing; says what to do when it cannot.
 set -euo pipefail
 
@@ -23,6 +24,7 @@ declare -A NEEDS=(
   [strace]=/usr/bin/strace
   [prometheus]=/usr/bin/promtool
   [systemd]=/usr/bin/systemd-analyze
+  [chromium]=/usr/bin/chromium
 )
 
 missing=()

@@ -187,6 +187,13 @@ class StateStore:
         r["result"] = json.loads(r["result"])
         return r
 
+    def recent_files(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest session files of any kind, newest first: the dashboard's event history."""
+        return self._rows(
+            "SELECT sf.session_id, sf.path, sf.database, sf.status, sf.reason, sf.ended_at, s.kind, s.started_at "
+            "FROM session_files sf JOIN sessions s ON s.id=sf.session_id "
+            "ORDER BY coalesce(sf.ended_at, s.started_at) DESC LIMIT ?", (int(limit),))
+
     # -- scheduled jobs --------------------------------------------------------
     def job(self, name: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM jobs WHERE name=?", (name,))

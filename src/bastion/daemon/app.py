@@ -78,6 +78,11 @@ class WorkRequest(BaseModel):
 _PUBLIC_PREFIX = "/v1/health"
 
 
+def _dashboard(path: str) -> bool:
+    """The dashboard checks its own session cookie (bastion.dashboard), with the same token and users."""
+    return path == "/" or path == "/dashboard" or path.startswith("/dashboard/")
+
+
 class AuthMiddleware:
     """Every request but /v1/health needs credentials: the admin token everywhere, a
     configured user only under /v1/sql/. Plain ASGI (not BaseHTTPMiddleware), because it
@@ -87,7 +92,7 @@ class AuthMiddleware:
         self.app, self.auth, self.node, self.peer = app, auth, node, peer
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(_PUBLIC_PREFIX):
+        if scope["type"] != "http" or scope["path"].startswith(_PUBLIC_PREFIX) or _dashboard(scope["path"]):
             return await self.app(scope, receive, send)
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         if scope["path"].startswith("/v1/peer/"):
@@ -279,6 +284,8 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     _replication_routes(app, daemon, node)
     _conflict_routes(app, daemon)
     _sync_routes(app, daemon)
+    from ..dashboard import mount
+    app.state.lag_history = mount(app, daemon, auth, node)
     return app
 
 
