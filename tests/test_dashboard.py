@@ -116,6 +116,16 @@ def test_browser_login_backup_conflict_and_escaping(dash, tmp_path: Path) -> Non
         assert page.locator("#backups-app svg.chart rect.bar").count() == 1
         no_injected_markup(page)
 
+        # a recovery drill's outcome, on the database's card (never run, then ok with RTO/RPO)
+        page.goto(base(d) + "/dashboard/")
+        assert page.locator("#db-app [data-drill]").get_attribute("data-drill") == "never"
+        r = d.cli("drill", "app", "--json")
+        assert r.code == 0, r.err
+        page.goto(base(d) + "/dashboard/")
+        drill = page.locator("#db-app [data-drill]")
+        assert drill.get_attribute("data-drill") == "ok" and f"RTO {r.json['rto_seconds']} s" in drill.inner_text()
+        no_injected_markup(page)
+
         # the conflict: both versions side by side, the payload as text; reapply the remote one
         page.goto(base(d) + "/dashboard/conflicts")
         c1 = page.locator("#conflict-app-0-1")

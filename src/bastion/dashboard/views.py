@@ -55,7 +55,9 @@ def overview(daemon: Any, principal: Any) -> dict[str, Any]:
     counts, cerr = guarded(lambda: conflict_counts(daemon, [n for n in names if n in daemon.config.databases]), {})
     repl = {r["database"]: r for r in st["replication"]}
     sync = {s["database"]: s for s in st["sync"]}
+    drills = st.get("drills") or {}
     for d in dbs:
+        d["drill"] = drills.get(d["name"])
         d["backup"] = latest.get(d["name"])
         d["conflicts"] = counts.get(d["name"], 0)
         d["replication"] = repl.get(d["name"])
