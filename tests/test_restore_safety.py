@@ -311,7 +311,11 @@ def test_replace_restores_only_over_the_configured_files(daemon, bank, tmp_path)
     bid = _forge(daemon, b["backup"], "forged-db", lambda m: m.update(database="other"))
     r = daemon.cli("restore", bid, "--replace")
     assert r.code == 2 and "'other'" in r.err and "not a database of the config" in r.err, r.err
-    bid = _forge(daemon, b["backup"], "forged-count", lambda m: m["files"].pop())
+    def one_file_less(m):   # a consistent manifest of one file: only the config can refuse it
+        gone = m["files"].pop()
+        m["logical_bytes"] -= gone["size"]
+        m["chunks_total"] -= len(gone["chunks"])
+    bid = _forge(daemon, b["backup"], "forged-count", one_file_less)
     r = daemon.cli("restore", bid, "--replace")
     assert r.code == 2 and "1 file" in r.err and "2 files" in r.err, r.err
     assert (dump(bank.bank), dump(bank.audit)) == before and _tree(victims) == victim_tree
