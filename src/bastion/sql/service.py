@@ -21,8 +21,9 @@ group commit: see committer.py; or one fsync per commit with ``group_commit = fa
 ``fast`` (acknowledged before the fsync: the last commits may be lost on power loss).
 
 Safety (DESIGN.md): connections never checkpoint on close; ATTACH/DETACH (and so
-VACUUM INTO), BEGIN/COMMIT statements, and pragmas that would change the journal
-mode, locking, durability or schema safety are refused by the authorizer. Internal
+VACUUM INTO), BEGIN/COMMIT statements, functions that reach files, and every pragma
+outside an allow-list (queries of state; for writers, what lasts only for the
+transaction) are refused by the authorizer. Internal
 statements are never put in the statement cache, so a client's identical text is
 still checked by the authorizer.
 """
@@ -57,10 +58,48 @@ _WRITE_ACTIONS = {
     apsw.SQLITE_DROP_TABLE, apsw.SQLITE_DROP_TRIGGER, apsw.SQLITE_DROP_VIEW, apsw.SQLITE_ALTER_TABLE,
     apsw.SQLITE_REINDEX, apsw.SQLITE_ANALYZE, apsw.SQLITE_CREATE_VTABLE, apsw.SQLITE_DROP_VTABLE,
 }
-# pragmas that, set by a client, would break protection, durability or safety
-_GUARDED_PRAGMAS = {"foreign_keys", "journal_mode", "locking_mode", "query_only", "writable_schema", "synchronous",
-                    "wal_checkpoint", "wal_autocheckpoint", "journal_size_limit", "mmap_size",
-                    "cell_size_check", "trusted_schema", "temp_store_directory", "data_store_directory"}
+# The pragma policy is an allow-list, applied by the authorizer (which sees every pragma,
+# the table-valued pragma_*() form included, with its argument). Anything not named here
+# is refused: most pragmas change the process (heap limits) or stay set on a pooled
+# connection for the next user (cache_size, ignore_check_constraints, ...).
+# Queries of state, without an argument, for every role:
+_QUERY_PRAGMAS = frozenset("""
+    application_id auto_vacuum automatic_index busy_timeout cache_size cache_spill cell_size_check
+    checkpoint_fullfsync collation_list compile_options count_changes data_version database_list
+    defer_foreign_keys empty_result_callbacks encoding foreign_key_check foreign_keys freelist_count
+    full_column_names fullfsync function_list hard_heap_limit ignore_check_constraints integrity_check
+    journal_mode journal_size_limit legacy_alter_table locking_mode max_page_count mmap_size module_list
+    page_count page_size pragma_list query_only quick_check read_uncommitted recursive_triggers
+    reverse_unordered_selects schema_version secure_delete short_column_names soft_heap_limit synchronous
+    table_list temp_store threads trusted_schema user_version wal_autocheckpoint writable_schema
+    analysis_limit""".split())
+# Queries whose argument names a table or index (or a row limit), for every role:
+_INSPECT_PRAGMAS = frozenset("""foreign_key_check foreign_key_list index_info index_list index_xinfo
+    integrity_check quick_check table_info table_list table_xinfo""".split())
+# Settings that last only for the current transaction, or are written in it like any row:
+# read-write roles only (defer_foreign_keys is reset by SQLite at COMMIT/ROLLBACK).
+_WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_id"})
+# functions that reach the file system or raw pointers
+_DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
+                               "sqlar_compress", "sqlar_uncompress"})
+_ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
+
+
+def pragma_refusal(name: str, arg: str | None, readonly: bool) -> str | None:
+    """Why a pragma is refused to a role, or None if it is allowed (the policy in docs/sql.md)."""
+    name = name.lower()
+    if arg is None and name in _QUERY_PRAGMAS:
+        return None
+    if arg is not None and name in _INSPECT_PRAGMAS:
+        return None
+    if arg is not None and name in _WRITER_PRAGMAS:
+        if readonly:
+            return f"PRAGMA {name} cannot be set by a read-only user"
+        return None
+    if arg is None:
+        return f"PRAGMA {name} is not allowed through the SQL server (it is not a query of state)"
+    return (f"PRAGMA {name} cannot be set through the SQL server: it would change the server process "
+            "or the pooled connection for other users (see the pragma policy in docs/sql.md)")
 
 
 @dataclass
@@ -132,9 +171,10 @@ class Tx:
         elif action == apsw.SQLITE_TRANSACTION:
             reason = (f"{a1} statements are not allowed: send a batch (atomic) or use an interactive "
                       "transaction (begin/commit/rollback in the API, or the driver's commit()/rollback())")
-        elif action == apsw.SQLITE_PRAGMA and (a1 or "").lower() in _GUARDED_PRAGMAS and (
-                a2 is not None or (a1 or "").lower() == "wal_checkpoint"):
-            reason = f"PRAGMA {a1} cannot be changed through the SQL server (it protects the database)"
+        elif action == apsw.SQLITE_PRAGMA:
+            reason = pragma_refusal(a1 or "", a2, self.readonly)
+        elif action == apsw.SQLITE_FUNCTION and (a2 or "").lower() in _DENIED_FUNCTIONS:
+            reason = f"function {a2}() is not allowed through the SQL server (it reaches the server's files)"
         elif self.readonly and action in _WRITE_ACTIONS and dbname != "temp":
             reason = f"read-only access to database {self.db.name}: writes are not allowed"
         if reason:
@@ -190,7 +230,7 @@ class Tx:
         details = {"statement": i, "sqlite_error": kind, "extended_code": getattr(exc, "extendedresult", None)}
         if isinstance(exc, apsw.BindingsError):
             return UsageError(f"statement {i + 1}: {str(exc).removeprefix('BindingsError: ')}", details=details)
-        if isinstance(exc, apsw.AuthError) and self.denied:
+        if self.denied and (isinstance(exc, apsw.AuthError) or "not authorized" in str(exc)):
             return PermissionDenied(f"statement {i + 1}: {self.denied}", details=details)
         if isinstance(exc, apsw.BusyError):
             return BusyError(f"statement {i + 1}: database {self.db.name} is busy: {exc}", details=details,

@@ -1,0 +1,126 @@
+"""The SQL server's safety: what a user may do to the daemon, to other users and to itself.
+
+Every test runs against a real daemon (its own process) through the HTTP API or the
+DB-API driver, as a read-only user (bob), a read-write user (alice) and the admin.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import httpx
+import pytest
+
+import bastion.client as bc
+from bastion.sql.users import hash_password
+from conftest import DaemonProc, free_port, write_config
+
+ALICE_PW, BOB_PW = "alice-secret-1", "bob-secret-22"
+
+# pragmas that change the process or the connection for whoever uses it next: refused to everyone
+STICKY = {
+    "hard_heap_limit": "300000", "soft_heap_limit": "300000", "cache_size": "5", "busy_timeout": "1",
+    "ignore_check_constraints": "ON", "schema_version": "1", "writable_schema": "ON", "journal_mode": "DELETE",
+    "synchronous": "OFF", "locking_mode": "EXCLUSIVE", "query_only": "OFF", "temp_store": "MEMORY",
+    "recursive_triggers": "ON", "reverse_unordered_selects": "ON", "case_sensitive_like": "ON",
+    "automatic_index": "OFF", "legacy_alter_table": "ON", "count_changes": "ON", "threads": "4",
+    "mmap_size": "1000000", "cache_spill": "OFF", "secure_delete": "ON", "trusted_schema": "ON",
+    "foreign_keys": "ON", "read_uncommitted": "ON", "max_page_count": "10", "analysis_limit": "5",
+    "cell_size_check": "ON", "full_column_names": "ON", "short_column_names": "OFF",
+    "empty_result_callbacks": "ON", "wal_autocheckpoint": "1", "journal_size_limit": "1", "fullfsync": "ON",
+    "checkpoint_fullfsync": "ON", "auto_vacuum": "FULL", "page_size": "512", "shrink_memory": None,
+    "wal_checkpoint": None, "optimize": None, "incremental_vacuum": None,
+}
+
+
+def _config(tmp_path, extra_sql: str = "") -> DaemonProc:
+    import sqlite3
+    app = tmp_path / "app"
+    app.mkdir()
+    db = app / "shop.db"
+    con = sqlite3.connect(db)
+    con.executescript("PRAGMA journal_mode=WAL;"
+                      "CREATE TABLE item(id INTEGER PRIMARY KEY, qty INTEGER NOT NULL CHECK (qty >= 0));"
+                      "CREATE TABLE audit(id INTEGER PRIMARY KEY, what TEXT);"
+                      "CREATE TRIGGER item_audit AFTER INSERT ON item BEGIN "
+                      "INSERT INTO audit(what) VALUES ('a'); INSERT INTO audit(what) VALUES ('b'); END;"
+                      "INSERT INTO item(qty) VALUES (1), (2), (3);")
+    con.close()
+    port = free_port()
+    extra = (f"[sql]\nidle_timeout = \"5s\"\nbusy_timeout = \"10s\"\n{extra_sql}\n"
+             f"[users.alice]\npassword_hash = \"{hash_password(ALICE_PW)}\"\naccess = {{ shop = \"read-write\" }}\n\n"
+             f"[users.bob]\npassword_hash = \"{hash_password(BOB_PW)}\"\naccess = {{ \"*\" = \"read-only\" }}\n")
+    cfg = write_config(tmp_path, port, {"shop": [str(db)]}, extra=extra)
+    return DaemonProc(cfg, port, tmp_path / "var").start()
+
+
+@pytest.fixture
+def server(tmp_path):
+    d = _config(tmp_path)
+    yield d
+    d.stop()
+
+
+def basic(user: str, pw: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()}
+
+
+USERS = {"alice": basic("alice", ALICE_PW), "bob": basic("bob", BOB_PW)}
+
+
+def sql(d: DaemonProc, who: str, *statements, path: str = "", **body) -> httpx.Response:
+    headers = USERS[who] if who in USERS else {"Authorization": f"Bearer {d.token}"}
+    return httpx.post(f"http://127.0.0.1:{d.port}/v1/sql/shop{path}", headers=headers, timeout=60,
+                      json={"statements": list(statements), **body})
+
+
+def connect(d: DaemonProc, user: str = "alice", pw: str = ALICE_PW, **kw) -> bc.Connection:
+    return bc.connect(f"bastion://{user}@127.0.0.1:{d.port}/shop", password=pw, **kw)
+
+
+# -- 1. pragmas, attach, file system ---------------------------------------------------------
+
+def test_no_user_can_change_process_or_connection_settings(server):
+    for name, value in STICKY.items():
+        stmt = f"PRAGMA {name}" + ("" if value is None else f" = {value}")
+        for who in ("bob", "alice", "admin"):
+            r = sql(server, who, stmt)
+            assert r.status_code == 403, (who, stmt, r.status_code, r.text)
+            assert name in r.json()["error"]["message"], r.text
+        # the table-valued form is the same pragma to the authorizer
+        if value is not None and name not in ("shrink_memory",):
+            r = sql(server, "bob", f"SELECT * FROM pragma_{name}({value})")
+            assert r.status_code in (400, 403), (name, r.text)
+    # the daemon still answers everyone, and still enforces CHECK constraints
+    assert sql(server, "bob", "SELECT count(*) FROM item").json()["results"][0]["rows"] == [[3]]
+    r = sql(server, "alice", "INSERT INTO item(qty) VALUES (-1)")
+    assert r.status_code == 400 and "CHECK" in r.text
+    assert server.api("GET", "/v1/status").status_code == 200
+
+
+def test_queries_of_state_are_allowed_and_transaction_pragmas_only_for_writers(server):
+    for stmt in ("PRAGMA user_version", "PRAGMA table_info(item)", "PRAGMA main.index_list(item)",
+                 "SELECT name FROM pragma_table_info('item')", "PRAGMA foreign_key_check", "PRAGMA quick_check",
+                 "PRAGMA cache_size", "PRAGMA journal_mode", "PRAGMA compile_options", "PRAGMA table_list"):
+        r = sql(server, "bob", stmt)
+        assert r.status_code == 200, (stmt, r.text)
+    assert sql(server, "bob", "PRAGMA user_version = 7").status_code == 403
+    assert sql(server, "bob", "PRAGMA defer_foreign_keys = ON").status_code == 403
+    assert sql(server, "alice", "PRAGMA defer_foreign_keys = ON", "PRAGMA user_version = 7").status_code == 200
+    assert sql(server, "bob", "PRAGMA user_version").json()["results"][0]["rows"] == [[7]]
+
+
+def test_files_of_the_server_are_out_of_reach(server, tmp_path):
+    target = tmp_path / "stolen.db"
+    for who in ("bob", "alice", "admin"):
+        for stmt in (f"ATTACH '{target}' AS x", "DETACH main", f"VACUUM INTO '{target}'",
+                     f"SELECT load_extension('{tmp_path}/evil')", "SELECT fts3_tokenizer('simple')",
+                     f"SELECT readfile('{server.config}')", f"SELECT writefile('{target}', 'x')"):
+            r = sql(server, who, stmt)
+            assert r.status_code in (400, 403), (who, stmt, r.text)
+    assert not target.exists()
+    # refused by the authorizer itself, not by chance (an unknown function, a missing file)
+    r = sql(server, "alice", "SELECT fts3_tokenizer('simple')")
+    assert r.status_code == 403 and "fts3_tokenizer" in r.json()["error"]["message"], r.text
