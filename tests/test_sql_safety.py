@@ -56,6 +56,12 @@ def _config(tmp_path, extra_sql: str = "") -> DaemonProc:
     return DaemonProc(cfg, port, tmp_path / "var").start()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_http():
+    yield
+    _HTTP.close()
+
+
 @pytest.fixture
 def server(tmp_path):
     d = _config(tmp_path)
@@ -70,9 +76,12 @@ def basic(user: str, pw: str) -> dict[str, str]:
 USERS = {"alice": basic("alice", ALICE_PW), "bob": basic("bob", BOB_PW)}
 
 
+_HTTP = httpx.Client(timeout=60)      # one client: a new one per request costs more than the request
+
+
 def sql(d: DaemonProc, who: str, *statements, path: str = "", **body) -> httpx.Response:
     headers = USERS[who] if who in USERS else {"Authorization": f"Bearer {d.token}"}
-    return httpx.post(f"http://127.0.0.1:{d.port}/v1/sql/shop{path}", headers=headers, timeout=60,
+    return _HTTP.post(f"http://127.0.0.1:{d.port}/v1/sql/shop{path}", headers=headers,
                       json={"statements": list(statements), **body})
 
 
@@ -124,3 +133,61 @@ def test_files_of_the_server_are_out_of_reach(server, tmp_path):
     # refused by the authorizer itself, not by chance (an unknown function, a missing file)
     r = sql(server, "alice", "SELECT fts3_tokenizer('simple')")
     assert r.status_code == 403 and "fts3_tokenizer" in r.json()["error"]["message"], r.text
+
+
+# -- 2. pooled connections are handed out in a known state ----------------------------------
+
+_VARYING = {"data_version", "page_count", "freelist_count", "schema_version", "integrity_check", "quick_check",
+            "foreign_key_check", "function_list", "module_list", "compile_options", "collation_list",
+            "pragma_list", "table_list", "database_list"}
+
+
+def _settings(d: DaemonProc, who: str, names: list[str]) -> dict[str, object]:
+    out = {}
+    for n in names:
+        r = sql(d, who, f"PRAGMA {n}")
+        out[n] = r.json()["results"][0]["rows"] if r.status_code == 200 else r.status_code
+    return out
+
+
+def _trial_values(name: str) -> list[str | None]:
+    return [None, "ON", "1", "-5", "MEMORY", "item"]
+
+
+def test_pooled_connections_never_carry_one_users_settings_to_another(server):
+    names = [r[0] for r in sql(server, "admin", "PRAGMA pragma_list").json()["results"][0]["rows"]]
+    assert "ignore_check_constraints" in names and len(names) > 50
+    watched = [n for n in names if n not in _VARYING]
+    before = {who: _settings(server, who, watched) for who in ("admin", "bob")}
+    # every pragma SQLite knows, with every kind of value, in a batch and in an open transaction
+    for who in ("alice", "bob"):
+        for n in names:
+            for v in _trial_values(n):
+                stmt = f"PRAGMA {n}" + ("" if v is None else f" = {v}")
+                sql(server, who, stmt)
+                t = sql(server, who, stmt, path="/transactions")
+                if t.status_code == 200:
+                    tid = t.json()["transaction"]
+                    assert sql(server, who, path=f"/transactions/{tid}/commit").status_code == 200
+    # temp objects that would shadow or watch the real tables
+    for stmts in (["CREATE TEMP TABLE item(id, qty)", "INSERT INTO temp.item VALUES (99, -1)"],
+                  ["CREATE TEMP VIEW audit AS SELECT 'fake' AS what"],
+                  ["CREATE TEMP TRIGGER spy AFTER INSERT ON main.item BEGIN SELECT 1; END"]):
+        for who in ("alice", "bob", "admin"):
+            sql(server, who, *stmts)
+            t = sql(server, who, *stmts, path="/transactions")
+            if t.status_code == 200:
+                tid = t.json()["transaction"]
+                sql(server, who, path=f"/transactions/{tid}/commit")
+    after = {who: _settings(server, who, watched) for who in ("admin", "bob")}
+    for who in after:
+        changed = {n: (before[who][n], after[who][n]) for n in watched if before[who][n] != after[who][n]}
+        assert not changed, (who, changed)
+    # what the settings protect still holds for the next user of each pooled connection
+    for who in ("admin", "alice"):
+        r = sql(server, who, "INSERT INTO item(qty) VALUES (-1)")
+        assert r.status_code == 400 and "CHECK" in r.text, (who, r.text)
+    for who in ("admin", "bob"):
+        res = sql(server, who, "SELECT count(*) FROM temp.sqlite_schema", "SELECT min(qty) FROM item",
+                  "SELECT count(*) FROM audit WHERE what = 'fake'").json()["results"]
+        assert [x["rows"][0][0] for x in res] == [0, 1, 0], (who, res)
