@@ -191,3 +191,59 @@ def test_pooled_connections_never_carry_one_users_settings_to_another(server):
         res = sql(server, who, "SELECT count(*) FROM temp.sqlite_schema", "SELECT min(qty) FROM item",
                   "SELECT count(*) FROM audit WHERE what = 'fake'").json()["results"]
         assert [x["rows"][0][0] for x in res] == [0, 1, 0], (who, res)
+
+
+# -- 3. a bad statement is the statement's error, never the connection's ---------------------
+
+def test_bad_parameters_and_statements_keep_the_transaction_usable(server):
+    con = connect(server)
+    con.execute("INSERT INTO item(qty) VALUES (10)")          # a transaction that holds the write lock
+    assert con.in_transaction
+    bad = [("INSERT INTO item(qty) VALUES (:q)", {}),            # a missing :name
+           ("INSERT INTO item(qty) VALUES (:q)", {"x": 1}),
+           ("INSERT INTO item(qty) VALUES (?)", ()),             # too few
+           ("INSERT INTO item(qty) VALUES (?)", (1, 2)),         # too many
+           ("INSERT INTO item(qty) VALUES (?)", {"q": 1}),       # names for ?
+           ("SELECT 1; DELETE FROM item", None),                 # two statements
+           ("UPDATE item SET qty = 0; DELETE FROM item", None),
+           ("DELETE FROM audit; SELECT 1", None)]
+    for stmt, params in bad:
+        with pytest.raises(bc.ProgrammingError):
+            con.execute(stmt, params)
+        assert con.in_transaction, stmt
+    with pytest.raises(bc.ProgrammingError, match="one statement"):
+        con.executemany("INSERT INTO item(qty) VALUES (?); DELETE FROM item", [(1,), (2,)])
+    con.execute("INSERT INTO item(qty) VALUES (11)")          # the same transaction goes on
+    con.commit()
+    check = connect(server, "bob", BOB_PW, autocommit=True)
+    assert check.execute("SELECT qty FROM item ORDER BY id").fetchall() == [(1,), (2,), (3,), (10,), (11,)]
+    assert check.execute("SELECT count(*) FROM audit").fetchone() == (10,)     # 2 per item
+    # a trailing semicolon or comment is still one statement
+    assert check.execute("SELECT 1; -- done\n").fetchone() == (1,)
+    assert check.execute("/* x */ SELECT 2 ;;").fetchone() == (2,)
+    # the write lock went with the commit: another writer is not kept waiting
+    other = connect(server, autocommit=True)
+    t0 = time.monotonic()
+    other.execute("INSERT INTO item(qty) VALUES (12)")
+    assert time.monotonic() - t0 < 5
+    for c in (con, check, other):
+        c.close()
+
+
+def test_every_error_of_the_api_is_a_client_error_and_leaves_no_transaction(server):
+    bodies = ({"sql": "SELECT :a", "params": {}}, {"sql": "SELECT :a", "params": {"b": 1}},
+              {"sql": "SELECT ?", "many": [[1], []]}, {"sql": "SELECT 1; SELECT 2"},
+              {"sql": "INSERT INTO item(qty) VALUES (:q)", "many": [{"q": 1}, {}]})
+    for body in bodies:
+        r = sql(server, "alice", body)
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+    t = sql(server, "alice", path="/transactions", write=True)
+    tid = t.json()["transaction"]
+    for body in bodies:
+        r = sql(server, "alice", body, path=f"/transactions/{tid}")
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+    # the transaction is still there and still ours; nothing of the failed statements stayed
+    r = sql(server, "alice", "SELECT count(*) FROM item", path=f"/transactions/{tid}")
+    assert r.status_code == 200 and r.json()["results"][0]["rows"] == [[3]]
+    assert sql(server, "alice", path=f"/transactions/{tid}/rollback").status_code == 200
+    assert server.api("GET", "/v1/status").json()["sql"]["open_transactions"] == []

@@ -143,6 +143,8 @@ class Tx:
         self.internal = False          # our own BEGIN/COMMIT/ATTACH pass the authorizer
         self.holds_writer = False
         self.denied: str | None = None
+        self.misuse: str | None = None  # why the exec tracer stopped a statement
+        self.text: str | None = None     # the client's statement now running
         self.wrote = False
         self.dirty = False             # a statement of this transaction changed something
         self.description: list[tuple[str, str | None]] | None = None
@@ -155,6 +157,14 @@ class Tx:
             self.description = list(cursor.get_description())
         except apsw.ExecutionCompleteError:
             self.description = None
+        if not self.internal and self.text is not None and not _ONE_STATEMENT_TAIL.fullmatch(sql):
+            # one statement per execute, as Python's sqlite3: "SELECT 1; DELETE FROM t" is
+            # refused before anything of it runs (SQLite would run both)
+            at = self.text.find(sql)
+            if at < 0 or not _ONE_STATEMENT_TAIL.fullmatch(self.text[:at]) or \
+                    not _ONE_STATEMENT_TAIL.fullmatch(self.text[at + len(sql):]):
+                self.misuse = "you can only execute one statement at a time"
+                return False
         if not self.internal and not cursor.is_readonly:
             self.wrote = True
             if not self.holds_writer:
@@ -190,40 +200,71 @@ class Tx:
             self.internal = False
 
     def run(self, stmts: list[Statement]) -> list[dict[str, Any]]:
-        out = []
-        for i, st in enumerate(stmts):
-            self.denied = None
-            self.description = None
-            cur = self.conn.cursor()
-            self.wrote = False
-            before = self.conn.total_changes()
-            try:
-                if st.many is not None:
-                    cur.executemany(st.sql, st.many)
-                    rows: list[Any] = []
-                else:
-                    rows = [values.encode_row(r) for r in cur.execute(st.sql, st.params)]
-            except apsw.Error as exc:
-                if isinstance(exc, apsw.BusyError) and self.holds_writer and not self.dirty:
-                    # nothing written yet (e.g. SQLite refused the first write of a stale
-                    # snapshot): other writers need not wait for this transaction to end
-                    self.holds_writer = False
-                    self.db.give_writer()
-                raise self._failure(exc, i, st) from None
-            except (TypeError, OverflowError, ValueError) as exc:   # bindings that do not fit the statement
-                raise UsageError(f"statement {i + 1}: {exc}", details={"statement": i}) from None
-            finally:
-                cur.close()
-            desc = self.description or []
-            self.dirty = self.dirty or self.wrote
-            if not self.wrote:
-                rowcount = -1
-            else:   # rows this statement changed (trigger changes included), never a stale count
-                rowcount = self.conn.total_changes() - before
-            out.append({"columns": [d[0] for d in desc], "decltypes": [d[1] for d in desc], "rows": rows,
-                        "rowcount": rowcount,
-                        "lastrowid": self.conn.last_insert_rowid()})
-        return out
+        return [self._one(i, st) for i, st in enumerate(stmts)]
+
+    def _one(self, i: int, st: Statement) -> dict[str, Any]:
+        """One statement. Whatever goes wrong is a clean error of this statement; the
+        transaction stays usable unless SQLite itself rolled it back."""
+        self.denied = self.misuse = None
+        self.description = None
+        cur = self.conn.cursor()
+        self.wrote = False
+        self.text = st.sql
+        before = self.conn.total_changes()
+        details: dict[str, Any] = {"statement": i}
+        try:
+            if st.many is not None:
+                rows: list[Any] = []
+                self._many(cur, st)
+            else:
+                rows = [values.encode_row(r) for r in cur.execute(st.sql, st.params)]
+        except apsw.ExecTraceAbort:
+            raise UsageError(f"statement {i + 1}: {self.misuse or 'refused'}", details=details,
+                             hint="send each statement separately (several in one batch run atomically)") from None
+        except apsw.Error as exc:
+            if isinstance(exc, apsw.BusyError) and self.holds_writer and not self.dirty:
+                # nothing written yet (e.g. SQLite refused the first write of a stale
+                # snapshot): other writers need not wait for this transaction to end
+                self.holds_writer = False
+                self.db.give_writer()
+            raise self._failure(exc, i, st) from None
+        except KeyError as exc:     # apsw: a :name the parameters do not have
+            raise UsageError(f"statement {i + 1}: no value for parameter :{exc.args[0] if exc.args else '?'}",
+                             details=details, hint="pass every :name the statement uses") from None
+        except (TypeError, OverflowError, ValueError, IndexError) as exc:   # bindings that do not fit
+            raise UsageError(f"statement {i + 1}: {exc}", details=details) from None
+        except BastionError:
+            raise
+        except Exception as exc:    # noqa: BLE001 - never a 500 that leaves the transaction hanging
+            log.exception("statement %d failed unexpectedly", i + 1)
+            raise UsageError(f"statement {i + 1} could not run: {type(exc).__name__}: {exc}",
+                             details=details) from None
+        finally:
+            self.text = None
+            cur.close()
+        desc = self.description or []
+        self.dirty = self.dirty or self.wrote
+        if not self.wrote:
+            rowcount = -1
+        else:   # rows this statement changed (trigger changes included), never a stale count
+            rowcount = self.conn.total_changes() - before
+        return {"columns": [d[0] for d in desc], "decltypes": [d[1] for d in desc], "rows": rows,
+                "rowcount": rowcount, "lastrowid": self.conn.last_insert_rowid()}
+
+    def _many(self, cur: apsw.Cursor, st: Statement) -> None:
+        """executemany: every parameter set runs (rows it returns are read and dropped),
+        or none does: a savepoint undoes the sets already run when one fails."""
+        self.internal_exec("SAVEPOINT bastion_many")
+        try:
+            for params in st.many or []:
+                for _ in cur.execute(st.sql, params):
+                    pass
+        except BaseException:
+            if self.conn.in_transaction:
+                self.internal_exec("ROLLBACK TO bastion_many")
+                self.internal_exec("RELEASE bastion_many")
+            raise
+        self.internal_exec("RELEASE bastion_many")
 
     def _failure(self, exc: apsw.Error, i: int, st: Statement) -> BastionError:
         kind = type(exc).__name__
@@ -555,7 +596,9 @@ class SQLService:
             except BastionError:
                 if not s.tx.conn.in_transaction:    # SQLite rolled the whole transaction back
                     self._close(s, commit=False, why="SQLite rolled it back after an error")
-                    raise
+                raise
+            except BaseException:   # not a statement's error: end it now rather than orphan it
+                self._close(s, commit=False, why="an internal error in the daemon rolled it back")
                 raise
             finally:
                 s.last_used = time.monotonic()
