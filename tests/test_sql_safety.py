@@ -35,7 +35,7 @@ STICKY = {
 }
 
 
-def _config(tmp_path, extra_sql: str = "") -> DaemonProc:
+def _config(tmp_path, extra_sql: str = "", idle: str = "5s", busy: str = "10s") -> DaemonProc:
     import sqlite3
     app = tmp_path / "app"
     app.mkdir()
@@ -49,7 +49,7 @@ def _config(tmp_path, extra_sql: str = "") -> DaemonProc:
                       "INSERT INTO item(qty) VALUES (1), (2), (3);")
     con.close()
     port = free_port()
-    extra = (f"[sql]\nidle_timeout = \"5s\"\nbusy_timeout = \"10s\"\n{extra_sql}\n"
+    extra = (f"[sql]\nidle_timeout = \"{idle}\"\nbusy_timeout = \"{busy}\"\n{extra_sql}\n"
              f"[users.alice]\npassword_hash = \"{hash_password(ALICE_PW)}\"\naccess = {{ shop = \"read-write\" }}\n\n"
              f"[users.bob]\npassword_hash = \"{hash_password(BOB_PW)}\"\naccess = {{ \"*\" = \"read-only\" }}\n")
     cfg = write_config(tmp_path, port, {"shop": [str(db)]}, extra=extra)
@@ -247,3 +247,81 @@ def test_every_error_of_the_api_is_a_client_error_and_leaves_no_transaction(serv
     assert r.status_code == 200 and r.json()["results"][0]["rows"] == [[3]]
     assert sql(server, "alice", path=f"/transactions/{tid}/rollback").status_code == 200
     assert server.api("GET", "/v1/status").json()["sql"]["open_transactions"] == []
+
+
+# -- 4. resource limits ----------------------------------------------------------------------
+
+FOREVER = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+
+def test_a_statement_is_interrupted_at_the_time_limit_and_the_transaction_goes_on(tmp_path):
+    d = _config(tmp_path, 'statement_timeout = "1s"\n')
+    try:
+        for who in ("bob", "admin"):
+            r = sql(d, who, FOREVER)
+            assert r.status_code == 400 and "statement_timeout" in r.text, r.text
+        con = connect(d)
+        con.execute("INSERT INTO item(qty) VALUES (7)")
+        with pytest.raises(bc.OperationalError, match="interrupted"):
+            con.execute(FOREVER)
+        con.execute("INSERT INTO item(qty) VALUES (8)")
+        con.commit()
+        assert con.execute("SELECT count(*) FROM item").fetchone() == (5,)
+        con.close()
+    finally:
+        d.stop()
+
+
+def test_a_statement_stops_when_its_client_goes_away(tmp_path):
+    d = _config(tmp_path, 'statement_timeout = "120s"\n', idle="60s", busy="30s")
+    try:
+        tid = sql(d, "alice", "INSERT INTO item(qty) VALUES (9)", path="/transactions").json()["transaction"]
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"http://127.0.0.1:{d.port}/v1/sql/shop/transactions/{tid}", headers=USERS["alice"],
+                       json={"statements": [FOREVER]}, timeout=1.0)
+        # the statement was interrupted and its orphaned transaction rolled back: the write
+        # lock is free long before the statement limit or the idle timeout
+        r = sql(d, "admin", "INSERT INTO item(qty) VALUES (10)")
+        assert r.status_code == 200, r.text
+        assert sql(d, "bob", "SELECT qty FROM item ORDER BY id").json()["results"][0]["rows"] == \
+            [[1], [2], [3], [10]]
+        assert sql(d, "alice", "SELECT 1", path=f"/transactions/{tid}").status_code == 410
+    finally:
+        d.stop()
+
+
+def test_results_requests_and_transactions_per_user_are_bounded(tmp_path):
+    d = _config(tmp_path, "max_result_rows = 1000\nmax_result_bytes = 200000\nmax_request_bytes = 100000\n"
+                          "max_transactions_per_user = 2\n")
+    try:
+        rows = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {n}) SELECT {col} FROM c"
+        assert len(sql(d, "bob", rows.format(n=1000, col="x")).json()["results"][0]["rows"]) == 1000
+        for query in (rows.format(n=1001, col="x"), rows.format(n=100, col="printf('%.5000c', 'x')"),
+                      rows.format(n=10**9, col="x")):
+            r = sql(d, "bob", query)
+            assert r.status_code == 413 and "max_result" in r.text, r.text
+        big = "x" * 150_000
+        r = sql(d, "alice", {"sql": "SELECT length(?)", "params": [big]})
+        assert r.status_code == 413 and "max_request_bytes" in r.text, r.text
+        # one user cannot take every transaction slot
+        tids = [sql(d, "bob", path="/transactions").json()["transaction"] for _ in range(2)]
+        r = sql(d, "bob", path="/transactions")
+        assert r.status_code == 503 and "max_transactions_per_user" in r.text, r.text
+        assert sql(d, "alice", path="/transactions").status_code == 200
+        for t in tids:
+            assert sql(d, "bob", path=f"/transactions/{t}/rollback").status_code == 200
+        assert sql(d, "bob", path="/transactions").status_code == 200
+        assert sql(d, "bob", "SELECT count(*) FROM item").status_code == 200
+    finally:
+        d.stop()
+
+
+def test_an_abandoned_writer_never_outlasts_the_busy_timeout_of_the_next(tmp_path):
+    d = _config(tmp_path, idle="60s", busy="6s")
+    try:
+        # a client takes the write lock and vanishes without a word
+        assert sql(d, "alice", path="/transactions", write=True).status_code == 200
+        r = sql(d, "admin", "INSERT INTO item(qty) VALUES (4)")
+        assert r.status_code == 200, r.text
+    finally:
+        d.stop()

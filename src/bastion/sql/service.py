@@ -108,6 +108,18 @@ class SQLSettings:
     busy_timeout: float = 15.0        # wait this long for the write lock (ours, then SQLite's)
     max_transactions: int = 64        # open interactive transactions, all databases together
     pool_size: int = 8                # idle connections kept per database and role
+    statement_timeout: float = 30.0   # a statement running longer is interrupted
+    max_result_rows: int = 100_000    # rows one statement may return
+    max_result_bytes: int = 64 << 20  # and their size (values as sent, roughly)
+    max_request_bytes: int = 32 << 20  # body of one SQL request
+    max_transactions_per_user: int = 8  # open interactive transactions of one user
+    threads: int = 32                 # worker threads for SQL requests (the admin API has its own)
+
+    @property
+    def writer_idle_timeout(self) -> float:
+        """A transaction that holds the write lock and is idle is rolled back well before a
+        waiting writer's busy timeout ends: a vanished client must not fail every writer."""
+        return min(self.idle_timeout, self.busy_timeout / 2)
 
 
 @dataclass
@@ -135,11 +147,18 @@ class Statement:
         return cls(raw["sql"], values.decode_params(raw.get("params"), where))
 
 
+class ResultTooLarge(UsageError):
+    http_status = 413
+
+
 class Tx:
     """One transaction on one connection: the exec tracer and authorizer consult it."""
 
-    def __init__(self, db: "Database", conn: apsw.Connection, readonly: bool) -> None:
+    def __init__(self, db: "Database", conn: apsw.Connection, readonly: bool,
+                 cancel: threading.Event | None = None) -> None:
         self.db, self.conn, self.readonly = db, conn, readonly
+        self.cancel = cancel           # set when the client is gone: the running statement stops
+        self.deadline: float | None = None
         self.internal = False          # our own BEGIN/COMMIT/ATTACH pass the authorizer
         self.holds_writer = False
         self.denied: str | None = None
@@ -150,6 +169,13 @@ class Tx:
         self.description: list[tuple[str, str | None]] | None = None
         conn.exec_trace = self._trace
         conn.authorizer = self._authorize
+        conn.set_progress_handler(self._progress, 2000)
+
+    def _progress(self) -> bool:
+        """Called by SQLite every few thousand VM steps: True interrupts the statement."""
+        if self.cancel is not None and self.cancel.is_set():
+            return True
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     # called by SQLite (through apsw) for every statement about to run
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
@@ -212,12 +238,24 @@ class Tx:
         self.text = st.sql
         before = self.conn.total_changes()
         details: dict[str, Any] = {"statement": i}
+        settings = self.db.settings
+        self.deadline = time.monotonic() + settings.statement_timeout
         try:
             if st.many is not None:
                 rows: list[Any] = []
                 self._many(cur, st)
             else:
-                rows = [values.encode_row(r) for r in cur.execute(st.sql, st.params)]
+                rows, size = [], 0
+                for r in cur.execute(st.sql, st.params):
+                    row = values.encode_row(r)
+                    size += sum(len(v) if isinstance(v, str) else 8 for v in row) + 4
+                    rows.append(row)
+                    if len(rows) > settings.max_result_rows or size > settings.max_result_bytes:
+                        raise ResultTooLarge(
+                            f"statement {i + 1}: the result is larger than the server sends in one answer "
+                            f"({settings.max_result_rows} rows, {settings.max_result_bytes} bytes: [sql] "
+                            "max_result_rows, max_result_bytes)",
+                            hint="add LIMIT and fetch in pages (WHERE id > last_seen)", details=details)
         except apsw.ExecTraceAbort:
             raise UsageError(f"statement {i + 1}: {self.misuse or 'refused'}", details=details,
                              hint="send each statement separately (several in one batch run atomically)") from None
@@ -241,6 +279,7 @@ class Tx:
                              details=details) from None
         finally:
             self.text = None
+            self.deadline = None
             cur.close()
         desc = self.description or []
         self.dirty = self.dirty or self.wrote
@@ -273,6 +312,12 @@ class Tx:
             return UsageError(f"statement {i + 1}: {str(exc).removeprefix('BindingsError: ')}", details=details)
         if self.denied and (isinstance(exc, apsw.AuthError) or "not authorized" in str(exc)):
             return PermissionDenied(f"statement {i + 1}: {self.denied}", details=details)
+        if isinstance(exc, apsw.InterruptError):
+            if self.cancel is not None and self.cancel.is_set():
+                return SQLFailure(f"statement {i + 1}: interrupted: the client went away", details=details)
+            return SQLFailure(f"statement {i + 1}: interrupted after {self.db.settings.statement_timeout:g} s "
+                              "(the statement time limit, [sql] statement_timeout)", details=details,
+                              hint="make the statement cheaper (an index, a LIMIT) or raise the limit")
         if isinstance(exc, apsw.BusyError):
             return BusyError(f"statement {i + 1}: database {self.db.name} is busy: {exc}", details=details,
                              hint="another writer held the lock longer than the busy timeout; retry")
@@ -440,6 +485,7 @@ class Database:
     def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True) -> None:
         conn.exec_trace = None
         conn.authorizer = None
+        conn.set_progress_handler(None)
         if healthy:
             try:    # TEMP objects would be seen by the next client of this connection
                 healthy = not conn.execute("SELECT 1 FROM temp.sqlite_schema LIMIT 1").fetchall()
@@ -503,14 +549,15 @@ class SQLService:
         return [Statement.parse(s, i) for i, s in enumerate(statements)]
 
     # -- batches ----------------------------------------------------------------------
-    def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False) -> dict[str, Any]:
+    def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False,
+                cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements)
         db, ro = self._database(principal, name, write=False)
         ro = ro or readonly
         t0 = time.perf_counter()
         for attempt in range(5):
             conn = db.acquire(ro)
-            tx = Tx(db, conn, ro)
+            tx = Tx(db, conn, ro, cancel)
             healthy = True
             try:
                 tx.internal_exec("BEGIN")
@@ -536,7 +583,7 @@ class SQLService:
 
     # -- interactive transactions -------------------------------------------------------
     def begin(self, principal: Principal, name: str, statements: Any = None, write: bool = False,
-              readonly: bool = False) -> dict[str, Any]:
+              readonly: bool = False, cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements) if statements else []
         db, ro = self._database(principal, name, write=write)
         ro = ro or readonly
@@ -544,8 +591,13 @@ class SQLService:
             if len(self._sessions) >= self.settings.max_transactions:
                 raise BusyError(f"{len(self._sessions)} interactive transactions are open, the most allowed",
                                 hint="commit or roll back open transactions; [sql] max_transactions raises it")
+            mine = sum(1 for x in self._sessions.values() if x.user == principal.name)
+            if not principal.admin and mine >= self.settings.max_transactions_per_user:
+                raise BusyError(f"user {principal.name} has {mine} interactive transactions open, the most "
+                                "one user may have", hint="commit or roll back one first; [sql] "
+                                "max_transactions_per_user raises it")
         conn = db.acquire(ro)
-        tx = Tx(db, conn, ro)
+        tx = Tx(db, conn, ro, cancel)
         try:
             if write:
                 db.take_writer()
@@ -558,6 +610,11 @@ class SQLService:
             tx.finish(commit=False)
             db.release(conn, ro)
             raise
+        if cancel is not None and cancel.is_set():    # nobody will ever learn its id
+            tx.finish(commit=False)
+            db.release(conn, ro)
+            raise TransactionGone("the client went away while the transaction began; it was rolled back")
+        tx.cancel = None
         s = Session(secrets.token_urlsafe(18), principal.name, db, tx, ro)
         with self._lock:
             self._sessions[s.id] = s
@@ -583,7 +640,8 @@ class SQLService:
             self._sessions.pop(s.id, None)
             self._gone[s.id] = (time.monotonic(), why)
 
-    def run_in(self, principal: Principal, sid: str, statements: Any, database: str | None = None) -> dict[str, Any]:
+    def run_in(self, principal: Principal, sid: str, statements: Any, database: str | None = None,
+               cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements)
         s = self._session(principal, sid)
         if database is not None and s.db.name != database:
@@ -591,16 +649,22 @@ class SQLService:
         with s.lock:
             self._session(principal, sid)     # still open now that we have it
             s.last_used = time.monotonic()
+            s.tx.cancel = cancel
             try:
                 results = s.tx.run(stmts)
+                if cancel is not None and cancel.is_set():
+                    raise TransactionGone("the client went away during a request")
             except BastionError:
-                if not s.tx.conn.in_transaction:    # SQLite rolled the whole transaction back
+                if cancel is not None and cancel.is_set():      # nobody is left to commit it
+                    self._close(s, commit=False, why="rolled back: the client went away during a request")
+                elif not s.tx.conn.in_transaction:    # SQLite rolled the whole transaction back
                     self._close(s, commit=False, why="SQLite rolled it back after an error")
                 raise
             except BaseException:   # not a statement's error: end it now rather than orphan it
                 self._close(s, commit=False, why="an internal error in the daemon rolled it back")
                 raise
             finally:
+                s.tx.cancel = None
                 s.last_used = time.monotonic()
             return {"transaction": sid, "results": results}
 
@@ -628,7 +692,8 @@ class SQLService:
         now = now or time.monotonic()
         expired = []
         with self._lock:
-            candidates = [s for s in self._sessions.values() if now - s.last_used > self.settings.idle_timeout]
+            candidates = [s for s in self._sessions.values() if now - s.last_used > (
+                self.settings.writer_idle_timeout if s.tx.holds_writer else self.settings.idle_timeout)]
             for sid, (when, _) in list(self._gone.items()):
                 if now - when > 3600:
                     del self._gone[sid]
@@ -638,8 +703,10 @@ class SQLService:
             try:
                 if s.id not in self._sessions:
                     continue
-                self._close(s, commit=False,
-                            why=f"rolled back after {self.settings.idle_timeout:g} s idle (the idle timeout)")
+                limit = self.settings.writer_idle_timeout if s.tx.holds_writer else self.settings.idle_timeout
+                self._close(s, commit=False, why=f"rolled back after {limit:g} s idle (the idle timeout"
+                            + (", halved for a transaction holding the write lock)" if limit
+                               < self.settings.idle_timeout else ")"))
                 log.warning("transaction %s of %s on %s rolled back: idle timeout", s.id, s.user, s.db.name)
                 expired.append(s.id)
             except BaseException:  # noqa: BLE001 - the sweeper must go on
