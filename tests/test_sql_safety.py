@@ -325,3 +325,33 @@ def test_an_abandoned_writer_never_outlasts_the_busy_timeout_of_the_next(tmp_pat
         assert r.status_code == 200, r.text
     finally:
         d.stop()
+
+
+# -- 5. password guessing ----------------------------------------------------------------------
+
+def _login(d: DaemonProc, user: str, pw: str) -> httpx.Response:
+    return _HTTP.post(f"http://127.0.0.1:{d.port}/v1/sql/shop", headers=basic(user, pw),
+                      json={"statements": ["SELECT 1"]})
+
+
+def test_unknown_user_names_cost_as_much_as_wrong_passwords(server):
+    def timed(user: str) -> float:
+        t0 = time.perf_counter()
+        assert _login(server, user, "wrong-password").status_code == 401
+        return time.perf_counter() - t0
+    known = sorted(timed(u) for u in ("alice", "bob", "alice", "bob"))
+    unknown = sorted(timed(f"nobody{i}") for i in range(4))
+    # the same scrypt either way: a generous margin, only the relation is checked (scrypt ~ 50 ms)
+    assert unknown[1] > known[1] * 0.4, (known, unknown)
+
+
+def test_failed_logins_are_limited_per_client_and_user(server):
+    for _ in range(5):
+        assert _login(server, "alice", "guess").status_code == 401
+    r = _login(server, "alice", ALICE_PW)      # even the right password waits: no more guesses
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0, r.text
+    assert _login(server, "bob", BOB_PW).status_code == 200    # another user is not locked out
+    # many names from one client: refused as a whole past the per-client limit
+    codes = [_login(server, f"name{i}", "guess").status_code for i in range(20)]
+    assert codes[-1] == 429 and 401 in codes, codes
+    assert server.api("GET", "/v1/status").status_code == 200   # the admin token is not affected

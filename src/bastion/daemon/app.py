@@ -143,7 +143,14 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         principal = self.auth.cached(header)
         if principal is None and header and header.startswith("Basic "):
-            principal = await anyio.to_thread.run_sync(self.auth.principal, header, limiter=self.hashing)
+            client = (scope.get("client") or ("?", 0))[0]
+            principal, wait = await anyio.to_thread.run_sync(self.auth.login, header, client, limiter=self.hashing)
+            if wait > 0:
+                resp = JSONResponse(status_code=429, headers={"Retry-After": str(int(wait) + 1)}, content={"error": {
+                    "type": "AuthError", "exit_code": 2, "path": None, "details": {"retry_after": round(wait, 1)},
+                    "message": "too many failed logins from this address: try again later",
+                    "hint": f"wait {wait:.0f} s; check the user name and password"}})
+                return await resp(scope, receive, send)
         path = scope["path"]
         sql = path.startswith("/v1/sql/")
         if principal is None or (not principal.admin and not sql):
