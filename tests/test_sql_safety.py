@@ -355,3 +355,37 @@ def test_failed_logins_are_limited_per_client_and_user(server):
     codes = [_login(server, f"name{i}", "guess").status_code for i in range(20)]
     assert codes[-1] == 429 and 401 in codes, codes
     assert server.api("GET", "/v1/status").status_code == 200   # the admin token is not affected
+
+
+# -- 6. SQL load never starves the admin API ---------------------------------------------------
+
+def test_status_answers_while_sql_writers_queue_on_the_write_lock(tmp_path):
+    d = _config(tmp_path, idle="60s", busy="40s")
+    try:
+        holder = sql(d, "admin", path="/transactions", write=True).json()["transaction"]
+        done: list[int] = []
+
+        def writer() -> None:       # waits for the write lock the holder keeps (a bounded load)
+            with httpx.Client(timeout=60) as c:
+                r = c.post(f"http://127.0.0.1:{d.port}/v1/sql/shop", headers={"Authorization": f"Bearer {d.token}"},
+                           json={"statements": ["INSERT INTO item(qty) VALUES (1)"]})
+                done.append(r.status_code)
+        threads = [threading.Thread(target=writer) for _ in range(60)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)             # every writer is queued by now
+        took = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert _HTTP.get(f"http://127.0.0.1:{d.port}/v1/status",
+                             headers={"Authorization": f"Bearer {d.token}"}).status_code == 200
+            took.append(time.monotonic() - t0)
+        assert max(took) < 1.0, took
+        assert len(done) == 0       # the load was really there while status answered
+        r = sql(d, "admin", path=f"/transactions/{holder}/rollback")
+        assert r.status_code in (200, 410), r.text       # 410: the idle timeout was first
+        for t in threads:
+            t.join(90)
+        assert done.count(200) == 60, done
+    finally:
+        d.stop()
