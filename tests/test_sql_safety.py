@@ -389,3 +389,19 @@ def test_status_answers_while_sql_writers_queue_on_the_write_lock(tmp_path):
         assert done.count(200) == 60, done
     finally:
         d.stop()
+
+
+# -- 7. plain HTTP beyond loopback ---------------------------------------------------------------
+
+def test_a_network_address_without_tls_starts_with_a_loud_warning(tmp_path):
+    d = _config(tmp_path)
+    d.stop()
+    assert "WITHOUT TLS" not in d.log.read_text()      # loopback: no warning
+    text = d.config.read_text().replace('listen = "127.0.0.1:', 'listen = "0.0.0.0:')
+    d.config.write_text(text)
+    d.start()
+    try:
+        log = d.log.read_text()
+        assert "WITHOUT TLS" in log and "0.0.0.0" in log and "tls_cert" in log, log
+    finally:
+        d.stop()

@@ -172,3 +172,20 @@ def _basic_name(header: str) -> str | None:
         return base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")[0]
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def plaintext_warning(host: str, tls: bool) -> str | None:
+    """The warning for a listen address that other machines can reach without TLS:
+    passwords and the admin token would cross the network in clear."""
+    import ipaddress
+    if tls:
+        return None
+    name = host.strip("[]")
+    try:
+        if ipaddress.ip_address(name).is_loopback:
+            return None
+    except ValueError:
+        if name == "localhost":
+            return None
+    return (f"WARNING: listening on {host} WITHOUT TLS: passwords, the admin token and all data cross the "
+            "network in clear text. Set [daemon] tls_cert and tls_key, or listen on 127.0.0.1.")

@@ -58,6 +58,14 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
+def _warn_plaintext(config: Config) -> None:
+    from .auth import plaintext_warning
+    warning = plaintext_warning(config.listen_host, bool(config.tls_cert))
+    if warning:
+        logging.getLogger("bastion").warning(warning)
+        print(f"bastion: {warning}", file=sys.stderr, flush=True)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # uvicorn handles SIGTERM while it serves, then raises it again once it has stopped;
     # with the default action that would kill the process before daemon.close() runs.
@@ -79,6 +87,7 @@ def serve(config: Config, log_level: str = "info") -> None:
         sock.close()
         raise
     app = create_app(daemon)
+    _warn_plaintext(config)
     print(f"bastion: serving on {config.base_url} (config: {config.source}; data: {config.data_dir}; "
           f"{len(daemon.catalog.files)} file(s) protected)", file=sys.stderr, flush=True)
     try:
@@ -126,6 +135,7 @@ def _serve_cluster_node(config: Config) -> None:
 
     node = ClusterNode(config, open_daemon)
     app = create_app(ActiveDaemon(node, token), node=node)
+    _warn_plaintext(config)
     print(f"bastion: node {node.name} listening on {config.base_url} (config: {config.source}; data: "
           f"{config.data_dir}; lease: {config.cluster['lease']}, ttl {node.ttl:g} s); passive until it "
           "holds the lease", file=sys.stderr, flush=True)
