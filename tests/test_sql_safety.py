@@ -56,10 +56,12 @@ def _config(tmp_path, extra_sql: str = "", idle: str = "5s", busy: str = "10s") 
     return DaemonProc(cfg, port, tmp_path / "var").start()
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def _close_http():
+    global _HTTP
+    _HTTP = httpx.Client(timeout=60)
     yield
-    _HTTP.close()
+    _HTTP.close()               # its connections to this test's daemon, before the daemon stops
 
 
 @pytest.fixture
@@ -405,3 +407,49 @@ def test_a_network_address_without_tls_starts_with_a_loud_warning(tmp_path):
         assert "WITHOUT TLS" in log and "0.0.0.0" in log and "tls_cert" in log, log
     finally:
         d.stop()
+
+
+# -- 8. rowcount, lastrowid, executemany ---------------------------------------------------------
+
+def test_rowcount_and_lastrowid_follow_sqlite3(server):
+    con = connect(server)
+    cur = con.cursor()
+    assert cur.lastrowid is None
+    cur.execute("INSERT INTO item(qty) VALUES (5)")     # the trigger adds two audit rows: not counted
+    assert cur.rowcount == 1 and cur.lastrowid == 4
+    cur.execute("UPDATE item SET qty = qty + 1 WHERE id <= 2")
+    assert cur.rowcount == 2 and cur.lastrowid == 4     # unchanged by a non-INSERT
+    cur.execute("SELECT * FROM item")
+    assert cur.rowcount == -1 and cur.lastrowid == 4
+    cur.execute("DELETE FROM item WHERE id = 99")
+    assert cur.rowcount == 0
+    cur.executemany("INSERT INTO item(qty) VALUES (?)", [(1,), (2,), (3,)])
+    assert cur.rowcount == 3 and cur.lastrowid == 7
+    con.commit()
+    # another user's cursor on the same pooled connection never sees that rowid
+    bob = connect(server, "bob", BOB_PW, autocommit=True)
+    other = bob.cursor()
+    other.execute("SELECT count(*) FROM item")
+    assert other.lastrowid is None and other.rowcount == -1
+    r = sql(server, "bob", "SELECT 1").json()["results"][0]
+    assert r["lastrowid"] is None and r["rowcount"] == -1
+    con.close()
+    bob.close()
+
+
+def test_executemany_with_returning_runs_every_row_or_none(server):
+    con = connect(server)
+    cur = con.cursor()
+    cur.executemany("INSERT INTO item(qty) VALUES (?) RETURNING id", [(10,), (11,), (12,)])
+    assert cur.rowcount == 3
+    assert con.execute("SELECT qty FROM item WHERE id > 3 ORDER BY id").fetchall() == [(10,), (11,), (12,)]
+    with pytest.raises(bc.IntegrityError):              # the third row breaks the CHECK
+        cur.executemany("INSERT INTO item(qty) VALUES (?) RETURNING id", [(20,), (21,), (-1,)])
+    assert con.in_transaction
+    assert con.execute("SELECT count(*) FROM item WHERE qty >= 20").fetchone() == (0,)
+    con.commit()
+    r = sql(server, "admin", {"sql": "UPDATE item SET qty = ? WHERE id = ? RETURNING qty",
+                              "many": [[30, 1], [31, 2], [-5, 3]]})
+    assert r.status_code == 400
+    assert sql(server, "bob", "SELECT qty FROM item WHERE id <= 3").json()["results"][0]["rows"] == [[1], [2], [3]]
+    con.close()

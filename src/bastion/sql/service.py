@@ -82,6 +82,7 @@ _WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_
 # functions that reach the file system or raw pointers
 _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
                                "sqlar_compress", "sqlar_uncompress"})
+_FIRST_WORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*(\w*)", re.S)
 _ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
 
 
@@ -236,14 +237,13 @@ class Tx:
         cur = self.conn.cursor()
         self.wrote = False
         self.text = st.sql
-        before = self.conn.total_changes()
         details: dict[str, Any] = {"statement": i}
         settings = self.db.settings
         self.deadline = time.monotonic() + settings.statement_timeout
         try:
             if st.many is not None:
                 rows: list[Any] = []
-                self._many(cur, st)
+                changes, rowid = self._many(cur, st)
             else:
                 rows, size = [], 0
                 for r in cur.execute(st.sql, st.params):
@@ -256,6 +256,8 @@ class Tx:
                             f"({settings.max_result_rows} rows, {settings.max_result_bytes} bytes: [sql] "
                             "max_result_rows, max_result_bytes)",
                             hint="add LIMIT and fetch in pages (WHERE id > last_seen)", details=details)
+                changes = self.conn.changes()
+                rowid = self.conn.last_insert_rowid() if changes else None
         except apsw.ExecTraceAbort:
             raise UsageError(f"statement {i + 1}: {self.misuse or 'refused'}", details=details,
                              hint="send each statement separately (several in one batch run atomically)") from None
@@ -283,27 +285,37 @@ class Tx:
             cur.close()
         desc = self.description or []
         self.dirty = self.dirty or self.wrote
-        if not self.wrote:
-            rowcount = -1
-        else:   # rows this statement changed (trigger changes included), never a stale count
-            rowcount = self.conn.total_changes() - before
+        # as Python's sqlite3: rowcount is the statement's own changes (not its triggers') for
+        # INSERT/UPDATE/DELETE/REPLACE, else -1; lastrowid only after an INSERT that inserted
+        # (never a stale value of this pooled connection, which may be another user's)
+        m = _FIRST_WORD.match(st.sql)
+        first = (m.group(1) if m else "").upper()
+        dml = first in ("INSERT", "UPDATE", "DELETE", "REPLACE")
+        insert = first in ("INSERT", "REPLACE")
         return {"columns": [d[0] for d in desc], "decltypes": [d[1] for d in desc], "rows": rows,
-                "rowcount": rowcount, "lastrowid": self.conn.last_insert_rowid()}
+                "rowcount": changes if dml else -1, "lastrowid": rowid if insert else None}
 
-    def _many(self, cur: apsw.Cursor, st: Statement) -> None:
+    def _many(self, cur: apsw.Cursor, st: Statement) -> tuple[int, int | None]:
         """executemany: every parameter set runs (rows it returns are read and dropped),
-        or none does: a savepoint undoes the sets already run when one fails."""
+        or none does: a savepoint undoes the sets already run when one fails.
+        Returns the statement's own changes over all sets, and the last inserted rowid."""
         self.internal_exec("SAVEPOINT bastion_many")
+        changes, rowid = 0, None
         try:
             for params in st.many or []:
                 for _ in cur.execute(st.sql, params):
                     pass
+                n = self.conn.changes()
+                changes += n
+                if n:
+                    rowid = self.conn.last_insert_rowid()
         except BaseException:
             if self.conn.in_transaction:
                 self.internal_exec("ROLLBACK TO bastion_many")
                 self.internal_exec("RELEASE bastion_many")
             raise
         self.internal_exec("RELEASE bastion_many")
+        return changes, rowid
 
     def _failure(self, exc: apsw.Error, i: int, st: Statement) -> BastionError:
         kind = type(exc).__name__
