@@ -173,7 +173,10 @@ class Tx:
         conn.set_progress_handler(self._progress, 2000)
 
     def _progress(self) -> bool:
-        """Called by SQLite every few thousand VM steps: True interrupts the statement."""
+        """Called by SQLite every few thousand VM steps: True interrupts the statement.
+        Our own COMMIT/ROLLBACK/SAVEPOINT are never interrupted."""
+        if self.internal:
+            return False
         if self.cancel is not None and self.cancel.is_set():
             return True
         return self.deadline is not None and time.monotonic() > self.deadline
