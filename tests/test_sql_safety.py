@@ -302,6 +302,14 @@ def test_results_requests_and_transactions_per_user_are_bounded(tmp_path):
                       rows.format(n=10**9, col="x")):
             r = sql(d, "bob", query)
             assert r.status_code == 413 and "max_result" in r.text, r.text
+        # a write whose RETURNING rows are over the limit takes its changes back with it
+        tid = sql(d, "alice", path="/transactions").json()["transaction"]
+        r = sql(d, "alice", rows.format(n=1500, col="x").replace("SELECT x FROM c",
+                "INSERT INTO item(qty) SELECT x FROM c RETURNING id"), path=f"/transactions/{tid}")
+        assert r.status_code == 413, r.text
+        r = sql(d, "alice", "SELECT count(*) FROM item", path=f"/transactions/{tid}")
+        assert r.json()["results"][0]["rows"] == [[3]], r.text
+        assert sql(d, "alice", path=f"/transactions/{tid}/rollback").status_code == 200
         big = "x" * 150_000
         r = sql(d, "alice", {"sql": "SELECT length(?)", "params": [big]})
         assert r.status_code == 413 and "max_request_bytes" in r.text, r.text

@@ -183,6 +183,8 @@ class Tx:
 
     # called by SQLite (through apsw) for every statement about to run
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        if self.internal:
+            return True         # our SAVEPOINT/RELEASE must not replace the client's description
         try:
             self.description = list(cursor.get_description())
         except apsw.ExecutionCompleteError:
@@ -247,20 +249,12 @@ class Tx:
             if st.many is not None:
                 rows: list[Any] = []
                 changes, rowid = self._many(cur, st)
+            elif "RETURNING" in st.sql.upper():
+                # SQLite makes every change before the first row comes back: a result over
+                # the limit must take the changes back with it
+                rows, changes, rowid = self._guarded(cur, lambda: self._rows(cur, st, i, details))
             else:
-                rows, size = [], 0
-                for r in cur.execute(st.sql, st.params):
-                    row = values.encode_row(r)
-                    size += sum(len(v) if isinstance(v, str) else 8 for v in row) + 4
-                    rows.append(row)
-                    if len(rows) > settings.max_result_rows or size > settings.max_result_bytes:
-                        raise ResultTooLarge(
-                            f"statement {i + 1}: the result is larger than the server sends in one answer "
-                            f"({settings.max_result_rows} rows, {settings.max_result_bytes} bytes: [sql] "
-                            "max_result_rows, max_result_bytes)",
-                            hint="add LIMIT and fetch in pages (WHERE id > last_seen)", details=details)
-                changes = self.conn.changes()
-                rowid = self.conn.last_insert_rowid() if changes else None
+                rows, changes, rowid = self._rows(cur, st, i, details)
         except apsw.ExecTraceAbort:
             raise UsageError(f"statement {i + 1}: {self.misuse or 'refused'}", details=details,
                              hint="send each statement separately (several in one batch run atomically)") from None
@@ -298,6 +292,38 @@ class Tx:
         return {"columns": [d[0] for d in desc], "decltypes": [d[1] for d in desc], "rows": rows,
                 "rowcount": changes if dml else -1, "lastrowid": rowid if insert else None}
 
+    def _rows(self, cur: apsw.Cursor, st: Statement, i: int,
+              details: dict[str, Any]) -> tuple[list[Any], int, int | None]:
+        settings = self.db.settings
+        rows, size = [], 0
+        for r in cur.execute(st.sql, st.params):
+            row = values.encode_row(r)
+            size += sum(len(v) if isinstance(v, str) else 8 for v in row) + 4
+            rows.append(row)
+            if len(rows) > settings.max_result_rows or size > settings.max_result_bytes:
+                raise ResultTooLarge(
+                    f"statement {i + 1}: the result is larger than the server sends in one answer "
+                    f"({settings.max_result_rows} rows, {settings.max_result_bytes} bytes: [sql] "
+                    "max_result_rows, max_result_bytes)",
+                    hint="add LIMIT and fetch in pages (WHERE id > last_seen)", details=details)
+        changes = self.conn.changes()
+        rowid = self.conn.last_insert_rowid() if changes else None
+        return rows, changes, rowid
+
+    def _guarded(self, cur: apsw.Cursor, fn: Callable[[], Any]) -> Any:
+        """Run fn inside a savepoint: all of its changes stay, or none does."""
+        self.internal_exec("SAVEPOINT bastion_stmt")
+        try:
+            out = fn()
+        except BaseException:
+            cur.close()         # a statement still in progress would keep the savepoint
+            if self.conn.in_transaction:
+                self.internal_exec("ROLLBACK TO bastion_stmt")
+                self.internal_exec("RELEASE bastion_stmt")
+            raise
+        self.internal_exec("RELEASE bastion_stmt")
+        return out
+
     def _many(self, cur: apsw.Cursor, st: Statement) -> tuple[int, int | None]:
         """executemany: every parameter set runs (rows it returns are read and dropped),
         or none does: a savepoint undoes the sets already run when one fails.
@@ -313,6 +339,7 @@ class Tx:
                 if n:
                     rowid = self.conn.last_insert_rowid()
         except BaseException:
+            cur.close()
             if self.conn.in_transaction:
                 self.internal_exec("ROLLBACK TO bastion_many")
                 self.internal_exec("RELEASE bastion_many")
