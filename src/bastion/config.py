@@ -148,7 +148,8 @@ class Config:
 
 _KNOWN = {
     "daemon": {"listen", "data_dir", "token_file", "tls_cert", "tls_key", "tls_ca"},
-    "sql": {"idle_timeout", "busy_timeout", "max_transactions", "pool_size"},
+    "sql": {"idle_timeout", "busy_timeout", "max_transactions", "pool_size", "statement_timeout",
+            "max_result_rows", "max_result_bytes", "max_request_bytes", "max_transactions_per_user", "threads"},
     "users": None,
     "cluster": {"name", "node", "mode", "lease", "etcd", "ttl", "peers", "on_promote", "on_demote"},
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
@@ -585,10 +586,11 @@ def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
 
 def _sql_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("idle_timeout", "busy_timeout"):
+    for key in ("idle_timeout", "busy_timeout", "statement_timeout"):
         if key in raw:
             out[key] = parse_duration(raw[key], f"{source}: [sql] {key}")
-    for key in ("max_transactions", "pool_size"):
+    for key in ("max_transactions", "pool_size", "max_result_rows", "max_result_bytes", "max_request_bytes",
+                "max_transactions_per_user", "threads"):
         if key in raw:
             v = raw[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

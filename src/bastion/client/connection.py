@@ -92,7 +92,8 @@ class Cursor:
         self._rows = [tuple(_decode(v) for v in r) for r in result.get("rows", [])]
         self._pos = 0
         self.rowcount = result.get("rowcount", -1)
-        self.lastrowid = result.get("lastrowid")
+        if result.get("lastrowid") is not None:     # as sqlite3: only an INSERT changes it
+            self.lastrowid = result["lastrowid"]
 
     def execute(self, sql: str, parameters: Any = None) -> "Cursor":
         self._check()

@@ -84,7 +84,7 @@ def from_server(status: int, body: Any) -> Error:
         cls = NotReplicated
     elif kind == "TransactionGone":
         cls = TransactionLost
-    elif kind in ("UsageError", "UnknownTarget", "ConfigError"):
+    elif kind in ("UsageError", "UnknownTarget", "ConfigError", "ResultTooLarge"):
         cls = ProgrammingError
     elif kind in ("BusyError", "FileProblem", "StateConflict", "DaemonUnavailable"):
         cls = OperationalError

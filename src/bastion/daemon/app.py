@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import threading
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -83,6 +87,40 @@ def _dashboard(path: str) -> bool:
     return path == "/" or path == "/dashboard" or path.startswith("/dashboard/")
 
 
+class SQLBodyLimit:
+    """SQL requests larger than [sql] max_request_bytes are refused before they are read:
+    a JSON body costs several times its size once parsed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/sql/"):
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            resp = JSONResponse(status_code=413, content={"error": {
+                "type": "UsageError", "exit_code": 3, "path": None, "details": {"limit": self.limit},
+                "message": f"the request body is larger than the server takes ({self.limit} bytes)",
+                "hint": "send fewer rows per request; [sql] max_request_bytes raises the limit"}})
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:     # no Content-Length (chunked): stop reading past the limit
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            return {"type": "http.disconnect"} if seen > self.limit else msg
+        return await self.app(scope, counted, send)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has closed its connection (the body is already read)."""
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+
+
 class AuthMiddleware:
     """Every request but /v1/health needs credentials: the admin token everywhere, a
     configured user only under /v1/sql/. Plain ASGI (not BaseHTTPMiddleware), because it
@@ -90,6 +128,8 @@ class AuthMiddleware:
 
     def __init__(self, app: Any, auth: Authenticator, node: Any = None, peer: Any = None) -> None:
         self.app, self.auth, self.node, self.peer = app, auth, node, peer
+        # scrypt runs on threads of its own: password guessing cannot take the API's threads
+        self.hashing = anyio.CapacityLimiter(4)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"].startswith(_PUBLIC_PREFIX) or _dashboard(scope["path"]):
@@ -113,7 +153,14 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         principal = self.auth.cached(header)
         if principal is None and header and header.startswith("Basic "):
-            principal = await run_in_threadpool(self.auth.principal, header)   # scrypt: off the event loop
+            client = (scope.get("client") or ("?", 0))[0]
+            principal, wait = await anyio.to_thread.run_sync(self.auth.login, header, client, limiter=self.hashing)
+            if wait > 0:
+                resp = JSONResponse(status_code=429, headers={"Retry-After": str(int(wait) + 1)}, content={"error": {
+                    "type": "AuthError", "exit_code": 2, "path": None, "details": {"retry_after": round(wait, 1)},
+                    "message": "too many failed logins from this address: try again later",
+                    "hint": f"wait {wait:.0f} s; check the user name and password"}})
+                return await resp(scope, receive, send)
         path = scope["path"]
         sql = path.startswith("/v1/sql/")
         if principal is None or (not principal.admin and not sql):
@@ -138,13 +185,16 @@ class AuthMiddleware:
 
 
 def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
+    from ..sql.service import SQLSettings
     auth = Authenticator(daemon.token, daemon.config.users)
+    sql_settings = SQLSettings(**daemon.config.sql)
 
     app = FastAPI(title="Bastion", version=__version__,
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "
                               "Every request needs `Authorization: Bearer <token>` (the token file in data_dir).")
 
     app.add_middleware(AuthMiddleware, auth=auth, node=node, peer=lambda h: _peer_allowed(daemon, h))
+    app.add_middleware(SQLBodyLimit, limit=sql_settings.max_request_bytes)
     from ..metrics import CONTENT_TYPE, Metrics, SQLMetricsMiddleware
     metrics = Metrics(daemon, node)
     app.add_middleware(SQLMetricsMiddleware, metrics=metrics)   # outside auth: refused requests count too
@@ -261,25 +311,45 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
             raise UsageError("this daemon is not part of a cluster (no [cluster] section in its config)")
         return node.switchover(req.to)
 
+    # SQL requests run on a thread pool of their own, so writers queued on the write lock
+    # never hold up the admin API (status, freeze, backups); a request whose client has
+    # gone away has its running statement interrupted.
+    sql_threads = anyio.CapacityLimiter(sql_settings.threads)
+
+    async def sql_call(request: Request, fn: Any, *args: Any) -> dict[str, Any]:
+        cancel = threading.Event()
+        work = asyncio.ensure_future(anyio.to_thread.run_sync(
+            functools.partial(fn, request.state.principal, *args, cancel=cancel), limiter=sql_threads))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                cancel.set()
+            return await work
+        finally:
+            gone.cancel()
+
     @app.post("/v1/sql/{database}", summary="Run statements as one atomic batch")
-    def sql_batch(database: str, req: SQLRequest, request: Request) -> dict[str, Any]:
-        return daemon.sql.execute(request.state.principal, database, req.statements, req.readonly)
+    async def sql_batch(database: str, req: SQLRequest, request: Request) -> dict[str, Any]:
+        return await sql_call(request, daemon.sql.execute, database, req.statements, req.readonly)
 
     @app.post("/v1/sql/{database}/transactions", summary="Begin an interactive transaction")
-    def sql_begin(database: str, req: BeginRequest, request: Request) -> dict[str, Any]:
-        return daemon.sql.begin(request.state.principal, database, req.statements, req.write, req.readonly)
+    async def sql_begin(database: str, req: BeginRequest, request: Request) -> dict[str, Any]:
+        return await sql_call(request, daemon.sql.begin, database, req.statements, req.write, req.readonly)
 
     @app.post("/v1/sql/{database}/transactions/{tid}", summary="Run statements inside an open transaction")
-    def sql_work(database: str, tid: str, req: WorkRequest, request: Request) -> dict[str, Any]:
-        return daemon.sql.run_in(request.state.principal, tid, req.statements, database)
+    async def sql_work(database: str, tid: str, req: WorkRequest, request: Request) -> dict[str, Any]:
+        return await sql_call(request, daemon.sql.run_in, tid, req.statements, database)
 
     @app.post("/v1/sql/{database}/transactions/{tid}/commit", summary="Commit (returns once durable)")
-    def sql_commit(database: str, tid: str, request: Request) -> dict[str, Any]:
-        return daemon.sql.finish(request.state.principal, tid, commit=True)
+    async def sql_commit(database: str, tid: str, request: Request) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(daemon.sql.finish, request.state.principal, tid, True,
+                                              limiter=sql_threads)
 
     @app.post("/v1/sql/{database}/transactions/{tid}/rollback", summary="Roll back")
-    def sql_rollback(database: str, tid: str, request: Request) -> dict[str, Any]:
-        return daemon.sql.finish(request.state.principal, tid, commit=False)
+    async def sql_rollback(database: str, tid: str, request: Request) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(daemon.sql.finish, request.state.principal, tid, False,
+                                              limiter=sql_threads)
 
     _replication_routes(app, daemon, node)
     _conflict_routes(app, daemon)

@@ -6,6 +6,7 @@ import base64
 import hmac
 import os
 import secrets
+import threading
 import time
 
 from ..errors import AuthError, DaemonUnavailable
@@ -71,17 +72,64 @@ class Authenticator:
     """Who sent a request: the admin token (Bearer) or a configured user (HTTP Basic).
 
     scrypt costs tens of milliseconds by design, so a verified password is remembered
-    (as an HMAC under a key that lives only in this process) for a few minutes."""
+    (as an HMAC under a key that lives only in this process) for a few minutes.
+
+    Against guessing: an unknown user name costs the same scrypt as a known one (a dummy
+    hash), so answers do not tell which names exist; and failures are counted per client
+    address and user name, and per client address: past the limit, that client is refused
+    (HTTP 429) without any hashing until the window has passed."""
 
     CACHE_SECONDS = 300.0
+    WINDOW = 60.0              # seconds over which failures are counted
+    MAX_PER_USER = 5           # failures of one client for one user name
+    MAX_PER_CLIENT = 20        # failures of one client, all names together
 
     def __init__(self, token: str, users: dict) -> None:
+        from ..sql.users import Principal, hash_password
         self.token = token
         self.users = users
         self._key = secrets.token_bytes(32)
         self._ok: dict[bytes, float] = {}
-        from ..sql.users import Principal
         self._admin = Principal("admin", admin=True)
+        self._dummy = hash_password(secrets.token_urlsafe(16))   # verified for unknown names
+        self._failures: dict[tuple[str, str | None], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str, name: str) -> float:
+        """Seconds this client must wait before trying ``name`` again (0: it may try now)."""
+        now = time.monotonic()
+        wait = 0.0
+        with self._lock:
+            for key, limit in (((client, name), self.MAX_PER_USER), ((client, None), self.MAX_PER_CLIENT)):
+                times = [t for t in self._failures.get(key, []) if now - t < self.WINDOW]
+                if times:
+                    self._failures[key] = times
+                else:
+                    self._failures.pop(key, None)
+                if len(times) >= limit:
+                    wait = max(wait, self.WINDOW - (now - times[0]))
+        return wait
+
+    def _failed(self, client: str, name: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > 100_000:       # bounded memory under a flood of names
+                self._failures.clear()
+            for key in ((client, name), (client, None)):
+                self._failures.setdefault(key, []).append(now)
+
+    def login(self, header: str, client: str):  # -> tuple[Principal | None, float]
+        """Verify HTTP Basic credentials (scrypt): (principal or None, seconds to wait if refused)."""
+        name = _basic_name(header)
+        if name is None:
+            return None, 0.0
+        wait = self.retry_after(client, name)
+        if wait > 0:
+            return None, wait
+        principal = self.principal(header)
+        if principal is None:
+            self._failed(client, name)
+        return principal, 0.0
 
     def cached(self, header: str | None):  # -> Principal | None
         """The admin, or a user whose password was verified recently: no scrypt needed."""
@@ -105,6 +153,8 @@ class Authenticator:
             return None
         user = self.users.get(name)
         if user is None:
+            if verify:      # the same cost as a known name: answers do not reveal which exist
+                check_password(password, self._dummy)
             return None
         mac = hmac.new(self._key, f"{name}\0{password}\0{user.password_hash}".encode(), "sha256").digest()
         now = time.monotonic()
@@ -115,3 +165,27 @@ class Authenticator:
                 self._ok.clear()
             self._ok[mac] = now + self.CACHE_SECONDS
         return Principal(name, access=dict(user.access))
+
+
+def _basic_name(header: str) -> str | None:
+    try:
+        return base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")[0]
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def plaintext_warning(host: str, tls: bool) -> str | None:
+    """The warning for a listen address that other machines can reach without TLS:
+    passwords and the admin token would cross the network in clear."""
+    import ipaddress
+    if tls:
+        return None
+    name = host.strip("[]")
+    try:
+        if ipaddress.ip_address(name).is_loopback:
+            return None
+    except ValueError:
+        if name == "localhost":
+            return None
+    return (f"WARNING: listening on {host} WITHOUT TLS: passwords, the admin token and all data cross the "
+            "network in clear text. Set [daemon] tls_cert and tls_key, or listen on 127.0.0.1.")

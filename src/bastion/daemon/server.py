@@ -102,6 +102,14 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
+def _warn_plaintext(config: Config) -> None:
+    from .auth import plaintext_warning
+    warning = plaintext_warning(config.listen_host, bool(config.tls_cert))
+    if warning:
+        logging.getLogger("bastion").warning(warning)
+        print(f"bastion: {warning}", file=sys.stderr, flush=True)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # uvicorn handles SIGTERM while it serves, then raises it again once it has stopped;
     # with the default action that would kill the process before daemon.close() runs.
@@ -149,6 +157,7 @@ def serve(config: Config, log_level: str = "info") -> None:
         raise
     app = create_app(daemon)
     files = list(daemon.catalog.files.values())
+    _warn_plaintext(config)
     print(f"bastion: serving on {config.base_url} (config: {config.source}; data: {config.data_dir}; "
           f"{summary(files)})", file=sys.stderr, flush=True)
     if any(protection(f)[0] != "protected" for f in files):
@@ -205,6 +214,7 @@ def _serve_cluster_node(config: Config) -> None:
         sock.close()
         raise
     app = create_app(ActiveDaemon(node, token), node=node)
+    _warn_plaintext(config)
     print(f"bastion: node {node.name} listening on {config.base_url} (config: {config.source}; data: "
           f"{config.data_dir}; lease: {config.cluster['lease']}, ttl {node.ttl:g} s); passive until it "
           "holds the lease", file=sys.stderr, flush=True)

@@ -21,8 +21,9 @@ group commit: see committer.py; or one fsync per commit with ``group_commit = fa
 ``fast`` (acknowledged before the fsync: the last commits may be lost on power loss).
 
 Safety (DESIGN.md): connections never checkpoint on close; ATTACH/DETACH (and so
-VACUUM INTO), BEGIN/COMMIT statements, and pragmas that would change the journal
-mode, locking, durability or schema safety are refused by the authorizer. Internal
+VACUUM INTO), BEGIN/COMMIT statements, functions that reach files, and every pragma
+outside an allow-list (queries of state; for writers, what lasts only for the
+transaction) are refused by the authorizer. Internal
 statements are never put in the statement cache, so a client's identical text is
 still checked by the authorizer.
 """
@@ -57,10 +58,49 @@ _WRITE_ACTIONS = {
     apsw.SQLITE_DROP_TABLE, apsw.SQLITE_DROP_TRIGGER, apsw.SQLITE_DROP_VIEW, apsw.SQLITE_ALTER_TABLE,
     apsw.SQLITE_REINDEX, apsw.SQLITE_ANALYZE, apsw.SQLITE_CREATE_VTABLE, apsw.SQLITE_DROP_VTABLE,
 }
-# pragmas that, set by a client, would break protection, durability or safety
-_GUARDED_PRAGMAS = {"foreign_keys", "journal_mode", "locking_mode", "query_only", "writable_schema", "synchronous",
-                    "wal_checkpoint", "wal_autocheckpoint", "journal_size_limit", "mmap_size",
-                    "cell_size_check", "trusted_schema", "temp_store_directory", "data_store_directory"}
+# The pragma policy is an allow-list, applied by the authorizer (which sees every pragma,
+# the table-valued pragma_*() form included, with its argument). Anything not named here
+# is refused: most pragmas change the process (heap limits) or stay set on a pooled
+# connection for the next user (cache_size, ignore_check_constraints, ...).
+# Queries of state, without an argument, for every role:
+_QUERY_PRAGMAS = frozenset("""
+    application_id auto_vacuum automatic_index busy_timeout cache_size cache_spill cell_size_check
+    checkpoint_fullfsync collation_list compile_options count_changes data_version database_list
+    defer_foreign_keys empty_result_callbacks encoding foreign_key_check foreign_keys freelist_count
+    full_column_names fullfsync function_list hard_heap_limit ignore_check_constraints integrity_check
+    journal_mode journal_size_limit legacy_alter_table locking_mode max_page_count mmap_size module_list
+    page_count page_size pragma_list query_only quick_check read_uncommitted recursive_triggers
+    reverse_unordered_selects schema_version secure_delete short_column_names soft_heap_limit synchronous
+    table_list temp_store threads trusted_schema user_version wal_autocheckpoint writable_schema
+    analysis_limit""".split())
+# Queries whose argument names a table or index (or a row limit), for every role:
+_INSPECT_PRAGMAS = frozenset("""foreign_key_check foreign_key_list index_info index_list index_xinfo
+    integrity_check quick_check table_info table_list table_xinfo""".split())
+# Settings that last only for the current transaction, or are written in it like any row:
+# read-write roles only (defer_foreign_keys is reset by SQLite at COMMIT/ROLLBACK).
+_WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_id"})
+# functions that reach the file system or raw pointers
+_DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
+                               "sqlar_compress", "sqlar_uncompress"})
+_FIRST_WORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*(\w*)", re.S)
+_ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
+
+
+def pragma_refusal(name: str, arg: str | None, readonly: bool) -> str | None:
+    """Why a pragma is refused to a role, or None if it is allowed (the policy in docs/sql.md)."""
+    name = name.lower()
+    if arg is None and name in _QUERY_PRAGMAS:
+        return None
+    if arg is not None and name in _INSPECT_PRAGMAS:
+        return None
+    if arg is not None and name in _WRITER_PRAGMAS:
+        if readonly:
+            return f"PRAGMA {name} cannot be set by a read-only user"
+        return None
+    if arg is None:
+        return f"PRAGMA {name} is not allowed through the SQL server (it is not a query of state)"
+    return (f"PRAGMA {name} cannot be set through the SQL server: it would change the server process "
+            "or the pooled connection for other users (see the pragma policy in docs/sql.md)")
 
 
 @dataclass
@@ -69,6 +109,18 @@ class SQLSettings:
     busy_timeout: float = 15.0        # wait this long for the write lock (ours, then SQLite's)
     max_transactions: int = 64        # open interactive transactions, all databases together
     pool_size: int = 8                # idle connections kept per database and role
+    statement_timeout: float = 30.0   # a statement running longer is interrupted
+    max_result_rows: int = 100_000    # rows one statement may return
+    max_result_bytes: int = 64 << 20  # and their size (values as sent, roughly)
+    max_request_bytes: int = 32 << 20  # body of one SQL request
+    max_transactions_per_user: int = 8  # open interactive transactions of one user
+    threads: int = 32                 # worker threads for SQL requests (the admin API has its own)
+
+    @property
+    def writer_idle_timeout(self) -> float:
+        """A transaction that holds the write lock and is idle is rolled back well before a
+        waiting writer's busy timeout ends: a vanished client must not fail every writer."""
+        return min(self.idle_timeout, self.busy_timeout / 2)
 
 
 @dataclass
@@ -96,26 +148,55 @@ class Statement:
         return cls(raw["sql"], values.decode_params(raw.get("params"), where))
 
 
+class ResultTooLarge(UsageError):
+    http_status = 413
+
+
 class Tx:
     """One transaction on one connection: the exec tracer and authorizer consult it."""
 
-    def __init__(self, db: "Database", conn: apsw.Connection, readonly: bool) -> None:
+    def __init__(self, db: "Database", conn: apsw.Connection, readonly: bool,
+                 cancel: threading.Event | None = None) -> None:
         self.db, self.conn, self.readonly = db, conn, readonly
+        self.cancel = cancel           # set when the client is gone: the running statement stops
+        self.deadline: float | None = None
         self.internal = False          # our own BEGIN/COMMIT/ATTACH pass the authorizer
         self.holds_writer = False
         self.denied: str | None = None
+        self.misuse: str | None = None  # why the exec tracer stopped a statement
+        self.text: str | None = None     # the client's statement now running
         self.wrote = False
         self.dirty = False             # a statement of this transaction changed something
         self.description: list[tuple[str, str | None]] | None = None
         conn.exec_trace = self._trace
         conn.authorizer = self._authorize
+        conn.set_progress_handler(self._progress, 2000)
+
+    def _progress(self) -> bool:
+        """Called by SQLite every few thousand VM steps: True interrupts the statement.
+        Our own COMMIT/ROLLBACK/SAVEPOINT are never interrupted."""
+        if self.internal:
+            return False
+        if self.cancel is not None and self.cancel.is_set():
+            return True
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     # called by SQLite (through apsw) for every statement about to run
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        if self.internal:
+            return True         # our SAVEPOINT/RELEASE must not replace the client's description
         try:
             self.description = list(cursor.get_description())
         except apsw.ExecutionCompleteError:
             self.description = None
+        if not self.internal and self.text is not None and not _ONE_STATEMENT_TAIL.fullmatch(sql):
+            # one statement per execute, as Python's sqlite3: "SELECT 1; DELETE FROM t" is
+            # refused before anything of it runs (SQLite would run both)
+            at = self.text.find(sql)
+            if at < 0 or not _ONE_STATEMENT_TAIL.fullmatch(self.text[:at]) or \
+                    not _ONE_STATEMENT_TAIL.fullmatch(self.text[at + len(sql):]):
+                self.misuse = "you can only execute one statement at a time"
+                return False
         if not self.internal and not cursor.is_readonly:
             self.wrote = True
             if not self.holds_writer:
@@ -132,9 +213,10 @@ class Tx:
         elif action == apsw.SQLITE_TRANSACTION:
             reason = (f"{a1} statements are not allowed: send a batch (atomic) or use an interactive "
                       "transaction (begin/commit/rollback in the API, or the driver's commit()/rollback())")
-        elif action == apsw.SQLITE_PRAGMA and (a1 or "").lower() in _GUARDED_PRAGMAS and (
-                a2 is not None or (a1 or "").lower() == "wal_checkpoint"):
-            reason = f"PRAGMA {a1} cannot be changed through the SQL server (it protects the database)"
+        elif action == apsw.SQLITE_PRAGMA:
+            reason = pragma_refusal(a1 or "", a2, self.readonly)
+        elif action == apsw.SQLITE_FUNCTION and (a2 or "").lower() in _DENIED_FUNCTIONS:
+            reason = f"function {a2}() is not allowed through the SQL server (it reaches the server's files)"
         elif self.readonly and action in _WRITE_ACTIONS and dbname != "temp":
             reason = f"read-only access to database {self.db.name}: writes are not allowed"
         if reason:
@@ -150,48 +232,134 @@ class Tx:
             self.internal = False
 
     def run(self, stmts: list[Statement]) -> list[dict[str, Any]]:
-        out = []
-        for i, st in enumerate(stmts):
-            self.denied = None
-            self.description = None
-            cur = self.conn.cursor()
-            self.wrote = False
-            before = self.conn.total_changes()
-            try:
-                if st.many is not None:
-                    cur.executemany(st.sql, st.many)
-                    rows: list[Any] = []
-                else:
-                    rows = [values.encode_row(r) for r in cur.execute(st.sql, st.params)]
-            except apsw.Error as exc:
-                if isinstance(exc, apsw.BusyError) and self.holds_writer and not self.dirty:
-                    # nothing written yet (e.g. SQLite refused the first write of a stale
-                    # snapshot): other writers need not wait for this transaction to end
-                    self.holds_writer = False
-                    self.db.give_writer()
-                raise self._failure(exc, i, st) from None
-            except (TypeError, OverflowError, ValueError) as exc:   # bindings that do not fit the statement
-                raise UsageError(f"statement {i + 1}: {exc}", details={"statement": i}) from None
-            finally:
-                cur.close()
-            desc = self.description or []
-            self.dirty = self.dirty or self.wrote
-            if not self.wrote:
-                rowcount = -1
-            else:   # rows this statement changed (trigger changes included), never a stale count
-                rowcount = self.conn.total_changes() - before
-            out.append({"columns": [d[0] for d in desc], "decltypes": [d[1] for d in desc], "rows": rows,
-                        "rowcount": rowcount,
-                        "lastrowid": self.conn.last_insert_rowid()})
+        return [self._one(i, st) for i, st in enumerate(stmts)]
+
+    def _one(self, i: int, st: Statement) -> dict[str, Any]:
+        """One statement. Whatever goes wrong is a clean error of this statement; the
+        transaction stays usable unless SQLite itself rolled it back."""
+        self.denied = self.misuse = None
+        self.description = None
+        cur = self.conn.cursor()
+        self.wrote = False
+        self.text = st.sql
+        details: dict[str, Any] = {"statement": i}
+        settings = self.db.settings
+        self.deadline = time.monotonic() + settings.statement_timeout
+        try:
+            if st.many is not None:
+                rows: list[Any] = []
+                changes, rowid = self._many(cur, st)
+            elif "RETURNING" in st.sql.upper():
+                # SQLite makes every change before the first row comes back: a result over
+                # the limit must take the changes back with it
+                rows, changes, rowid = self._guarded(cur, lambda: self._rows(cur, st, i, details))
+            else:
+                rows, changes, rowid = self._rows(cur, st, i, details)
+        except apsw.ExecTraceAbort:
+            raise UsageError(f"statement {i + 1}: {self.misuse or 'refused'}", details=details,
+                             hint="send each statement separately (several in one batch run atomically)") from None
+        except apsw.Error as exc:
+            if isinstance(exc, apsw.BusyError) and self.holds_writer and not self.dirty:
+                # nothing written yet (e.g. SQLite refused the first write of a stale
+                # snapshot): other writers need not wait for this transaction to end
+                self.holds_writer = False
+                self.db.give_writer()
+            raise self._failure(exc, i, st) from None
+        except KeyError as exc:     # apsw: a :name the parameters do not have
+            raise UsageError(f"statement {i + 1}: no value for parameter :{exc.args[0] if exc.args else '?'}",
+                             details=details, hint="pass every :name the statement uses") from None
+        except (TypeError, OverflowError, ValueError, IndexError) as exc:   # bindings that do not fit
+            raise UsageError(f"statement {i + 1}: {exc}", details=details) from None
+        except BastionError:
+            raise
+        except Exception as exc:    # noqa: BLE001 - never a 500 that leaves the transaction hanging
+            log.exception("statement %d failed unexpectedly", i + 1)
+            raise UsageError(f"statement {i + 1} could not run: {type(exc).__name__}: {exc}",
+                             details=details) from None
+        finally:
+            self.text = None
+            self.deadline = None
+            cur.close()
+        desc = self.description or []
+        self.dirty = self.dirty or self.wrote
+        # as Python's sqlite3: rowcount is the statement's own changes (not its triggers') for
+        # INSERT/UPDATE/DELETE/REPLACE, else -1; lastrowid only after an INSERT that inserted
+        # (never a stale value of this pooled connection, which may be another user's)
+        m = _FIRST_WORD.match(st.sql)
+        first = (m.group(1) if m else "").upper()
+        dml = first in ("INSERT", "UPDATE", "DELETE", "REPLACE")
+        insert = first in ("INSERT", "REPLACE")
+        return {"columns": [d[0] for d in desc], "decltypes": [d[1] for d in desc], "rows": rows,
+                "rowcount": changes if dml else -1, "lastrowid": rowid if insert else None}
+
+    def _rows(self, cur: apsw.Cursor, st: Statement, i: int,
+              details: dict[str, Any]) -> tuple[list[Any], int, int | None]:
+        settings = self.db.settings
+        rows, size = [], 0
+        for r in cur.execute(st.sql, st.params):
+            row = values.encode_row(r)
+            size += sum(len(v) if isinstance(v, str) else 8 for v in row) + 4
+            rows.append(row)
+            if len(rows) > settings.max_result_rows or size > settings.max_result_bytes:
+                raise ResultTooLarge(
+                    f"statement {i + 1}: the result is larger than the server sends in one answer "
+                    f"({settings.max_result_rows} rows, {settings.max_result_bytes} bytes: [sql] "
+                    "max_result_rows, max_result_bytes)",
+                    hint="add LIMIT and fetch in pages (WHERE id > last_seen)", details=details)
+        changes = self.conn.changes()
+        rowid = self.conn.last_insert_rowid() if changes else None
+        return rows, changes, rowid
+
+    def _guarded(self, cur: apsw.Cursor, fn: Callable[[], Any]) -> Any:
+        """Run fn inside a savepoint: all of its changes stay, or none does."""
+        self.internal_exec("SAVEPOINT bastion_stmt")
+        try:
+            out = fn()
+        except BaseException:
+            cur.close()         # a statement still in progress would keep the savepoint
+            if self.conn.in_transaction:
+                self.internal_exec("ROLLBACK TO bastion_stmt")
+                self.internal_exec("RELEASE bastion_stmt")
+            raise
+        self.internal_exec("RELEASE bastion_stmt")
         return out
+
+    def _many(self, cur: apsw.Cursor, st: Statement) -> tuple[int, int | None]:
+        """executemany: every parameter set runs (rows it returns are read and dropped),
+        or none does: a savepoint undoes the sets already run when one fails.
+        Returns the statement's own changes over all sets, and the last inserted rowid."""
+        self.internal_exec("SAVEPOINT bastion_many")
+        changes, rowid = 0, None
+        try:
+            for params in st.many or []:
+                for _ in cur.execute(st.sql, params):
+                    pass
+                n = self.conn.changes()
+                changes += n
+                if n:
+                    rowid = self.conn.last_insert_rowid()
+        except BaseException:
+            cur.close()
+            if self.conn.in_transaction:
+                self.internal_exec("ROLLBACK TO bastion_many")
+                self.internal_exec("RELEASE bastion_many")
+            raise
+        self.internal_exec("RELEASE bastion_many")
+        return changes, rowid
 
     def _failure(self, exc: apsw.Error, i: int, st: Statement) -> BastionError:
         kind = type(exc).__name__
         details = {"statement": i, "sqlite_error": kind, "extended_code": getattr(exc, "extendedresult", None)}
         if isinstance(exc, apsw.BindingsError):
             return UsageError(f"statement {i + 1}: {str(exc).removeprefix('BindingsError: ')}", details=details)
-        if isinstance(exc, apsw.AuthError) and self.denied:
+        if self.denied and (isinstance(exc, apsw.AuthError) or "not authorized" in str(exc)):
             return PermissionDenied(f"statement {i + 1}: {self.denied}", details=details)
+        if isinstance(exc, apsw.InterruptError):
+            if self.cancel is not None and self.cancel.is_set():
+                return SQLFailure(f"statement {i + 1}: interrupted: the client went away", details=details)
+            return SQLFailure(f"statement {i + 1}: interrupted after {self.db.settings.statement_timeout:g} s "
+                              "(the statement time limit, [sql] statement_timeout)", details=details,
+                              hint="make the statement cheaper (an index, a LIMIT) or raise the limit")
         if isinstance(exc, apsw.BusyError):
             return BusyError(f"statement {i + 1}: database {self.db.name} is busy: {exc}", details=details,
                              hint="another writer held the lock longer than the busy timeout; retry")
@@ -359,6 +527,7 @@ class Database:
     def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True) -> None:
         conn.exec_trace = None
         conn.authorizer = None
+        conn.set_progress_handler(None)
         if healthy:
             try:    # TEMP objects would be seen by the next client of this connection
                 healthy = not conn.execute("SELECT 1 FROM temp.sqlite_schema LIMIT 1").fetchall()
@@ -422,14 +591,15 @@ class SQLService:
         return [Statement.parse(s, i) for i, s in enumerate(statements)]
 
     # -- batches ----------------------------------------------------------------------
-    def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False) -> dict[str, Any]:
+    def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False,
+                cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements)
         db, ro = self._database(principal, name, write=False)
         ro = ro or readonly
         t0 = time.perf_counter()
         for attempt in range(5):
             conn = db.acquire(ro)
-            tx = Tx(db, conn, ro)
+            tx = Tx(db, conn, ro, cancel)
             healthy = True
             try:
                 tx.internal_exec("BEGIN")
@@ -455,7 +625,7 @@ class SQLService:
 
     # -- interactive transactions -------------------------------------------------------
     def begin(self, principal: Principal, name: str, statements: Any = None, write: bool = False,
-              readonly: bool = False) -> dict[str, Any]:
+              readonly: bool = False, cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements) if statements else []
         db, ro = self._database(principal, name, write=write)
         ro = ro or readonly
@@ -463,8 +633,13 @@ class SQLService:
             if len(self._sessions) >= self.settings.max_transactions:
                 raise BusyError(f"{len(self._sessions)} interactive transactions are open, the most allowed",
                                 hint="commit or roll back open transactions; [sql] max_transactions raises it")
+            mine = sum(1 for x in self._sessions.values() if x.user == principal.name)
+            if not principal.admin and mine >= self.settings.max_transactions_per_user:
+                raise BusyError(f"user {principal.name} has {mine} interactive transactions open, the most "
+                                "one user may have", hint="commit or roll back one first; [sql] "
+                                "max_transactions_per_user raises it")
         conn = db.acquire(ro)
-        tx = Tx(db, conn, ro)
+        tx = Tx(db, conn, ro, cancel)
         try:
             if write:
                 db.take_writer()
@@ -477,6 +652,11 @@ class SQLService:
             tx.finish(commit=False)
             db.release(conn, ro)
             raise
+        if cancel is not None and cancel.is_set():    # nobody will ever learn its id
+            tx.finish(commit=False)
+            db.release(conn, ro)
+            raise TransactionGone("the client went away while the transaction began; it was rolled back")
+        tx.cancel = None
         s = Session(secrets.token_urlsafe(18), principal.name, db, tx, ro)
         with self._lock:
             self._sessions[s.id] = s
@@ -502,7 +682,8 @@ class SQLService:
             self._sessions.pop(s.id, None)
             self._gone[s.id] = (time.monotonic(), why)
 
-    def run_in(self, principal: Principal, sid: str, statements: Any, database: str | None = None) -> dict[str, Any]:
+    def run_in(self, principal: Principal, sid: str, statements: Any, database: str | None = None,
+               cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements)
         s = self._session(principal, sid)
         if database is not None and s.db.name != database:
@@ -510,14 +691,22 @@ class SQLService:
         with s.lock:
             self._session(principal, sid)     # still open now that we have it
             s.last_used = time.monotonic()
+            s.tx.cancel = cancel
             try:
                 results = s.tx.run(stmts)
+                if cancel is not None and cancel.is_set():
+                    raise TransactionGone("the client went away during a request")
             except BastionError:
-                if not s.tx.conn.in_transaction:    # SQLite rolled the whole transaction back
+                if cancel is not None and cancel.is_set():      # nobody is left to commit it
+                    self._close(s, commit=False, why="rolled back: the client went away during a request")
+                elif not s.tx.conn.in_transaction:    # SQLite rolled the whole transaction back
                     self._close(s, commit=False, why="SQLite rolled it back after an error")
-                    raise
+                raise
+            except BaseException:   # not a statement's error: end it now rather than orphan it
+                self._close(s, commit=False, why="an internal error in the daemon rolled it back")
                 raise
             finally:
+                s.tx.cancel = None
                 s.last_used = time.monotonic()
             return {"transaction": sid, "results": results}
 
@@ -545,7 +734,8 @@ class SQLService:
         now = now or time.monotonic()
         expired = []
         with self._lock:
-            candidates = [s for s in self._sessions.values() if now - s.last_used > self.settings.idle_timeout]
+            candidates = [s for s in self._sessions.values() if now - s.last_used > (
+                self.settings.writer_idle_timeout if s.tx.holds_writer else self.settings.idle_timeout)]
             for sid, (when, _) in list(self._gone.items()):
                 if now - when > 3600:
                     del self._gone[sid]
@@ -555,8 +745,10 @@ class SQLService:
             try:
                 if s.id not in self._sessions:
                     continue
-                self._close(s, commit=False,
-                            why=f"rolled back after {self.settings.idle_timeout:g} s idle (the idle timeout)")
+                limit = self.settings.writer_idle_timeout if s.tx.holds_writer else self.settings.idle_timeout
+                self._close(s, commit=False, why=f"rolled back after {limit:g} s idle (the idle timeout"
+                            + (", halved for a transaction holding the write lock)" if limit
+                               < self.settings.idle_timeout else ")"))
                 log.warning("transaction %s of %s on %s rolled back: idle timeout", s.id, s.user, s.db.name)
                 expired.append(s.id)
             except BaseException:  # noqa: BLE001 - the sweeper must go on
