@@ -269,3 +269,22 @@ def test_lag_history_is_bounded() -> None:
         h.add(("replication", "db", "seconds"), float(i), at=float(i))
     pts = h.series("replication", "db")["seconds"]
     assert [v for _, v in pts] == [95.0, 96.0, 97.0, 98.0, 99.0]
+
+
+def test_login_guessing_is_limited_like_the_api(dash) -> None:
+    """The login form counts failures as the SQL API does: past 5 for one name, 429 without hashing."""
+    d, _ = dash
+    with httpx.Client(base_url=base(d)) as c:
+        codes = []
+        for _ in range(7):
+            page = c.get("/dashboard/login")
+            login_csrf = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)
+            r = c.post("/dashboard/login", data={"login_csrf": login_csrf, "user": "reader", "password": "guess"})
+            codes.append(r.status_code)
+        assert codes[:5] == [401] * 5 and codes[5:] == [429, 429], codes
+        assert "Too many failed logins" in r.text
+        # the right password is refused too while the window lasts: guessing cannot go on
+        page = c.get("/dashboard/login")
+        login_csrf = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)
+        r = c.post("/dashboard/login", data={"login_csrf": login_csrf, "user": "reader", "password": READER_PW})
+        assert r.status_code == 429

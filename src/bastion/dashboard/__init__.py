@@ -111,7 +111,14 @@ def mount(app: FastAPI, daemon: Any, auth: Any, node: Any = None) -> LagHistory:
             header = "Basic " + base64.b64encode(f"{f['user']}:{f.get('password', '')}".encode()).decode()
         else:
             return _login_form("Enter the admin token, or a user name and password.", 400)
-        principal = await run_in_threadpool(auth.principal, header)   # scrypt: off the event loop
+        # the API's own limiter: failures count per client and user, and an unknown name costs a scrypt
+        client = request.client.host if request.client else "?"
+        if header.startswith("Basic "):
+            principal, wait = await run_in_threadpool(auth.login, header, client)   # scrypt: off the event loop
+            if wait > 0:
+                return _login_form(f"Too many failed logins from this address: try again in {int(wait) + 1} s.", 429)
+        else:
+            principal = await run_in_threadpool(auth.principal, header)
         if principal is None:
             await asyncio.sleep(0.5)       # slows guessing a little; scrypt does the rest
             return _login_form("Wrong token, or wrong user name or password.", 401)
