@@ -60,7 +60,8 @@ class Syncer(PassLoop):
         self.group_name = db.sync_group
         self.group = group
         self.site = daemon.config.sync["site"]
-        verify = trust(daemon.config.replication.get("peer_ca_file"))
+        verify = self._verify = trust(daemon.config.replication.get("peer_ca_file"))
+        self._token = token
         # Short connect and vector timeouts: a neighbour that drops packets must cost seconds, not
         # the minute a large batch may take to apply.
         self._http = {p: httpx.Client(base_url=self.group["sites"][p], verify=verify,
@@ -102,7 +103,7 @@ class Syncer(PassLoop):
             for i, path in enumerate(self.db.files):
                 if not os.path.exists(path):
                     self._join(i)
-                site.install(path, self.site)
+                self._install(path)
             self._installed = True
         if not self.failures:        # a failing streak stays "failing" while it retries
             self.state = "syncing"
@@ -246,8 +247,36 @@ class Syncer(PassLoop):
         if not self._installed:
             if not os.path.exists(path):
                 raise StateConflict(f"{path} is not here yet (this site is joining the group)")
-            site.install(path, self.site)
+            self._install(path)
         return path
+
+    def _install(self, path: str) -> None:
+        site.install(path, self.site)
+        site.configure(path, self.group.get("counters") or (), self.group.get("keys") or {}, present_only=True)
+
+    def check_report(self) -> dict[str, Any]:
+        """This site's part of `bastion sync check`: vectors, row digests, invariant values."""
+        from . import check
+        return check.local_report(list(self.db.files), self.group.get("invariants") or {})
+
+    def check(self) -> dict[str, Any]:
+        """Ask every site of the group (this one included) for its report, and compare."""
+        from . import check
+        reports: dict[str, Any] = {self.site: self.check_report()}
+
+        def ask(peer: str) -> dict[str, Any]:
+            try:
+                if peer not in self._http:
+                    self._http[peer] = httpx.Client(base_url=self.group["sites"][peer], verify=self._verify,
+                                                    timeout=httpx.Timeout(60.0, connect=3.0),
+                                                    headers={"Authorization": f"Bearer {self._token}"})
+                return self._request(peer, "POST", "/v1/peer/sync/check", json=self._who(0))
+            except BastionError as exc:
+                return {"error": exc.message}
+        for peer in sorted(p for p in self.group["sites"] if p != self.site):
+            reports[peer] = ask(peer)
+        return {"database": self.name, "group": self.group_name, "site": self.site,
+                **check.compare(reports, self.group.get("invariants") or {})}
 
     def vector(self, req: dict[str, Any]) -> dict[str, Any]:
         path = self._file(req)

@@ -988,7 +988,7 @@ def _counter_spec(spec: Any) -> tuple[str, str]:
 
 
 def configure(target: apsw.Connection | str | os.PathLike[str], counters: Sequence[Any] = (),
-              keys: Mapping[str, str] | None = None) -> dict[str, Any]:
+              keys: Mapping[str, str] | None = None, present_only: bool = False) -> dict[str, Any]:
     """Set the sync group's per-table settings in this file (every site of the group sets the same).
 
     ``counters``: columns (``"table.column"``) whose concurrent updates add up: each site's
@@ -997,7 +997,8 @@ def configure(target: apsw.Connection | str | os.PathLike[str], counters: Sequen
     group is set up). ``keys``: per table, ``"rekey"`` (concurrent inserts of one integer
     key are two rows: the later one moves to a key of its own at every site) or ``"shared"``
     (the key names the same row at every site: the policy decides). Default: rekey for
-    rowid tables, shared for others."""
+    rowid tables, shared for others. ``present_only``: settings of tables this file does not
+    have are left out (a database of several files: each file takes its own tables')."""
     pairs = sorted({_counter_spec(c) for c in counters})
     rules = dict(keys or {})
     for t, rule in rules.items():
@@ -1008,6 +1009,9 @@ def configure(target: apsw.Connection | str | os.PathLike[str], counters: Sequen
         with _transaction(con):
             s = _Site(con)
             _upgrade(con)
+            if present_only:
+                pairs = [(t, c) for t, c in pairs if s.local_shape(t) is not None]
+                rules = {t: r for t, r in rules.items() if s.local_shape(t) is not None}
             for t, rule in rules.items():
                 shape = s.local_shape(t)
                 if rule == "rekey" and shape is not None and (len(shape.key_columns) != 1 or shape.without_rowid):
