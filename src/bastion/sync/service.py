@@ -46,8 +46,9 @@ PRUNE_EVERY = 5.0
 class Syncer(PassLoop):
     poll = POLL
     # A site cut off for a while must notice the network is back soon: its own changes only
-    # leave when it pushes them (nothing wakes it when a neighbour comes back).
-    max_backoff = 2.0
+    # leave when it pushes them (nothing wakes it when a neighbour comes back). A pass against
+    # a silent neighbour costs the vector request's connect timeout (1 s) plus this.
+    max_backoff = 0.5
 
     def __init__(self, daemon: Any, name: str, token: str) -> None:
         db = daemon.config.databases[name]
@@ -144,8 +145,9 @@ class Syncer(PassLoop):
                 # We pruned what it lacked by that old vector: other neighbours' word that it holds
                 # them is newer than our memory of it. Ask it (below) rather than fail every pass.
                 pass
+        # Connecting is what hangs on a cut link; answering may take a while on a busy site.
         vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i),
-                            timeout=httpx.Timeout(3.0))["vector"]
+                            timeout=httpx.Timeout(10.0, connect=1.0))["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
