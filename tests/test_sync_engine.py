@@ -912,3 +912,39 @@ def test_random_sync_converges_and_loses_no_write(tmp_path: Path) -> None:
     run_state_machine_as_test(SyncMachine, settings=settings(
         max_examples=150, stateful_step_count=50, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]))
+
+
+# -- configuration of counters, keys and invariants (issue 18) ---------------------------------------
+
+@pytest.mark.parametrize("extra, says", [
+    ('counters = ["balance"]', "table.column"),
+    ('keys = { accounts = "merge" }', "keys must be"),
+    ('[sync_groups.g.invariants]\nmoney = { expect = "same" }', "needs sql"),
+    ('[sync_groups.g.invariants]\nmoney = { sql = "SELECT 1", expect = "maybe" }', "expect must be"),
+    ('[sync_groups.g.invariants]\nmoney = { sql = "SELECT 1", files = 1 }', "unknown key"),
+])
+def test_bad_sync_group_settings_are_refused_clearly(tmp_path: Path, extra: str, says: str) -> None:
+    from bastion import config as cfg
+    from bastion.errors import ConfigError
+    token = tmp_path / "token"
+    token.write_text("x" * 64)
+    path = tmp_path / "bastion.toml"
+    path.write_text(f'[replication]\npeer_token_file = "{token}"\n[sync]\nsite = "a"\n'
+                    f'[databases.bank]\nfiles = ["{tmp_path / "bank.db"}"]\nsync_group = "g"\n'
+                    '[sync_groups.g]\nsites = { a = "http://127.0.0.1:1", b = "http://127.0.0.1:2" }\n' + extra + "\n")
+    with pytest.raises(ConfigError, match=says) as got:
+        cfg.load(str(path))
+    assert "[sync_groups.g]" in got.value.message
+    path.write_text(path.read_text().replace(extra, 'counters = ["accounts.balance"]\nkeys = { audit = "rekey" }\n'
+                                             '[sync_groups.g.invariants]\nmoney = "SELECT sum(balance) FROM accounts"'))
+    g = cfg.load(str(path)).sync["groups"]["g"]
+    assert g["counters"] == ["accounts.balance"] and g["keys"] == {"audit": "rekey"}
+    assert g["invariants"] == {"money": {"sql": "SELECT sum(balance) FROM accounts", "expect": "same", "file": 0}}
+
+
+def test_rekey_is_refused_for_a_table_not_keyed_by_a_rowid(tmp_path: Path) -> None:
+    s = make_sites(tmp_path, ["A"], "CREATE TABLE kv(k TEXT PRIMARY KEY, v) WITHOUT ROWID;")
+    with pytest.raises(UsageError, match="not a rowid"):
+        sync.configure(s["A"], keys={"kv": "rekey"})
+    with pytest.raises(UsageError, match="key"):
+        sync.configure(s["A"], counters=["kv.k"])
