@@ -144,7 +144,8 @@ def compare(reports: Mapping[str, Mapping[str, Any]], invariants: Mapping[str, M
             ok = all(v == expect for v in values.values())
         results[name] = {"sql": spec["sql"], "expect": expect, "ok": ok, "values": values, "errors": errs}
         if not ok:
-            why = "; ".join(f"{s}: {e}" for s, e in errs.items()) or ", ".join(f"{s} = {v!r}" for s, v in values.items())
+            why = ("; ".join(f"{s}: {e}" for s, e in errs.items())
+                   or ", ".join(f"{s} = {v!r}" for s, v in values.items()))
             problems.append(f"invariant {name} ({expect}) violated: {why}")
     return {"converged": converged, "invariants": results, "sites": dict(reports), "problems": problems,
             "ok": not problems, "exit_code": 0 if not problems else 1}

@@ -1034,8 +1034,8 @@ def configure(target: apsw.Connection | str | os.PathLike[str], counters: Sequen
                 keys_sql = ", ".join(map(q, shape.key_columns))
                 for row in con.execute(f"SELECT {keys_sql}, {q(c)} FROM {q(t)}"):
                     key, v = tuple(row[:-1]), row[-1]
-                    con.execute(f"INSERT OR IGNORE INTO {COUNTERS}(tbl, key, col, base, contrib) VALUES (?, ?, ?, ?, ?)",
-                                (t, _pack(key), c, v, _pack_vv({})))
+                    con.execute(f"INSERT OR IGNORE INTO {COUNTERS}(tbl, key, col, base, contrib) "
+                                "VALUES (?, ?, ?, ?, ?)", (t, _pack(key), c, v, _pack_vv({})))
             for t, c in had - set(pairs):
                 con.execute(f"DELETE FROM {COUNTERS} WHERE tbl = ? AND col = ?", (t, c))
             con.execute(f"INSERT OR REPLACE INTO {META}(key, value) VALUES ('counters', ?)", (json.dumps(pairs),))
