@@ -61,14 +61,11 @@ class Syncer(PassLoop):
         self.group_name = db.sync_group
         self.group = group
         self.site = daemon.config.sync["site"]
-        verify = self._verify = trust(daemon.config.replication.get("peer_ca_file"))
+        self._verify = trust(daemon.config.replication.get("peer_ca_file"))
         self._token = token
         # Short connect and vector timeouts: a neighbour that drops packets must cost seconds, not
         # the minute a large batch may take to apply.
-        self._http = {p: httpx.Client(base_url=self.group["sites"][p], verify=verify,
-                                      timeout=httpx.Timeout(60.0, connect=3.0),
-                                      headers={"Authorization": f"Bearer {token}"})
-                      for p in self.group["neighbours"]}
+        self._http = {p: self._new_client(p) for p in self.group["neighbours"]}
         # one thread per neighbour: a silent one must not hold up the exchange with the others
         self._pool = ThreadPoolExecutor(max_workers=len(self.group["neighbours"]),
                                         thread_name_prefix=f"bastion-sync-{name}")
@@ -147,7 +144,7 @@ class Syncer(PassLoop):
                 pass
         # Connecting is what hangs on a cut link; answering may take a while on a busy site.
         vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i),
-                            timeout=httpx.Timeout(10.0, connect=1.0))["vector"]
+                            timeout=httpx.Timeout(3.0, connect=1.0))["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
@@ -214,11 +211,20 @@ class Syncer(PassLoop):
         raise BastionError(f"{path} does not exist and no neighbour gave a copy to join the group: "
                            + "; ".join(tried), hint="a new site joins with a copy of a current site's files")
 
+    def _new_client(self, peer: str) -> httpx.Client:
+        return httpx.Client(base_url=self.group["sites"][peer], verify=self._verify,
+                            timeout=httpx.Timeout(60.0, connect=3.0),
+                            headers={"Authorization": f"Bearer {self._token}"})
+
     def _request(self, peer: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
         url = self.group["sites"][peer]
         try:
             r = self._http[peer].request(method, path, **kw)
         except httpx.HTTPError as exc:
+            # Drop the pooled connections: one kept alive across a cut link retransmits with a
+            # growing back-off and may stay silent for seconds after the link is back.
+            old, self._http[peer] = self._http[peer], self._new_client(peer)
+            old.close()
             why = verify_failure(exc)
             raise BastionError(f"site {peer} ({url}): " + (f"TLS failed: {why}" if why else
                                f"unreachable ({path}): {type(exc).__name__}: {exc}")) from None
@@ -269,9 +275,7 @@ class Syncer(PassLoop):
         def ask(peer: str) -> dict[str, Any]:
             try:
                 if peer not in self._http:
-                    self._http[peer] = httpx.Client(base_url=self.group["sites"][peer], verify=self._verify,
-                                                    timeout=httpx.Timeout(60.0, connect=3.0),
-                                                    headers={"Authorization": f"Bearer {self._token}"})
+                    self._http[peer] = self._new_client(peer)
                 return self._request(peer, "POST", "/v1/peer/sync/check", json=self._who(0))
             except BastionError as exc:
                 return {"error": exc.message}
