@@ -948,3 +948,18 @@ def test_rekey_is_refused_for_a_table_not_keyed_by_a_rowid(tmp_path: Path) -> No
         sync.configure(s["A"], keys={"kv": "rekey"})
     with pytest.raises(UsageError, match="key"):
         sync.configure(s["A"], counters=["kv.k"])
+
+
+def test_a_file_synced_by_the_previous_version_is_upgraded_at_install(tmp_path: Path, app: App) -> None:
+    s = make_sites(tmp_path, ["A", "B"], LOG_T)
+    for p in s.values():        # what the previous version created: no creations, no counters
+        con = apsw.Connection(str(p))
+        con.execute("DROP TABLE _bastion_sync_ids; DROP TABLE _bastion_sync_counters; "
+                    "ALTER TABLE _bastion_sync_log DROP COLUMN counters")
+        con.close()
+        assert sync.install(p, sync.site_of(p))["already_installed"] is True
+    app.txn(s["A"], "INSERT INTO log VALUES (1, 'A1', 0)")
+    app.txn(s["B"], "INSERT INTO log VALUES (1, 'B1', 0)")
+    converge(list(s.values()))
+    assert content(s["A"]) == content(s["B"])
+    assert sorted(r[0] for r in rows(s["A"], "SELECT what FROM log")) == ["A1", "B1"]
