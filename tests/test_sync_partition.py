@@ -62,7 +62,9 @@ class NsSite:
         cfg = write_config(self.dir, port, {"shop": [str(self.db)]}, extra=(
             f'[replication]\npeer_token_file = "{token}"\n\n[sync]\nsite = "{name}"\n\n'
             f'[sync_groups.g]\nsites = {{ {", ".join(f"{n} = {u!r}" for n, u in sites.items())} }}\n'
-            'topology = "mesh"\nschedule = "continuous"\n'))
+            'topology = "mesh"\nschedule = "continuous"\n'
+            # the ids here name the same row at every site: insert/insert is a conflict the policy decides
+            'keys = { items = "shared", notes = "shared" }\n'))
         text = cfg.read_text().replace(f'listen = "127.0.0.1:{port}"', f'listen = "{sp.addr}:{port}"')
         cfg.write_text(text.replace("[databases.shop]\n", '[databases.shop]\nsync_group = "g"\n'))
         self.config = cfg

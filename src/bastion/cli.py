@@ -925,6 +925,28 @@ def sync_run(conf: cfg.Config, as_json: bool, database: str, timeout: float) -> 
         + ("".join(f"; {e}" for e in d.get("errors") or []))))
 
 
+@sync.command("check")
+@click.argument("database")
+@common
+def sync_check(conf: cfg.Config, as_json: bool, database: str) -> None:
+    """Ask every site of DATABASE's group: same rows everywhere? do the group's invariants hold?"""
+    data = _client(conf).request("GET", f"/v1/sync/check?database={database}", timeout=120)
+
+    def human(d: dict[str, Any]) -> None:
+        out.print(f"{d['database']} (group {d['group']}, asked from {d['site']}): "
+                  + ("converged" if d["converged"] else "NOT converged"))
+        t = Table("invariant", "expect", "result", "values per site")
+        for name, r in d["invariants"].items():
+            t.add_row(name, str(r["expect"]), "ok" if r["ok"] else "VIOLATED",
+                      ", ".join(f"{s}={v}" for s, v in r["values"].items())
+                      + "".join(f" {s}: {e}" for s, e in r["errors"].items()))
+        if d["invariants"]:
+            out.print(t)
+        for p in d["problems"]:
+            out.print(f"problem: {p}")
+    emit(data, as_json, human)
+
+
 @cli.group()
 def conflicts() -> None:
     """The conflict log: versions that lost (sync) or never reached the new primary (failover)."""

@@ -166,7 +166,7 @@ _KNOWN = {
                "disk_free_percent"},   # values checked by bastion.notify.settings
 }
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
-                    "blackout", "on_failure"}
+                    "blackout", "on_failure", "counters", "keys", "invariants"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -531,9 +531,20 @@ def _sync(raw: dict[str, Any], databases: dict[str, DatabaseConfig], config: Con
         if not isinstance(blackout, list) or not all(isinstance(b, str) and _WINDOW.match(b.strip())
                                                       for b in blackout):
             raise ConfigError(f"{where} blackout must be a list of \"HH:MM-HH:MM\" windows (local time)")
+        from .sync.check import parse_invariants
+        from .sync.site import KEY_STRATEGIES, _counter_spec
+        try:       # per-table settings (docs/sync.md): checked here, applied in each file by the daemon
+            counters = [".".join(_counter_spec(c)) for c in (g.get("counters") or [])]
+            keys = g.get("keys") or {}
+            if not isinstance(keys, dict) or not all(v in KEY_STRATEGIES for v in keys.values()):
+                raise UsageError(f"keys must be a table of TABLE = {' or '.join(map(repr, KEY_STRATEGIES))}")
+            invariants = parse_invariants(g.get("invariants"), where)
+        except UsageError as exc:
+            raise ConfigError(f"{where} {exc.message}", hint=exc.hint) from None
         groups[name] = {"sites": {k: v.rstrip("/") for k, v in sites.items()}, "topology": topology, "hub": hub,
                         "neighbours": neighbours, "policy": policy, "schedule": sched,
-                        "blackout": tuple(b.strip() for b in blackout), "on_failure": g.get("on_failure")}
+                        "blackout": tuple(b.strip() for b in blackout), "on_failure": g.get("on_failure"),
+                        "counters": counters, "keys": dict(keys), "invariants": invariants}
     if used and "peer_token_file" not in config.replication:
         raise ConfigError(f"{source}: sync groups talk over the peer API, so [replication] needs "
                           "peer_token_file = \"path\"", hint="the same secret file on every site")

@@ -388,6 +388,16 @@ def _sync_routes(app: FastAPI, daemon: Any) -> None:
     def sync_run(req: SyncRunRequest) -> dict[str, Any]:
         return daemon.sync.get(req.database).run_now(req.timeout)
 
+    @app.get("/v1/sync/check", summary="Sync: do all sites hold the same rows, and do the group's invariants hold")
+    def sync_check(database: str) -> dict[str, Any]:
+        return daemon.sync.get(database).check()
+
+    @app.post("/v1/peer/sync/check", summary="Peer: this site's vectors, row digests and invariant values")
+    def peer_sync_check(req: SyncPeerRequest) -> dict[str, Any]:
+        s = daemon.sync.get(req.database)
+        s._file(req.model_dump())
+        return s.check_report()
+
     @app.post("/v1/peer/sync/vector", summary="Peer: which changes this site holds, per origin")
     def peer_sync_vector(req: SyncPeerRequest) -> dict[str, Any]:
         return daemon.sync.get(req.database).vector(req.model_dump())

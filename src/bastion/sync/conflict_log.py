@@ -65,9 +65,16 @@ def _version(hlc: int, origin: str, columns: str | None, values: bytes | None) -
 
 def as_dict(r: Sequence[Any]) -> dict[str, Any]:
     (cid, at, tbl, key, kcols, pol, outcome, lh, lo, lc, lv, rh, ro, rseq, rc, rv, rat, resolution, by) = r
-    return {"id": cid, "at": at, "table": tbl, "key": dict(zip(json.loads(kcols), unpack(key) or ())),
-            "policy": pol, "outcome": outcome, "winner": outcome,
-            "local": _version(lh, lo, lc, lv), "remote": {**_version(rh, ro, rc, rv), "oseq": rseq},
+    kc = json.loads(kcols)
+    keyd = dict(zip(kc, unpack(key) or ()))
+    local, remote = _version(lh, lo, lc, lv), {**_version(rh, ro, rc, rv), "oseq": rseq}
+    # The application rows involved: the row itself; for two inserts of one key (sync's rekey), also
+    # the key the moved one lives at now (the remote version is recorded at its new key).
+    rows = [{"table": tbl, "key": keyd}]
+    if pol == "keys:rekey" and remote["values"] is not None:
+        rows.append({"table": tbl, "key": {k: remote["values"].get(k) for k in kc}})
+    return {"id": cid, "at": at, "table": tbl, "key": keyd, "policy": pol, "outcome": outcome, "winner": outcome,
+            "local": local, "remote": remote, "rows": rows,
             "resolved_at": rat, "resolution": resolution, "resolved_by": by}
 
 

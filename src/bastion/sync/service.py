@@ -46,8 +46,9 @@ PRUNE_EVERY = 5.0
 class Syncer(PassLoop):
     poll = POLL
     # A site cut off for a while must notice the network is back soon: its own changes only
-    # leave when it pushes them (nothing wakes it when a neighbour comes back).
-    max_backoff = 2.0
+    # leave when it pushes them (nothing wakes it when a neighbour comes back). A pass against
+    # a silent neighbour costs the vector request's connect timeout (1 s) plus this.
+    max_backoff = 0.5
 
     def __init__(self, daemon: Any, name: str, token: str) -> None:
         db = daemon.config.databases[name]
@@ -60,13 +61,11 @@ class Syncer(PassLoop):
         self.group_name = db.sync_group
         self.group = group
         self.site = daemon.config.sync["site"]
-        verify = trust(daemon.config.replication.get("peer_ca_file"))
+        self._verify = trust(daemon.config.replication.get("peer_ca_file"))
+        self._token = token
         # Short connect and vector timeouts: a neighbour that drops packets must cost seconds, not
         # the minute a large batch may take to apply.
-        self._http = {p: httpx.Client(base_url=self.group["sites"][p], verify=verify,
-                                      timeout=httpx.Timeout(60.0, connect=3.0),
-                                      headers={"Authorization": f"Bearer {token}"})
-                      for p in self.group["neighbours"]}
+        self._http = {p: self._new_client(p) for p in self.group["neighbours"]}
         # one thread per neighbour: a silent one must not hold up the exchange with the others
         self._pool = ThreadPoolExecutor(max_workers=len(self.group["neighbours"]),
                                         thread_name_prefix=f"bastion-sync-{name}")
@@ -102,7 +101,7 @@ class Syncer(PassLoop):
             for i, path in enumerate(self.db.files):
                 if not os.path.exists(path):
                     self._join(i)
-                site.install(path, self.site)
+                self._install(path)
             self._installed = True
         if not self.failures:        # a failing streak stays "failing" while it retries
             self.state = "syncing"
@@ -143,8 +142,9 @@ class Syncer(PassLoop):
                 # We pruned what it lacked by that old vector: other neighbours' word that it holds
                 # them is newer than our memory of it. Ask it (below) rather than fail every pass.
                 pass
+        # Connecting is what hangs on a cut link; answering may take a while on a busy site.
         vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i),
-                            timeout=httpx.Timeout(3.0))["vector"]
+                            timeout=httpx.Timeout(3.0, connect=1.0))["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
@@ -211,11 +211,20 @@ class Syncer(PassLoop):
         raise BastionError(f"{path} does not exist and no neighbour gave a copy to join the group: "
                            + "; ".join(tried), hint="a new site joins with a copy of a current site's files")
 
+    def _new_client(self, peer: str) -> httpx.Client:
+        return httpx.Client(base_url=self.group["sites"][peer], verify=self._verify,
+                            timeout=httpx.Timeout(60.0, connect=3.0),
+                            headers={"Authorization": f"Bearer {self._token}"})
+
     def _request(self, peer: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
         url = self.group["sites"][peer]
         try:
             r = self._http[peer].request(method, path, **kw)
         except httpx.HTTPError as exc:
+            # Drop the pooled connections: one kept alive across a cut link retransmits with a
+            # growing back-off and may stay silent for seconds after the link is back.
+            old, self._http[peer] = self._http[peer], self._new_client(peer)
+            old.close()
             why = verify_failure(exc)
             raise BastionError(f"site {peer} ({url}): " + (f"TLS failed: {why}" if why else
                                f"unreachable ({path}): {type(exc).__name__}: {exc}")) from None
@@ -246,8 +255,34 @@ class Syncer(PassLoop):
         if not self._installed:
             if not os.path.exists(path):
                 raise StateConflict(f"{path} is not here yet (this site is joining the group)")
-            site.install(path, self.site)
+            self._install(path)
         return path
+
+    def _install(self, path: str) -> None:
+        site.install(path, self.site)
+        site.configure(path, self.group.get("counters") or (), self.group.get("keys") or {}, present_only=True)
+
+    def check_report(self) -> dict[str, Any]:
+        """This site's part of `bastion sync check`: vectors, row digests, invariant values."""
+        from . import check
+        return check.local_report(list(self.db.files), self.group.get("invariants") or {})
+
+    def check(self) -> dict[str, Any]:
+        """Ask every site of the group (this one included) for its report, and compare."""
+        from . import check
+        reports: dict[str, Any] = {self.site: self.check_report()}
+
+        def ask(peer: str) -> dict[str, Any]:
+            try:
+                if peer not in self._http:
+                    self._http[peer] = self._new_client(peer)
+                return self._request(peer, "POST", "/v1/peer/sync/check", json=self._who(0))
+            except BastionError as exc:
+                return {"error": exc.message}
+        for peer in sorted(p for p in self.group["sites"] if p != self.site):
+            reports[peer] = ask(peer)
+        return {"database": self.name, "group": self.group_name, "site": self.site,
+                **check.compare(reports, self.group.get("invariants") or {})}
 
     def vector(self, req: dict[str, Any]) -> dict[str, Any]:
         path = self._file(req)

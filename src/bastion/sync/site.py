@@ -95,6 +95,7 @@ local row it collides with, which is not recorded); tombstones stay in the rows 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -118,7 +119,11 @@ LOG = "_bastion_sync_log"
 SHAPES = "_bastion_sync_shapes"
 SEEN = "_bastion_sync_seen"
 PEERS = "_bastion_sync_peers"
+IDS = "_bastion_sync_ids"
+COUNTERS = "_bastion_sync_counters"
 CONFLICTS = conflict_log.TABLE
+KEY_STRATEGIES = ("rekey", "shared")
+REKEY_POLICY = "keys:rekey"
 
 OP_INSERT, OP_UPDATE, OP_DELETE, OP_DDL = 1, 2, 3, 4
 _OP_NAME = {OP_INSERT: "insert", OP_UPDATE: "update", OP_DELETE: "delete", OP_DDL: "ddl"}
@@ -134,12 +139,19 @@ _TABLES_SQL = [
      "key_columns TEXT NOT NULL, UNIQUE(tbl, columns, key_columns))"),
     (f"CREATE TABLE IF NOT EXISTS {LOG}(lseq INTEGER PRIMARY KEY, origin TEXT NOT NULL, oseq INTEGER NOT NULL, "
      "hlc INTEGER NOT NULL, op INTEGER NOT NULL, shape INTEGER, key BLOB, vals BLOB, base_hlc INTEGER, "
-     "base_origin TEXT, ctx BLOB, sql TEXT, UNIQUE(origin, oseq))"),
+     "base_origin TEXT, ctx BLOB, sql TEXT, counters BLOB, UNIQUE(origin, oseq))"),
     (f"CREATE TABLE IF NOT EXISTS {SEEN}(origin TEXT PRIMARY KEY, oseq INTEGER NOT NULL, hlc INTEGER NOT NULL, "
      "pruned INTEGER NOT NULL DEFAULT 0)"),
     (f"CREATE TABLE IF NOT EXISTS {PEERS}(peer TEXT NOT NULL, origin TEXT NOT NULL, oseq INTEGER NOT NULL, "
      "at REAL NOT NULL, PRIMARY KEY(peer, origin)) WITHOUT ROWID"),
     conflict_log.DDL,
+    # Every creation (an insert made where its site had no version of the row) seen per key, and
+    # the key its row lives at now: a later concurrent creation of the same key moves (rekey).
+    (f"CREATE TABLE IF NOT EXISTS {IDS}(tbl TEXT NOT NULL, key BLOB NOT NULL, hlc INTEGER NOT NULL, "
+     "origin TEXT NOT NULL, at_key BLOB NOT NULL, PRIMARY KEY(tbl, key, origin, hlc)) WITHOUT ROWID"),
+    # Counter columns: per row and column, the value the group started from and each site's total delta.
+    (f"CREATE TABLE IF NOT EXISTS {COUNTERS}(tbl TEXT NOT NULL, key BLOB NOT NULL, col TEXT NOT NULL, base, "
+     "contrib BLOB NOT NULL, PRIMARY KEY(tbl, key, col)) WITHOUT ROWID"),
 ]
 
 
@@ -163,6 +175,7 @@ class SyncChange(NamedTuple):
     base: tuple[int, str] | None
     ctx: dict[str, int]
     sql: str | None
+    counters: dict[str, int] | None = None     # counter column -> the origin's total delta on this row
 
     @property
     def time(self) -> float:
@@ -178,6 +191,7 @@ class ApplyResult:
     conflicts: int = 0       # recorded in _bastion_conflicts
     won: int = 0             # conflicts the incoming version won
     merged: int = 0          # conflicts a resolver merged into a new local change
+    rekeyed: int = 0         # concurrent inserts of one key: the later one moved to a key of its own
     ddl: int = 0
     vector: dict[str, int] = field(default_factory=dict)
 
@@ -219,6 +233,32 @@ def _covered(hlc: int, origin: str, vv: Mapping[str, int]) -> bool:
     """A version is covered by a version vector when a version of its origin at least as
     recent is in it: that origin's versions of a row are made one after the other."""
     return vv.get(origin, -1) >= hlc
+
+
+def _total(base: Any, contrib: Mapping[str, int]) -> int:
+    return (base if type(base) is int else 0) + sum(contrib.values())
+
+
+def _fresh_key(table: str, hlc: int, origin: str, keyb: bytes) -> int:
+    """Where a concurrent insert moves: the same key at every site (a hash of who made it when),
+    negative, so that no site's rowid allocator (max + 1) ever hands it out or climbs after it."""
+    h = hashlib.sha256(b"\0".join([table.encode(), origin.encode(), str(hlc).encode(), keyb])).digest()
+    return -1 - (int.from_bytes(h[:8], "big") >> 2)
+
+
+def _with_key(v: Version, key_columns: Sequence[str], newk: int) -> Version:
+    if v.values is None or key_columns[0] not in v.columns:
+        return v
+    vals = list(v.values)
+    vals[v.columns.index(key_columns[0])] = newk
+    return Version(v.hlc, v.origin, v.columns, tuple(vals))
+
+
+def _rekeyed(ch: SyncChange, newk: int) -> SyncChange:
+    vals = ch.values
+    if vals is not None:
+        vals = tuple(newk if c == ch.key_columns[0] else v for c, v in zip(ch.columns, vals))
+    return ch._replace(key=(newk,), values=vals)
 
 
 def _join(vv: dict[str, int], other: Mapping[str, int]) -> dict[str, int]:
@@ -304,6 +344,11 @@ class _Site:
         self.key_pos: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[int, ...]] = {}
         self.local_shapes: dict[str, capture.Shape | None] = {}
         self.ingested_now = 0
+        # Per table: its counter columns, and how concurrent inserts of one key are kept (configure()).
+        self.counter_cols: dict[str, tuple[str, ...]] = {}
+        for t, c in json.loads(meta.get("counters") or "[]"):
+            self.counter_cols[t] = (*self.counter_cols.get(t, ()), c)
+        self.key_rules: dict[str, str] = json.loads(meta.get("keys") or "{}")
 
     # shapes ---------------------------------------------------------------------------------
 
@@ -419,11 +464,12 @@ class _Site:
 
     def log(self, origin: str, oseq: int, hlc: int, op: int, sid: int | None, keyb: bytes | None,
             vals: bytes | None, base: tuple[int, str] | None, ctx: Mapping[str, int] | None,
-            sql: str | None = None) -> None:
+            sql: str | None = None, counters: Mapping[str, int] | None = None) -> None:
         self.cur.execute(f"INSERT INTO {LOG}(origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, "
-                         "sql) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         "sql, counters) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (origin, oseq, hlc, op, sid, keyb, vals, base[0] if base else None,
-                          base[1] if base else None, None if ctx is None else _pack_vv(ctx), sql))
+                          base[1] if base else None, None if ctx is None else _pack_vv(ctx), sql,
+                          _pack_vv(counters) if counters else None))
         s = self.seen.get(origin)
         if s is None:
             self.seen[origin] = [oseq, hlc, 0]
@@ -504,7 +550,13 @@ class _Site:
         r = self.row(table, keyb)
         ctx = r.vv if r is not None else {}
         base = (r.hlc, r.origin) if r is not None else None
-        self.log(self.site, self._next_oseq(), hlc, op, sid, keyb, _pack(values), base, ctx)
+        counters = None
+        if values is not None:
+            if r is None and op == OP_INSERT and self.rekeys(table, key):
+                self.cur.execute(f"INSERT OR IGNORE INTO {IDS}(tbl, key, hlc, origin, at_key) VALUES (?, ?, ?, ?, ?)",
+                                 (table, keyb, hlc, self.site, keyb))
+            counters = self._count_local(table, sid, keyb, values, r is None)
+        self.log(self.site, self._next_oseq(), hlc, op, sid, keyb, _pack(values), base, ctx, counters=counters)
         self.put_row(table, keyb, _Row(hlc, self.site, values is None, _join(dict(ctx), {self.site: hlc}), []))
 
     # apply ------------------------------------------------------------------------------------
@@ -543,9 +595,9 @@ class _Site:
             merged = self._apply_row(ch, policy, res)
             sid = self.shape_id(ch.table, ch.columns, ch.key_columns)
             self.log(ch.origin, ch.oseq, ch.hlc, _OP_CODE[ch.op], sid, _pack(ch.key),
-                     _pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx)
+                     _pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx, counters=ch.counters)
             if merged is not None:
-                self._write_merged(ch, merged, top)
+                self._write_merged(self.routed, merged, top)
         self.flush_seen()
         if top:
             raise_clock(self.con, top)
@@ -573,7 +625,184 @@ class _Site:
 
     def _apply_row(self, ch: SyncChange, policy: Policy, res: ApplyResult) -> dict[str, Any] | bool | None:
         """Apply one row change; returns a resolver's merged row (a dict, or False for a merged
-        delete) to write as a local change, or None."""
+        delete) to write as a local change, or None.
+
+        First the row the change is about: a concurrent insert of a key another site also
+        created goes to a key of its own, and a change made on a row that moved follows it
+        (:meth:`_route`). Then the version rules, then the counter columns."""
+        rch = self.routed = self._route(ch, res)
+        merged = self._apply_version(rch, policy, res)
+        self._count_remote(rch)
+        return merged
+
+    # -- colliding inserts ------------------------------------------------------------------------
+
+    def rekeys(self, table: str, key: Sequence[Any]) -> bool:
+        """Whether concurrent inserts of this key are two rows (``rekey``) rather than one (``shared``).
+
+        Default: rekey for rowid tables (a rowid, or INTEGER PRIMARY KEY, is a number each site
+        allocates on its own), shared for other keys (a natural key names the same thing everywhere)."""
+        rule = self.key_rules.get(table)
+        if rule == "shared" or len(key) != 1 or type(key[0]) is not int:
+            return False
+        if rule == "rekey":
+            return True
+        shape = self.local_shape(table)
+        return shape is not None and not shape.without_rowid
+
+    def _route(self, ch: SyncChange, res: ApplyResult) -> SyncChange:
+        """The change as it applies here: at its own key, or at the key its row moved to."""
+        table = ch.table
+        assert table is not None and ch.key is not None
+        if not self.rekeys(table, ch.key):
+            return ch
+        keyb = _pack(ch.key)
+        assert keyb is not None
+        ids = [(h, o, a) for h, o, a in self.cur.execute(
+            f"SELECT hlc, origin, at_key FROM {IDS} WHERE tbl = ? AND key = ?", (table, keyb))]
+        if ch.op == "insert" and ch.base is None:
+            # A creation: its site had no version of this key, so every creation known here at this
+            # key is concurrent with it. The earliest keeps the key, every other one moves.
+            here = [(h, o) for h, o, a in ids if a == keyb]
+            add = f"INSERT OR IGNORE INTO {IDS}(tbl, key, hlc, origin, at_key) VALUES (?, ?, ?, ?, ?)"
+            if not here:
+                self.cur.execute(add, (table, keyb, ch.hlc, ch.origin, keyb))
+                return ch
+            h, o = here[0]
+            if (h, o) > (ch.hlc, ch.origin):
+                newk = _fresh_key(table, h, o, keyb)
+                moved = self._move(table, ch.key_columns, ch.key, newk)
+                self.cur.execute(f"UPDATE {IDS} SET at_key = ? WHERE tbl = ? AND key = ? AND origin = ? AND hlc = ?",
+                                 (_pack((newk,)), table, keyb, o, h))
+                self.cur.execute(add, (table, keyb, ch.hlc, ch.origin, keyb))
+                kept = Version(ch.hlc, ch.origin, ch.columns, ch.values)
+                if moved is not None:
+                    self._record_rekey(table, ch, kept, moved, newk)
+                res.rekeyed += 1
+                return ch
+            newk = _fresh_key(table, ch.hlc, ch.origin, keyb)
+            self.cur.execute(add, (table, keyb, ch.hlc, ch.origin, _pack((newk,))))
+            rch = _rekeyed(ch, newk)
+            r = self.row(table, keyb)
+            if r is not None:
+                self._record_rekey(table, ch, self.read_current(table, ch.key_columns, ch.key, r),
+                                   Version(rch.hlc, rch.origin, rch.columns, rch.values), newk)
+            res.rekeyed += 1
+            return rch
+        # A later change: it is about the row its site had at this key, the earliest creation it had seen.
+        covered = [(h, o, a) for h, o, a in ids if ch.ctx.get(o, -1) >= h]
+        if not covered:
+            return ch
+        _h, _o, at = min(covered)
+        return ch if at == keyb else _rekeyed(ch, _unpack(at)[0])     # type: ignore[index]
+
+    def _move(self, table: str, key_columns: Sequence[str], key: Sequence[Any], newk: int) -> Version | None:
+        """Move the row at ``key`` (table row, version state, counters) to ``newk``; returns its
+        current version as it is now (at the new key)."""
+        keyb = _pack(key)
+        r = self.row(table, keyb)       # type: ignore[arg-type]
+        if r is None:
+            return None
+        cur = self.read_current(table, key_columns, key, r)
+        mv = _with_key(cur, key_columns, newk)
+        if not cur.deleted:
+            self.write(table, key_columns, key, Version(0, "", (), None))
+            self.write(table, key_columns, (newk,), mv)
+        newkb = _pack((newk,))
+        self.put_row(table, newkb, _Row(r.hlc, r.origin, r.deleted, r.vv,      # type: ignore[arg-type]
+                                        [_with_key(v, key_columns, newk) for v in r.siblings]))
+        self.cur.execute(f"DELETE FROM {ROWS} WHERE tbl = ? AND key = ?", (table, keyb))
+        self.cur.execute(f"UPDATE {COUNTERS} SET key = ? WHERE tbl = ? AND key = ?", (newkb, table, keyb))
+        return mv
+
+    def _record_rekey(self, table: str, ch: SyncChange, kept: Version, moved: Version, newk: int) -> None:
+        """Nothing to decide (both rows stay), but the site whose row moved should know: recorded
+        as settled, with both rows (the moved one at its new key)."""
+        self._record(table, ch, None, "both", kept, moved)
+        self.cur.execute(f"UPDATE {CONFLICTS} SET resolved_at = at, resolved_by = 'bastion', resolution = ? "
+                         "WHERE id = ?", (f"both rows kept: the insert of {moved.origin} moved from key "
+                                          f"{ch.key[0] if ch.key else None} to {newk}", self.con.last_insert_rowid()))
+
+    # -- counter columns --------------------------------------------------------------------------
+
+    def counter(self, table: str, keyb: bytes, col: str) -> list[Any] | None:
+        got = self.cur.execute(f"SELECT base, contrib FROM {COUNTERS} WHERE tbl = ? AND key = ? AND col = ?",
+                               (table, keyb, col)).fetchall()
+        return [got[0][0], _unpack_vv(got[0][1])] if got else None
+
+    def put_counter(self, table: str, keyb: bytes, col: str, base: Any, contrib: Mapping[str, int]) -> None:
+        self.cur.execute(f"INSERT OR REPLACE INTO {COUNTERS}(tbl, key, col, base, contrib) VALUES (?, ?, ?, ?, ?)",
+                         (table, keyb, col, base, _pack_vv(contrib)))
+
+    def _count_local(self, table: str, sid: int, keyb: bytes, values: Sequence[Any],
+                     creation: bool) -> dict[str, int] | None:
+        """A local change's counter columns as deltas: the table held the group's total before the
+        application's write, so what it wrote minus that total is this site's delta."""
+        cols = self.counter_cols.get(table)
+        if not cols:
+            return None
+        columns = self.shape(sid)[1]
+        out = {}
+        for col in cols:
+            if col not in columns:
+                continue
+            v = values[columns.index(col)]
+            if type(v) is not int:
+                continue                # not a number: not counted (row-level policy only)
+            st = self.counter(table, keyb, col) or [0 if creation else v, {}]
+            base, contrib = st
+            contrib[self.site] = contrib.get(self.site, 0) + v - _total(base, contrib)
+            self.put_counter(table, keyb, col, base, contrib)
+            out[col] = contrib[self.site]
+        return out or None
+
+    def _count_remote(self, ch: SyncChange) -> None:
+        """Take the origin's total delta of each counter column, and make the table hold the sum."""
+        table = ch.table
+        cols = self.counter_cols.get(table or "")
+        if not cols or table is None or ch.key is None:
+            return
+        shape = self.local_shape(table)
+        keyb = _pack(ch.key)
+        assert keyb is not None
+        sets = []
+        for col in cols:
+            if shape is None or col not in shape.columns:
+                continue
+            st = self.counter(table, keyb, col)
+            n = (ch.counters or {}).get(col)
+            if n is not None:
+                st = st or [0, {}]
+                if st[1].get(ch.origin) != n:
+                    st[1][ch.origin] = n
+                    self.put_counter(table, keyb, col, st[0], st[1])
+            if st is not None:
+                sets.append((col, _total(*st)))
+        if sets:
+            where = " AND ".join(f"{capture._q(k)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
+                                 for k, v in zip(ch.key_columns, ch.key))
+            self.cur.execute(f"UPDATE {capture._q(table)} SET {', '.join(f'{capture._q(c)} = ?' for c, _ in sets)} "
+                             f"WHERE {where}", [t for _, t in sets] + [bytes(v) if type(v) is RawText else v
+                                                                        for v in ch.key])
+
+    def with_totals(self, table: str, key: Sequence[Any], row: dict[str, Any]) -> dict[str, Any]:
+        """A row to write as a local change (a resolution), its counter columns at the group's total:
+        the write then adds no delta of its own."""
+        keyb = _pack(key)
+        for col in self.counter_cols.get(table, ()):
+            st = self.counter(table, keyb, col) if col in row else None     # type: ignore[arg-type]
+            if st is not None:
+                row = {**row, col: _total(*st)}
+        return row
+
+    def unmasked(self, table: str, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A row without its counter columns: versions that differ only there do not conflict."""
+        cols = self.counter_cols.get(table)
+        if row is None or not cols:
+            return row
+        return {k: v for k, v in row.items() if k not in cols}
+
+    def _apply_version(self, ch: SyncChange, policy: Policy, res: ApplyResult) -> dict[str, Any] | bool | None:
         table = ch.table
         assert table is not None and ch.key is not None
         keyb = _pack(ch.key)
@@ -611,7 +840,7 @@ class _Site:
         else:
             local = others[0] if current_open else max(others, key=lww.key)
         merged: dict[str, Any] | bool | None = None
-        if same_row(local.row(), x.row()):
+        if same_row(self.unmasked(table, local.row()), self.unmasked(table, x.row())):
             # The same values: nothing to resolve, nothing to record; keep the greater version.
             winner = max(local, x, key=policy.key if policy.total else lww.key)
             outcome = None
@@ -652,19 +881,21 @@ class _Site:
                 self.write(ch.table, ch.key_columns, ch.key, Version(0, "", (), None))
             else:
                 assert isinstance(row, dict)
+                row = self.with_totals(ch.table, ch.key, row)
                 cols = tuple(c for c in (shape.columns if shape else ch.columns) if c in row)
                 self.write(ch.table, ch.key_columns, ch.key, Version(0, "", cols, tuple(row[c] for c in cols)))
         finally:
             self.con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, trig)
         self.ingest()
 
-    def _record(self, table: str, ch: SyncChange, policy: Policy, outcome: str, local: Version,
+    def _record(self, table: str, ch: SyncChange, policy: Policy | None, outcome: str, local: Version,
                 remote: Version) -> None:
         self.cur.execute(
             f"INSERT INTO {CONFLICTS}(at, tbl, key, key_columns, policy, outcome, local_hlc, local_origin, "
             "local_columns, local_values, remote_hlc, remote_origin, remote_oseq, remote_columns, remote_values) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), table, _pack(ch.key), json.dumps(list(ch.key_columns)), policy.describe(), outcome,
+            (time.time(), table, _pack(ch.key), json.dumps(list(ch.key_columns)),
+             policy.describe() if policy is not None else REKEY_POLICY, outcome,
              local.hlc, local.origin, None if local.deleted else json.dumps(list(local.columns)),
              _pack(local.values), remote.hlc, remote.origin, ch.oseq,
              None if remote.deleted else json.dumps(list(remote.columns)), _pack(remote.values)))
@@ -679,15 +910,16 @@ class _Site:
     # reading the log ----------------------------------------------------------------------------
 
     def decode(self, row: Sequence[Any]) -> SyncChange:
-        origin, oseq, hlc, op, sid, keyb, vals, bh, bo, ctx, sql = row
+        origin, oseq, hlc, op, sid, keyb, vals, bh, bo, ctx, sql, counters = row
         if op == OP_DDL:
             return SyncChange(origin, oseq, hlc, "ddl", None, (), (), None, None, None, {}, sql)
         table, cols, kcols = self.shape(sid)
         return SyncChange(origin, oseq, hlc, _OP_NAME[op], table, cols, kcols, _unpack(keyb), _unpack(vals),
-                          None if bh is None else (bh, bo), _unpack_vv(ctx), None)
+                          None if bh is None else (bh, bo), _unpack_vv(ctx), None,
+                          _unpack_vv(counters) if counters is not None else None)
 
 
-_LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql"
+_LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters"
 
 
 def raise_clock(con: apsw.Connection, hlc: int) -> None:
@@ -721,6 +953,7 @@ def install(target: apsw.Connection | str | os.PathLike[str], site: str) -> dict
                     raise StateConflict(f"sync is already installed here for site {have!r}, not {site!r}",
                                         hint="a copy of another site's file must be seeded as a new site")
                 already = True
+                _upgrade(con)
             else:
                 for sql in _TABLES_SQL:
                     # Our own DDL moves the schema cookie: let capture know it was ours, not a VACUUM.
@@ -732,6 +965,83 @@ def install(target: apsw.Connection | str | os.PathLike[str], site: str) -> dict
                 already = False
         return {"site": site, "already_installed": already, "tables": cap.tables, "uncaptured": cap.uncaptured,
                 "capture_position": cap.position.seq}
+
+
+def _upgrade(con: apsw.Connection) -> None:
+    """Tables and columns a file synced by an earlier version lacks (colliding inserts, counters)."""
+    for sql in _TABLES_SQL[-2:]:
+        name = sql.split("EXISTS ", 1)[1].split("(", 1)[0]
+        if not capture._exists(con, name):
+            capture._own_ddl(con, sql)
+    if "counters" not in [r[1] for r in con.execute(f"PRAGMA table_info({LOG})")]:
+        capture._own_ddl(con, f"ALTER TABLE {LOG} ADD COLUMN counters BLOB")
+
+
+def _counter_spec(spec: Any) -> tuple[str, str]:
+    if isinstance(spec, str) and "." in spec:
+        t, _, c = spec.partition(".")
+        if t and c:
+            return t, c
+    if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(x, str) and x for x in spec):
+        return spec[0], spec[1]
+    raise UsageError(f"counter column {spec!r} is not \"table.column\"", hint='e.g. counters = ["accounts.balance"]')
+
+
+def configure(target: apsw.Connection | str | os.PathLike[str], counters: Sequence[Any] = (),
+              keys: Mapping[str, str] | None = None, present_only: bool = False) -> dict[str, Any]:
+    """Set the sync group's per-table settings in this file (every site of the group sets the same).
+
+    ``counters``: columns (``"table.column"``) whose concurrent updates add up: each site's
+    change counts as a delta on the total. The value each row holds now is the base every
+    site counts from: configure counters while every site holds the same rows (when the
+    group is set up). ``keys``: per table, ``"rekey"`` (concurrent inserts of one integer
+    key are two rows: the later one moves to a key of its own at every site) or ``"shared"``
+    (the key names the same row at every site: the policy decides). Default: rekey for
+    rowid tables, shared for others. ``present_only``: settings of tables this file does not
+    have are left out (a database of several files: each file takes its own tables')."""
+    pairs = sorted({_counter_spec(c) for c in counters})
+    rules = dict(keys or {})
+    for t, rule in rules.items():
+        if rule not in KEY_STRATEGIES:
+            raise UsageError(f"keys: table {t!r} has strategy {rule!r}", hint=f"use one of {', '.join(KEY_STRATEGIES)}")
+    with _connection(target) as con:
+        ingest(con)
+        with _transaction(con):
+            s = _Site(con)
+            _upgrade(con)
+            if present_only:
+                pairs = [(t, c) for t, c in pairs if s.local_shape(t) is not None]
+                rules = {t: r for t, r in rules.items() if s.local_shape(t) is not None}
+            for t, rule in rules.items():
+                shape = s.local_shape(t)
+                if rule == "rekey" and shape is not None and (len(shape.key_columns) != 1 or shape.without_rowid):
+                    raise UsageError(f"keys: table {t!r} cannot be rekeyed: its key is not a rowid",
+                                     hint="rekey moves rows between integer keys; use \"shared\" for this table")
+            had = {(t, c) for t, cs in s.counter_cols.items() for c in cs}
+            added = []
+            for t, c in pairs:
+                shape = s.local_shape(t)
+                if shape is None or c not in shape.columns:
+                    raise UsageError(f"counter column {t}.{c}: no captured table {t!r} with a column {c!r} here",
+                                     hint="name a column of a synced table: counters = [\"table.column\"]")
+                if c in shape.key_columns:
+                    raise UsageError(f"counter column {t}.{c} is (part of) the table's key",
+                                     hint="a counter is a value column, e.g. a balance or a quantity")
+                if (t, c) in had:
+                    continue
+                added.append(f"{t}.{c}")
+                q = capture._q
+                keys_sql = ", ".join(map(q, shape.key_columns))
+                for row in con.execute(f"SELECT {keys_sql}, {q(c)} FROM {q(t)}"):
+                    key, v = tuple(row[:-1]), row[-1]
+                    con.execute(f"INSERT OR IGNORE INTO {COUNTERS}(tbl, key, col, base, contrib) "
+                                "VALUES (?, ?, ?, ?, ?)", (t, _pack(key), c, v, _pack_vv({})))
+            for t, c in had - set(pairs):
+                con.execute(f"DELETE FROM {COUNTERS} WHERE tbl = ? AND col = ?", (t, c))
+            con.execute(f"INSERT OR REPLACE INTO {META}(key, value) VALUES ('counters', ?)", (json.dumps(pairs),))
+            con.execute(f"INSERT OR REPLACE INTO {META}(key, value) VALUES ('keys', ?)",
+                        (json.dumps(rules, sort_keys=True),))
+        return {"counters": [f"{t}.{c}" for t, c in pairs], "added": added, "keys": rules}
 
 
 def is_installed(target: apsw.Connection | str | os.PathLike[str]) -> bool:
@@ -915,8 +1225,9 @@ def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, 
                     if v["deleted"]:
                         s.write(c["table"], kcols, key, Version(0, "", (), None))
                     else:
-                        cols = tuple(v["values"])
-                        s.write(c["table"], kcols, key, Version(0, "", cols, tuple(v["values"][k] for k in cols)))
+                        vals = s.with_totals(c["table"], key, v["values"])
+                        cols = tuple(vals)
+                        s.write(c["table"], kcols, key, Version(0, "", cols, tuple(vals[k] for k in cols)))
                     before = s.seen[s.site][0]
                     s.ingest()
                     if s.seen[s.site][0] == before:
@@ -971,7 +1282,8 @@ def to_wire(changes: Sequence[SyncChange]) -> dict[str, Any]:
         if c.table is not None:
             idx = shapes.setdefault((c.table, tuple(c.columns), tuple(c.key_columns)), len(shapes))
         rows.append([c.origin, c.oseq, c.hlc, c.op, idx, vals(c.key), vals(c.values),
-                     None if c.base is None else list(c.base), dict(c.ctx), c.sql])
+                     None if c.base is None else list(c.base), dict(c.ctx), c.sql,
+                     None if not c.counters else dict(c.counters)])
     return {"format": FORMAT, "shapes": [[t, list(cs), list(ks)] for t, cs, ks in shapes], "changes": rows}
 
 
@@ -984,11 +1296,13 @@ def from_wire(data: Mapping[str, Any]) -> list[SyncChange]:
     def vals(v: Sequence[Any] | None) -> tuple[Any, ...] | None:
         return None if v is None else tuple(_unwire(x) for x in v)
     out = []
-    for origin, oseq, hlc, op, idx, key, values, base, ctx, sql in data["changes"]:
+    for origin, oseq, hlc, op, idx, key, values, base, ctx, sql, *rest in data["changes"]:
         t, cs, ks = shapes[idx] if idx is not None else (None, (), ())
+        counters = rest[0] if rest else None
         out.append(SyncChange(origin, int(oseq), int(hlc), op, t, cs, ks, vals(key), vals(values),
                               None if base is None else (int(base[0]), str(base[1])),
-                              {str(k): int(v) for k, v in (ctx or {}).items()}, sql))
+                              {str(k): int(v) for k, v in (ctx or {}).items()}, sql,
+                              None if not counters else {str(k): int(v) for k, v in counters.items()}))
     return out
 
 
