@@ -60,11 +60,15 @@ class DaemonProc:
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
+    def command(self) -> list[str]:
+        """How the daemon is started; subclasses change this, not start()."""
+        return [PY, "-m", "bastion", "serve", "--log-level", "debug", "--config", str(self.config)]
+
     def start(self, timeout: float = 20.0) -> "DaemonProc":
         self.log = self.data_dir.parent / f"daemon-{time.time_ns()}.log"
         with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--log-level", "debug", "--config", str(self.config)],
-                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -15,7 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -133,25 +132,10 @@ class NsDaemon(DaemonProc):
 
     small: Path
 
-    def start(self, timeout: float = 20.0) -> "NsDaemon":
-        import httpx
-        self.log = self.data_dir.parent / f"daemon-{time.time_ns()}.log"
+    def command(self) -> list[str]:
         inner = f"mount -t tmpfs -o size=1m,mode=0700 bastion-test {self.small} && exec {PY} -m bastion serve " \
                 f"--log-level debug --config {self.config}"
-        with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", inner],
-                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
-            try:
-                if self.api("GET", "/v1/status").status_code == 200:
-                    return self
-            except (httpx.HTTPError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start: {self.log.read_text()}")
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
 
     def inside(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         """A command in the daemon's mount namespace (where the tmpfs is)."""
@@ -187,7 +171,7 @@ def test_disk_full_read_only_then_room_again(ns_daemon, bank, tmp_path):
     assert r.code == 2, (r.code, r.out, r.err)
     assert r.err.startswith("error: ") and "Traceback" not in r.err and "internal error" not in r.err
     # the side that failed (the repository, not the database), what, how much
-    assert f"writing chunks/" in r.err and f"the repository at {url}: no space left" in r.err, r.err
+    assert "writing chunks/" in r.err and f"the repository at {url}: no space left" in r.err, r.err
     assert "bytes needed" in r.err and "more bytes (before compression) are needed" in r.err, r.err
     assert ", so up to 0 more" not in r.err
     assert "reading the database" not in r.err

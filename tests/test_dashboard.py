@@ -8,7 +8,6 @@ reapplied in the database file itself."""
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import subprocess

@@ -12,35 +12,20 @@ import secrets
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import PY, App, DaemonProc, free_port, write_config
+from conftest import PY, DaemonProc, free_port, write_config
 
 
 class InfoDaemon(DaemonProc):
     """A daemon at the default log level (the fixtures run at debug), its log kept."""
 
-    def start(self, timeout: float = 20.0) -> "InfoDaemon":
-        self.log = self.data_dir.parent / f"daemon-{time.time_ns()}.log"
-        with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(self.config)],
-                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
-            try:
-                if self.api("GET", "/v1/status").status_code == 200:
-                    return self
-            except (httpx.HTTPError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start: {self.log.read_text()}")
+    def command(self) -> list[str]:
+        return [PY, "-m", "bastion", "serve", "--config", str(self.config)]
 
 
 def serve(config: Path, timeout: float = 30) -> subprocess.CompletedProcess:

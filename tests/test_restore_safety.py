@@ -15,7 +15,6 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 

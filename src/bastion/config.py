@@ -516,7 +516,6 @@ def _sync(raw: dict[str, Any], databases: dict[str, DatabaseConfig], config: Con
         else:
             neighbours = sorted(n for n in sites if n != site)
         from .sync.policy import Policy
-        from .errors import UsageError
         try:
             policy = Policy.of({k: g[k] for k in ("policy", "priority", "update_delete", "resolver") if k in g})
         except UsageError as exc:

@@ -10,7 +10,6 @@ The loop never dies: the last error is kept for status.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any

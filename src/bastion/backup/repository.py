@@ -32,7 +32,7 @@ import zstandard
 
 from ..errors import BastionError, UsageError
 from .names import UnsafeName, backup_id as checked_id, file_name, file_names
-from .store import ObjectMissing, Store, open_store
+from .store import ObjectMissing, Store, _pid_alive, open_store
 
 FORMAT = 1
 MARKER = "bastion-repo.json"
@@ -167,18 +167,6 @@ def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
         if key in m and (not _int(m[key]) or m[key] < 0):
             bad(f"{key} {m[key]!r} is not a count")
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Repository:
