@@ -294,7 +294,8 @@ def run_partition(tmp_path: Path, network: Net, bulk: int, crash: bool) -> None:
         wait_for(lambda: site_of(b.db) == "b" and site_of(c.db) == "c", 60, "b and c joined")
         for n in (b, c):
             code, st = n.status()
-            assert st["joined_from"] == "a" and st["neighbours"] == sorted(set(SITES) - {n.name}), st
+            # from a, or from a neighbour that already joined from a (a busy a may not answer in time)
+            assert st["joined_from"] in set(SITES) - {n.name} and st["neighbours"] == sorted(set(SITES) - {n.name}), st
 
         # the mesh works before the cut (and each daemon holds connections to the others)
         a.app("UPDATE items SET qty = 500 WHERE id = 30")
