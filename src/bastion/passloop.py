@@ -93,6 +93,11 @@ class PassLoop:
                 self._cond.wait(min(left, 1.0))
             return dict(self._last_result)
 
+    def requested(self) -> bool:
+        """Whether someone waits in :meth:`run_now` for the pass under way (it must be whole)."""
+        with self._cond:
+            return self._requested > self._served
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:

@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -41,6 +41,11 @@ log = logging.getLogger("bastion.sync")
 BATCH = 2000
 POLL = 0.05
 PRUNE_EVERY = 5.0
+# How long a pass waits for its neighbours' pushes. One still running after that (a silent
+# neighbour: a read timeout on a kept-alive connection, a long batch) stays in flight and is
+# collected by a later pass, so the neighbours that answer are not held up behind it.
+# (Continuous passes only.)
+PEER_WAIT = 0.5
 
 
 class Syncer(PassLoop):
@@ -78,6 +83,7 @@ class Syncer(PassLoop):
         self._installed = False
         self._last_prune = 0.0
         self.apply_lock = threading.Lock()      # batches from several neighbours: one at a time
+        self._inflight: dict[str, Future[int]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:  # type: ignore[override]
@@ -105,10 +111,17 @@ class Syncer(PassLoop):
             self._installed = True
         if not self.failures:        # a failing streak stays "failing" while it retries
             self.state = "syncing"
+        for peer in self.group["neighbours"]:
+            if peer not in self._inflight:
+                self._inflight[peer] = self._pool.submit(self._push_all, peer)
+        # a pass somebody asked for (sync run, a schedule) is whole: it waits for every neighbour
+        whole = self.requested() or self.timing.mode != "continuous"
+        wait(list(self._inflight.values()), timeout=None if whole else PEER_WAIT)
         sent = 0
-        errors = []
-        running = {peer: self._pool.submit(self._push_all, peer) for peer in self.group["neighbours"]}
-        for peer, fut in running.items():
+        for peer, fut in list(self._inflight.items()):
+            if not fut.done():
+                continue
+            del self._inflight[peer]
             try:
                 sent += fut.result()
                 self.peer_state[peer].update(last_error=None, last_ok_at=time.time())
@@ -116,7 +129,7 @@ class Syncer(PassLoop):
                 if self.peer_state[peer]["last_error"] is None:
                     log.warning("sync of %s: neighbour %s fails: %s", self.name, peer, exc.message)
                 self.peer_state[peer]["last_error"] = exc.message
-                errors.append(f"{peer}: {exc.message}")
+        errors = [f"{p}: {st['last_error']}" for p, st in self.peer_state.items() if st["last_error"]]
         if time.monotonic() - self._last_prune > PRUNE_EVERY:
             self._last_prune = time.monotonic()
             for path in self.db.files:
@@ -142,9 +155,11 @@ class Syncer(PassLoop):
                 # We pruned what it lacked by that old vector: other neighbours' word that it holds
                 # them is newer than our memory of it. Ask it (below) rather than fail every pass.
                 pass
-        # Connecting is what hangs on a cut link; answering may take a while on a busy site.
+        # Connecting is what hangs on a cut link; answering may take a while on a busy site (the
+        # vector reads the log after the writers' transactions). A slow answer holds up only
+        # this neighbour's thread (PEER_WAIT).
         vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i),
-                            timeout=httpx.Timeout(3.0, connect=1.0))["vector"]
+                            timeout=httpx.Timeout(15.0, connect=1.0))["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
