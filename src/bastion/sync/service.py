@@ -111,24 +111,18 @@ class Syncer(PassLoop):
             self._installed = True
         if not self.failures:        # a failing streak stays "failing" while it retries
             self.state = "syncing"
+        # a pass somebody asked for (sync run, a schedule) is whole: it waits for every neighbour,
+        # and a push begun before the request (it may miss what was written since) is not enough
+        whole = self.requested() or self.timing.mode != "continuous"
+        sent = 0
+        if whole and self._inflight:
+            wait(list(self._inflight.values()))
+            sent += self._collect()
         for peer in self.group["neighbours"]:
             if peer not in self._inflight:
                 self._inflight[peer] = self._pool.submit(self._push_all, peer)
-        # a pass somebody asked for (sync run, a schedule) is whole: it waits for every neighbour
-        whole = self.requested() or self.timing.mode != "continuous"
         wait(list(self._inflight.values()), timeout=None if whole else PEER_WAIT)
-        sent = 0
-        for peer, fut in list(self._inflight.items()):
-            if not fut.done():
-                continue
-            del self._inflight[peer]
-            try:
-                sent += fut.result()
-                self.peer_state[peer].update(last_error=None, last_ok_at=time.time())
-            except BastionError as exc:   # one neighbour down must not stop the others
-                if self.peer_state[peer]["last_error"] is None:
-                    log.warning("sync of %s: neighbour %s fails: %s", self.name, peer, exc.message)
-                self.peer_state[peer]["last_error"] = exc.message
+        sent += self._collect()
         errors = [f"{p}: {st['last_error']}" for p, st in self.peer_state.items() if st["last_error"]]
         if time.monotonic() - self._last_prune > PRUNE_EVERY:
             self._last_prune = time.monotonic()
@@ -141,6 +135,22 @@ class Syncer(PassLoop):
         self.sent += sent
         return {"database": self.name, "sent": sent, "errors": errors,
                 "more": bool(sent) and self.timing.mode == "continuous"}
+
+    def _collect(self) -> int:
+        """Record the outcome of every finished push; return how many changes they sent."""
+        sent = 0
+        for peer, fut in list(self._inflight.items()):
+            if not fut.done():
+                continue
+            del self._inflight[peer]
+            try:
+                sent += fut.result()
+                self.peer_state[peer].update(last_error=None, last_ok_at=time.time())
+            except BastionError as exc:   # one neighbour down must not stop the others
+                if self.peer_state[peer]["last_error"] is None:
+                    log.warning("sync of %s: neighbour %s fails: %s", self.name, peer, exc.message)
+                self.peer_state[peer]["last_error"] = exc.message
+        return sent
 
     def _push_all(self, peer: str) -> int:
         return sum(self._push(peer, i, path) for i, path in enumerate(self.db.files))
