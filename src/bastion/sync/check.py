@@ -76,7 +76,7 @@ def digest(path: str) -> dict[str, Any]:
                                         "type = 'table' AND name NOT LIKE 'sqlite%' AND substr(name, 1, 9) != "
                                         "'_bastion_' ORDER BY name").fetchall():
                 cols = [r[0] for r in con.execute("SELECT name FROM pragma_table_xinfo(?)", (name,))]
-                q = capture._q
+                q = capture.quote
                 sel = ", ".join(f"typeof({q(c)}), CAST({q(c)} AS BLOB)" for c in cols)
                 order = "rowid" if not wr else ", ".join(str(2 * i + 2) for i in range(len(cols)))
                 h.update(b"\x00T" + name.encode())

@@ -30,6 +30,7 @@ import msgpack
 from .. import capture
 from ..capture import RawText
 from ..errors import StateConflict, UsageError
+from ..sqlite.connect import transaction
 
 TABLE = "_bastion_conflicts"
 DDL = (f"CREATE TABLE IF NOT EXISTS {TABLE}(id INTEGER PRIMARY KEY, at REAL NOT NULL, tbl TEXT NOT NULL, "
@@ -104,8 +105,8 @@ def _ensure(con: apsw.Connection) -> None:
     is ours: else its next look takes the moved schema cookie for a VACUUM (a re-seed)."""
     if _has_table(con):
         return
-    if capture._installed(con):
-        capture._own_ddl(con, DDL)
+    if capture.installed(con):
+        capture.own_ddl(con, DDL)
     else:
         con.execute(DDL)
 
@@ -154,7 +155,7 @@ def record(con: apsw.Connection, *, table: str, key_columns: Sequence[str], key:
 
 def _current(con: apsw.Connection, table: str, columns: Sequence[str], key_columns: Sequence[str],
              key: Sequence[Any]) -> tuple[Any, ...] | None:
-    q = capture._q
+    q = capture.quote
     where = " AND ".join(f"{q(k)} IS ?" for k in key_columns)
     try:
         got = con.execute(f"SELECT {', '.join(map(q, columns))} FROM {q(table)} WHERE {where}", tuple(key)).fetchall()
@@ -168,7 +169,7 @@ def record_unshipped(con: apsw.Connection, origin: str, node: str, changes: Sequ
     none applied. Recording the same change twice (a rejoin retried) is a no-op."""
     here = capture.origin_of(con) or "(this node)"
     n = 0
-    with capture._transaction(con, write=True):
+    with transaction(con, write=True):
         _ensure(con)
         for c in changes:
             if con.execute(f"SELECT 1 FROM {TABLE} WHERE policy = 'failover' AND remote_origin = ? AND "
@@ -208,7 +209,7 @@ def merge(con: apsw.Connection, incoming: Sequence[Sequence[Any]]) -> int:
     same conflict here. A conflict is the same when its table, key, policy and both versions'
     origin and clock value are. Returns how many rows changed."""
     n = 0
-    with capture._transaction(con, write=True):
+    with transaction(con, write=True):
         _ensure(con)
         for r in incoming:
             (_id, at, tbl, key, kcols, pol, outcome, lh, lo, lc, lv, rh, ro, rseq, rc, rv, rat, res, by) = r
@@ -240,7 +241,7 @@ def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, 
             return site.resolve(con, conflict_id, action, by=by, version=version)
         trig = con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1)    # captured: it travels on
         try:
-            with capture._transaction(con, write=True):
+            with transaction(con, write=True):
                 c = get(con, conflict_id)
                 pick = to_reapply(c, action, version)
                 resolution = "dismissed"
@@ -273,7 +274,7 @@ def to_reapply(c: dict[str, Any], action: str, version: str | None) -> str | Non
 
 def _write(con: apsw.Connection, table: str, key_columns: Sequence[str], key: Sequence[Any],
            values: dict[str, Any] | None) -> None:
-    q = capture._q
+    q = capture.quote
 
     def mark(v: Any) -> str:
         return "CAST(? AS TEXT)" if type(v) is RawText else "?"

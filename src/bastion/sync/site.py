@@ -109,6 +109,7 @@ import msgpack
 from .. import capture
 from ..capture import RawText
 from ..errors import StateConflict, UsageError
+from ..sqlite.connect import one, transaction
 from . import conflict_log
 from .policy import Policy, Version, same_row
 
@@ -297,11 +298,11 @@ def _transaction(con: apsw.Connection, write: bool = True, quiet: bool = False) 
                          hint="sync functions run their own transaction; commit or roll back first")
     saved = None
     if quiet:
-        saved = (con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1), capture._one(con, "PRAGMA foreign_keys"))
+        saved = (con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1), one(con, "PRAGMA foreign_keys"))
         con.execute("PRAGMA foreign_keys = OFF")
         con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
     try:
-        with capture._transaction(con, write):      # begin, commit or roll back: capture's own
+        with transaction(con, write):      # begin, commit or roll back: capture's own
             yield
     finally:
         if saved is not None:
@@ -310,7 +311,7 @@ def _transaction(con: apsw.Connection, write: bool = True, quiet: bool = False) 
 
 
 def _installed(con: apsw.Connection) -> bool:
-    return capture._exists(con, META)
+    return capture.exists(con, META)
 
 
 # -- the state of one site, inside one transaction ---------------------------------------------
@@ -357,7 +358,7 @@ class _Site:
         sid = self.shape_ids.get(k)
         if sid is None:
             cols, keys = json.dumps(k[1]), json.dumps(k[2])
-            sid = capture._one(self.con, f"SELECT id FROM {SHAPES} WHERE tbl = ? AND columns = ? AND key_columns = ?",
+            sid = one(self.con, f"SELECT id FROM {SHAPES} WHERE tbl = ? AND columns = ? AND key_columns = ?",
                                (table, cols, keys))
             if sid is None:
                 self.cur.execute(f"INSERT INTO {SHAPES}(tbl, columns, key_columns) VALUES (?, ?, ?)",
@@ -385,7 +386,7 @@ class _Site:
 
     def local_shape(self, table: str) -> capture.Shape | None:
         if table not in self.local_shapes:
-            js = capture._one(self.con, f"SELECT shape FROM {capture.TABLES} WHERE name = ? AND active = 1", (table,))
+            js = one(self.con, f"SELECT shape FROM {capture.TABLES} WHERE name = ? AND active = 1", (table,))
             self.local_shapes[table] = capture.Shape.from_json(js) if js else None
         return self.local_shapes[table]
 
@@ -417,18 +418,18 @@ class _Site:
         if shape is None:
             raise StateConflict(f"table {table!r} is not captured here", hint="check the schema of this site")
         cols = shape.columns
-        where = " AND ".join(f"{capture._q(n)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
+        where = " AND ".join(f"{capture.quote(n)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                              for n, v in zip(key_columns, key))
         params = [bytes(v) if type(v) is RawText else v for v in key]
         try:
-            got = self.con.execute(f"SELECT {', '.join(map(capture._q, cols))} FROM {capture._q(table)} "
+            got = self.con.execute(f"SELECT {', '.join(map(capture.quote, cols))} FROM {capture.quote(table)} "
                                    f"WHERE {where}", params).fetchall()
             vals = got[0] if got else None
         except UnicodeDecodeError:
             # Text that is not valid UTF-8: read text as bytes and keep what does not decode as RawText.
-            sel = ", ".join(f"CASE WHEN typeof({capture._q(c)}) = 'text' THEN CAST({capture._q(c)} AS BLOB) "
-                            f"ELSE {capture._q(c)} END, typeof({capture._q(c)}) = 'text'" for c in cols)
-            got = self.con.execute(f"SELECT {sel} FROM {capture._q(table)} WHERE {where}", params).fetchall()
+            sel = ", ".join(f"CASE WHEN typeof({capture.quote(c)}) = 'text' THEN CAST({capture.quote(c)} AS BLOB) "
+                            f"ELSE {capture.quote(c)} END, typeof({capture.quote(c)}) = 'text'" for c in cols)
+            got = self.con.execute(f"SELECT {sel} FROM {capture.quote(table)} WHERE {where}", params).fetchall()
             vals = None
             if got:
                 out = []
@@ -449,11 +450,11 @@ class _Site:
         if v.values is None:
             names, params = key_columns, key
             marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture._delete_sql(table, names, marks)
+            sql = capture.delete_sql(table, names, marks)
         else:
             params = v.values
             marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture._upsert_sql(table, v.columns, marks)
+            sql = capture.upsert_sql(table, v.columns, marks)
         try:
             self.cur.execute(sql, [bytes(x) if type(x) is RawText else x for x in params])
         except apsw.SQLError as e:
@@ -489,8 +490,8 @@ class _Site:
     def ingest(self) -> int:
         """Turn capture's new entries into local changes; returns how many entries were read."""
         con = self.con
-        if capture._one(con, "PRAGMA schema_version") != capture._meta(con, "schema_version"):
-            capture._sync(con, emit=True)       # log the application's DDL first, as read_changes does
+        if one(con, "PRAGMA schema_version") != capture.meta(con, "schema_version"):
+            capture.follow_schema(con, emit=True)       # log the application's DDL first, as read_changes does
             self.local_shapes.clear()
         n, last = con.execute(f"SELECT count(*), max(seq) FROM {capture.LOG} WHERE seq > ?",
                               (self.ingested,)).fetchall()[0]
@@ -502,7 +503,7 @@ class _Site:
                                 hint="seed this site again from a snapshot of another site of the group")
         read = 0
         while True:
-            batch = capture._read(con, self.ingested, _READ_CHUNK)
+            batch = capture.read_entries(con, self.ingested, _READ_CHUNK)
             if not batch:
                 break
             for c in batch:
@@ -533,7 +534,7 @@ class _Site:
         assert c.values is not None
         pos = self.positions(c.table, c.columns, c.key_columns)
         key = tuple(c.values[p] for p in pos)
-        if c.op == "update" and c.key is not None and not capture._same(c.key, key):
+        if c.op == "update" and c.key is not None and not capture.same_values(c.key, key):
             self._local(c.hlc, c.table, sid, c.key, None, OP_DELETE)       # the row left its old key
             self._local(c.hlc, c.table, sid, key, c.values, OP_INSERT)
         else:
@@ -620,7 +621,7 @@ class _Site:
             raise StateConflict(f"DDL from {ch.origin!r} failed here: {msg} ({ch.sql})",
                                 hint="bring this site's schema in line with the others, then sync again") from e
         self.cur.execute("RELEASE bastion_sync_ddl")
-        capture._sync(self.con, emit=False)      # our capture follows the new schema without logging it as local
+        capture.follow_schema(self.con, emit=False)      # our capture follows the new schema without logging it as local
         self.local_shapes.clear()
 
     def _apply_row(self, ch: SyncChange, policy: Policy, res: ApplyResult) -> dict[str, Any] | bool | None:
@@ -779,9 +780,9 @@ class _Site:
             if st is not None:
                 sets.append((col, _total(*st)))
         if sets:
-            where = " AND ".join(f"{capture._q(k)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
+            where = " AND ".join(f"{capture.quote(k)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                                  for k, v in zip(ch.key_columns, ch.key))
-            self.cur.execute(f"UPDATE {capture._q(table)} SET {', '.join(f'{capture._q(c)} = ?' for c, _ in sets)} "
+            self.cur.execute(f"UPDATE {capture.quote(table)} SET {', '.join(f'{capture.quote(c)} = ?' for c, _ in sets)} "
                              f"WHERE {where}", [t for _, t in sets] + [bytes(v) if type(v) is RawText else v
                                                                         for v in ch.key])
 
@@ -851,7 +852,7 @@ class _Site:
             if choice.winner == "merged":
                 merged = False if choice.row is None else choice.row
                 mk = None if choice.row is None else [choice.row.get(c) for c in ch.key_columns]
-                if mk is not None and not all(capture._same([a], [b]) for a, b in zip(mk, ch.key)):
+                if mk is not None and not all(capture.same_values([a], [b]) for a, b in zip(mk, ch.key)):
                     raise UsageError(f"resolver {policy.resolver!r} changed the key of a row of table {table!r}",
                                      hint="a resolver may merge the other columns, not move the row")
         frontier = [*others, x]
@@ -948,7 +949,7 @@ def install(target: apsw.Connection | str | os.PathLike[str], site: str) -> dict
         cap = capture.install(con, site)          # refuses a file captured under another origin
         with _transaction(con):
             if _installed(con):
-                have = capture._one(con, f"SELECT value FROM {META} WHERE key = 'site'")
+                have = one(con, f"SELECT value FROM {META} WHERE key = 'site'")
                 if have != site:
                     raise StateConflict(f"sync is already installed here for site {have!r}, not {site!r}",
                                         hint="a copy of another site's file must be seeded as a new site")
@@ -957,7 +958,7 @@ def install(target: apsw.Connection | str | os.PathLike[str], site: str) -> dict
             else:
                 for sql in _TABLES_SQL:
                     # Our own DDL moves the schema cookie: let capture know it was ours, not a VACUUM.
-                    capture._own_ddl(con, sql)
+                    capture.own_ddl(con, sql)
                 con.executemany(f"INSERT INTO {META}(key, value) VALUES (?, ?)",
                                 [("site", site), ("format", FORMAT), ("ingested", cap.position.seq),
                                  ("installed_at", time.time())])
@@ -971,10 +972,10 @@ def _upgrade(con: apsw.Connection) -> None:
     """Tables and columns a file synced by an earlier version lacks (colliding inserts, counters)."""
     for sql in _TABLES_SQL[-2:]:
         name = sql.split("EXISTS ", 1)[1].split("(", 1)[0]
-        if not capture._exists(con, name):
-            capture._own_ddl(con, sql)
+        if not capture.exists(con, name):
+            capture.own_ddl(con, sql)
     if "counters" not in [r[1] for r in con.execute(f"PRAGMA table_info({LOG})")]:
-        capture._own_ddl(con, f"ALTER TABLE {LOG} ADD COLUMN counters BLOB")
+        capture.own_ddl(con, f"ALTER TABLE {LOG} ADD COLUMN counters BLOB")
 
 
 def _counter_spec(spec: Any) -> tuple[str, str]:
@@ -1030,7 +1031,7 @@ def configure(target: apsw.Connection | str | os.PathLike[str], counters: Sequen
                 if (t, c) in had:
                     continue
                 added.append(f"{t}.{c}")
-                q = capture._q
+                q = capture.quote
                 keys_sql = ", ".join(map(q, shape.key_columns))
                 for row in con.execute(f"SELECT {keys_sql}, {q(c)} FROM {q(t)}"):
                     key, v = tuple(row[:-1]), row[-1]
@@ -1051,7 +1052,7 @@ def is_installed(target: apsw.Connection | str | os.PathLike[str]) -> bool:
 
 def site_of(target: apsw.Connection | str | os.PathLike[str]) -> str | None:
     with _connection(target) as con:
-        return capture._one(con, f"SELECT value FROM {META} WHERE key = 'site'") if _installed(con) else None
+        return one(con, f"SELECT value FROM {META} WHERE key = 'site'") if _installed(con) else None
 
 
 def _needs_ingest(con: apsw.Connection) -> bool:
@@ -1060,10 +1061,10 @@ def _needs_ingest(con: apsw.Connection) -> bool:
         if not _installed(con):
             raise StateConflict("sync is not installed in this database",
                                 hint="install it first (sync.install(target, site))")
-        if capture._one(con, "PRAGMA schema_version") != capture._meta(con, "schema_version"):
+        if one(con, "PRAGMA schema_version") != capture.meta(con, "schema_version"):
             return True
-        last = capture._one(con, f"SELECT max(seq) FROM {capture.LOG}")
-        return last is not None and last > int(capture._one(con, f"SELECT value FROM {META} WHERE key = 'ingested'"))
+        last = one(con, f"SELECT max(seq) FROM {capture.LOG}")
+        return last is not None and last > int(one(con, f"SELECT value FROM {META} WHERE key = 'ingested'"))
 
 
 def _prune_capture(con: apsw.Connection, site: _Site) -> None:
@@ -1112,7 +1113,7 @@ def changes_for(target: apsw.Connection | str | os.PathLike[str], their_vector: 
                                         f"pruned them (up to {pruned}): it was not listed as a peer here",
                                         hint="sync it from another site that still has them, or seed it again",
                                         details={"origin": origin, "needed": have + 1, "pruned": pruned})
-                first = capture._one(con, f"SELECT min(lseq) FROM {LOG} WHERE origin = ? AND oseq > ?",
+                first = one(con, f"SELECT min(lseq) FROM {LOG} WHERE origin = ? AND oseq > ?",
                                      (origin, have))
                 if first is not None and (start is None or first < start):
                     start = first
@@ -1259,8 +1260,8 @@ def status(target: apsw.Connection | str | os.PathLike[str]) -> dict[str, Any]:
                 seen_at[p] = max(seen_at.get(p, 0.0), at)
             return {
                 "site": s.site, "vector": vec,
-                "log_entries": capture._one(con, f"SELECT count(*) FROM {LOG}"),
-                "unresolved_conflicts": capture._one(con, f"SELECT count(*) FROM {CONFLICTS} "
+                "log_entries": one(con, f"SELECT count(*) FROM {LOG}"),
+                "unresolved_conflicts": one(con, f"SELECT count(*) FROM {CONFLICTS} "
                                                           "WHERE resolved_at IS NULL"),
                 "peers": {p: {"vector": v, "lag_changes": sum(max(0, n - v.get(o, 0)) for o, n in vec.items()),
                               "recorded_at": seen_at[p]} for p, v in peers.items()},
@@ -1328,7 +1329,7 @@ def adopt(target: apsw.Connection | str | os.PathLike[str], new_site: str) -> di
                 raise StateConflict(f"site {new_site!r} already made changes known to this copy: a site id "
                                     "cannot be reused by a new copy", hint="give the joining site a new id")
             con.execute(f"UPDATE {META} SET value = ? WHERE key = 'site'", (new_site,))
-            capture._set_meta(con, "origin", new_site)
+            capture.set_meta(con, "origin", new_site)
             con.execute(f"INSERT OR IGNORE INTO {SEEN}(origin, oseq, hlc) VALUES (?, 0, 0)", (new_site,))
             vec = {o: st[0] for o, st in s.seen.items() if st[0] > 0}
             s.record_peer(old, vec)
