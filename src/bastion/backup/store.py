@@ -52,6 +52,7 @@ import weakref
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import parse_qsl, unquote, urlparse
 
+from ..fsutil import fsync_dir
 from ..errors import BastionError, UsageError
 
 T = TypeVar("T")
@@ -283,11 +284,7 @@ class LocalStore(Store):
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(d)
         except OSError as exc:
             try:
                 os.remove(tmp)      # a failed write leaves nothing behind (disk full: frees the room)
