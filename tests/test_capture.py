@@ -574,7 +574,7 @@ def test_changes_ddl_cannot_replay_need_a_reseed(tmp_path: Path, app: App) -> No
 
 
 def test_added_column_definitions_are_cut_exactly() -> None:
-    f = cap._added_column_defs
+    f = cap.schema.added_column_defs
     assert f("CREATE TABLE t(a, b)", "CREATE TABLE t(a, b, b2 TEXT)", ["b2"]) == ["b2 TEXT"]
     assert f("CREATE TABLE t(a, b, PRIMARY KEY(a))", "CREATE TABLE t(a, b, primary_x INT, PRIMARY KEY(a))",
              ["primary_x"]) == ["primary_x INT"]

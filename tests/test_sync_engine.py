@@ -783,7 +783,7 @@ class SyncMachine(RuleBasedStateMachine):
             self.after[site] = ch.seq
             pos = [ch.columns.index(k) for k in ch.key_columns]
             new_key = None if ch.values is None else tuple(ch.values[i] for i in pos)
-            if ch.op in ("update", "delete") and (ch.op == "delete" or not capture._same(ch.key, new_key)):
+            if ch.op in ("update", "delete") and (ch.op == "delete" or not capture.same_values(ch.key, new_key)):
                 self.writes.append({"site": site, "hlc": ch.hlc, "table": ch.table, "key": ch.key, "values": None,
                                     "seen": seen})
             if ch.values is not None:

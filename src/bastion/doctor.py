@@ -11,7 +11,6 @@ import shutil
 import stat
 import subprocess
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
@@ -44,10 +43,9 @@ def _perm(path: str, what: str, secret: bool) -> dict[str, Any]:
 
 
 def _journal_mode(path: str) -> str:
-    import apsw
-    con = apsw.Connection(f"file:{quote(path)}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    from .sqlite import connect
+    con = connect.reader(path, busy_ms=connect.REPORT_BUSY_MS)
     try:
-        con.setbusytimeout(2000)
         return str(con.execute("PRAGMA journal_mode").fetchall()[0][0]).lower()
     finally:
         con.close()

@@ -31,6 +31,7 @@ from . import hooks
 from .config import Config
 from .errors import BastionError, UnknownTarget
 from .state import StateStore, iso
+from .sqlite import connect
 
 log = logging.getLogger("bastion.drill")
 
@@ -54,10 +55,9 @@ def check_sql(paths: list[str], queries: tuple[str, ...] | list[str]) -> list[di
     """Run each query against the restored files (the first as main, the others attached under
     their file name's stem, as the SQL server names them); each must return a true first value."""
     from urllib.parse import quote
-    con = apsw.Connection(f"file:{quote(paths[0])}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    con = connect.reader(paths[0])
     out = []
     try:
-        con.setbusytimeout(5000)
         for p in paths[1:]:
             stem = os.path.splitext(os.path.basename(p))[0]
             con.execute("ATTACH ? AS " + '"' + stem.replace('"', '""') + '"', (f"file:{quote(p)}?mode=ro",))

@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Iterable
 
 import apsw
+from .sqlite import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT) STRICT;
@@ -82,11 +83,7 @@ class StateStore:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "state.db")
         self._lock = threading.RLock()
-        self._db = apsw.Connection(self.path)
-        self._db.setbusytimeout(5000)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db = connect.state_db(self.path)
         with self._db:
             self._db.execute(SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchall()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import struct
 from typing import Any
-from urllib.parse import quote
 
 import apsw
+from ..sqlite import connect
 
 
 def _feed(h: Any, value: Any) -> None:
@@ -54,8 +54,7 @@ def table_digests(conn: apsw.Connection) -> dict[str, dict[str, Any]]:
 
 def file_digests(path: str, immutable: bool = False) -> dict[str, dict[str, Any]]:
     """Open ``path`` read-only (``immutable``: the main file alone, ignoring any WAL) and digest it."""
-    uri = f"file:{quote(path)}?mode=ro" + ("&immutable=1" if immutable else "")
-    conn = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    conn = connect.reader(path, immutable=immutable)
     try:
         return table_digests(conn)
     finally:

@@ -23,7 +23,9 @@ from ..errors import BastionError, RecoveryRefused, UsageError
 from ..sqlite.exclusive import replace_in_child
 from . import names
 from .digest import table_digests
+from ..fsutil import fsync_dir  # noqa: F401  (its old home; kept for callers on other branches)
 from .repository import Repository, RepositoryError
+from ..sqlite import connect
 
 TMP_SUFFIX = ".bastion-restore-tmp"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -34,9 +36,7 @@ class RestoreFailed(RepositoryError):
 
 
 def _open_immutable(path: str) -> apsw.Connection:
-    from urllib.parse import quote
-    return apsw.Connection(f"file:{quote(path)}?mode=ro&immutable=1",
-                           flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    return connect.reader(path, immutable=True)
 
 
 def _integrity(path: str) -> str:
@@ -86,15 +86,6 @@ def _fetch_ahead(pool: ThreadPoolExecutor, repo: Repository,
 
 
 def _fsync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(d: str) -> None:
-    """Make renames and new names in ``d`` durable."""
-    fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

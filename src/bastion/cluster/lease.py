@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from ..errors import ConfigError
+from ..fsutil import durable_json
 
 
 class LeaseUnavailable(Exception):
@@ -53,17 +54,7 @@ class FileLease:
             return {"holder": None, "token": 0, "expires": 0.0}
 
     def _write(self, rec: dict[str, Any]) -> None:
-        tmp = f"{self.path}.{self.node}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(rec, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable_json(self.path, rec, tmp=f"{self.path}.{self.node}.tmp")
 
     def try_acquire(self, holder_dead: bool = False, grace: float = 0.0) -> int | None:
         """``holder_dead``: the caller proved the holder's process is gone (it got the

@@ -31,17 +31,18 @@ import socket
 import time
 from typing import Any
 
-import apsw
 import httpx
 import msgpack
 
 from .. import capture
-from ..backup.restore import fsync_dir
+from ..fsutil import fsync_dir
 from ..config import Config
 from ..errors import BastionError, ConfigError, StateConflict
-from ..replication.receiver import KEEP, durable_json
-from ..sync import conflict_log
+from ..fsutil import durable_json
+from ..replication.receiver import KEEP
+from .. import conflicts as conflict_log
 from ..tls import trust
+from ..sqlite import connect
 
 log = logging.getLogger("bastion.cluster.standby")
 
@@ -229,10 +230,8 @@ def reconcile_record(con_path: str, origin: str, node: str, changes: list[captur
                      conflicts: list[Any] | None = None) -> int:
     """On the active: record an old primary's unshipped changes in the conflict log, or take in
     its conflict log."""
-    con = apsw.Connection(con_path, flags=apsw.SQLITE_OPEN_READWRITE)
+    con = connect.app_file(con_path)
     try:
-        con.setbusytimeout(10_000)
-        con.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         if conflicts is not None:
             return conflict_log.merge(con, conflicts)
         return conflict_log.record_unshipped(con, origin, node, changes or [])

@@ -19,29 +19,19 @@ import threading
 import time
 from typing import Any
 
-import apsw
 import msgpack
 
 from .. import capture
-from ..backup.restore import fsync_dir
+from ..fsutil import durable_json, fsync_dir
 from ..errors import NotConsistent, StateConflict, UnknownTarget, UsageError
 from ..state import iso
+from ..sqlite import connect
 
 log = logging.getLogger("bastion.replication.receiver")
 # What a copy keeps of the primary's control tables: its conflict log (an old primary's unshipped
 # changes waiting for a decision must survive a seed and a failover).
 KEEP = capture.NOT_CAPTURES
 _SEED_ID = re.compile(r"^[0-9a-f]{8,64}$")
-
-
-def durable_json(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
 
 
 def _crash() -> None:
@@ -162,10 +152,7 @@ class Receiver:
         cons = []
         try:
             for f in files:
-                con = apsw.Connection(f, flags=apsw.SQLITE_OPEN_READWRITE)
-                con.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)   # the checkpointer is contops'
-                con.setbusytimeout(10_000)
-                cons.append(con)
+                cons.append(connect.app_file(f))     # the checkpointer is contops'
             crash = None
             if os.environ.get("BASTION_CRASH_POINT") == "replica-cut-half-committed":
                 crash = _crash       # fault injection for the crash tests, never set in service
@@ -264,9 +251,8 @@ class Receiver:
     def _prepare(self, path: str, origin: str, seq: int, hlc: int) -> None:
         # The staged copy is not a protected file: opening it here is safe, and its WAL
         # must be rolled in before the rename (a -wal is never moved with it).
-        con = apsw.Connection(path)
+        con = connect.staged(path)
         try:
-            con.setbusytimeout(5000)
             ok = con.execute("PRAGMA quick_check").fetchall()[0][0]
             if ok != "ok":
                 raise NotConsistent(f"seed copy {path} fails quick_check: {ok}", hint="the primary retries the seed")
@@ -352,10 +338,8 @@ class Receiver:
     def _file_status(path: str, origin: str | None) -> dict[str, Any]:
         if not os.path.exists(path):
             return {"exists": False, "applied": None}
-        con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-        con.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        con = connect.reader(path, busy_ms=connect.REPORT_BUSY_MS)
         try:
-            con.setbusytimeout(2000)
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
             out: dict[str, Any] = {"exists": True, "applied": None, "applied_at": None, "local_changes": None}
             if capture.APPLIED in names and origin:

@@ -18,11 +18,11 @@ import subprocess
 import sys
 from typing import Any
 
-import apsw
 
 from .. import capture
-from ..backup.restore import fsync_dir
+from ..fsutil import fsync_dir
 from ..errors import BastionError, NotConsistent
+from ..sqlite import connect
 
 
 def copy_in_child(pairs: list[tuple[str, str]]) -> None:
@@ -34,7 +34,7 @@ def copy_in_child(pairs: list[tuple[str, str]]) -> None:
 
 def staged_position(path: str) -> capture.Position:
     """Capture position held by a staged copy (immutable: no -wal/-shm, no locks)."""
-    con = apsw.Connection(f"file:{path}?immutable=1", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    con = connect.reader(path, immutable=True)
     try:
         return capture.position(con)
     finally:

@@ -34,6 +34,7 @@ from ..sqlite import pause_writers
 from . import seed
 from ..passloop import PassLoop
 from .window import Timing
+from ..sqlite import connect
 
 log = logging.getLogger("bastion.replication.shipper")
 BATCH = 2000
@@ -169,10 +170,7 @@ class Shipper(PassLoop):
 
     def _con(self, i: int) -> apsw.Connection:
         if self._cons[i] is None:
-            con = apsw.Connection(self.db.files[i], flags=apsw.SQLITE_OPEN_READWRITE)
-            con.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)   # never checkpoint the app's WAL
-            con.setbusytimeout(10_000)
-            self._cons[i] = con
+            self._cons[i] = connect.app_file(self.db.files[i])
         return self._cons[i]   # type: ignore[return-value]
 
     def _cycle(self) -> dict[str, Any]:

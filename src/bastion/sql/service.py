@@ -46,6 +46,7 @@ from ..errors import (BastionError, BusyError, FileProblem, PermissionDenied, SQ
 from . import values
 from .committer import GroupCommitter
 from .users import READ_ONLY, Principal
+from ..sqlite import connect
 
 log = logging.getLogger("bastion.sql")
 
@@ -494,8 +495,7 @@ class Database:
     def _open(self, readonly: bool) -> apsw.Connection:
         if not os.path.exists(self.paths[0]):
             raise FileProblem(f"database {self.name}: {self.paths[0]} does not exist", path=self.paths[0])
-        conn = apsw.Connection(self.paths[0], flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
-        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        conn = connect.app_file(self.paths[0], nofollow=True, busy_ms=None)
         conn.set_busy_handler(_Patience(self.settings.busy_timeout))
         sync = "FULL" if self.durability in (DURABLE, REPLICATED) and not self.group_commit else "NORMAL"
         conn.execute(f"PRAGMA synchronous={sync}")

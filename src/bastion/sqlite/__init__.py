@@ -1,4 +1,7 @@
-"""The one place that opens SQLite database files.
+"""The one place that opens SQLite database files: :mod:`.connect` holds every opener (an
+application's file, a reader or immutable snapshot, a staged copy, the daemon's state database)
+and says why each sets what it sets; :mod:`.dbfile` keeps a protected file's connections,
+:mod:`.pause` pauses writers, :mod:`.exclusive` proves exclusive access in a child process.
 
 Everything here knows the pitfalls in DESIGN.md: POSIX locks belong to the
 process, so nothing in the daemon ``open()``s a database file (we only

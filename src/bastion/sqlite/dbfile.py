@@ -26,6 +26,7 @@ from typing import Any
 import apsw
 
 from ..errors import FileProblem, StateConflict
+from . import connect
 
 
 def wal_path(path: str) -> str:
@@ -65,12 +66,9 @@ class CheckpointResult:
 
 
 def _open(path: str) -> apsw.Connection:
-    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
-    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
     # The daemon never writes application data through these connections, but
     # if it ever did, it must not run an automatic checkpoint behind our back.
-    conn.wal_autocheckpoint(0)
-    return conn
+    return connect.app_file(path, nofollow=True, checkpointer=True, busy_ms=None)
 
 
 def _open_ready(path: str) -> apsw.Connection:

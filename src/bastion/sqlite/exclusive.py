@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from ..errors import BastionError, RecoveryRefused
+from ..fsutil import fsync_dir
 
 PENDING = 0x40000000      # then RESERVED at +1 and the SHARED range of 510 bytes at +2
 SHARED_SIZE = 510
@@ -116,14 +117,6 @@ def _lock_all(paths: list[str], fds: list[int]) -> dict[str, Any] | None:
 COMPANIONS = ("-wal", "-shm", "-journal")
 
 
-def _fsync_dir(d: str) -> None:
-    dfd = os.open(d or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _aside_name(target: str, suffix: str) -> str:
     base = f"{target}.before-restore-{suffix}"
     name, n = base, 1
@@ -184,7 +177,7 @@ def replace(pairs: list[tuple[str, str]], keep_mode: bool = False) -> dict[str, 
                 if os.geteuid() == 0:
                     os.chown(staged, old.st_uid, old.st_gid)
             os.replace(staged, target)
-            _fsync_dir(os.path.dirname(target))
+            fsync_dir(os.path.dirname(target))
             out[target] = {"previous_kept_as": kept}
         return {"ok": True, "files": out}
     finally:

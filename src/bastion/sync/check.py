@@ -24,6 +24,7 @@ import apsw
 from .. import capture
 from ..errors import UsageError
 from . import site
+from ..sqlite import connect
 
 EXPECTS = ("same", "true")
 
@@ -65,9 +66,8 @@ def _json(v: Any) -> Any:
 
 def digest(path: str) -> dict[str, Any]:
     """SHA-256 over every application table's rows (typeof and bytes of each value), in key order."""
-    con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    con = connect.reader(path)
     try:
-        con.setbusytimeout(10_000)
         h = hashlib.sha256()
         rows = 0
         con.execute("BEGIN")
@@ -76,7 +76,7 @@ def digest(path: str) -> dict[str, Any]:
                                         "type = 'table' AND name NOT LIKE 'sqlite%' AND substr(name, 1, 9) != "
                                         "'_bastion_' ORDER BY name").fetchall():
                 cols = [r[0] for r in con.execute("SELECT name FROM pragma_table_xinfo(?)", (name,))]
-                q = capture._q
+                q = capture.quote
                 sel = ", ".join(f"typeof({q(c)}), CAST({q(c)} AS BLOB)" for c in cols)
                 order = "rowid" if not wr else ", ".join(str(2 * i + 2) for i in range(len(cols)))
                 h.update(b"\x00T" + name.encode())
@@ -91,9 +91,8 @@ def digest(path: str) -> dict[str, Any]:
 
 
 def evaluate(path: str, sql: str) -> dict[str, Any]:
-    con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    con = connect.reader(path)
     try:
-        con.setbusytimeout(10_000)
         got = con.execute(sql).fetchall()
         return {"value": _json(got[0][0]) if got and got[0] else None}
     except apsw.Error as exc:

@@ -26,7 +26,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import apsw
 import httpx
 import msgpack
 
@@ -36,6 +35,7 @@ from ..replication.window import Timing
 from ..state import iso
 from ..tls import trust, verify_failure
 from . import site
+from ..sqlite import connect
 
 log = logging.getLogger("bastion.sync")
 BATCH = 2000
@@ -210,16 +210,15 @@ class Syncer(PassLoop):
                 site.adopt(tmp, self.site)
                 # The copy is not a protected file yet: roll its WAL in before the rename (a -wal
                 # never moves with it).
-                con = apsw.Connection(tmp)
+                con = connect.staged(tmp)
                 try:
-                    con.setbusytimeout(5000)
                     con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 finally:
                     con.close()
                 if os.path.exists(tmp + "-wal") and os.path.getsize(tmp + "-wal") > 0:
                     raise BastionError(f"{tmp}: the joined copy's WAL could not be rolled in")
                 os.replace(tmp, path)
-                from ..backup.restore import fsync_dir
+                from ..fsutil import fsync_dir
                 fsync_dir(os.path.dirname(path) or ".")
                 f = self.daemon.catalog.files.get(path)
                 if f is not None:

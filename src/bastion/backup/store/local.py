@@ -7,6 +7,7 @@ import os
 import time
 from typing import Iterator
 
+from ...fsutil import fsync_dir
 from .base import (
     TMP_MARK,
     TMP_SAFE_AGE,
@@ -96,11 +97,7 @@ class LocalStore(Store):
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(d)
         except OSError as exc:
             try:
                 os.remove(tmp)      # a failed write leaves nothing behind (disk full: frees the room)
