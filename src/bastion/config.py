@@ -8,7 +8,6 @@ against the directory of that file (the embedded default: the working directory)
 
 from __future__ import annotations
 
-import math
 import dataclasses
 import os
 import re
@@ -18,43 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UsageError
-from .schedule import Schedule
+from .schedule import Schedule, parse_duration  # parse_duration: also imported from here
 
 DEFAULT_CONFIG_NAME = "bastion.toml"
 DEFAULT_LISTEN = "127.0.0.1:8750"
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: Any, what: str = "duration") -> float:
-    """'90s', '5m', '1h30m', '250ms' or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a duration such as '30s' or '4h', got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        pos, seconds = 0, 0.0
-        for m in _DURATION.finditer(text):
-            if m.start() != pos:
-                break
-            seconds += float(m.group(1)) * _UNIT[m.group(2)]
-            pos = m.end()
-        if not text or pos != len(text):
-            try:
-                seconds = float(text)
-            except ValueError:
-                raise ConfigError(f"{what}: {value!r} is not a duration",
-                                  hint="write it as a number of seconds or like '30s', '5m', '4h', '1h30m'") from None
-    else:
-        raise ConfigError(f"{what}: expected a duration such as '30s', got {value!r}")
-    if not math.isfinite(seconds):  # float() takes 'inf'/'nan', and TOML has inf/nan literals
-        raise ConfigError(f"{what}: {value!r} is not a finite duration",
-                          hint="write it as a number of seconds or like '30s', '5m', '4h', '1h30m'")
-    if seconds <= 0:
-        raise ConfigError(f"{what}: must be more than zero, got {value!r}")
-    return seconds
 
 
 @dataclass(frozen=True)

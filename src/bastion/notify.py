@@ -32,6 +32,7 @@ import httpx
 
 from . import hooks
 from .errors import ConfigError
+from .schedule import parse_duration
 from .state import iso
 
 log = logging.getLogger("bastion.notify")
@@ -44,7 +45,6 @@ _KEYS = {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout",
 
 def settings(raw: Any, where: str, resolve: Callable[[str], str]) -> dict[str, Any]:
     """Check [notify] and return its settings (durations in seconds, paths absolute)."""
-    from .config import parse_duration
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
     extra = set(raw) - _KEYS
