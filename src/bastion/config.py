@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError, UsageError
 from .schedule import Schedule, parse_duration  # parse_duration: also imported from here
@@ -78,7 +79,7 @@ class Config:
     replication: dict[str, Any] = field(default_factory=dict)  # [replication]: peer_token_file, origin
     # multi-site sync: {"site": this daemon's site id, "groups": {name: {sites, topology, neighbours, ...}}}
     sync: dict[str, Any] = field(default_factory=dict)
-    notify: dict[str, Any] = field(default_factory=dict)     # [notify]: see bastion.notify.settings
+    notify: dict[str, Any] = field(default_factory=dict)     # [notify]: see _notify
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
@@ -129,7 +130,7 @@ _KNOWN = {
     "notify": {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
                "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
                "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes",
-               "disk_free_percent"},   # values checked by bastion.notify.settings
+               "disk_free_percent"},   # values checked by _notify
 }
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
                     "blackout", "on_failure", "counters", "keys", "invariants"}
@@ -323,8 +324,7 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
     )
     config = dataclasses.replace(config, sync=_sync(raw, databases, config, source))
     if "notify" in raw:
-        from .notify import settings as notify_settings
-        config = dataclasses.replace(config, notify=notify_settings(raw["notify"], f"{source}: [notify]", resolve))
+        config = dataclasses.replace(config, notify=_notify(raw["notify"], f"{source}: [notify]", resolve))
     if config.cluster and config.cluster["mode"] == "replicated":
         if "peer_token_file" not in config.replication:
             raise ConfigError(f"{source}: [cluster] mode = \"replicated\" streams between the nodes, so "
@@ -448,7 +448,6 @@ def _sync(raw: dict[str, Any], databases: dict[str, DatabaseConfig], config: Con
     used = {d.sync_group for d in databases.values() if d.sync_group}
     if not groups_raw:
         return {}
-    import socket
     site = (raw.get("sync") or {}).get("site") or socket.gethostname()
     if not isinstance(site, str) or not _NAME.match(site):
         raise ConfigError(f"{source}: [sync] site must be a simple name (letters, digits, _ . -), got {site!r}")
@@ -602,6 +601,94 @@ def _users(raw: dict[str, Any], databases: dict[str, DatabaseConfig], source: st
                 raise ConfigError(f"{where}: access for {db!r} must be \"read-write\" or \"read-only\", got {role!r}")
         users[name] = User(name, ph, dict(access))
     return users
+
+
+_NOTIFY_KEYS = {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
+         "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
+         "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes", "disk_free_percent"}
+
+
+def _notify(raw: Any, where: str, resolve: Callable[[str], str]) -> dict[str, Any]:
+    """Check [notify] and return its settings (durations in seconds, paths absolute)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    extra = set(raw) - _NOTIFY_KEYS
+    if extra:
+        raise ConfigError(f"{where} unknown key '{sorted(extra)[0]}'", hint="known keys: " + ", ".join(sorted(_NOTIFY_KEYS)))
+    out: dict[str, Any] = {"interval": parse_duration(raw.get("interval", "30s"), f"{where} interval"),
+                           "webhook_retries": 3, "webhook_timeout": 10.0, "disk_free_percent": 5.0}
+    hooks_ = raw.get("webhook", [])
+    hooks_ = [hooks_] if isinstance(hooks_, str) else hooks_
+    if not isinstance(hooks_, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
+                                               for u in hooks_):
+        raise ConfigError(f"{where} webhook must be a URL or a list of URLs (http:// or https://)")
+    out["webhook"] = list(hooks_)
+    if "webhook_secret_file" in raw:
+        path = resolve(str(raw["webhook_secret_file"]))
+        try:
+            with open(path, encoding="utf-8") as fh:
+                out["webhook_secret"] = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where} webhook_secret_file {path}: {exc.strerror}",
+                              hint="a file holding the shared secret of the HMAC signature") from None
+        if not out["webhook_secret"]:
+            raise ConfigError(f"{where} webhook_secret_file {path} is empty")
+    r = raw.get("webhook_retries", 3)
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 20:
+        raise ConfigError(f"{where} webhook_retries must be a whole number from 0 to 20")
+    out["webhook_retries"] = r
+    if "webhook_timeout" in raw:
+        out["webhook_timeout"] = parse_duration(raw["webhook_timeout"], f"{where} webhook_timeout")
+    to = raw.get("email_to", [])
+    to = [to] if isinstance(to, str) else to
+    if not isinstance(to, list) or not all(isinstance(a, str) and "@" in a for a in to):
+        raise ConfigError(f"{where} email_to must be an address or a list of addresses")
+    out["email_to"] = list(to)
+    if to:
+        host = raw.get("smtp_host")
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"{where} email_to needs smtp_host = \"mail.example.com\"")
+        out["smtp_host"] = host
+        port = raw.get("smtp_port", 25)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"{where} smtp_port must be a port number")
+        out["smtp_port"] = port
+        out["smtp_starttls"] = bool(raw.get("smtp_starttls", False))
+        out["email_from"] = raw.get("email_from") or f"bastion@{socket.getfqdn()}"
+        if "smtp_user" in raw:
+            out["smtp_user"] = str(raw["smtp_user"])
+            pw = raw.get("smtp_password_file")
+            if not pw:
+                raise ConfigError(f"{where} smtp_user needs smtp_password_file = \"path\" (never a password in "
+                                  "the config)")
+            try:
+                with open(resolve(str(pw)), encoding="utf-8") as fh:
+                    out["smtp_password"] = fh.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{where} smtp_password_file {resolve(str(pw))}: {exc.strerror}") from None
+    cmd = raw.get("command")
+    if cmd is not None:
+        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
+            cmd = list(cmd)
+        elif not (isinstance(cmd, str) and cmd.strip()):
+            raise ConfigError(f"{where} command must be a command (a string or a list of arguments)")
+        out["command"] = cmd
+    for key in ("backup_max_age", "verify_max_age", "replication_lag"):
+        if key in raw:
+            out[key] = parse_duration(raw[key], f"{where} {key}")
+    if "sync_lag_changes" in raw:
+        v = raw["sync_lag_changes"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{where} sync_lag_changes must be a whole number >= 1")
+        out["sync_lag_changes"] = v
+    if "disk_free_percent" in raw:
+        v = raw["disk_free_percent"]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 100:
+            raise ConfigError(f"{where} disk_free_percent must be a number from 0 to 99")
+        out["disk_free_percent"] = float(v)
+    if not (out["webhook"] or out["email_to"] or "command" in out):
+        raise ConfigError(f"{where} names no channel", hint="set webhook, email_to (with smtp_host) or command")
+    return out
 
 
 def _repo_url(value: Any, base: str, source: str, db: str | None) -> str | None:

@@ -31,99 +31,11 @@ from typing import Any, Callable
 import httpx
 
 from . import hooks
-from .errors import ConfigError
-from .schedule import parse_duration
 from .state import iso
 
 log = logging.getLogger("bastion.notify")
 
 SIGNATURE_HEADER = "X-Bastion-Signature"
-_KEYS = {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
-         "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
-         "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes", "disk_free_percent"}
-
-
-def settings(raw: Any, where: str, resolve: Callable[[str], str]) -> dict[str, Any]:
-    """Check [notify] and return its settings (durations in seconds, paths absolute)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    extra = set(raw) - _KEYS
-    if extra:
-        raise ConfigError(f"{where} unknown key '{sorted(extra)[0]}'", hint="known keys: " + ", ".join(sorted(_KEYS)))
-    out: dict[str, Any] = {"interval": parse_duration(raw.get("interval", "30s"), f"{where} interval"),
-                           "webhook_retries": 3, "webhook_timeout": 10.0, "disk_free_percent": 5.0}
-    hooks_ = raw.get("webhook", [])
-    hooks_ = [hooks_] if isinstance(hooks_, str) else hooks_
-    if not isinstance(hooks_, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
-                                               for u in hooks_):
-        raise ConfigError(f"{where} webhook must be a URL or a list of URLs (http:// or https://)")
-    out["webhook"] = list(hooks_)
-    if "webhook_secret_file" in raw:
-        path = resolve(str(raw["webhook_secret_file"]))
-        try:
-            with open(path, encoding="utf-8") as fh:
-                out["webhook_secret"] = fh.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where} webhook_secret_file {path}: {exc.strerror}",
-                              hint="a file holding the shared secret of the HMAC signature") from None
-        if not out["webhook_secret"]:
-            raise ConfigError(f"{where} webhook_secret_file {path} is empty")
-    r = raw.get("webhook_retries", 3)
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 20:
-        raise ConfigError(f"{where} webhook_retries must be a whole number from 0 to 20")
-    out["webhook_retries"] = r
-    if "webhook_timeout" in raw:
-        out["webhook_timeout"] = parse_duration(raw["webhook_timeout"], f"{where} webhook_timeout")
-    to = raw.get("email_to", [])
-    to = [to] if isinstance(to, str) else to
-    if not isinstance(to, list) or not all(isinstance(a, str) and "@" in a for a in to):
-        raise ConfigError(f"{where} email_to must be an address or a list of addresses")
-    out["email_to"] = list(to)
-    if to:
-        host = raw.get("smtp_host")
-        if not isinstance(host, str) or not host:
-            raise ConfigError(f"{where} email_to needs smtp_host = \"mail.example.com\"")
-        out["smtp_host"] = host
-        port = raw.get("smtp_port", 25)
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"{where} smtp_port must be a port number")
-        out["smtp_port"] = port
-        out["smtp_starttls"] = bool(raw.get("smtp_starttls", False))
-        out["email_from"] = raw.get("email_from") or f"bastion@{socket.getfqdn()}"
-        if "smtp_user" in raw:
-            out["smtp_user"] = str(raw["smtp_user"])
-            pw = raw.get("smtp_password_file")
-            if not pw:
-                raise ConfigError(f"{where} smtp_user needs smtp_password_file = \"path\" (never a password in "
-                                  "the config)")
-            try:
-                with open(resolve(str(pw)), encoding="utf-8") as fh:
-                    out["smtp_password"] = fh.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"{where} smtp_password_file {resolve(str(pw))}: {exc.strerror}") from None
-    cmd = raw.get("command")
-    if cmd is not None:
-        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
-            cmd = list(cmd)
-        elif not (isinstance(cmd, str) and cmd.strip()):
-            raise ConfigError(f"{where} command must be a command (a string or a list of arguments)")
-        out["command"] = cmd
-    for key in ("backup_max_age", "verify_max_age", "replication_lag"):
-        if key in raw:
-            out[key] = parse_duration(raw[key], f"{where} {key}")
-    if "sync_lag_changes" in raw:
-        v = raw["sync_lag_changes"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{where} sync_lag_changes must be a whole number >= 1")
-        out["sync_lag_changes"] = v
-    if "disk_free_percent" in raw:
-        v = raw["disk_free_percent"]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 100:
-            raise ConfigError(f"{where} disk_free_percent must be a number from 0 to 99")
-        out["disk_free_percent"] = float(v)
-    if not (out["webhook"] or out["email_to"] or "command" in out):
-        raise ConfigError(f"{where} names no channel", hint="set webhook, email_to (with smtp_host) or command")
-    return out
 
 
 # -- what is wrong now ---------------------------------------------------------------------
