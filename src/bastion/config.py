@@ -15,10 +15,14 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ConfigError, UsageError
-from .schedule import Schedule, parse_duration  # parse_duration: also imported from here
+from .schedule import Schedule, check_pass_schedule, check_windows, parse_duration  # noqa: F401 - parse_duration: also imported from here
+
+if TYPE_CHECKING:
+    from .sql.users import User
+    from .sync.policy import Policy
 
 DEFAULT_CONFIG_NAME = "bastion.toml"
 DEFAULT_LISTEN = "127.0.0.1:8750"
@@ -57,6 +61,99 @@ class BackupConfig:
     drill_schedule: str | None = None    # recovery drill of each database's newest backup (bastion.drill)
 
 
+Command = str | tuple[str, ...]     # a hook: a string runs through the shell, a list is argv (bastion.hooks)
+
+
+@dataclass(frozen=True)
+class SQLSettings:
+    """[sql]: limits of the SQL server (bastion.sql.service)."""
+    idle_timeout: float = 30.0        # an interactive transaction idle this long is rolled back
+    busy_timeout: float = 15.0        # wait this long for the write lock (ours, then SQLite's)
+    max_transactions: int = 64        # open interactive transactions, all databases together
+    pool_size: int = 8                # idle connections kept per database and role
+    statement_timeout: float = 30.0   # a statement running longer is interrupted
+    max_result_rows: int = 100_000    # rows one statement may return
+    max_result_bytes: int = 64 << 20  # and their size (values as sent, roughly)
+    max_request_bytes: int = 32 << 20  # body of one SQL request
+    max_transactions_per_user: int = 8  # open interactive transactions of one user
+    threads: int = 32                 # worker threads for SQL requests (the admin API has its own)
+
+    @property
+    def writer_idle_timeout(self) -> float:
+        """A transaction that holds the write lock and is idle is rolled back well before a
+        waiting writer's busy timeout ends: a vanished client must not fail every writer."""
+        return min(self.idle_timeout, self.busy_timeout / 2)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: failover between nodes (bastion.cluster)."""
+    node: str                        # this node's unique name
+    name: str = "bastion"            # the cluster's name (the lease key)
+    mode: str = "shared"             # shared (one data_dir) | replicated (each node its own copy)
+    lease: str = "file"              # file (in data_dir) | etcd
+    etcd: tuple[str, ...] = ()       # etcd endpoints, for lease = "etcd"
+    ttl: float = 3.0                 # lease time to live, seconds
+    peers: dict[str, str] = field(default_factory=dict)   # node -> "host:port"
+    on_promote: Command | None = None
+    on_demote: Command | None = None
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """[replication]: what the daemons share to talk to each other (peer API)."""
+    peer_token_file: str | None = None   # shared secret of the peer API (replication, sync, cluster)
+    origin: str | None = None            # this daemon's name as a capture origin
+    peer_ca_file: str | None = None      # CA that signed the peers' tls_cert
+
+
+@dataclass(frozen=True)
+class SyncGroup:
+    """[sync_groups.NAME]: the sites of one multi-site sync group, as seen from this site."""
+    name: str
+    sites: dict[str, str]                # site -> base URL (no trailing /)
+    topology: str                        # pair | hub | mesh
+    hub: str | None
+    neighbours: tuple[str, ...]          # the sites this one exchanges with
+    policy: Policy
+    schedule: str = "continuous"         # continuous | manual | every DURATION
+    blackout: tuple[str, ...] = ()       # "HH:MM-HH:MM" local-time windows
+    on_failure: Command | None = None
+    counters: tuple[str, ...] = ()       # "table.column" merged as counters
+    keys: dict[str, str] = field(default_factory=dict)    # table -> key strategy (rekey | shared)
+    invariants: dict[str, dict[str, Any]] = field(default_factory=dict)   # bastion.sync.check
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """[sync] and every [sync_groups.NAME]."""
+    site: str = ""                       # this daemon's site id ("" when no group is configured)
+    groups: dict[str, SyncGroup] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """[notify]: channels and thresholds of bastion.notify."""
+    interval: float = 30.0
+    webhook: tuple[str, ...] = ()
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_retries: int = 3
+    webhook_timeout: float = 10.0
+    email_to: tuple[str, ...] = ()
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_user: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    email_from: str | None = None
+    command: Command | None = None
+    backup_max_age: float | None = None
+    verify_max_age: float | None = None
+    replication_lag: float | None = None
+    sync_lag_changes: int | None = None
+    disk_free_percent: float = 5.0
+
+
 @dataclass(frozen=True)
 class Config:
     source: str                      # path of the config file, or "embedded default"
@@ -70,16 +167,16 @@ class Config:
     freeze_timeout: float = 10.0     # default --timeout of freeze
     databases: dict[str, DatabaseConfig] = field(default_factory=dict)
     backups: BackupConfig = field(default_factory=BackupConfig)
-    sql: dict[str, Any] = field(default_factory=dict)        # SQLSettings fields
-    users: dict[str, Any] = field(default_factory=dict)      # name -> bastion.sql.users.User
+    sql: SQLSettings = field(default_factory=SQLSettings)
+    users: dict[str, User] = field(default_factory=dict)
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None     # what local clients (the CLI) trust for tls_cert; default: tls_cert itself
-    cluster: dict[str, Any] | None = None                    # [cluster]: see bastion.cluster.node
-    replication: dict[str, Any] = field(default_factory=dict)  # [replication]: peer_token_file, origin
-    # multi-site sync: {"site": this daemon's site id, "groups": {name: {sites, topology, neighbours, ...}}}
-    sync: dict[str, Any] = field(default_factory=dict)
-    notify: dict[str, Any] = field(default_factory=dict)     # [notify]: see _notify
+    cluster: ClusterConfig | None = None
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    notify: NotifyConfig | None = None       # None: no [notify] section, nothing is sent
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
@@ -113,10 +210,9 @@ class Config:
         }
 
 
-_KNOWN = {
+_KNOWN: dict[str, set[str] | None] = {
     "daemon": {"listen", "data_dir", "token_file", "tls_cert", "tls_key", "tls_ca"},
-    "sql": {"idle_timeout", "busy_timeout", "max_transactions", "pool_size", "statement_timeout",
-            "max_result_rows", "max_result_bytes", "max_request_bytes", "max_transactions_per_user", "threads"},
+    "sql": {f.name for f in dataclasses.fields(SQLSettings)},
     "users": None,
     "cluster": {"name", "node", "mode", "lease", "etcd", "ttl", "peers", "on_promote", "on_demote"},
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
@@ -129,12 +225,15 @@ _KNOWN = {
     "sync_groups": None,
     "notify": {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
                "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
-               "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes",
-               "disk_free_percent"},   # values checked by _notify
+               "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes", "disk_free_percent"},
 }
+_DATABASE_KEYS = ("files", "repository", "schedule", "durability", "group_commit", "foreign_keys", "sync_group",
+                  "drill_check", "drill_command", "replicate_to", "replicate_schedule", "blackout", "on_failure",
+                  "replica_of")
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
                     "blackout", "on_failure", "counters", "keys", "invariants"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_URL = re.compile(r"^https?://[^/\s]+/?$")
 
 
 def _split_listen(value: Any, source: str) -> tuple[str, int]:
@@ -194,13 +293,72 @@ def load(path: str | None = None) -> Config:
     return _build(raw, os.path.abspath(path), os.path.dirname(os.path.abspath(path)))
 
 
+# -- small checks every section uses ---------------------------------------------------------
+
+def _unknown_keys(table: dict[str, Any], known: Any, where: str) -> None:
+    extra = sorted(set(table) - set(known))
+    if extra:
+        raise ConfigError(f"{where} unknown key '{extra[0]}'", hint="known keys: " + ", ".join(sorted(known)))
+
+
+def _whole(value: Any, where: str, low: int, high: int | None = None) -> int:
+    """A whole number in [low, high]; TOML's true/false are not numbers here."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        limits = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ConfigError(f"{where} must be a whole number {limits}, got {value!r}",
+                          hint=f"write it without quotes, e.g. {max(low, 1)}")
+    return value
+
+
+def _command(value: Any, where: str) -> Command | None:
+    """A hook (bastion.hooks): a string runs through the shell, a non-empty list of strings is argv."""
+    if value is None:
+        return None
+    if isinstance(value, list) and value and all(isinstance(x, str) and x for x in value):
+        return tuple(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(f"{where} must be a command (a string or a list of arguments)",
+                      hint="for example \"/usr/local/bin/page-ops\" or [\"/usr/local/bin/page-ops\", \"--urgent\"]")
+
+
+# -- the file as a whole ---------------------------------------------------------------------
+
 def _build(raw: dict[str, Any], source: str, base: str) -> Config:
+    _check_sections(raw, source)
+
+    def resolve(p: str) -> str:
+        return os.path.abspath(os.path.join(base, os.path.expanduser(p)))
+
+    daemon = _daemon(raw.get("daemon", {}), source, resolve)
+    contops = raw.get("contops", {})
+    databases = _databases(raw, source, base, resolve)
+    replication = _replication(raw.get("replication"), databases, source, resolve)
+    cluster = _cluster(raw.get("cluster"), source)
+    config = Config(
+        source=source, **daemon,
+        contops_max_duration=parse_duration(contops.get("max_duration", "4h"), f"{source}: [contops] max_duration"),
+        gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), f"{source}: [contops] gate_timeout"),
+        rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), f"{source}: [contops] rollin_timeout"),
+        freeze_timeout=_freeze_timeout(raw.get("freeze", {}), source),
+        databases=databases, backups=_backups(raw.get("backups", {}), base, source),
+        sql=_sql(raw.get("sql", {}), source), users=_users(raw.get("users", {}), databases, source),
+        cluster=cluster, replication=replication,
+        sync=_sync(raw, databases, replication, source),
+        notify=_notify(raw["notify"], f"{source}: [notify]", resolve) if "notify" in raw else None,
+    )
+    _check_replicated_cluster(config, source)
+    return config
+
+
+def _check_sections(raw: dict[str, Any], source: str) -> None:
     for section, value in raw.items():
         if section not in _KNOWN:
             raise ConfigError(f"{source}: unknown section [{section}]",
                               hint=f"known sections: {', '.join('[' + s + ']' for s in _KNOWN)}")
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table")
+            raise ConfigError(f"{source}: [{section}] must be a table",
+                              hint=f"write it as a section: [{section}] on a line of its own, its keys below")
         keys = _KNOWN[section]
         if keys is not None:
             for key in value:
@@ -208,99 +366,25 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
                     raise ConfigError(f"{source}: unknown key '{key}' in [{section}]",
                                       hint=f"known keys: {', '.join(sorted(keys))}")
 
-    def resolve(p: str) -> str:
-        return os.path.abspath(os.path.join(base, os.path.expanduser(p)))
 
-    daemon = raw.get("daemon", {})
-    host, port = _split_listen(daemon.get("listen", DEFAULT_LISTEN), source)
-    data_dir = daemon.get("data_dir", "./var")
+def _daemon(raw: dict[str, Any], source: str, resolve: Callable[[str], str]) -> dict[str, Any]:
+    """[daemon] -> the Config fields it sets (listen, data_dir, token and TLS files)."""
+    host, port = _split_listen(raw.get("listen", DEFAULT_LISTEN), source)
+    data_dir = raw.get("data_dir", "./var")
     if not isinstance(data_dir, str) or not data_dir:
-        raise ConfigError(f"{source}: [daemon] data_dir must be a path")
+        raise ConfigError(f"{source}: [daemon] data_dir must be a path, got {data_dir!r}",
+                          hint="for example data_dir = \"/var/lib/bastion\"")
     data_dir = resolve(data_dir)
-    token_file = daemon.get("token_file")
+    token_file = raw.get("token_file")
+    if token_file is not None and not (isinstance(token_file, str) and token_file):
+        raise ConfigError(f"{source}: [daemon] token_file must be a path, got {token_file!r}",
+                          hint="for example token_file = \"/etc/bastion/token\"; the default is DATA_DIR/token")
     token_file = resolve(token_file) if token_file else os.path.join(data_dir, "token")
-
-    contops = raw.get("contops", {})
-    freeze = raw.get("freeze", {})
-    databases: dict[str, DatabaseConfig] = {}
-    owner: dict[str, str] = {}
-    for name, spec in raw.get("databases", {}).items():
-        if not _NAME.match(name):
-            raise ConfigError(f"{source}: database name {name!r} may only use letters, digits, '_', '.', '-'")
-        if not isinstance(spec, dict) or "files" not in spec:
-            raise ConfigError(f"{source}: [databases.{name}] needs files = [\"/path/one.db\", ...]")
-        extra = set(spec) - {"files", "repository", "schedule", "durability", "group_commit", "foreign_keys",
-                             "sync_group", "drill_check", "drill_command", *_REPLICATION_KEYS}
-        if extra:
-            raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
-                              hint="known keys: files, repository, schedule, durability, group_commit, foreign_keys, drill_check, drill_command, "
-                                   + ", ".join(_REPLICATION_KEYS))
-        foreign_keys = spec.get("foreign_keys", False)
-        if not isinstance(foreign_keys, bool):
-            raise ConfigError(f"{source}: [databases.{name}] foreign_keys must be true or false")
-        durability = spec.get("durability", "durable")
-        if durability not in ("durable", "fast", "replicated"):
-            raise ConfigError(f"{source}: [databases.{name}] durability must be durable, fast or replicated, "
-                              f"got {durability!r}")
-        clustered = (raw.get("cluster") or {}).get("mode") == "replicated"   # the cluster names the peer
-        if durability == "replicated" and not spec.get("replicate_to") and not clustered:
-            raise ConfigError(f"{source}: [databases.{name}] durability = \"replicated\" needs real-time backup "
-                              "to a second server: replicate_to = \"http://host:port\"",
-                              hint="see docs/replication.md; or use \"durable\" (acknowledged after fsync)")
-        group_commit = spec.get("group_commit", True)
-        if not isinstance(group_commit, bool):
-            raise ConfigError(f"{source}: [databases.{name}] group_commit must be true or false")
-        files_spec = spec["files"]
-        if isinstance(files_spec, str) and files_spec.startswith("@"):
-            files = read_list_file(resolve(files_spec[1:]), base)
-        elif isinstance(files_spec, list) and files_spec and all(isinstance(f, str) and f for f in files_spec):
-            files = [resolve(f) for f in files_spec]
-        else:
-            raise ConfigError(f"{source}: [databases.{name}] files must be a non-empty list of paths or '@listfile'")
-        for f in files:
-            if owner.get(f) == name:
-                raise ConfigError(f"{source}: file {f} is listed twice in [databases.{name}]")
-            if f in owner:
-                raise ConfigError(f"{source}: file {f} is listed in both [databases.{owner[f]}] and [databases.{name}]",
-                                  hint="a file belongs to one database")
-            owner[f] = name
-        repo = spec.get("repository")
-        sched = spec.get("schedule")
-        if sched is not None:
-            Schedule.parse(sched, f"{source}: [databases.{name}] schedule")
-        group = spec.get("sync_group")
-        if group is not None and not (isinstance(group, str) and group in (raw.get("sync_groups") or {})):
-            raise ConfigError(f"{source}: [databases.{name}] sync_group = {group!r} names no [sync_groups.NAME]",
-                              hint="define the group: [sync_groups.NAME] sites = { site = \"http://host:port\" }")
-        databases[name] = DatabaseConfig(name, tuple(files), _repo_url(repo, base, source, name), sched,
-                                         durability, group_commit, foreign_keys,
-                                         **_replication_keys(spec, f"{source}: [databases.{name}]"),
-                                         sync_group=group, **_drill_keys(spec, f"{source}: [databases.{name}]"))
-        if group is not None and (databases[name].replicate_to or databases[name].replica_of):
-            raise ConfigError(f"{source}: [databases.{name}] is in a sync group: it cannot also replicate_to or be "
-                              "a replica_of", hint="sync already keeps a copy on every site of the group")
-
-    freeze_timeout = parse_duration(freeze.get("timeout", "10s"), f"{source}: [freeze] timeout")
-    if freeze_timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze
-        raise ConfigError(f"{source}: [freeze] timeout must be at most 1h, got {freeze.get('timeout')!r}",
-                          hint="a freeze holds every writer; keep it short")
-    b = raw.get("backups", {})
-    for key in ("schedule", "verify_schedule", "drill_schedule"):
-        if b.get(key) is not None:
-            Schedule.parse(b[key], f"{source}: [backups] {key}")
-    keep = {}
-    for key in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly"):
-        if key in b:
-            if not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < 0:
-                raise ConfigError(f"{source}: [backups] {key} must be a whole number >= 0, got {b[key]!r}")
-            keep[key[5:]] = b[key]
-    backups = BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
-                           b.get("verify_schedule"), keep, b.get("drill_schedule"))
-    tls = [daemon.get("tls_cert"), daemon.get("tls_key")]
+    tls = [raw.get("tls_cert"), raw.get("tls_key")]
     if any(tls) and not all(isinstance(t, str) and t for t in tls):
         raise ConfigError(f"{source}: [daemon] TLS needs both tls_cert and tls_key (PEM files)")
     tls = [resolve(t) if t else None for t in tls]
-    ca = daemon.get("tls_ca")
+    ca = raw.get("tls_ca")
     if ca is not None:
         if not isinstance(ca, str) or not ca or not tls[0]:
             raise ConfigError(f"{source}: [daemon] tls_ca must be a PEM file, with tls_cert and tls_key set",
@@ -311,30 +395,98 @@ def _build(raw: dict[str, Any], source: str, base: str) -> Config:
     for t in tls:
         if t and not os.path.isfile(t):
             raise ConfigError(f"{source}: TLS file {t} does not exist")
-    config = Config(
-        source=source, listen_host=host, listen_port=port, data_dir=data_dir, token_file=token_file,
-        contops_max_duration=parse_duration(contops.get("max_duration", "4h"), f"{source}: [contops] max_duration"),
-        gate_timeout=parse_duration(contops.get("gate_timeout", "10s"), f"{source}: [contops] gate_timeout"),
-        rollin_timeout=parse_duration(contops.get("rollin_timeout", "5m"), f"{source}: [contops] rollin_timeout"),
-        freeze_timeout=freeze_timeout,
-        databases=databases, backups=backups, sql=_sql_settings(raw.get("sql", {}), source),
-        users=_users(raw.get("users", {}), databases, source), tls_cert=tls[0], tls_key=tls[1], tls_ca=tls[2],
-        cluster=_cluster(raw.get("cluster"), source),
-        replication=_replication(raw.get("replication"), databases, source, resolve),
-    )
-    config = dataclasses.replace(config, sync=_sync(raw, databases, config, source))
-    if "notify" in raw:
-        config = dataclasses.replace(config, notify=_notify(raw["notify"], f"{source}: [notify]", resolve))
-    if config.cluster and config.cluster["mode"] == "replicated":
-        if "peer_token_file" not in config.replication:
-            raise ConfigError(f"{source}: [cluster] mode = \"replicated\" streams between the nodes, so "
-                              "[replication] needs peer_token_file = \"path\"",
-                              hint="the same secret file on both nodes (e.g. `openssl rand -hex 32`)")
-        for d in databases.values():
-            if d.replicate_to or d.replica_of:
-                raise ConfigError(f"{source}: [databases.{d.name}] in a replicated cluster the nodes replicate to "
-                                  "each other: remove replicate_to / replica_of")
-    return config
+    return {"listen_host": host, "listen_port": port, "data_dir": data_dir, "token_file": token_file,
+            "tls_cert": tls[0], "tls_key": tls[1], "tls_ca": tls[2]}
+
+
+def _freeze_timeout(raw: dict[str, Any], source: str) -> float:
+    timeout = parse_duration(raw.get("timeout", "10s"), f"{source}: [freeze] timeout")
+    if timeout > 3600:  # freeze refuses more (it holds every writer): say so at load, not at each freeze
+        raise ConfigError(f"{source}: [freeze] timeout must be at most 1h, got {raw.get('timeout')!r}",
+                          hint="a freeze holds every writer; keep it short")
+    return timeout
+
+
+def _backups(b: dict[str, Any], base: str, source: str) -> BackupConfig:
+    for key in ("schedule", "verify_schedule", "drill_schedule"):
+        if b.get(key) is not None:
+            Schedule.parse(b[key], f"{source}: [backups] {key}")
+    keep = {}
+    for key in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly"):
+        if key in b:
+            if not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < 0:
+                raise ConfigError(f"{source}: [backups] {key} must be a whole number >= 0, got {b[key]!r}")
+            keep[key[5:]] = b[key]
+    return BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
+                        b.get("verify_schedule"), keep, b.get("drill_schedule"))
+
+
+# -- [databases.NAME] ------------------------------------------------------------------------
+
+def _databases(raw: dict[str, Any], source: str, base: str,
+               resolve: Callable[[str], str]) -> dict[str, DatabaseConfig]:
+    databases: dict[str, DatabaseConfig] = {}
+    owner: dict[str, str] = {}      # file -> database: a file belongs to one database
+    clustered = (raw.get("cluster") or {}).get("mode") == "replicated"   # the cluster names the peer
+    groups = raw.get("sync_groups") or {}
+    for name, spec in raw.get("databases", {}).items():
+        db = _database(name, spec, source, base, resolve, clustered, groups)
+        for f in db.files:
+            if owner.get(f) == name:
+                raise ConfigError(f"{source}: file {f} is listed twice in [databases.{name}]")
+            if f in owner:
+                raise ConfigError(f"{source}: file {f} is listed in both [databases.{owner[f]}] and [databases.{name}]",
+                                  hint="a file belongs to one database")
+            owner[f] = name
+        databases[name] = db
+    return databases
+
+
+def _database(name: str, spec: Any, source: str, base: str, resolve: Callable[[str], str], clustered: bool,
+              groups: dict[str, Any]) -> DatabaseConfig:
+    where = f"{source}: [databases.{name}]"
+    if not _NAME.match(name):
+        raise ConfigError(f"{source}: database name {name!r} may only use letters, digits, '_', '.', '-'")
+    if not isinstance(spec, dict) or "files" not in spec:
+        raise ConfigError(f"{where} needs files = [\"/path/one.db\", ...]")
+    extra = set(spec) - set(_DATABASE_KEYS)
+    if extra:
+        raise ConfigError(f"{source}: unknown key '{sorted(extra)[0]}' in [databases.{name}]",
+                          hint="known keys: " + ", ".join(_DATABASE_KEYS))
+    foreign_keys = spec.get("foreign_keys", False)
+    if not isinstance(foreign_keys, bool):
+        raise ConfigError(f"{where} foreign_keys must be true or false")
+    durability = spec.get("durability", "durable")
+    if durability not in ("durable", "fast", "replicated"):
+        raise ConfigError(f"{where} durability must be durable, fast or replicated, got {durability!r}")
+    if durability == "replicated" and not spec.get("replicate_to") and not clustered:
+        raise ConfigError(f"{where} durability = \"replicated\" needs real-time backup "
+                          "to a second server: replicate_to = \"http://host:port\"",
+                          hint="see docs/replication.md; or use \"durable\" (acknowledged after fsync)")
+    group_commit = spec.get("group_commit", True)
+    if not isinstance(group_commit, bool):
+        raise ConfigError(f"{where} group_commit must be true or false")
+    files_spec = spec["files"]
+    if isinstance(files_spec, str) and files_spec.startswith("@"):
+        files = read_list_file(resolve(files_spec[1:]), base)
+    elif isinstance(files_spec, list) and files_spec and all(isinstance(f, str) and f for f in files_spec):
+        files = [resolve(f) for f in files_spec]
+    else:
+        raise ConfigError(f"{where} files must be a non-empty list of paths or '@listfile'")
+    sched = spec.get("schedule")
+    if sched is not None:
+        Schedule.parse(sched, f"{where} schedule")
+    group = spec.get("sync_group")
+    if group is not None and not (isinstance(group, str) and group in groups):
+        raise ConfigError(f"{where} sync_group = {group!r} names no [sync_groups.NAME]",
+                          hint="define the group: [sync_groups.NAME] sites = { site = \"http://host:port\" }")
+    db = DatabaseConfig(name, tuple(files), _repo_url(spec.get("repository"), base, source, name), sched,
+                        durability, group_commit, foreign_keys, **_replication_keys(spec, where),
+                        sync_group=group, **_drill_keys(spec, where))
+    if group is not None and (db.replicate_to or db.replica_of):
+        raise ConfigError(f"{where} is in a sync group: it cannot also replicate_to or be "
+                          "a replica_of", hint="sync already keeps a copy on every site of the group")
+    return db
 
 
 def _drill_keys(spec: dict[str, Any], where: str) -> dict[str, Any]:
@@ -344,16 +496,7 @@ def _drill_keys(spec: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(check, list) or not all(isinstance(c, str) and c.strip() for c in check):
         raise ConfigError(f"{where} drill_check must be a list of SQL queries whose first value must be true",
                           hint='for example drill_check = ["SELECT count(*) > 0 FROM accounts"]')
-    cmd = spec.get("drill_command")
-    if cmd is not None:
-        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
-            cmd = tuple(cmd)
-        elif not (isinstance(cmd, str) and cmd.strip()):
-            raise ConfigError(f"{where} drill_command must be a command (a string or a list of arguments)")
-    return {"drill_check": tuple(check), "drill_command": cmd}
-
-
-_REPLICATION_KEYS = ("replicate_to", "replicate_schedule", "blackout", "on_failure", "replica_of")
+    return {"drill_check": tuple(check), "drill_command": _command(spec.get("drill_command"), f"{where} drill_command")}
 
 
 def _replication_keys(spec: dict[str, Any], where: str) -> dict[str, Any]:
@@ -361,7 +504,7 @@ def _replication_keys(spec: dict[str, Any], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     to = spec.get("replicate_to")
     if to is not None:
-        if not isinstance(to, str) or not re.match(r"^https?://[^/\s]+/?$", to):
+        if not isinstance(to, str) or not _URL.match(to):
             raise ConfigError(f"{where} replicate_to must be the backup daemon's URL, like \"http://host:8750\", "
                               f"got {to!r}")
         out["replicate_to"] = to.rstrip("/")
@@ -376,146 +519,115 @@ def _replication_keys(spec: dict[str, Any], where: str) -> dict[str, Any]:
     others = [k for k in ("replicate_schedule", "blackout", "on_failure") if k in spec]
     if others and to is None:
         raise ConfigError(f"{where} {others[0]} needs replicate_to = \"http://host:port\" (the backup daemon)")
-    sched = spec.get("replicate_schedule", "continuous")
-    if not isinstance(sched, str):
-        raise ConfigError(f"{where} replicate_schedule must be \"continuous\", \"manual\" or \"every DURATION\"")
-    sched = sched.strip().lower()
-    if sched not in ("continuous", "manual"):
-        if not sched.startswith("every "):
-            raise ConfigError(f"{where} replicate_schedule must be \"continuous\", \"manual\" or "
-                              f"\"every DURATION\" (like \"every 10s\"), got {spec.get('replicate_schedule')!r}")
-        parse_duration(sched[6:], f"{where} replicate_schedule")
-    out["replicate_schedule"] = sched
-    blackout = spec.get("blackout", [])
-    if isinstance(blackout, str):
-        blackout = [blackout]
-    if not isinstance(blackout, list) or not all(isinstance(b, str) and _WINDOW.match(b.strip()) for b in blackout):
-        raise ConfigError(f"{where} blackout must be a list of \"HH:MM-HH:MM\" windows (local time), "
-                          f"got {spec.get('blackout')!r}", hint="for example blackout = [\"22:00-23:30\"]")
-    for b in blackout:
-        for part in b.strip().split("-"):
-            h, m = part.split(":")
-            if int(h) > 23 or int(m) > 59:
-                raise ConfigError(f"{where} blackout window {b!r}: {part} is not a time of day")
-    out["blackout"] = tuple(b.strip() for b in blackout)
-    cmd = spec.get("on_failure")
-    if cmd is not None:
-        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
-            cmd = tuple(cmd)
-        elif not (isinstance(cmd, str) and cmd.strip()):
-            raise ConfigError(f"{where} on_failure must be a command (a string or a list of arguments)")
-        out["on_failure"] = cmd
+    out["replicate_schedule"] = check_pass_schedule(spec.get("replicate_schedule", "continuous"),
+                                                    f"{where} replicate_schedule")
+    out["blackout"] = check_windows(spec.get("blackout", []), f"{where} blackout")
+    out["on_failure"] = _command(spec.get("on_failure"), f"{where} on_failure")
     return out
 
 
-_WINDOW = re.compile(r"^\d{1,2}:\d{2}-\d{1,2}:\d{2}$")
-
+# -- sections that are their own dataclass ---------------------------------------------------
 
 def _replication(raw: dict[str, Any] | None, databases: dict[str, DatabaseConfig], source: str,
-                 resolve: Any) -> dict[str, Any]:
+                 resolve: Callable[[str], str]) -> ReplicationConfig:
     raw = raw or {}
-    out: dict[str, Any] = {}
+    where = f"{source}: [replication]"
     token = raw.get("peer_token_file")
     if token is not None:
         if not isinstance(token, str) or not token:
-            raise ConfigError(f"{source}: [replication] peer_token_file must be a path")
-        out["peer_token_file"] = resolve(token)
+            raise ConfigError(f"{where} peer_token_file must be a path, got {token!r}",
+                              hint="for example peer_token_file = \"/etc/bastion/peer.token\"")
+        token = resolve(token)
     origin = raw.get("origin")
     if origin is not None:
         if not isinstance(origin, str) or not origin.strip():
-            raise ConfigError(f"{source}: [replication] origin must be a non-empty name")
-        out["origin"] = origin
+            raise ConfigError(f"{where} origin must be a non-empty name, got {origin!r}",
+                              hint="for example origin = \"site-a\"; the default is HOST:DATA_DIR")
     ca = raw.get("peer_ca_file")
     if ca is not None:
         if not isinstance(ca, str) or not ca:
-            raise ConfigError(f"{source}: [replication] peer_ca_file must be a path to a PEM file")
-        out["peer_ca_file"] = resolve(ca)
-        if not os.path.isfile(out["peer_ca_file"]):
-            raise ConfigError(f"{source}: [replication] peer_ca_file {out['peer_ca_file']} does not exist",
+            raise ConfigError(f"{where} peer_ca_file must be a path to a PEM file, got {ca!r}")
+        ca = resolve(ca)
+        if not os.path.isfile(ca):
+            raise ConfigError(f"{where} peer_ca_file {ca} does not exist",
                               hint="the CA certificate (PEM) that signed the backup daemon's tls_cert")
     users = [n for n, d in databases.items() if d.replicate_to or d.replica_of]
-    if users and "peer_token_file" not in out:
+    if users and token is None:
         raise ConfigError(f"{source}: [databases.{users[0]}] replicates, so [replication] needs "
                           "peer_token_file = \"path\"",
                           hint="a file holding a shared secret that both daemons read (e.g. `openssl rand -hex 32`)")
-    return out
+    return ReplicationConfig(peer_token_file=token, origin=origin, peer_ca_file=ca)
 
 
-def _sync(raw: dict[str, Any], databases: dict[str, DatabaseConfig], config: Config,
-          source: str) -> dict[str, Any]:
+def _sync(raw: dict[str, Any], databases: dict[str, DatabaseConfig], replication: ReplicationConfig,
+          source: str) -> SyncConfig:
     """[sync] site and [sync_groups.NAME]: multi-site sync (docs/sync.md)."""
     groups_raw = raw.get("sync_groups") or {}
     used = {d.sync_group for d in databases.values() if d.sync_group}
     if not groups_raw:
-        return {}
+        return SyncConfig()
     site = (raw.get("sync") or {}).get("site") or socket.gethostname()
     if not isinstance(site, str) or not _NAME.match(site):
-        raise ConfigError(f"{source}: [sync] site must be a simple name (letters, digits, _ . -), got {site!r}")
-    groups = {}
-    for name, g in groups_raw.items():
-        where = f"{source}: [sync_groups.{name}]"
-        if not isinstance(g, dict):
-            raise ConfigError(f"{where} must be a table")
-        extra = set(g) - _SYNC_GROUP_KEYS
-        if extra:
-            raise ConfigError(f"{where} unknown key '{sorted(extra)[0]}'",
-                              hint="known keys: " + ", ".join(sorted(_SYNC_GROUP_KEYS)))
-        sites = g.get("sites")
-        if not isinstance(sites, dict) or len(sites) < 2 or not all(
-                isinstance(k, str) and _NAME.match(k) and isinstance(v, str) and re.match(r"^https?://[^/\s]+/?$", v)
-                for k, v in sites.items()):
-            raise ConfigError(f"{where} sites must list at least two sites: {{ name = \"http://host:port\", ... }}")
-        if site not in sites and name in used:
-            raise ConfigError(f"{where} does not list this daemon's site {site!r}",
-                              hint="set [sync] site = \"NAME\" to one of: " + ", ".join(sorted(sites)))
-        topology = g.get("topology", "mesh" if len(sites) > 2 else "pair")
-        hub = g.get("hub")
-        if topology == "pair" and len(sites) != 2:
-            raise ConfigError(f"{where} topology = \"pair\" needs exactly two sites")
-        if topology == "hub" and hub not in sites:
-            raise ConfigError(f"{where} topology = \"hub\" needs hub = one of the sites ({', '.join(sorted(sites))})")
-        if topology not in ("pair", "hub", "mesh"):
-            raise ConfigError(f"{where} topology must be \"pair\", \"hub\" or \"mesh\", got {topology!r}")
-        if topology == "hub" and site != hub:
-            neighbours = [hub]
-        else:
-            neighbours = sorted(n for n in sites if n != site)
-        from .sync.policy import Policy
-        try:
-            policy = Policy.of({k: g[k] for k in ("policy", "priority", "update_delete", "resolver") if k in g})
-        except UsageError as exc:
-            raise ConfigError(f"{where} {exc.message}", hint=exc.hint) from None
-        sched = g.get("schedule", "continuous")
-        if not isinstance(sched, str) or not (sched in ("continuous", "manual") or sched.startswith("every ")):
-            raise ConfigError(f"{where} schedule must be \"continuous\", \"manual\" or \"every DURATION\"")
-        if sched.startswith("every "):
-            parse_duration(sched[6:], f"{where} schedule")
-        blackout = g.get("blackout", [])
-        blackout = [blackout] if isinstance(blackout, str) else blackout
-        if not isinstance(blackout, list) or not all(isinstance(b, str) and _WINDOW.match(b.strip())
-                                                      for b in blackout):
-            raise ConfigError(f"{where} blackout must be a list of \"HH:MM-HH:MM\" windows (local time)")
-        from .sync.check import parse_invariants
-        from .sync.site import KEY_STRATEGIES, _counter_spec
-        try:       # per-table settings (docs/sync.md): checked here, applied in each file by the daemon
-            counters = [".".join(_counter_spec(c)) for c in (g.get("counters") or [])]
-            keys = g.get("keys") or {}
-            if not isinstance(keys, dict) or not all(v in KEY_STRATEGIES for v in keys.values()):
-                raise UsageError(f"keys must be a table of TABLE = {' or '.join(map(repr, KEY_STRATEGIES))}")
-            invariants = parse_invariants(g.get("invariants"), where)
-        except UsageError as exc:
-            raise ConfigError(f"{where} {exc.message}", hint=exc.hint) from None
-        groups[name] = {"sites": {k: v.rstrip("/") for k, v in sites.items()}, "topology": topology, "hub": hub,
-                        "neighbours": neighbours, "policy": policy, "schedule": sched,
-                        "blackout": tuple(b.strip() for b in blackout), "on_failure": g.get("on_failure"),
-                        "counters": counters, "keys": dict(keys), "invariants": invariants}
-    if used and "peer_token_file" not in config.replication:
+        raise ConfigError(f"{source}: [sync] site must be a simple name (letters, digits, _ . -), got {site!r}",
+                          hint="for example site = \"paris\"; the default is this machine's host name")
+    groups = {name: _sync_group(name, g, site, name in used, source) for name, g in groups_raw.items()}
+    if used and replication.peer_token_file is None:
         raise ConfigError(f"{source}: sync groups talk over the peer API, so [replication] needs "
                           "peer_token_file = \"path\"", hint="the same secret file on every site")
-    return {"site": site, "groups": groups}
+    return SyncConfig(site=site, groups=groups)
 
 
-def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
+def _sync_group(name: str, g: Any, site: str, used: bool, source: str) -> SyncGroup:
+    where = f"{source}: [sync_groups.{name}]"
+    if not isinstance(g, dict):
+        raise ConfigError(f"{where} must be a table", hint=f"write it as [sync_groups.{name}] with its keys below")
+    _unknown_keys(g, _SYNC_GROUP_KEYS, where)
+    sites = g.get("sites")
+    if not isinstance(sites, dict) or len(sites) < 2 or not all(
+            isinstance(k, str) and _NAME.match(k) and isinstance(v, str) and _URL.match(v) for k, v in sites.items()):
+        raise ConfigError(f"{where} sites must list at least two sites: {{ name = \"http://host:port\", ... }}",
+                          hint="every site of the group lists the same sites, itself included")
+    if site not in sites and used:
+        raise ConfigError(f"{where} does not list this daemon's site {site!r}",
+                          hint="set [sync] site = \"NAME\" to one of: " + ", ".join(sorted(sites)))
+    topology = g.get("topology", "mesh" if len(sites) > 2 else "pair")
+    hub = g.get("hub")
+    if topology not in ("pair", "hub", "mesh"):
+        raise ConfigError(f"{where} topology must be \"pair\", \"hub\" or \"mesh\", got {topology!r}")
+    if topology == "pair" and len(sites) != 2:
+        raise ConfigError(f"{where} topology = \"pair\" needs exactly two sites",
+                          hint="use topology = \"mesh\" (every site with every other) or \"hub\"")
+    if topology == "hub" and hub not in sites:
+        raise ConfigError(f"{where} topology = \"hub\" needs hub = one of the sites ({', '.join(sorted(sites))})")
+    neighbours = [str(hub)] if topology == "hub" and site != hub else sorted(n for n in sites if n != site)
+    from .sync.check import parse_invariants
+    from .sync.policy import Policy
+    from .sync.site import KEY_STRATEGIES, _counter_spec
+    try:
+        policy = Policy.of({k: g[k] for k in ("policy", "priority", "update_delete", "resolver") if k in g})
+    except UsageError as exc:
+        raise ConfigError(f"{where} {exc.message}", hint=exc.hint) from None
+    try:       # per-table settings (docs/sync.md): checked here, applied in each file by the daemon
+        counters = g.get("counters") or []
+        if not isinstance(counters, list):
+            raise UsageError(f"counters must be a list of \"table.column\", got {counters!r}",
+                             hint="for example counters = [\"accounts.balance\"]")
+        counters = [".".join(_counter_spec(c)) for c in counters]
+        keys = g.get("keys") or {}
+        if not isinstance(keys, dict) or not all(v in KEY_STRATEGIES for v in keys.values()):
+            raise UsageError(f"keys must be a table of TABLE = {' or '.join(map(repr, KEY_STRATEGIES))}")
+        invariants = parse_invariants(g.get("invariants"), where)
+    except UsageError as exc:
+        raise ConfigError(f"{where} {exc.message}", hint=exc.hint) from None
+    return SyncGroup(name=name, sites={k: v.rstrip("/") for k, v in sites.items()}, topology=topology, hub=hub,
+                     neighbours=tuple(neighbours), policy=policy,
+                     schedule=check_pass_schedule(g.get("schedule", "continuous"), f"{where} schedule"),
+                     blackout=check_windows(g.get("blackout", []), f"{where} blackout"),
+                     on_failure=g.get("on_failure"),
+                     counters=tuple(counters), keys=dict(keys), invariants=invariants)
+
+
+def _cluster(raw: dict[str, Any] | None, source: str) -> ClusterConfig | None:
     if raw is None:
         return None
     where = f"{source}: [cluster]"
@@ -530,20 +642,19 @@ def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
         etcd = [etcd]
     if lease == "etcd" and (not etcd or not all(isinstance(e, str) and e.startswith(("http://", "https://"))
                                                   for e in etcd)):
-        raise ConfigError(f"{where} lease = \"etcd\" needs etcd = [\"http://host:2379\", ...]")
+        raise ConfigError(f"{where} lease = \"etcd\" needs etcd = [\"http://host:2379\", ...]",
+                          hint="for example etcd = [\"http://10.0.0.5:2379\"]")
     ttl = parse_duration(raw.get("ttl", "3s"), f"{where} ttl")
     if not 0.5 <= ttl <= 60:
         raise ConfigError(f"{where} ttl must be between 0.5s and 60s, got {raw.get('ttl')!r}")
     peers = raw.get("peers", {})
     if not isinstance(peers, dict) or not all(isinstance(v, str) and ":" in v for v in peers.values()):
-        raise ConfigError(f"{where} peers must be a table of node = \"host:port\"")
-    for hook in ("on_promote", "on_demote"):
-        h = raw.get(hook)
-        if h is not None and not (isinstance(h, str) or (isinstance(h, list) and all(isinstance(x, str) for x in h))):
-            raise ConfigError(f"{where} {hook} must be a command (a string or a list of arguments)")
+        raise ConfigError(f"{where} peers must be a table of node = \"host:port\"",
+                          hint="for example peers = { node-a = \"10.0.0.1:8750\", node-b = \"10.0.0.2:8750\" }")
+    hooks = {h: _command(raw.get(h), f"{where} {h}") for h in ("on_promote", "on_demote")}
     name = raw.get("name", "bastion")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{where} name must be a simple name")
+        raise ConfigError(f"{where} name must be a simple name", hint="letters, digits, _ . -; the default is bastion")
     mode = raw.get("mode", "shared")
     if mode not in ("shared", "replicated"):
         raise ConfigError(f"{where} mode must be \"shared\" (one data_dir for every node) or \"replicated\" "
@@ -555,26 +666,36 @@ def _cluster(raw: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
         if node not in peers or len(peers) != 2:
             raise ConfigError(f"{where} mode = \"replicated\" needs peers = {{ NODE = \"host:port\", ... }} "
                               f"with exactly two nodes, this one ({node}) among them")
-    return {"name": name, "node": node, "mode": mode, "lease": lease, "etcd": etcd, "ttl": ttl, "peers": dict(peers),
-            "on_promote": raw.get("on_promote"), "on_demote": raw.get("on_demote")}
+    return ClusterConfig(node=node, name=name, mode=mode, lease=lease, etcd=tuple(etcd), ttl=ttl, peers=dict(peers),
+                         **hooks)
 
 
-def _sql_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
+def _check_replicated_cluster(config: Config, source: str) -> None:
+    if not (config.cluster and config.cluster.mode == "replicated"):
+        return
+    if config.replication.peer_token_file is None:
+        raise ConfigError(f"{source}: [cluster] mode = \"replicated\" streams between the nodes, so "
+                          "[replication] needs peer_token_file = \"path\"",
+                          hint="the same secret file on both nodes (e.g. `openssl rand -hex 32`)")
+    for d in config.databases.values():
+        if d.replicate_to or d.replica_of:
+            raise ConfigError(f"{source}: [databases.{d.name}] in a replicated cluster the nodes replicate to "
+                              "each other: remove replicate_to / replica_of")
+
+
+def _sql(raw: dict[str, Any], source: str) -> SQLSettings:
     out: dict[str, Any] = {}
-    for key in ("idle_timeout", "busy_timeout", "statement_timeout"):
-        if key in raw:
-            out[key] = parse_duration(raw[key], f"{source}: [sql] {key}")
-    for key in ("max_transactions", "pool_size", "max_result_rows", "max_result_bytes", "max_request_bytes",
-                "max_transactions_per_user", "threads"):
-        if key in raw:
-            v = raw[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{source}: [sql] {key} must be a whole number >= 1, got {v!r}")
-            out[key] = v
-    return out
+    for f in dataclasses.fields(SQLSettings):
+        if f.name not in raw:
+            continue
+        if f.type == "float":
+            out[f.name] = parse_duration(raw[f.name], f"{source}: [sql] {f.name}")
+        else:
+            out[f.name] = _whole(raw[f.name], f"{source}: [sql] {f.name}", 1)
+    return SQLSettings(**out)
 
 
-def _users(raw: dict[str, Any], databases: dict[str, DatabaseConfig], source: str) -> dict[str, Any]:
+def _users(raw: dict[str, Any], databases: dict[str, DatabaseConfig], source: str) -> dict[str, User]:
     from .sql.users import ROLES, User, valid_hash
     users = {}
     for name, spec in raw.items():
@@ -582,7 +703,7 @@ def _users(raw: dict[str, Any], databases: dict[str, DatabaseConfig], source: st
         if not _NAME.match(name):
             raise ConfigError(f"{where}: user names may only use letters, digits, '_', '.', '-'")
         if not isinstance(spec, dict):
-            raise ConfigError(f"{where} must be a table")
+            raise ConfigError(f"{where} must be a table", hint=f"write it as [users.{name}] with its keys below")
         extra = set(spec) - {"password_hash", "access"}
         if extra:
             raise ConfigError(f"{where}: unknown key '{sorted(extra)[0]}'", hint="known keys: password_hash, access")
@@ -603,47 +724,32 @@ def _users(raw: dict[str, Any], databases: dict[str, DatabaseConfig], source: st
     return users
 
 
-_NOTIFY_KEYS = {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
-         "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
-         "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes", "disk_free_percent"}
-
-
-def _notify(raw: Any, where: str, resolve: Callable[[str], str]) -> dict[str, Any]:
-    """Check [notify] and return its settings (durations in seconds, paths absolute)."""
+def _notify(raw: Any, where: str, resolve: Callable[[str], str]) -> NotifyConfig:
+    """[notify]: durations in seconds, secrets read from their files."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    extra = set(raw) - _NOTIFY_KEYS
-    if extra:
-        raise ConfigError(f"{where} unknown key '{sorted(extra)[0]}'", hint="known keys: " + ", ".join(sorted(_NOTIFY_KEYS)))
-    out: dict[str, Any] = {"interval": parse_duration(raw.get("interval", "30s"), f"{where} interval"),
-                           "webhook_retries": 3, "webhook_timeout": 10.0, "disk_free_percent": 5.0}
+    known = _KNOWN["notify"]
+    _unknown_keys(raw, known, where)
+    out: dict[str, Any] = {"interval": parse_duration(raw.get("interval", "30s"), f"{where} interval")}
     hooks_ = raw.get("webhook", [])
     hooks_ = [hooks_] if isinstance(hooks_, str) else hooks_
     if not isinstance(hooks_, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
                                                for u in hooks_):
-        raise ConfigError(f"{where} webhook must be a URL or a list of URLs (http:// or https://)")
-    out["webhook"] = list(hooks_)
+        raise ConfigError(f"{where} webhook must be a URL or a list of URLs (http:// or https://)",
+                          hint="for example webhook = \"https://hooks.example.com/bastion\"")
+    out["webhook"] = tuple(hooks_)
     if "webhook_secret_file" in raw:
-        path = resolve(str(raw["webhook_secret_file"]))
-        try:
-            with open(path, encoding="utf-8") as fh:
-                out["webhook_secret"] = fh.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where} webhook_secret_file {path}: {exc.strerror}",
-                              hint="a file holding the shared secret of the HMAC signature") from None
-        if not out["webhook_secret"]:
-            raise ConfigError(f"{where} webhook_secret_file {path} is empty")
-    r = raw.get("webhook_retries", 3)
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 20:
-        raise ConfigError(f"{where} webhook_retries must be a whole number from 0 to 20")
-    out["webhook_retries"] = r
+        out["webhook_secret"] = _secret(raw["webhook_secret_file"], f"{where} webhook_secret_file", resolve,
+                                        "a file holding the shared secret of the HMAC signature")
+    out["webhook_retries"] = _whole(raw.get("webhook_retries", 3), f"{where} webhook_retries", 0, 20)
     if "webhook_timeout" in raw:
         out["webhook_timeout"] = parse_duration(raw["webhook_timeout"], f"{where} webhook_timeout")
     to = raw.get("email_to", [])
     to = [to] if isinstance(to, str) else to
     if not isinstance(to, list) or not all(isinstance(a, str) and "@" in a for a in to):
-        raise ConfigError(f"{where} email_to must be an address or a list of addresses")
-    out["email_to"] = list(to)
+        raise ConfigError(f"{where} email_to must be an address or a list of addresses",
+                          hint="for example email_to = [\"ops@example.com\"]")
+    out["email_to"] = tuple(to)
     if to:
         host = raw.get("smtp_host")
         if not isinstance(host, str) or not host:
@@ -661,34 +767,37 @@ def _notify(raw: Any, where: str, resolve: Callable[[str], str]) -> dict[str, An
             if not pw:
                 raise ConfigError(f"{where} smtp_user needs smtp_password_file = \"path\" (never a password in "
                                   "the config)")
-            try:
-                with open(resolve(str(pw)), encoding="utf-8") as fh:
-                    out["smtp_password"] = fh.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"{where} smtp_password_file {resolve(str(pw))}: {exc.strerror}") from None
-    cmd = raw.get("command")
-    if cmd is not None:
-        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
-            cmd = list(cmd)
-        elif not (isinstance(cmd, str) and cmd.strip()):
-            raise ConfigError(f"{where} command must be a command (a string or a list of arguments)")
-        out["command"] = cmd
+            out["smtp_password"] = _secret(pw, f"{where} smtp_password_file", resolve,
+                                           "a file holding the SMTP password, readable by the daemon only")
+    out["command"] = _command(raw.get("command"), f"{where} command")
     for key in ("backup_max_age", "verify_max_age", "replication_lag"):
         if key in raw:
             out[key] = parse_duration(raw[key], f"{where} {key}")
     if "sync_lag_changes" in raw:
-        v = raw["sync_lag_changes"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{where} sync_lag_changes must be a whole number >= 1")
-        out["sync_lag_changes"] = v
+        out["sync_lag_changes"] = _whole(raw["sync_lag_changes"], f"{where} sync_lag_changes", 1)
     if "disk_free_percent" in raw:
         v = raw["disk_free_percent"]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 100:
-            raise ConfigError(f"{where} disk_free_percent must be a number from 0 to 99")
+            raise ConfigError(f"{where} disk_free_percent must be a number from 0 to 99, got {v!r}",
+                              hint="for example disk_free_percent = 10 (0 turns the check off)")
         out["disk_free_percent"] = float(v)
-    if not (out["webhook"] or out["email_to"] or "command" in out):
+    if not (out["webhook"] or out["email_to"] or out["command"]):
         raise ConfigError(f"{where} names no channel", hint="set webhook, email_to (with smtp_host) or command")
-    return out
+    return NotifyConfig(**out)
+
+
+def _secret(path: Any, where: str, resolve: Callable[[str], str], what: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where} must be a path, got {path!r}", hint=what)
+    full = resolve(path)
+    try:
+        with open(full, encoding="utf-8") as fh:
+            secret = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where} {full}: {exc.strerror}", hint=what) from None
+    if not secret:
+        raise ConfigError(f"{where} {full} is empty", hint=what)
+    return secret
 
 
 def _repo_url(value: Any, base: str, source: str, db: str | None) -> str | None:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import httpx
 
 from . import hooks
+from .config import NotifyConfig
 from .state import iso
 
 log = logging.getLogger("bastion.notify")
@@ -46,7 +47,7 @@ def _age(text: str | None) -> float | None:
     return None if t is None else time.time() - t
 
 
-def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+def problems(daemon: Any, conf: NotifyConfig) -> dict[str, tuple[str, str, str]]:
     """key -> (kind, subject, message) for every failure open now. A part that cannot be read
     is left out (its own failure shows in the log and in bastion_scrape_errors)."""
     out: dict[str, tuple[str, str, str]] = {}
@@ -64,7 +65,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
         for name in daemon.config.databases:
             b = daemon.backups.latest(name)
             age = _age(b.get("instant"))
-            limit = conf.get("backup_max_age")
+            limit = conf.backup_max_age
             if limit and (age is None or age > limit) and not b.get("error"):
                 what = "no backup yet" if age is None else f"the newest backup is {age / 3600:.1f} h old"
                 out[f"backup_overdue:{name}"] = ("backup_overdue", name, f"backup of {name} overdue: {what} "
@@ -73,7 +74,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
             if v and not v.get("ok"):
                 out[f"verify_failed:{name}"] = ("verify_failed", name, f"the newest backup of {name} "
                                                 f"({b.get('backup')}) failed its {v.get('mode')} verify")
-            vlimit = conf.get("verify_max_age")
+            vlimit = conf.verify_max_age
             if vlimit and b.get("backup") and (not v or (_age(v.get("at")) or 0) > vlimit):
                 out[f"verify_overdue:{name}"] = ("verify_overdue", name, f"the newest backup of {name} was not "
                                                  f"verified in the last {vlimit / 3600:g} h")
@@ -87,7 +88,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
                     "(the copy taken during it is not consistent; `bastion endbu` or `bastion recover`)")
 
     def replication() -> None:
-        lag_limit = conf.get("replication_lag")
+        lag_limit = conf.replication_lag
         for r in daemon.replication.status()["databases"]:
             name = r["database"]
             if r.get("failures"):
@@ -104,7 +105,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
                                                    f"{r['divergence']} local change(s) the primary does not have")
 
     def sync() -> None:
-        limit = conf.get("sync_lag_changes")
+        limit = conf.sync_lag_changes
         for r in daemon.sync.status()["databases"]:
             name = r["database"]
             if r.get("failures"):
@@ -123,7 +124,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
                                                f"{r.get('error')}")
 
     def disks() -> None:
-        limit = conf.get("disk_free_percent") or 0
+        limit = conf.disk_free_percent
         dirs = {daemon.config.data_dir}
         for d in daemon.config.databases.values():
             dirs |= {os.path.dirname(p) for p in d.files}
@@ -163,18 +164,18 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def send(conf: dict[str, Any], message: dict[str, Any]) -> dict[str, str | None]:
+def send(conf: NotifyConfig, message: dict[str, Any]) -> dict[str, str | None]:
     """Deliver one message on every channel; channel -> None if delivered, else the error."""
     results: dict[str, str | None] = {}
     body = json.dumps(message, sort_keys=True).encode()
-    for url in conf.get("webhook", []):
+    for url in conf.webhook:
         results[f"webhook {url}"] = _webhook(conf, url, body)
-    if conf.get("email_to"):
+    if conf.email_to:
         results["email"] = _email(conf, message)
-    if conf.get("command"):
+    if conf.command:
         env = {"BASTION_NOTIFY_" + k.upper(): str(v) for k, v in message.items() if v is not None}
         env["BASTION_NOTIFY_JSON"] = body.decode()
-        res = hooks.run(conf["command"], "notify command", env=env)
+        res = hooks.run(conf.command, "notify command", env=env)
         results["command"] = res["error"]
     for channel, error in results.items():
         if error:
@@ -182,16 +183,16 @@ def send(conf: dict[str, Any], message: dict[str, Any]) -> dict[str, str | None]
     return results
 
 
-def _webhook(conf: dict[str, Any], url: str, body: bytes) -> str | None:
+def _webhook(conf: NotifyConfig, url: str, body: bytes) -> str | None:
     headers = {"content-type": "application/json", "user-agent": "bastion-notify"}
-    if conf.get("webhook_secret"):
-        headers[SIGNATURE_HEADER] = sign(conf["webhook_secret"], body)
+    if conf.webhook_secret:
+        headers[SIGNATURE_HEADER] = sign(conf.webhook_secret, body)
     error = None
-    for attempt in range(conf.get("webhook_retries", 3) + 1):
+    for attempt in range(conf.webhook_retries + 1):
         if attempt:
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
         try:
-            r = httpx.post(url, content=body, headers=headers, timeout=conf.get("webhook_timeout", 10.0))
+            r = httpx.post(url, content=body, headers=headers, timeout=conf.webhook_timeout)
             if r.status_code < 300:
                 return None
             error = f"HTTP {r.status_code}"
@@ -202,19 +203,19 @@ def _webhook(conf: dict[str, Any], url: str, body: bytes) -> str | None:
     return error
 
 
-def _email(conf: dict[str, Any], message: dict[str, Any]) -> str | None:
+def _email(conf: NotifyConfig, message: dict[str, Any]) -> str | None:
     msg = EmailMessage()
     state = {"failing": "FAILING", "recovered": "RECOVERED", "event": "EVENT"}.get(message["event"], "")
     msg["Subject"] = f"[bastion {message.get('host')}] {state}: {message['kind']} {message['subject']}"
-    msg["From"] = conf["email_from"]
-    msg["To"] = ", ".join(conf["email_to"])
+    msg["From"] = conf.email_from or ""
+    msg["To"] = ", ".join(conf.email_to)
     msg.set_content(f"{message['message']}\n\n" + json.dumps(message, indent=2, sort_keys=True) + "\n")
     try:
-        with smtplib.SMTP(conf["smtp_host"], conf["smtp_port"], timeout=30) as s:
-            if conf.get("smtp_starttls"):
+        with smtplib.SMTP(conf.smtp_host or "", conf.smtp_port, timeout=30) as s:
+            if conf.smtp_starttls:
                 s.starttls()
-            if conf.get("smtp_user"):
-                s.login(conf["smtp_user"], conf["smtp_password"])
+            if conf.smtp_user:
+                s.login(conf.smtp_user, conf.smtp_password or "")
             s.send_message(msg)
         return None
     except (OSError, smtplib.SMTPException) as exc:
@@ -226,7 +227,7 @@ def _email(conf: dict[str, Any], message: dict[str, Any]) -> str | None:
 class Notifier:
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
-        self.conf = daemon.config.notify
+        self.conf: NotifyConfig | None = daemon.config.notify     # None: nothing to send
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -261,11 +262,12 @@ class Notifier:
                 self.check()
             except Exception:  # noqa: BLE001 - the notifier must not die
                 log.exception("notify")
-            self._wake.wait(self.conf["interval"])
+            self._wake.wait(self.conf.interval if self.conf else 30.0)
             self._wake.clear()
 
     def check(self) -> dict[str, Any]:
         state = self.daemon.state
+        assert self.conf is not None
         now_open = problems(self.daemon, self.conf)
         known = state.alerts()
         for key, (kind, subject, text) in now_open.items():
@@ -287,6 +289,7 @@ class Notifier:
     def _deliver(self, event: str, key: str, kind: str, subject: str, text: str, since: float) -> bool:
         msg = {"event": event, "key": key, "kind": kind, "subject": subject, "message": text,
                "since": iso(since), "at": iso(time.time()), "host": self.host, "daemon": self.daemon.config.listen}
+        assert self.conf is not None
         res = send(self.conf, msg)
         self.sent = (self.sent + [{**msg, "delivered": {k: v is None for k, v in res.items()}}])[-20:]
         log.warning("notification %s %s: %s", event, key, text) if event != "recovered" else \

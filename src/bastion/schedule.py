@@ -116,3 +116,36 @@ class Timing:
 def _minutes(hhmm: str) -> int:
     h, m = hhmm.strip().split(":")
     return int(h) * 60 + int(m)
+
+
+# -- checking what a config file says --------------------------------------------------------
+
+_WINDOW = re.compile(r"^\d{1,2}:\d{2}-\d{1,2}:\d{2}$")
+
+
+def check_pass_schedule(value: Any, what: str) -> str:
+    """A pass loop's schedule as written in a config file: 'continuous', 'manual' or
+    'every DURATION'; returns it normalised (lower case, trimmed)."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("continuous", "manual"):
+        return text
+    if text is None or not text.startswith("every "):
+        raise ConfigError(f"{what} must be \"continuous\", \"manual\" or \"every DURATION\" (like \"every 10s\"), "
+                          f"got {value!r}", hint="for example schedule = \"every 10s\"; the default is continuous")
+    parse_duration(text[6:], what)
+    return text
+
+
+def check_windows(value: Any, what: str) -> tuple[str, ...]:
+    """Blackout windows as written in a config file: one "HH:MM-HH:MM" or a list of them."""
+    windows = [value] if isinstance(value, str) else value
+    if not isinstance(windows, list) or not all(isinstance(w, str) and _WINDOW.match(w.strip()) for w in windows):
+        raise ConfigError(f"{what} must be a list of \"HH:MM-HH:MM\" windows (local time), got {value!r}",
+                          hint="for example blackout = [\"22:00-23:30\"]")
+    for w in windows:
+        for part in w.strip().split("-"):
+            h, m = part.split(":")
+            if int(h) > 23 or int(m) > 59:
+                raise ConfigError(f"{what} window {w!r}: {part} is not a time of day",
+                                  hint="hours 00-23, minutes 00-59; a window may run past midnight (\"23:00-01:00\")")
+    return tuple(w.strip() for w in windows)

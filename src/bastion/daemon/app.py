@@ -185,9 +185,8 @@ class AuthMiddleware:
 
 
 def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
-    from ..sql.service import SQLSettings
     auth = Authenticator(daemon.token, daemon.config.users)
-    sql_settings = SQLSettings(**daemon.config.sql)
+    sql_settings = daemon.config.sql
 
     app = FastAPI(title="Bastion", version=__version__,
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "

@@ -35,11 +35,11 @@ class Replication:
     def __init__(self, daemon: Any) -> None:
         config = daemon.config
         self.config = config
-        self.origin = config.replication.get("origin") or f"{socket.gethostname()}:{config.data_dir}"
+        self.origin = config.replication.origin or f"{socket.gethostname()}:{config.data_dir}"
         # the peer token also opens /v1/peer/sync/* (multi-site sync) and the cluster's peer routes
         needed = any(d.replicate_to or d.replica_of or d.sync_group for d in config.databases.values()) or bool(
-            config.cluster and config.cluster.get("mode") == "replicated")
-        path = config.replication.get("peer_token_file")
+            config.cluster and config.cluster.mode == "replicated")
+        path = config.replication.peer_token_file
         self.peer_token = read_peer_token(path) if needed and path else None
         self.receiver = Receiver(daemon, self.origin)
         self.shippers = {n: Shipper(daemon, n, self.origin, self.peer_token or "")

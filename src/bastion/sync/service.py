@@ -57,27 +57,27 @@ class Syncer(PassLoop):
 
     def __init__(self, daemon: Any, name: str, token: str) -> None:
         db = daemon.config.databases[name]
-        group = daemon.config.sync["groups"][db.sync_group]
+        group = daemon.config.sync.groups[db.sync_group]
         super().__init__(name, f"sync of {name} (group {db.sync_group})",
-                         Timing.parse(group["schedule"], group["blackout"]), group.get("on_failure"),
+                         Timing.parse(group.schedule, group.blackout), group.on_failure,
                          {"BASTION_DATABASE": name, "BASTION_GROUP": db.sync_group or ""})
         self.daemon = daemon
         self.db = db
         self.group_name = db.sync_group
         self.group = group
-        self.site = daemon.config.sync["site"]
-        self._verify = trust(daemon.config.replication.get("peer_ca_file"))
+        self.site = daemon.config.sync.site
+        self._verify = trust(daemon.config.replication.peer_ca_file)
         self._token = token
         # Short connect and vector timeouts: a neighbour that drops packets must cost seconds, not
         # the minute a large batch may take to apply.
-        self._http = {p: self._new_client(p) for p in self.group["neighbours"]}
+        self._http = {p: self._new_client(p) for p in self.group.neighbours}
         # one thread per neighbour: a silent one must not hold up the exchange with the others
-        self._pool = ThreadPoolExecutor(max_workers=len(self.group["neighbours"]),
+        self._pool = ThreadPoolExecutor(max_workers=len(self.group.neighbours),
                                         thread_name_prefix=f"bastion-sync-{name}")
         n = len(self.db.files)
-        self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group["neighbours"]}
+        self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group.neighbours}
         self.peer_state: dict[str, dict[str, Any]] = {p: {"sent": 0, "last_error": None, "last_ok_at": None}
-                                                      for p in self.group["neighbours"]}
+                                                      for p in self.group.neighbours}
         self.sent = 0
         self.joined_from: str | None = None
         self._installed = False
@@ -111,7 +111,7 @@ class Syncer(PassLoop):
             self._installed = True
         if not self.failures:        # a failing streak stays "failing" while it retries
             self.state = "syncing"
-        for peer in self.group["neighbours"]:
+        for peer in self.group.neighbours:
             if peer not in self._inflight:
                 self._inflight[peer] = self._pool.submit(self._push_all, peer)
         # a pass somebody asked for (sync run, a schedule) is whole: it waits for every neighbour
@@ -133,8 +133,8 @@ class Syncer(PassLoop):
         if time.monotonic() - self._last_prune > PRUNE_EVERY:
             self._last_prune = time.monotonic()
             for path in self.db.files:
-                site.prune(path, self.group["neighbours"])
-        if errors and len(errors) == len(self.group["neighbours"]):
+                site.prune(path, self.group.neighbours)
+        if errors and len(errors) == len(self.group.neighbours):
             raise BastionError(f"sync of {self.name}: no neighbour reachable: " + "; ".join(errors),
                                hint="changes stay here and go out when a neighbour answers")
         self.state = "in sync" if not errors else "partial (" + "; ".join(errors) + ")"
@@ -183,7 +183,7 @@ class Syncer(PassLoop):
         """This site has no copy yet: take a neighbour's, adopted under this site's id."""
         path = self.db.files[i]
         tried = []
-        for peer in self.group["neighbours"]:
+        for peer in self.group.neighbours:
             tmp = f"{path}.bastion-join-{uuid.uuid4().hex[:8]}"
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -227,12 +227,12 @@ class Syncer(PassLoop):
                            + "; ".join(tried), hint="a new site joins with a copy of a current site's files")
 
     def _new_client(self, peer: str) -> httpx.Client:
-        return httpx.Client(base_url=self.group["sites"][peer], verify=self._verify,
+        return httpx.Client(base_url=self.group.sites[peer], verify=self._verify,
                             timeout=httpx.Timeout(60.0, connect=3.0),
                             headers={"Authorization": f"Bearer {self._token}"})
 
     def _request(self, peer: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        url = self.group["sites"][peer]
+        url = self.group.sites[peer]
         try:
             r = self._http[peer].request(method, path, **kw)
         except httpx.HTTPError as exc:
@@ -255,7 +255,7 @@ class Syncer(PassLoop):
 
     # -- receiving -------------------------------------------------------------------------------
     def _file(self, req: dict[str, Any]) -> str:
-        if req.get("group") != self.group_name or req.get("site") not in self.group["sites"]:
+        if req.get("group") != self.group_name or req.get("site") not in self.group.sites:
             raise StateConflict(f"database {self.name} here is in sync group {self.group_name!r}; the request "
                                 f"came for group {req.get('group')!r} from site {req.get('site')!r}",
                                 hint="every site must list the same [sync_groups.NAME] sites")
@@ -275,12 +275,12 @@ class Syncer(PassLoop):
 
     def _install(self, path: str) -> None:
         site.install(path, self.site)
-        site.configure(path, self.group.get("counters") or (), self.group.get("keys") or {}, present_only=True)
+        site.configure(path, self.group.counters, self.group.keys, present_only=True)
 
     def check_report(self) -> dict[str, Any]:
         """This site's part of `bastion sync check`: vectors, row digests, invariant values."""
         from . import check
-        return check.local_report(list(self.db.files), self.group.get("invariants") or {})
+        return check.local_report(list(self.db.files), self.group.invariants)
 
     def check(self) -> dict[str, Any]:
         """Ask every site of the group (this one included) for its report, and compare."""
@@ -294,10 +294,10 @@ class Syncer(PassLoop):
                 return self._request(peer, "POST", "/v1/peer/sync/check", json=self._who(0))
             except BastionError as exc:
                 return {"error": exc.message}
-        for peer in sorted(p for p in self.group["sites"] if p != self.site):
+        for peer in sorted(p for p in self.group.sites if p != self.site):
             reports[peer] = ask(peer)
         return {"database": self.name, "group": self.group_name, "site": self.site,
-                **check.compare(reports, self.group.get("invariants") or {})}
+                **check.compare(reports, self.group.invariants)}
 
     def vector(self, req: dict[str, Any]) -> dict[str, Any]:
         path = self._file(req)
@@ -306,7 +306,7 @@ class Syncer(PassLoop):
     def apply(self, req: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         path = self._file(req)
         with self.apply_lock:
-            res = site.apply(path, site.from_wire(batch), self.group["policy"], peer=req["site"])
+            res = site.apply(path, site.from_wire(batch), self.group.policy, peer=req["site"])
             vec = site.vector(path)
         if res.conflicts:
             log.warning("sync of %s from %s: %d conflict(s) recorded (bastion conflicts list %s)", self.name,
@@ -325,13 +325,13 @@ class Syncer(PassLoop):
                              unresolved_conflicts=st["unresolved_conflicts"])
                     f["peers"] = {p: {"their_vector": (self.their[p][i] or None),
                                       "lag_changes": _lag(st.get("vector") or {}, self.their[p][i])}
-                                  for p in self.group["neighbours"]}
+                                  for p in self.group.neighbours}
             except BastionError as exc:
                 f["error"] = exc.message
             files.append(f)
         return {"database": self.name, "group": self.group_name, "site": self.site,
-                "topology": self.group["topology"], "neighbours": self.group["neighbours"],
-                "policy": self.group["policy"].rule, "schedule": self.group["schedule"], "state": self.state,
+                "topology": self.group.topology, "neighbours": self.group.neighbours,
+                "policy": self.group.policy.rule, "schedule": self.group.schedule, "state": self.state,
                 "sent": self.sent, "joined_from": self.joined_from, "last_error": self.last_error,
                 "last_error_at": iso(self.last_error_at), "failures": self.failures,
                 "last_success_at": iso(self.last_success_at),
@@ -355,7 +355,7 @@ class Sync:
         self.syncers: dict[str, Syncer] = {}
         names = [n for n, d in cfg.databases.items() if d.sync_group]
         if names:
-            token = read_peer_token(cfg.replication["peer_token_file"])
+            token = read_peer_token(cfg.replication.peer_token_file or "")
             self.syncers = {n: Syncer(daemon, n, token) for n in names}
 
     def start(self) -> None:
