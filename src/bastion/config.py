@@ -310,6 +310,18 @@ def _whole(value: Any, where: str, low: int, high: int | None = None) -> int:
     return value
 
 
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}", hint="write true or false, without quotes")
+    return value
+
+
+def _text(value: Any, where: str, example: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty string, got {value!r}", hint=f"for example {example}")
+    return value
+
+
 def _command(value: Any, where: str) -> Command | None:
     """A hook (bastion.hooks): a string runs through the shell, a non-empty list of strings is argv."""
     if value is None:
@@ -593,12 +605,14 @@ def _sync_group(name: str, g: Any, site: str, used: bool, source: str) -> SyncGr
     topology = g.get("topology", "mesh" if len(sites) > 2 else "pair")
     hub = g.get("hub")
     if topology not in ("pair", "hub", "mesh"):
-        raise ConfigError(f"{where} topology must be \"pair\", \"hub\" or \"mesh\", got {topology!r}")
+        raise ConfigError(f"{where} topology must be \"pair\", \"hub\" or \"mesh\", got {topology!r}",
+                          hint="the default is \"pair\" for two sites, \"mesh\" for more")
     if topology == "pair" and len(sites) != 2:
         raise ConfigError(f"{where} topology = \"pair\" needs exactly two sites",
                           hint="use topology = \"mesh\" (every site with every other) or \"hub\"")
     if topology == "hub" and hub not in sites:
-        raise ConfigError(f"{where} topology = \"hub\" needs hub = one of the sites ({', '.join(sorted(sites))})")
+        raise ConfigError(f"{where} topology = \"hub\" needs hub = one of the sites ({', '.join(sorted(sites))})",
+                          hint="for example hub = \"" + sorted(sites)[0] + "\"")
     neighbours = [str(hub)] if topology == "hub" and site != hub else sorted(n for n in sites if n != site)
     from .sync.check import parse_invariants
     from .sync.policy import Policy
@@ -623,7 +637,7 @@ def _sync_group(name: str, g: Any, site: str, used: bool, source: str) -> SyncGr
                      neighbours=tuple(neighbours), policy=policy,
                      schedule=check_pass_schedule(g.get("schedule", "continuous"), f"{where} schedule"),
                      blackout=check_windows(g.get("blackout", []), f"{where} blackout"),
-                     on_failure=g.get("on_failure"),
+                     on_failure=_command(g.get("on_failure"), f"{where} on_failure"),
                      counters=tuple(counters), keys=dict(keys), invariants=invariants)
 
 
@@ -640,9 +654,10 @@ def _cluster(raw: dict[str, Any] | None, source: str) -> ClusterConfig | None:
     etcd = raw.get("etcd", [])
     if isinstance(etcd, str):
         etcd = [etcd]
-    if lease == "etcd" and (not etcd or not all(isinstance(e, str) and e.startswith(("http://", "https://"))
-                                                  for e in etcd)):
-        raise ConfigError(f"{where} lease = \"etcd\" needs etcd = [\"http://host:2379\", ...]",
+    if not isinstance(etcd, list) or not all(isinstance(e, str) and e.startswith(("http://", "https://"))
+                                             for e in etcd) or (lease == "etcd" and not etcd):
+        raise ConfigError(f"{where} lease = \"etcd\" needs etcd = [\"http://host:2379\", ...]"
+                          if lease == "etcd" else f"{where} etcd must be a list of URLs, got {raw.get('etcd')!r}",
                           hint="for example etcd = [\"http://10.0.0.5:2379\"]")
     ttl = parse_duration(raw.get("ttl", "3s"), f"{where} ttl")
     if not 0.5 <= ttl <= 60:
@@ -755,14 +770,13 @@ def _notify(raw: Any, where: str, resolve: Callable[[str], str]) -> NotifyConfig
         if not isinstance(host, str) or not host:
             raise ConfigError(f"{where} email_to needs smtp_host = \"mail.example.com\"")
         out["smtp_host"] = host
-        port = raw.get("smtp_port", 25)
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"{where} smtp_port must be a port number")
-        out["smtp_port"] = port
-        out["smtp_starttls"] = bool(raw.get("smtp_starttls", False))
-        out["email_from"] = raw.get("email_from") or f"bastion@{socket.getfqdn()}"
+        out["smtp_port"] = _whole(raw.get("smtp_port", 25), f"{where} smtp_port", 1, 65535)
+        out["smtp_starttls"] = _bool(raw.get("smtp_starttls", False), f"{where} smtp_starttls")
+        sender = raw.get("email_from")
+        out["email_from"] = (_text(sender, f"{where} email_from", "email_from = \"bastion@example.com\"")
+                             if sender is not None else f"bastion@{socket.getfqdn()}")
         if "smtp_user" in raw:
-            out["smtp_user"] = str(raw["smtp_user"])
+            out["smtp_user"] = _text(raw["smtp_user"], f"{where} smtp_user", "smtp_user = \"bastion\"")
             pw = raw.get("smtp_password_file")
             if not pw:
                 raise ConfigError(f"{where} smtp_user needs smtp_password_file = \"path\" (never a password in "

@@ -48,7 +48,8 @@ def parse_duration(value: Any, what: str = "duration") -> float:
         raise ConfigError(f"{what}: {value!r} is not a finite duration",
                           hint="write it as a number of seconds or like '30s', '5m', '4h', '1h30m'")
     if seconds <= 0:
-        raise ConfigError(f"{what}: must be more than zero, got {value!r}")
+        raise ConfigError(f"{what}: must be more than zero, got {value!r}",
+                          hint="write a positive duration, like '30s', '5m', '4h'")
     return seconds
 
 
