@@ -234,3 +234,23 @@ def test_bad_notify(tmp_path: Path, body: str, words: list[str]) -> None:
 ])
 def test_bad_daemon(tmp_path: Path, body: str, words: list[str]) -> None:
     _refused(tmp_path, f"[daemon]\n{body}\n", *words)
+
+
+# -- the services take their sections, not the daemon ------------------------------------------------
+
+def test_replication_and_sync_are_built_from_their_parts(tmp_path: Path) -> None:
+    from bastion.replication.service import Replication
+    from bastion.sync.service import Sync
+    (tmp_path / "tok").write_text("t" * 32 + "\n")
+    conf = _load(tmp_path, SYNC.replace('"/x/bank.db"', f'"{tmp_path}/bank.db"'))
+    # no Daemon anywhere: the config, the catalog, continuous operations, the SQL service, the token
+    rep = Replication(conf, catalog=None, contops=None, sql=None)  # type: ignore[arg-type]
+    assert rep.peer_token == "t" * 32 and rep.shippers == {}
+    sync = Sync(conf, catalog=None, contops=None, token=rep.peer_token)  # type: ignore[arg-type]
+    try:
+        s = sync.get("bank")
+        assert s.group is conf.sync.groups["g"] and s.site == "a" and s.group.neighbours == ("b", "c")
+    finally:
+        sync.stop()
+    with pytest.raises(ConfigError, match="peer_token_file"):
+        Sync(conf, catalog=None, contops=None, token=None)  # type: ignore[arg-type]

@@ -97,9 +97,10 @@ class Daemon:
         self.scheduler = Scheduler(self.config, self.state)
         self.sql = self._sql_service()
         from ..replication import Replication
-        self.replication = Replication(self)     # real-time backup: shippers and replicas (issue 4)
+        self.replication = Replication(self.config, self.catalog, self.contops, self.sql,   # issue 4
+                                       self.renewed_after)
         from ..sync.service import Sync
-        self.sync = Sync(self)                   # multi-site sync (issue 5)
+        self.sync = Sync(self.config, self.catalog, self.contops, self.replication.peer_token)   # issue 5
         self._schedule_jobs()
         if found["rolling_in"]:
             # a reader may hold the roll-in back for minutes: never delay the start for it

@@ -24,18 +24,23 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import apsw
 import httpx
 import msgpack
 
-from ..errors import BastionError, StateConflict, UnknownTarget, UsageError
+from ..errors import BastionError, ConfigError, StateConflict, UnknownTarget, UsageError
 from ..passloop import PassLoop
 from ..replication.window import Timing
 from ..state import iso
 from ..tls import trust, verify_failure
 from . import site
+
+if TYPE_CHECKING:
+    from ..catalog import Catalog
+    from ..config import Config, DatabaseConfig, SyncGroup
+    from ..contops import ContinuousOperations
 
 log = logging.getLogger("bastion.sync")
 BATCH = 2000
@@ -55,18 +60,18 @@ class Syncer(PassLoop):
     # a silent neighbour costs the vector request's connect timeout (1 s) plus this.
     max_backoff = 0.5
 
-    def __init__(self, daemon: Any, name: str, token: str) -> None:
-        db = daemon.config.databases[name]
-        group = daemon.config.sync.groups[db.sync_group]
-        super().__init__(name, f"sync of {name} (group {db.sync_group})",
+    def __init__(self, db: DatabaseConfig, group: SyncGroup, site: str, token: str, peer_ca_file: str | None,
+                 catalog: Catalog) -> None:
+        name = db.name
+        super().__init__(name, f"sync of {name} (group {group.name})",
                          Timing.parse(group.schedule, group.blackout), group.on_failure,
-                         {"BASTION_DATABASE": name, "BASTION_GROUP": db.sync_group or ""})
-        self.daemon = daemon
+                         {"BASTION_DATABASE": name, "BASTION_GROUP": group.name})
+        self.catalog = catalog          # a joined copy is protected at once
         self.db = db
-        self.group_name = db.sync_group
+        self.group_name = group.name
         self.group = group
-        self.site = daemon.config.sync.site
-        self._verify = trust(daemon.config.replication.peer_ca_file)
+        self.site = site
+        self._verify = trust(peer_ca_file)
         self._token = token
         # Short connect and vector timeouts: a neighbour that drops packets must cost seconds, not
         # the minute a large batch may take to apply.
@@ -211,7 +216,7 @@ class Syncer(PassLoop):
                 os.replace(tmp, path)
                 from ..backup.restore import fsync_dir
                 fsync_dir(os.path.dirname(path) or ".")
-                f = self.daemon.catalog.files.get(path)
+                f = self.catalog.files.get(path)
                 if f is not None:
                     f.protect()
                 self.joined_from = peer
@@ -349,14 +354,17 @@ def _lag(ours: dict[str, int], theirs: dict[str, int] | None) -> int | None:
 class Sync:
     """Every synced database of this daemon."""
 
-    def __init__(self, daemon: Any) -> None:
-        from ..replication.service import read_peer_token
-        cfg = daemon.config
-        self.syncers: dict[str, Syncer] = {}
-        names = [n for n, d in cfg.databases.items() if d.sync_group]
-        if names:
-            token = read_peer_token(cfg.replication.peer_token_file or "")
-            self.syncers = {n: Syncer(daemon, n, token) for n in names}
+    def __init__(self, config: Config, catalog: Catalog, contops: ContinuousOperations, token: str | None) -> None:
+        """``token``: the peer token (Replication read it; the config makes sync groups need one)."""
+        self.catalog, self.contops = catalog, contops
+        self.staging_dir = os.path.join(config.data_dir, "sync")
+        synced = [d for d in config.databases.values() if d.sync_group]
+        if synced and not token:
+            raise ConfigError("sync groups talk over the peer API: [replication] peer_token_file is needed",
+                              hint="the same secret file on every site")
+        self.syncers: dict[str, Syncer] = {
+            d.name: Syncer(d, config.sync.groups[d.sync_group], config.sync.site, token or "",
+                           config.replication.peer_ca_file, catalog) for d in synced if d.sync_group}
 
     def start(self) -> None:
         for s in self.syncers.values():
@@ -393,16 +401,16 @@ class Sync:
         failing = any(d["failures"] for d in dbs)
         return {"databases": dbs, "exit_code": 1 if failing else 0}
 
-    def snapshot(self, req: dict[str, Any], daemon: Any) -> str:
+    def snapshot(self, req: dict[str, Any]) -> str:
         """A consistent copy of one file for a joining site; returns the staged path (the caller
         streams it and removes it)."""
         from ..catalog import Targets
         from ..replication import seed
         s = self.get(req.get("database", ""))
         path = s._file({**req, "site": req.get("site")})
-        files = daemon.catalog.resolve(Targets.of([s.name]))
-        staging = os.path.join(daemon.config.data_dir, "sync", f"{s.name}.snapshot-{uuid.uuid4().hex[:8]}")
-        items = seed.take(daemon.contops, files, staging)
+        files = self.catalog.resolve(Targets.of([s.name]))
+        staging = os.path.join(self.staging_dir, f"{s.name}.snapshot-{uuid.uuid4().hex[:8]}")
+        items = seed.take(self.contops, files, staging)
         i = int(req["file"])
         keep = items[i]["staged"]
         out = f"{staging}.file{i}"
