@@ -166,6 +166,8 @@ def test_sync_sections_are_typed(tmp_path: Path) -> None:
     ('schedule = "every 0s"', ["[sync_groups.g]", "schedule", "more than zero"]),
     ('topology = "ring"', ["[sync_groups.g]", "topology", "'ring'"]),
     ('topology = "hub"', ["[sync_groups.g]", "hub = one of the sites"]),                 # missing required
+    ('topology = "hub"\nhub = 5', ["[sync_groups.g]", "hub must be one of the sites", "5"]),   # wrong type
+    ('hub = "z"', ["[sync_groups.g]", "hub must be one of the sites", "'z'"]),
     ('counters = "accounts.balance"', ["[sync_groups.g]", "counters must be a list"]),
     ('neighbors = ["b"]', ["[sync_groups.g]", "unknown key 'neighbors'"]),               # unknown key
 ])

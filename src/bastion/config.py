@@ -610,6 +610,9 @@ def _sync_group(name: str, g: Any, site: str, used: bool, source: str) -> SyncGr
     if topology == "pair" and len(sites) != 2:
         raise ConfigError(f"{where} topology = \"pair\" needs exactly two sites",
                           hint="use topology = \"mesh\" (every site with every other) or \"hub\"")
+    if hub is not None and hub not in sites:
+        raise ConfigError(f"{where} hub must be one of the sites ({', '.join(sorted(sites))}), got {hub!r}",
+                          hint="for example hub = \"" + sorted(sites)[0] + "\" with topology = \"hub\"")
     if topology == "hub" and hub not in sites:
         raise ConfigError(f"{where} topology = \"hub\" needs hub = one of the sites ({', '.join(sorted(sites))})",
                           hint="for example hub = \"" + sorted(sites)[0] + "\"")
