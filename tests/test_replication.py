@@ -363,7 +363,7 @@ def test_every_n_seconds_schedule_ships_on_its_own(pair, bank):
 def test_config_is_checked_and_blackout_windows():
     import datetime as dt
 
-    from bastion.config import _build
+    from bastion.config.parse import _build
     from bastion.errors import ConfigError
     from bastion.replication.window import Timing
 
@@ -372,7 +372,7 @@ def test_config_is_checked_and_blackout_windows():
         _build(base, "t.toml", "/")
     ok = {**base, "replication": {"peer_token_file": "tok"}}
     c = _build(ok, "t.toml", "/etc")
-    assert c.databases["bank"].replicate_to == "http://h:1" and c.replication["peer_token_file"] == "/etc/tok"
+    assert c.databases["bank"].replicate_to == "http://h:1" and c.replication.peer_token_file == "/etc/tok"
     for key, bad, msg in [("replicate_schedule", "sometimes", "replicate_schedule"),
                           ("blackout", ["25:00-26:00"], "not a time of day"),
                           ("replicate_to", "h:1", "replicate_to"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PKG = SRC / "bastion"
@@ -18,9 +17,6 @@ BIG = {
     "bastion/cli.py": "the command line; the peer helper splits it into a package (issue 14)",
     "bastion/sql/service.py": "one concept (the SQL server's sessions and transactions)",
 }
-# Cycles another change of issue 14 breaks (the config work); listed so the test says so.
-KNOWN_CYCLES = "config <-> notify/schedule and the circle through config, catalog, contops, daemon"
-
 
 def _modules() -> dict[str, Path]:
     out = {}
@@ -108,10 +104,7 @@ def test_only_sqlite_connect_opens_database_files() -> None:
 
 def test_no_import_cycles_outside_the_known_ones() -> None:
     cycles = _cycles(_graph())
-    mine = [c for c in cycles if "bastion.config" not in c]
-    assert not mine, f"import cycles: {mine}"
-    if cycles:
-        pytest.xfail(f"known cycles, broken by another change: {KNOWN_CYCLES}: {cycles}")
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_the_cycle_finder_sees_a_cycle() -> None:

@@ -951,9 +951,9 @@ def test_bad_sync_group_settings_are_refused_clearly(tmp_path: Path, extra: str,
     assert "[sync_groups.g]" in got.value.message
     path.write_text(path.read_text().replace(extra, 'counters = ["accounts.balance"]\nkeys = { audit = "rekey" }\n'
                                              '[sync_groups.g.invariants]\nmoney = "SELECT sum(balance) FROM accounts"'))
-    g = cfg.load(str(path)).sync["groups"]["g"]
-    assert g["counters"] == ["accounts.balance"] and g["keys"] == {"audit": "rekey"}
-    assert g["invariants"] == {"money": {"sql": "SELECT sum(balance) FROM accounts", "expect": "same", "file": 0}}
+    g = cfg.load(str(path)).sync.groups["g"]
+    assert g.counters == ("accounts.balance",) and g.keys == {"audit": "rekey"}
+    assert g.invariants == {"money": {"sql": "SELECT sum(balance) FROM accounts", "expect": "same", "file": 0}}
 
 
 def test_rekey_is_refused_for_a_table_not_keyed_by_a_rowid(tmp_path: Path) -> None:

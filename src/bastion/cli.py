@@ -648,7 +648,7 @@ def sql(conf: cfg.Config, as_json: bool, database: str, commands: tuple[str, ...
     from . import client
     from .shell import interactive, run_one, show
     # this daemon first, then the other nodes of its cluster: the driver follows the active one
-    hosts = ",".join(dict.fromkeys([conf.base_url.split("://", 1)[1], *(conf.cluster or {}).get("peers", {}).values()]))
+    hosts = ",".join(dict.fromkeys([conf.base_url.split("://", 1)[1], *(conf.cluster.peers if conf.cluster else {}).values()]))
     scheme = "bastions" if conf.tls_cert else "bastion"
     try:
         if dsn:
@@ -700,7 +700,7 @@ def _no_sql_node(conf: cfg.Config, exc: Exception) -> BastionError:
                                            "(start it with `bastion serve`; `bastion status` checks it)")
     if not conf.cluster or health.get("role") == "active":
         return BastionError(str(exc))
-    name, role = conf.cluster["node"], health.get("role")
+    name, role = conf.cluster.node, health.get("role")
     holder = None
     try:
         st = httpx.get(f"{conf.base_url}/v1/cluster/status", timeout=3, verify=verify,
@@ -708,7 +708,7 @@ def _no_sql_node(conf: cfg.Config, exc: Exception) -> BastionError:
         holder = ((st.get("lease") or {}).get("holder") or {}).get("node")
     except (httpx.HTTPError, ValueError, BastionError, AttributeError):
         pass
-    peers = conf.cluster.get("peers", {})
+    peers = conf.cluster.peers
     if holder and holder != name:
         where = f" at {peers[holder]}" if holder in peers else " (not in this config's [cluster] peers)"
         return BastionError(f"this node ({name}) is {role}; the active node is {holder}{where}, and it did not "
@@ -744,8 +744,8 @@ def cluster() -> None:
 def _nodes(conf: cfg.Config) -> dict[str, str]:
     if not conf.cluster:
         raise UsageError(f"{conf.source} has no [cluster] section: this daemon is not part of a cluster")
-    nodes = dict(conf.cluster["peers"])
-    nodes.setdefault(conf.cluster["node"], conf.base_url.split("://", 1)[1])
+    nodes = dict(conf.cluster.peers)
+    nodes.setdefault(conf.cluster.node, conf.base_url.split("://", 1)[1])
     return nodes
 
 

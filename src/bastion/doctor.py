@@ -161,11 +161,11 @@ def run(config: Config) -> dict[str, Any]:
     for name, db in sorted(config.databases.items()):
         if db.replicate_to:
             checks.append(_reach(f"replication target of {name}", db.replicate_to))
-    for gname, g in sorted((config.sync.get("groups") or {}).items()):
-        for site in g["neighbours"]:
-            checks.append(_reach(f"sync site {site} ({gname})", g["sites"][site]))
-    for node, addr in sorted(((config.cluster or {}).get("peers") or {}).items()):
-        if node != (config.cluster or {}).get("node"):
+    for gname, g in sorted(config.sync.groups.items()):
+        for site in g.neighbours:
+            checks.append(_reach(f"sync site {site} ({gname})", g.sites[site]))
+    for node, addr in sorted((config.cluster.peers if config.cluster else {}).items()):
+        if config.cluster and node != config.cluster.node:
             checks.append(_reach(f"cluster node {node}", addr))
     # dedupe identical free-space lines (several paths on one file system)
     seen, unique = set(), []

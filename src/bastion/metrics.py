@@ -13,7 +13,6 @@ The route sits behind the same admin-token check as the admin API (Prometheus se
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from typing import Any, Iterable
@@ -22,22 +21,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .state import epoch
+
 log = logging.getLogger("bastion.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _SQL_OPS = {"": "batch", "transactions": "begin", "commit": "commit", "rollback": "rollback"}
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ROLES = ("active", "passive", "promoting", "fenced")
-
-
-def epoch(text: str | None) -> float | None:
-    """Bastion's ISO 8601 UTC times ('2024-05-01T10:00:00.123Z') -> epoch seconds."""
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 class Metrics:

@@ -31,110 +31,22 @@ from typing import Any, Callable
 import httpx
 
 from . import hooks
-from .errors import ConfigError
-from .state import iso
+from .config import NotifyConfig
+from .state import epoch, iso
 
 log = logging.getLogger("bastion.notify")
 
 SIGNATURE_HEADER = "X-Bastion-Signature"
-_KEYS = {"webhook", "webhook_secret_file", "webhook_retries", "webhook_timeout", "smtp_host", "smtp_port",
-         "smtp_starttls", "smtp_user", "smtp_password_file", "email_from", "email_to", "command", "interval",
-         "backup_max_age", "verify_max_age", "replication_lag", "sync_lag_changes", "disk_free_percent"}
-
-
-def settings(raw: Any, where: str, resolve: Callable[[str], str]) -> dict[str, Any]:
-    """Check [notify] and return its settings (durations in seconds, paths absolute)."""
-    from .config import parse_duration
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    extra = set(raw) - _KEYS
-    if extra:
-        raise ConfigError(f"{where} unknown key '{sorted(extra)[0]}'", hint="known keys: " + ", ".join(sorted(_KEYS)))
-    out: dict[str, Any] = {"interval": parse_duration(raw.get("interval", "30s"), f"{where} interval"),
-                           "webhook_retries": 3, "webhook_timeout": 10.0, "disk_free_percent": 5.0}
-    hooks_ = raw.get("webhook", [])
-    hooks_ = [hooks_] if isinstance(hooks_, str) else hooks_
-    if not isinstance(hooks_, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
-                                               for u in hooks_):
-        raise ConfigError(f"{where} webhook must be a URL or a list of URLs (http:// or https://)")
-    out["webhook"] = list(hooks_)
-    if "webhook_secret_file" in raw:
-        path = resolve(str(raw["webhook_secret_file"]))
-        try:
-            with open(path, encoding="utf-8") as fh:
-                out["webhook_secret"] = fh.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where} webhook_secret_file {path}: {exc.strerror}",
-                              hint="a file holding the shared secret of the HMAC signature") from None
-        if not out["webhook_secret"]:
-            raise ConfigError(f"{where} webhook_secret_file {path} is empty")
-    r = raw.get("webhook_retries", 3)
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 20:
-        raise ConfigError(f"{where} webhook_retries must be a whole number from 0 to 20")
-    out["webhook_retries"] = r
-    if "webhook_timeout" in raw:
-        out["webhook_timeout"] = parse_duration(raw["webhook_timeout"], f"{where} webhook_timeout")
-    to = raw.get("email_to", [])
-    to = [to] if isinstance(to, str) else to
-    if not isinstance(to, list) or not all(isinstance(a, str) and "@" in a for a in to):
-        raise ConfigError(f"{where} email_to must be an address or a list of addresses")
-    out["email_to"] = list(to)
-    if to:
-        host = raw.get("smtp_host")
-        if not isinstance(host, str) or not host:
-            raise ConfigError(f"{where} email_to needs smtp_host = \"mail.example.com\"")
-        out["smtp_host"] = host
-        port = raw.get("smtp_port", 25)
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"{where} smtp_port must be a port number")
-        out["smtp_port"] = port
-        out["smtp_starttls"] = bool(raw.get("smtp_starttls", False))
-        out["email_from"] = raw.get("email_from") or f"bastion@{socket.getfqdn()}"
-        if "smtp_user" in raw:
-            out["smtp_user"] = str(raw["smtp_user"])
-            pw = raw.get("smtp_password_file")
-            if not pw:
-                raise ConfigError(f"{where} smtp_user needs smtp_password_file = \"path\" (never a password in "
-                                  "the config)")
-            try:
-                with open(resolve(str(pw)), encoding="utf-8") as fh:
-                    out["smtp_password"] = fh.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"{where} smtp_password_file {resolve(str(pw))}: {exc.strerror}") from None
-    cmd = raw.get("command")
-    if cmd is not None:
-        if isinstance(cmd, list) and cmd and all(isinstance(x, str) for x in cmd):
-            cmd = list(cmd)
-        elif not (isinstance(cmd, str) and cmd.strip()):
-            raise ConfigError(f"{where} command must be a command (a string or a list of arguments)")
-        out["command"] = cmd
-    for key in ("backup_max_age", "verify_max_age", "replication_lag"):
-        if key in raw:
-            out[key] = parse_duration(raw[key], f"{where} {key}")
-    if "sync_lag_changes" in raw:
-        v = raw["sync_lag_changes"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{where} sync_lag_changes must be a whole number >= 1")
-        out["sync_lag_changes"] = v
-    if "disk_free_percent" in raw:
-        v = raw["disk_free_percent"]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 100:
-            raise ConfigError(f"{where} disk_free_percent must be a number from 0 to 99")
-        out["disk_free_percent"] = float(v)
-    if not (out["webhook"] or out["email_to"] or "command" in out):
-        raise ConfigError(f"{where} names no channel", hint="set webhook, email_to (with smtp_host) or command")
-    return out
 
 
 # -- what is wrong now ---------------------------------------------------------------------
 
 def _age(text: str | None) -> float | None:
-    from .metrics import epoch
     t = epoch(text)
     return None if t is None else time.time() - t
 
 
-def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+def problems(daemon: Any, conf: NotifyConfig) -> dict[str, tuple[str, str, str]]:
     """key -> (kind, subject, message) for every failure open now. A part that cannot be read
     is left out (its own failure shows in the log and in bastion_scrape_errors)."""
     out: dict[str, tuple[str, str, str]] = {}
@@ -152,7 +64,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
         for name in daemon.config.databases:
             b = daemon.backups.latest(name)
             age = _age(b.get("instant"))
-            limit = conf.get("backup_max_age")
+            limit = conf.backup_max_age
             if limit and (age is None or age > limit) and not b.get("error"):
                 what = "no backup yet" if age is None else f"the newest backup is {age / 3600:.1f} h old"
                 out[f"backup_overdue:{name}"] = ("backup_overdue", name, f"backup of {name} overdue: {what} "
@@ -161,7 +73,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
             if v and not v.get("ok"):
                 out[f"verify_failed:{name}"] = ("verify_failed", name, f"the newest backup of {name} "
                                                 f"({b.get('backup')}) failed its {v.get('mode')} verify")
-            vlimit = conf.get("verify_max_age")
+            vlimit = conf.verify_max_age
             if vlimit and b.get("backup") and (not v or (_age(v.get("at")) or 0) > vlimit):
                 out[f"verify_overdue:{name}"] = ("verify_overdue", name, f"the newest backup of {name} was not "
                                                  f"verified in the last {vlimit / 3600:g} h")
@@ -175,7 +87,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
                     "(the copy taken during it is not consistent; `bastion endbu` or `bastion recover`)")
 
     def replication() -> None:
-        lag_limit = conf.get("replication_lag")
+        lag_limit = conf.replication_lag
         for r in daemon.replication.status()["databases"]:
             name = r["database"]
             if r.get("failures"):
@@ -192,7 +104,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
                                                    f"{r['divergence']} local change(s) the primary does not have")
 
     def sync() -> None:
-        limit = conf.get("sync_lag_changes")
+        limit = conf.sync_lag_changes
         for r in daemon.sync.status()["databases"]:
             name = r["database"]
             if r.get("failures"):
@@ -211,7 +123,7 @@ def problems(daemon: Any, conf: dict[str, Any]) -> dict[str, tuple[str, str, str
                                                f"{r.get('error')}")
 
     def disks() -> None:
-        limit = conf.get("disk_free_percent") or 0
+        limit = conf.disk_free_percent
         dirs = {daemon.config.data_dir}
         for d in daemon.config.databases.values():
             dirs |= {os.path.dirname(p) for p in d.files}
@@ -251,18 +163,18 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def send(conf: dict[str, Any], message: dict[str, Any]) -> dict[str, str | None]:
+def send(conf: NotifyConfig, message: dict[str, Any]) -> dict[str, str | None]:
     """Deliver one message on every channel; channel -> None if delivered, else the error."""
     results: dict[str, str | None] = {}
     body = json.dumps(message, sort_keys=True).encode()
-    for url in conf.get("webhook", []):
+    for url in conf.webhook:
         results[f"webhook {url}"] = _webhook(conf, url, body)
-    if conf.get("email_to"):
+    if conf.email_to:
         results["email"] = _email(conf, message)
-    if conf.get("command"):
+    if conf.command:
         env = {"BASTION_NOTIFY_" + k.upper(): str(v) for k, v in message.items() if v is not None}
         env["BASTION_NOTIFY_JSON"] = body.decode()
-        res = hooks.run(conf["command"], "notify command", env=env)
+        res = hooks.run(conf.command, "notify command", env=env)
         results["command"] = res["error"]
     for channel, error in results.items():
         if error:
@@ -270,16 +182,16 @@ def send(conf: dict[str, Any], message: dict[str, Any]) -> dict[str, str | None]
     return results
 
 
-def _webhook(conf: dict[str, Any], url: str, body: bytes) -> str | None:
+def _webhook(conf: NotifyConfig, url: str, body: bytes) -> str | None:
     headers = {"content-type": "application/json", "user-agent": "bastion-notify"}
-    if conf.get("webhook_secret"):
-        headers[SIGNATURE_HEADER] = sign(conf["webhook_secret"], body)
+    if conf.webhook_secret:
+        headers[SIGNATURE_HEADER] = sign(conf.webhook_secret, body)
     error = None
-    for attempt in range(conf.get("webhook_retries", 3) + 1):
+    for attempt in range(conf.webhook_retries + 1):
         if attempt:
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
         try:
-            r = httpx.post(url, content=body, headers=headers, timeout=conf.get("webhook_timeout", 10.0))
+            r = httpx.post(url, content=body, headers=headers, timeout=conf.webhook_timeout)
             if r.status_code < 300:
                 return None
             error = f"HTTP {r.status_code}"
@@ -290,19 +202,19 @@ def _webhook(conf: dict[str, Any], url: str, body: bytes) -> str | None:
     return error
 
 
-def _email(conf: dict[str, Any], message: dict[str, Any]) -> str | None:
+def _email(conf: NotifyConfig, message: dict[str, Any]) -> str | None:
     msg = EmailMessage()
     state = {"failing": "FAILING", "recovered": "RECOVERED", "event": "EVENT"}.get(message["event"], "")
     msg["Subject"] = f"[bastion {message.get('host')}] {state}: {message['kind']} {message['subject']}"
-    msg["From"] = conf["email_from"]
-    msg["To"] = ", ".join(conf["email_to"])
+    msg["From"] = conf.email_from or ""
+    msg["To"] = ", ".join(conf.email_to)
     msg.set_content(f"{message['message']}\n\n" + json.dumps(message, indent=2, sort_keys=True) + "\n")
     try:
-        with smtplib.SMTP(conf["smtp_host"], conf["smtp_port"], timeout=30) as s:
-            if conf.get("smtp_starttls"):
+        with smtplib.SMTP(conf.smtp_host or "", conf.smtp_port, timeout=30) as s:
+            if conf.smtp_starttls:
                 s.starttls()
-            if conf.get("smtp_user"):
-                s.login(conf["smtp_user"], conf["smtp_password"])
+            if conf.smtp_user:
+                s.login(conf.smtp_user, conf.smtp_password or "")
             s.send_message(msg)
         return None
     except (OSError, smtplib.SMTPException) as exc:
@@ -314,7 +226,7 @@ def _email(conf: dict[str, Any], message: dict[str, Any]) -> str | None:
 class Notifier:
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
-        self.conf = daemon.config.notify
+        self.conf: NotifyConfig | None = daemon.config.notify     # None: nothing to send
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -349,11 +261,12 @@ class Notifier:
                 self.check()
             except Exception:  # noqa: BLE001 - the notifier must not die
                 log.exception("notify")
-            self._wake.wait(self.conf["interval"])
+            self._wake.wait(self.conf.interval if self.conf else 30.0)
             self._wake.clear()
 
     def check(self) -> dict[str, Any]:
         state = self.daemon.state
+        assert self.conf is not None
         now_open = problems(self.daemon, self.conf)
         known = state.alerts()
         for key, (kind, subject, text) in now_open.items():
@@ -375,6 +288,7 @@ class Notifier:
     def _deliver(self, event: str, key: str, kind: str, subject: str, text: str, since: float) -> bool:
         msg = {"event": event, "key": key, "kind": kind, "subject": subject, "message": text,
                "since": iso(since), "at": iso(time.time()), "host": self.host, "daemon": self.daemon.config.listen}
+        assert self.conf is not None
         res = send(self.conf, msg)
         self.sent = (self.sent + [{**msg, "delivered": {k: v is None for k, v in res.items()}}])[-20:]
         log.warning("notification %s %s: %s", event, key, text) if event != "recovered" else \

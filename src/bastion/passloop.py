@@ -1,6 +1,6 @@
 """A background thread that runs passes on a schedule: real-time backup's shipper, sync's syncer.
 
-Schedules (replication/window.py): ``continuous`` (a pass as soon as the last one sent
+Schedules (schedule.Timing): ``continuous`` (a pass as soon as the last one sent
 something, else every ``poll`` seconds), ``every N``, ``manual`` (only on :meth:`run_now`),
 and blackout windows (checked by the pass itself). A pass that fails is retried with a
 growing back-off; the configured ``on_failure`` command runs once per streak of failures.
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BastionError
 
 if TYPE_CHECKING:
-    from .replication.window import Timing
+    from .schedule import Timing
 
 log = logging.getLogger("bastion.passloop")
 

@@ -7,6 +7,7 @@ copies were interrupted and can say so to the next endbu or thaw.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import threading
@@ -76,6 +77,17 @@ def iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+def epoch(text: str | None) -> float | None:
+    """The inverse of iso(): Bastion's ISO 8601 UTC times ('2024-05-01T10:00:00.123Z') -> epoch seconds;
+    None for no time or text that is not one."""
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 class StateStore:

@@ -41,21 +41,21 @@ class ClusterNode:
         c = config.cluster
         assert c is not None
         self.config = config
-        self.name: str = c["node"]
-        self.ttl: float = c["ttl"]
+        self.name: str = c.node
+        self.ttl: float = c.ttl
         self.margin = self.ttl / 3
         self.interval = self.ttl / 6
-        self.hooks = {"promote": c.get("on_promote"), "demote": c.get("on_demote")}
+        self.hooks = {"promote": c.on_promote, "demote": c.on_demote}
         # hooks run one at a time, in order, off the lease loop: a slow hook must not stop renewals
         self._hook_runner = ThreadPoolExecutor(1, thread_name_prefix="bastion-hook")
-        if c["lease"] == "etcd":
-            self.lease: Any = EtcdLease(c["etcd"], c["name"], self.name, self.ttl)
+        if c.lease == "etcd":
+            self.lease: Any = EtcdLease(list(c.etcd), c.name, self.name, self.ttl)
         else:
             self.lease = FileLease(config.data_dir, self.name, self.ttl)
         self.open_daemon = open_daemon
         self.daemon: Any = None
         # replicated mode: each node its own copy; a standby holds a receiving daemon (standby.py)
-        self.replicated = ReplicatedMode(config, self.name) if c.get("mode") == "replicated" else None
+        self.replicated = ReplicatedMode(config, self.name) if c.mode == "replicated" else None
         self.standby: Any = None
         self.role = PASSIVE
         self.token: int | None = None
@@ -102,7 +102,7 @@ class ClusterNode:
             holder = None
         if not holder or holder == self.name:
             return "no node is active now: see `bastion cluster status`; drivers retry on their own"
-        addr = (self.config.cluster or {}).get("peers", {}).get(holder)
+        addr = self.config.cluster.peers.get(holder) if self.config.cluster else None
         return (f"the active node is {holder}" + (f" at {addr}" if addr else "") + ": run the command there "
                 "(with its --config), or see `bastion cluster status`; drivers do this on their own")
 
@@ -143,7 +143,7 @@ class ClusterNode:
         return {"node": self.name, "role": self.role, "writable": self.may_write(), "token": self.token,
                 "mode": "replicated" if self.replicated else "shared",
                 "standby": self.standby is not None, **({"replication": self.lag()} if self.replicated else {}),
-                "since": self.since, "lease": {"kind": self.config.cluster["lease"], "ttl": self.ttl,
+                "since": self.since, "lease": {"kind": self.config.cluster.lease, "ttl": self.ttl,
                                                 "holder": holder},
                 "last_error": self.last_error, "events": self.events[-10:]}
 

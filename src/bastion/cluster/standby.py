@@ -49,7 +49,7 @@ log = logging.getLogger("bastion.cluster.standby")
 
 def origin_of(config: Config) -> str:
     """This daemon's capture origin (the same rule as bastion.replication)."""
-    return config.replication.get("origin") or f"{socket.gethostname()}:{config.data_dir}"
+    return config.replication.origin or f"{socket.gethostname()}:{config.data_dir}"
 
 
 class ReplicatedMode:
@@ -58,14 +58,14 @@ class ReplicatedMode:
         c = config.cluster
         assert c is not None
         self.config, self.node = config, node
-        others = {n: a for n, a in c["peers"].items() if n != node}
-        if len(others) != 1 or node not in c["peers"]:
+        others = {n: a for n, a in c.peers.items() if n != node}
+        if len(others) != 1 or node not in c.peers:
             raise ConfigError(f"{config.source}: [cluster] mode = \"replicated\" needs peers listing this node "
                               f"({node}) and exactly one other", hint="peers = { n1 = \"host:port\", n2 = ... }")
         (self.peer_name, addr), = others.items()
         self.peer_url = f"{config.scheme}://{addr}"
         self.origin = origin_of(config)
-        self.token = read_peer_token(config.replication["peer_token_file"])
+        self.token = read_peer_token(config.replication.peer_token_file or "")
         self.dir = os.path.join(config.data_dir, "cluster")
         os.makedirs(self.dir, exist_ok=True)
 
@@ -156,7 +156,7 @@ class ReplicatedMode:
     def rejoin(self, active_url: str) -> dict[str, Any]:
         """Hand every change the active never applied to its conflict log, then put the
         old files aside so that the active seeds this node as its standby."""
-        http = httpx.Client(base_url=active_url, timeout=60.0, verify=trust(self.config.replication.get("peer_ca_file")),
+        http = httpx.Client(base_url=active_url, timeout=60.0, verify=trust(self.config.replication.peer_ca_file),
                             headers={"Authorization": f"Bearer {self.token}"})
         sent: dict[str, list[int]] = {}
         try:

@@ -185,9 +185,8 @@ class AuthMiddleware:
 
 
 def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
-    from ..sql.service import SQLSettings
     auth = Authenticator(daemon.token, daemon.config.users)
-    sql_settings = SQLSettings(**daemon.config.sql)
+    sql_settings = daemon.config.sql
 
     app = FastAPI(title="Bastion", version=__version__,
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "
@@ -417,7 +416,7 @@ def _sync_routes(app: FastAPI, daemon: Any) -> None:
     @app.post("/v1/peer/sync/snapshot", summary="Peer: a consistent copy of one file, for a joining site",
               response_model=None, response_class=FileResponse)
     def peer_sync_snapshot(req: SyncPeerRequest):  # type: ignore[no-untyped-def]
-        path = daemon.sync.snapshot(req.model_dump(), daemon)
+        path = daemon.sync.snapshot(req.model_dump())
         return FileResponse(path, media_type="application/octet-stream",
                             background=BackgroundTask(os.remove, path))
 

@@ -97,9 +97,10 @@ class Daemon:
         self.scheduler = Scheduler(self.config, self.state)
         self.sql = self._sql_service()
         from ..replication import Replication
-        self.replication = Replication(self)     # real-time backup: shippers and replicas (issue 4)
+        self.replication = Replication(self.config, self.catalog, self.contops, self.sql,   # issue 4
+                                       self.renewed_after)
         from ..sync.service import Sync
-        self.sync = Sync(self)                   # multi-site sync (issue 5)
+        self.sync = Sync(self.config, self.catalog, self.contops, self.replication.peer_token)   # issue 5
         self._schedule_jobs()
         if found["rolling_in"]:
             # a reader may hold the roll-in back for minutes: never delay the start for it
@@ -118,13 +119,13 @@ class Daemon:
         self.notifier = Notifier(self)           # issue 17: every detected failure, once per streak
         self.notifier.start()
         if self.config.cluster:                  # a cluster node opens its daemon when it takes the lease
-            self.notifier.event("failover", self.config.cluster["node"],
-                                f"node {self.config.cluster['node']} of cluster {self.config.cluster['name']} "
+            self.notifier.event("failover", self.config.cluster.node,
+                                f"node {self.config.cluster.node} of cluster {self.config.cluster.name} "
                                 "became active (took the lease)")
 
     def _sql_service(self):  # type: ignore[no-untyped-def]
-        from ..sql.service import Database, SQLService, SQLSettings
-        settings = SQLSettings(**self.config.sql)
+        from ..sql.service import Database, SQLService
+        settings = self.config.sql
         dbs = {name: Database(name, list(d.files), d.durability, d.group_commit, settings, d.foreign_keys)
                for name, d in self.config.databases.items()}
         return SQLService(dbs, settings, guard=self.guard)

@@ -216,7 +216,7 @@ def _serve_cluster_node(config: Config) -> None:
     app = create_app(ActiveDaemon(node, token), node=node)
     _warn_plaintext(config)
     print(f"bastion: node {node.name} listening on {config.base_url} (config: {config.source}; data: "
-          f"{config.data_dir}; lease: {config.cluster['lease']}, ttl {node.ttl:g} s); passive until it "
+          f"{config.data_dir}; lease: {config.cluster.lease}, ttl {node.ttl:g} s); passive until it "
           "holds the lease", file=sys.stderr, flush=True)
     node.start()
     try:

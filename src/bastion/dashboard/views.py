@@ -7,14 +7,13 @@ them a role on; the daemon-wide history is the admin's."""
 
 from __future__ import annotations
 
-import calendar
 import os
 import shlex
 import time
 from typing import Any, Callable
 
 from ..errors import BastionError
-from ..state import iso
+from ..state import epoch, iso
 from . import svg
 
 
@@ -188,12 +187,12 @@ def events(daemon: Any, node: Any, limit: int = 50) -> list[dict[str, Any]]:
     for j in daemon.scheduler.describe():
         if j["last_run"]:
             err = j["last_error"]
-            out.append({"at": _epoch(j["last_run"]), "kind": "job", "level": "error" if err else "info",
+            out.append({"at": epoch(j["last_run"]), "kind": "job", "level": "error" if err else "info",
                         "what": f"{j['job']}: {'failed' if err else 'ok'}", "detail": err or f"next {j['next_run']}"})
     for st, kind in ((daemon.replication.status()["databases"], "replication"), (daemon.sync.status()["databases"], "sync")):
         for r in st:
             if r.get("last_error"):
-                out.append({"at": _epoch(r["last_error_at"]), "kind": kind, "level": "error",
+                out.append({"at": epoch(r["last_error_at"]), "kind": kind, "level": "error",
                             "what": f"{r['database']}: {r.get('failures', 0)} failure(s)", "detail": r["last_error"]})
     admin = type("Admin", (), {"admin": True, "role": lambda self, n: "read-write"})()
     for repo in backups(daemon, admin):
@@ -201,12 +200,12 @@ def events(daemon: Any, node: Any, limit: int = 50) -> list[dict[str, Any]]:
             out.append({"at": time.time(), "kind": "backup", "level": "error", "what": f"{repo['database']}: "
                         "repository unreadable", "detail": repo["error"]})
         for b in repo["backups"][:10]:
-            out.append({"at": _epoch(b["instant"]), "kind": "backup", "level": "info",
+            out.append({"at": epoch(b["instant"]), "kind": "backup", "level": "info",
                         "what": f"{b['database']}: backup {b['id']}",
                         "detail": f"{svg.human_bytes(b['logical_bytes'])}, {svg.human_bytes(b['stored_bytes_added'])} new"})
             v = b["verification"]["latest"]
             if v:
-                out.append({"at": _epoch(v.get("at")), "kind": "verify", "level": "info" if v.get("ok") else "error",
+                out.append({"at": epoch(v.get("at")), "kind": "verify", "level": "info" if v.get("ok") else "error",
                             "what": f"{b['database']}: {v.get('mode', '')} verify of {b['id']}",
                             "detail": "ok" if v.get("ok") else "FAILED: " + "; ".join(
                                 str(p.get("problem", p)) if isinstance(p, dict) else str(p) for p in v.get("problems") or [])})
@@ -220,12 +219,3 @@ def events(daemon: Any, node: Any, limit: int = 50) -> list[dict[str, Any]]:
         e["at_iso"] = iso(e["at"])
     return out[:limit]
 
-
-def _epoch(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        frac = float(text[19:23]) if text[19:20] == "." and text[20:23].isdigit() else 0.0
-        return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + frac
-    except ValueError:
-        return None

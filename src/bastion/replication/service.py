@@ -6,13 +6,31 @@ import hmac
 import logging
 import socket
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import ConfigError, UnknownTarget, UsageError
 from .receiver import Receiver
 from .shipper import Shipper
 
+if TYPE_CHECKING:
+    from ..catalog import Catalog
+    from ..config import Config
+    from ..contops import ContinuousOperations
+    from ..sql.service import SQLService
+
 log = logging.getLogger("bastion.replication")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the shippers and the receiver use of the daemon, and nothing more (they read these
+    attributes off the object they are given)."""
+    config: Config
+    catalog: Catalog
+    contops: ContinuousOperations
+    sql: SQLService
+    renewed_after: Callable[[float], bool] | None = None   # cluster node: may a primary degrade (shipper.py)
 
 
 def read_peer_token(path: str) -> str:
@@ -32,25 +50,26 @@ def read_peer_token(path: str) -> str:
 
 
 class Replication:
-    def __init__(self, daemon: Any) -> None:
-        config = daemon.config
+    def __init__(self, config: Config, catalog: Catalog, contops: ContinuousOperations, sql: SQLService,
+                 renewed_after: Callable[[float], bool] | None = None) -> None:
         self.config = config
-        self.origin = config.replication.get("origin") or f"{socket.gethostname()}:{config.data_dir}"
+        self.origin = config.replication.origin or f"{socket.gethostname()}:{config.data_dir}"
         # the peer token also opens /v1/peer/sync/* (multi-site sync) and the cluster's peer routes
         needed = any(d.replicate_to or d.replica_of or d.sync_group for d in config.databases.values()) or bool(
-            config.cluster and config.cluster.get("mode") == "replicated")
-        path = config.replication.get("peer_token_file")
+            config.cluster and config.cluster.mode == "replicated")
+        path = config.replication.peer_token_file
         self.peer_token = read_peer_token(path) if needed and path else None
-        self.receiver = Receiver(daemon, self.origin)
-        self.shippers = {n: Shipper(daemon, n, self.origin, self.peer_token or "")
+        parts = Parts(config, catalog, contops, sql, renewed_after)
+        self.receiver = Receiver(parts, self.origin)
+        self.shippers = {n: Shipper(parts, n, self.origin, self.peer_token or "")
                          for n, d in config.databases.items() if d.replicate_to}
         for name, s in self.shippers.items():      # durability = "replicated": commits wait for the peer
-            sqldb = daemon.sql.databases.get(name)
+            sqldb = sql.databases.get(name)
             if sqldb is not None and sqldb.durability == "replicated":
-                sqldb.replicated_wait = (lambda positions, s=s, t=daemon.sql.settings.busy_timeout:
+                sqldb.replicated_wait = (lambda positions, s=s, t=sql.settings.busy_timeout:
                                          s.wait_applied(positions, t))
         for name in self.receiver.replicas:    # writes through the SQL server wait for promotion
-            sqldb = daemon.sql.databases.get(name)
+            sqldb = sql.databases.get(name)
             if sqldb is not None:
                 sqldb.guard = self.receiver.sql_guard(name, sqldb.guard)
 

@@ -86,7 +86,7 @@ class Shipper(PassLoop):
         self.origin = origin
         self.peer = db.replicate_to
         self._http = httpx.Client(base_url=self.peer, timeout=60.0,
-                                  verify=trust(daemon.config.replication.get("peer_ca_file")),
+                                  verify=trust(daemon.config.replication.peer_ca_file),
                                   headers={"Authorization": f"Bearer {token}"})
         n = len(db.files)
         self._cons: list[apsw.Connection | None] = [None] * n

@@ -45,6 +45,7 @@ from ..errors import (BastionError, BusyError, FileProblem, PermissionDenied, SQ
                       TransactionGone, UnknownTarget, UsageError)
 from . import values
 from .committer import GroupCommitter
+from ..config import SQLSettings  # the [sql] section; importable from here too
 from .users import READ_ONLY, Principal
 from ..sqlite import connect
 
@@ -102,26 +103,6 @@ def pragma_refusal(name: str, arg: str | None, readonly: bool) -> str | None:
         return f"PRAGMA {name} is not allowed through the SQL server (it is not a query of state)"
     return (f"PRAGMA {name} cannot be set through the SQL server: it would change the server process "
             "or the pooled connection for other users (see the pragma policy in docs/sql.md)")
-
-
-@dataclass
-class SQLSettings:
-    idle_timeout: float = 30.0        # an interactive transaction idle this long is rolled back
-    busy_timeout: float = 15.0        # wait this long for the write lock (ours, then SQLite's)
-    max_transactions: int = 64        # open interactive transactions, all databases together
-    pool_size: int = 8                # idle connections kept per database and role
-    statement_timeout: float = 30.0   # a statement running longer is interrupted
-    max_result_rows: int = 100_000    # rows one statement may return
-    max_result_bytes: int = 64 << 20  # and their size (values as sent, roughly)
-    max_request_bytes: int = 32 << 20  # body of one SQL request
-    max_transactions_per_user: int = 8  # open interactive transactions of one user
-    threads: int = 32                 # worker threads for SQL requests (the admin API has its own)
-
-    @property
-    def writer_idle_timeout(self) -> float:
-        """A transaction that holds the write lock and is idle is rolled back well before a
-        waiting writer's busy timeout ends: a vanished client must not fail every writer."""
-        return min(self.idle_timeout, self.busy_timeout / 2)
 
 
 @dataclass

@@ -24,18 +24,23 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import httpx
 import msgpack
 
-from ..errors import BastionError, StateConflict, UnknownTarget, UsageError
+from ..errors import BastionError, ConfigError, StateConflict, UnknownTarget, UsageError
 from ..passloop import PassLoop
 from ..replication.window import Timing
 from ..state import iso
 from ..tls import trust, verify_failure
 from . import site
 from ..sqlite import connect
+
+if TYPE_CHECKING:
+    from ..catalog import Catalog
+    from ..config import Config, DatabaseConfig, SyncGroup
+    from ..contops import ContinuousOperations
 
 log = logging.getLogger("bastion.sync")
 BATCH = 2000
@@ -55,29 +60,29 @@ class Syncer(PassLoop):
     # a silent neighbour costs the vector request's connect timeout (1 s) plus this.
     max_backoff = 0.5
 
-    def __init__(self, daemon: Any, name: str, token: str) -> None:
-        db = daemon.config.databases[name]
-        group = daemon.config.sync["groups"][db.sync_group]
-        super().__init__(name, f"sync of {name} (group {db.sync_group})",
-                         Timing.parse(group["schedule"], group["blackout"]), group.get("on_failure"),
-                         {"BASTION_DATABASE": name, "BASTION_GROUP": db.sync_group or ""})
-        self.daemon = daemon
+    def __init__(self, db: DatabaseConfig, group: SyncGroup, site: str, token: str, peer_ca_file: str | None,
+                 catalog: Catalog) -> None:
+        name = db.name
+        super().__init__(name, f"sync of {name} (group {group.name})",
+                         Timing.parse(group.schedule, group.blackout), group.on_failure,
+                         {"BASTION_DATABASE": name, "BASTION_GROUP": group.name})
+        self.catalog = catalog          # a joined copy is protected at once
         self.db = db
-        self.group_name = db.sync_group
+        self.group_name = group.name
         self.group = group
-        self.site = daemon.config.sync["site"]
-        self._verify = trust(daemon.config.replication.get("peer_ca_file"))
+        self.site = site
+        self._verify = trust(peer_ca_file)
         self._token = token
         # Short connect and vector timeouts: a neighbour that drops packets must cost seconds, not
         # the minute a large batch may take to apply.
-        self._http = {p: self._new_client(p) for p in self.group["neighbours"]}
+        self._http = {p: self._new_client(p) for p in self.group.neighbours}
         # one thread per neighbour: a silent one must not hold up the exchange with the others
-        self._pool = ThreadPoolExecutor(max_workers=len(self.group["neighbours"]),
+        self._pool = ThreadPoolExecutor(max_workers=len(self.group.neighbours),
                                         thread_name_prefix=f"bastion-sync-{name}")
         n = len(self.db.files)
-        self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group["neighbours"]}
+        self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group.neighbours}
         self.peer_state: dict[str, dict[str, Any]] = {p: {"sent": 0, "last_error": None, "last_ok_at": None}
-                                                      for p in self.group["neighbours"]}
+                                                      for p in self.group.neighbours}
         self.sent = 0
         self.joined_from: str | None = None
         self._installed = False
@@ -118,7 +123,7 @@ class Syncer(PassLoop):
         if whole and self._inflight:
             wait(list(self._inflight.values()))
             sent += self._collect()
-        for peer in self.group["neighbours"]:
+        for peer in self.group.neighbours:
             if peer not in self._inflight:
                 self._inflight[peer] = self._pool.submit(self._push_all, peer)
         wait(list(self._inflight.values()), timeout=None if whole else PEER_WAIT)
@@ -127,8 +132,8 @@ class Syncer(PassLoop):
         if time.monotonic() - self._last_prune > PRUNE_EVERY:
             self._last_prune = time.monotonic()
             for path in self.db.files:
-                site.prune(path, self.group["neighbours"])
-        if errors and len(errors) == len(self.group["neighbours"]):
+                site.prune(path, self.group.neighbours)
+        if errors and len(errors) == len(self.group.neighbours):
             raise BastionError(f"sync of {self.name}: no neighbour reachable: " + "; ".join(errors),
                                hint="changes stay here and go out when a neighbour answers")
         self.state = "in sync" if not errors else "partial (" + "; ".join(errors) + ")"
@@ -193,7 +198,7 @@ class Syncer(PassLoop):
         """This site has no copy yet: take a neighbour's, adopted under this site's id."""
         path = self.db.files[i]
         tried = []
-        for peer in self.group["neighbours"]:
+        for peer in self.group.neighbours:
             tmp = f"{path}.bastion-join-{uuid.uuid4().hex[:8]}"
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -220,7 +225,7 @@ class Syncer(PassLoop):
                 os.replace(tmp, path)
                 from ..fsutil import fsync_dir
                 fsync_dir(os.path.dirname(path) or ".")
-                f = self.daemon.catalog.files.get(path)
+                f = self.catalog.files.get(path)
                 if f is not None:
                     f.protect()
                 self.joined_from = peer
@@ -236,12 +241,12 @@ class Syncer(PassLoop):
                            + "; ".join(tried), hint="a new site joins with a copy of a current site's files")
 
     def _new_client(self, peer: str) -> httpx.Client:
-        return httpx.Client(base_url=self.group["sites"][peer], verify=self._verify,
+        return httpx.Client(base_url=self.group.sites[peer], verify=self._verify,
                             timeout=httpx.Timeout(60.0, connect=3.0),
                             headers={"Authorization": f"Bearer {self._token}"})
 
     def _request(self, peer: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        url = self.group["sites"][peer]
+        url = self.group.sites[peer]
         try:
             r = self._http[peer].request(method, path, **kw)
         except httpx.HTTPError as exc:
@@ -264,7 +269,7 @@ class Syncer(PassLoop):
 
     # -- receiving -------------------------------------------------------------------------------
     def _file(self, req: dict[str, Any]) -> str:
-        if req.get("group") != self.group_name or req.get("site") not in self.group["sites"]:
+        if req.get("group") != self.group_name or req.get("site") not in self.group.sites:
             raise StateConflict(f"database {self.name} here is in sync group {self.group_name!r}; the request "
                                 f"came for group {req.get('group')!r} from site {req.get('site')!r}",
                                 hint="every site must list the same [sync_groups.NAME] sites")
@@ -284,12 +289,12 @@ class Syncer(PassLoop):
 
     def _install(self, path: str) -> None:
         site.install(path, self.site)
-        site.configure(path, self.group.get("counters") or (), self.group.get("keys") or {}, present_only=True)
+        site.configure(path, self.group.counters, self.group.keys, present_only=True)
 
     def check_report(self) -> dict[str, Any]:
         """This site's part of `bastion sync check`: vectors, row digests, invariant values."""
         from . import check
-        return check.local_report(list(self.db.files), self.group.get("invariants") or {})
+        return check.local_report(list(self.db.files), self.group.invariants)
 
     def check(self) -> dict[str, Any]:
         """Ask every site of the group (this one included) for its report, and compare."""
@@ -303,10 +308,10 @@ class Syncer(PassLoop):
                 return self._request(peer, "POST", "/v1/peer/sync/check", json=self._who(0))
             except BastionError as exc:
                 return {"error": exc.message}
-        for peer in sorted(p for p in self.group["sites"] if p != self.site):
+        for peer in sorted(p for p in self.group.sites if p != self.site):
             reports[peer] = ask(peer)
         return {"database": self.name, "group": self.group_name, "site": self.site,
-                **check.compare(reports, self.group.get("invariants") or {})}
+                **check.compare(reports, self.group.invariants)}
 
     def vector(self, req: dict[str, Any]) -> dict[str, Any]:
         path = self._file(req)
@@ -315,7 +320,7 @@ class Syncer(PassLoop):
     def apply(self, req: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         path = self._file(req)
         with self.apply_lock:
-            res = site.apply(path, site.from_wire(batch), self.group["policy"], peer=req["site"])
+            res = site.apply(path, site.from_wire(batch), self.group.policy, peer=req["site"])
             vec = site.vector(path)
         if res.conflicts:
             log.warning("sync of %s from %s: %d conflict(s) recorded (bastion conflicts list %s)", self.name,
@@ -334,13 +339,13 @@ class Syncer(PassLoop):
                              unresolved_conflicts=st["unresolved_conflicts"])
                     f["peers"] = {p: {"their_vector": (self.their[p][i] or None),
                                       "lag_changes": _lag(st.get("vector") or {}, self.their[p][i])}
-                                  for p in self.group["neighbours"]}
+                                  for p in self.group.neighbours}
             except BastionError as exc:
                 f["error"] = exc.message
             files.append(f)
         return {"database": self.name, "group": self.group_name, "site": self.site,
-                "topology": self.group["topology"], "neighbours": self.group["neighbours"],
-                "policy": self.group["policy"].rule, "schedule": self.group["schedule"], "state": self.state,
+                "topology": self.group.topology, "neighbours": self.group.neighbours,
+                "policy": self.group.policy.rule, "schedule": self.group.schedule, "state": self.state,
                 "sent": self.sent, "joined_from": self.joined_from, "last_error": self.last_error,
                 "last_error_at": iso(self.last_error_at), "failures": self.failures,
                 "last_success_at": iso(self.last_success_at),
@@ -358,14 +363,17 @@ def _lag(ours: dict[str, int], theirs: dict[str, int] | None) -> int | None:
 class Sync:
     """Every synced database of this daemon."""
 
-    def __init__(self, daemon: Any) -> None:
-        from ..replication.service import read_peer_token
-        cfg = daemon.config
-        self.syncers: dict[str, Syncer] = {}
-        names = [n for n, d in cfg.databases.items() if d.sync_group]
-        if names:
-            token = read_peer_token(cfg.replication["peer_token_file"])
-            self.syncers = {n: Syncer(daemon, n, token) for n in names}
+    def __init__(self, config: Config, catalog: Catalog, contops: ContinuousOperations, token: str | None) -> None:
+        """``token``: the peer token (Replication read it; the config makes sync groups need one)."""
+        self.catalog, self.contops = catalog, contops
+        self.staging_dir = os.path.join(config.data_dir, "sync")
+        synced = [d for d in config.databases.values() if d.sync_group]
+        if synced and not token:
+            raise ConfigError("sync groups talk over the peer API: [replication] peer_token_file is needed",
+                              hint="the same secret file on every site")
+        self.syncers: dict[str, Syncer] = {
+            d.name: Syncer(d, config.sync.groups[d.sync_group], config.sync.site, token or "",
+                           config.replication.peer_ca_file, catalog) for d in synced if d.sync_group}
 
     def start(self) -> None:
         for s in self.syncers.values():
@@ -402,16 +410,16 @@ class Sync:
         failing = any(d["failures"] for d in dbs)
         return {"databases": dbs, "exit_code": 1 if failing else 0}
 
-    def snapshot(self, req: dict[str, Any], daemon: Any) -> str:
+    def snapshot(self, req: dict[str, Any]) -> str:
         """A consistent copy of one file for a joining site; returns the staged path (the caller
         streams it and removes it)."""
         from ..catalog import Targets
         from ..replication import seed
         s = self.get(req.get("database", ""))
         path = s._file({**req, "site": req.get("site")})
-        files = daemon.catalog.resolve(Targets.of([s.name]))
-        staging = os.path.join(daemon.config.data_dir, "sync", f"{s.name}.snapshot-{uuid.uuid4().hex[:8]}")
-        items = seed.take(daemon.contops, files, staging)
+        files = self.catalog.resolve(Targets.of([s.name]))
+        staging = os.path.join(self.staging_dir, f"{s.name}.snapshot-{uuid.uuid4().hex[:8]}")
+        items = seed.take(self.contops, files, staging)
         i = int(req["file"])
         keep = items[i]["staged"]
         out = f"{staging}.file{i}"
