@@ -99,6 +99,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 import apsw
 
 from .errors import BusyError, StateConflict, UsageError
+from .errors import ReseedNeeded  # noqa: F401 - defined in errors.py
 
 PREFIX = "_bastion_"
 FORMAT = 1
@@ -122,10 +123,6 @@ _OP_NAME = {OP_INSERT: "insert", OP_UPDATE: "update", OP_DELETE: "delete", OP_DD
 _ROWID_NAMES = ("rowid", "_rowid_", "oid")
 _CODECS = {"UTF-8": "utf-8", "UTF-16le": "utf-16-le", "UTF-16be": "utf-16-be"}
 _MAX_WIDTH = 1900          # log columns; SQLite allows 2000 columns per table by default
-
-
-class ReseedNeeded(StateConflict):
-    """The copy can only follow from a new snapshot: the source changed in a way DDL cannot replay."""
 
 
 class RawText(bytes):

@@ -52,7 +52,8 @@ import weakref
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import parse_qsl, unquote, urlparse
 
-from ..errors import BastionError, UsageError
+from ..errors import UsageError
+from ..errors import ObjectMissing, StoreError, StoreFull, StoreRefused, StoreUnreachable  # noqa: F401 - in errors.py
 
 T = TypeVar("T")
 
@@ -80,27 +81,6 @@ SCHEMES: dict[str, tuple[str, ...]] = {
 }
 ALIASES = {"ssh": "sftp", "s3a": "s3"}
 SUPPORTED = "file:///absolute/path (or a plain path), sftp://[user@]host[:port]/path, s3://bucket[/prefix]"
-
-
-class StoreError(BastionError):
-    """A storage operation failed (after retries, when it looked transient)."""
-
-
-class ObjectMissing(StoreError):
-    pass
-
-
-class StoreUnreachable(StoreError):
-    """Transient-looking trouble (connection, time-out) that outlasted every retry."""
-
-
-class StoreRefused(StoreError):
-    """A permanent refusal: credentials, host key, missing bucket, permissions. Retrying cannot help."""
-
-
-class StoreFull(StoreError):
-    """The repository's file system (or quota) has no room for an object."""
-    http_status = 507
 
 
 def check_url(url: object) -> str:
