@@ -24,7 +24,7 @@ import msgpack
 
 from .. import capture
 from ..backup.restore import fsync_dir
-from ..errors import NotConsistent, StateConflict, UnknownTarget, UsageError
+from ..errors import NotConsistent, ReseedNeeded, StateConflict, UnknownTarget, UsageError
 from ..state import iso
 
 log = logging.getLogger("bastion.replication.receiver")
@@ -184,7 +184,7 @@ class Receiver:
             raise UsageError(f"file index {index} out of range")
         with self._locks[name]:
             if self.state[name].get("origin") != origin:
-                raise StateConflict(f"replica {name} was not seeded from {origin!r}", details={"reseed": True},
+                raise ReseedNeeded(f"replica {name} was not seeded from {origin!r}", details={"reseed": True},
                                     hint="the primary seeds it on its own")
             self._redo(name)
             cur = self._cuts.get(name)

@@ -108,7 +108,7 @@ import msgpack
 
 from .. import capture
 from ..capture import RawText
-from ..errors import StateConflict, UsageError
+from ..errors import ChangesMissing, StateConflict, UsageError
 from . import conflict_log
 from .policy import Policy, Version, same_row
 
@@ -580,7 +580,7 @@ class _Site:
                                     hint="seed this site again from a snapshot of another site of the group",
                                     details={"origin": ch.origin, "oseq": ch.oseq, "have": have})
             if ch.oseq != have + 1:
-                raise StateConflict(f"changes of {ch.origin!r} are missing: expected {have + 1}, got {ch.oseq}",
+                raise ChangesMissing(f"changes of {ch.origin!r} are missing: expected {have + 1}, got {ch.oseq}",
                                     hint="send changes in the order changes_for returns them, from this "
                                          "site's vector on", details={"origin": ch.origin, "expected": have + 1,
                                                                       "got": ch.oseq})
