@@ -69,25 +69,26 @@ def sql(conf: cfg.Config, as_json: bool, database: str, commands: tuple[str, ...
 def _no_sql_node(conf: cfg.Config, exc: Exception) -> BastionError:
     """Why `bastion sql` found no node to talk to, and what to do: the daemon is down, or
     this node is passive (then: which node is active, if any answers)."""
-    import httpx
-
     from ..daemon.auth import read_token
-    verify = trust(conf.tls_ca or conf.tls_cert)
+    from ..peer import PeerClient
+    here = PeerClient(conf.base_url, timeout=3.0, verify=trust(conf.tls_ca or conf.tls_cert))
     try:
-        health = httpx.get(f"{conf.base_url}/v1/health", timeout=3, verify=verify).json()
-    except (httpx.HTTPError, ValueError):
-        return BastionError(f"{exc}", hint=f"is the daemon running? nothing answers on {conf.listen} "
-                                           "(start it with `bastion serve`; `bastion status` checks it)")
-    if not conf.cluster or health.get("role") == "active":
-        return BastionError(str(exc))
-    name, role = conf.cluster["node"], health.get("role")
-    holder = None
-    try:
-        st = httpx.get(f"{conf.base_url}/v1/cluster/status", timeout=3, verify=verify,
-                       headers={"Authorization": f"Bearer {read_token(conf.token_file)}"}).json()
-        holder = ((st.get("lease") or {}).get("holder") or {}).get("node")
-    except (httpx.HTTPError, ValueError, BastionError, AttributeError):
-        pass
+        try:
+            health = here.get("/v1/health")
+        except BastionError:
+            return BastionError(f"{exc}", hint=f"is the daemon running? nothing answers on {conf.listen} "
+                                               "(start it with `bastion serve`; `bastion status` checks it)")
+        if not conf.cluster or not isinstance(health, dict) or health.get("role") == "active":
+            return BastionError(str(exc))
+        name, role = conf.cluster["node"], health.get("role")
+        holder = None
+        try:
+            st = here.get("/v1/cluster/status", headers={"Authorization": f"Bearer {read_token(conf.token_file)}"})
+            holder = ((st.get("lease") or {}).get("holder") or {}).get("node")
+        except (BastionError, AttributeError):
+            pass
+    finally:
+        here.close()
     peers = conf.cluster.get("peers", {})
     if holder and holder != name:
         where = f" at {peers[holder]}" if holder in peers else " (not in this config's [cluster] peers)"
