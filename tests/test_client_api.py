@@ -67,3 +67,35 @@ def test_importing_the_cli_stays_light():
 def test_the_driver_does_not_load_the_daemon():
     mods = _modules_after("import bastion.client")
     assert "apsw" not in mods and "bastion.daemon.core" not in mods, sorted(m for m in mods if "bastion" in m)
+
+
+def test_server_errors_map_by_class_so_subclasses_follow_their_parent():
+    from bastion import errors as server
+    from bastion.client.errors import from_server
+
+    def mapped(cls: type[server.BastionError]) -> type:
+        return type(from_server(cls.http_status, {"error": cls("m").to_dict()}))
+    expect = {server.SQLFailure: bc.OperationalError,      # by its sqlite_error detail; none given here
+              server.UsageError: bc.ProgrammingError, server.AuthError: bc.AccessDenied,
+              server.PermissionDenied: bc.AccessDenied, server.NotReplicated: bc.NotReplicated,
+              server.TransactionGone: bc.TransactionLost, server.StateConflict: bc.OperationalError,
+              server.BusyError: bc.OperationalError, server.FileProblem: bc.OperationalError,
+              server.DaemonUnavailable: bc.OperationalError}
+    for cls in server.registry().values():
+        parent = next((p for p in cls.__mro__ if p in expect), None)
+        want = expect[parent] if parent else (bc.InternalError if cls.http_status >= 500 else bc.DatabaseError)
+        assert mapped(cls) is want, (cls.__name__, mapped(cls), want)
+    assert mapped(server.NoRepository) is bc.ProgrammingError         # a UsageError subclass
+    assert mapped(server.ReseedNeeded) is bc.OperationalError         # a StateConflict subclass
+    # an unknown type stays an error by its status
+    assert type(from_server(503, {"error": {"type": "Nope", "message": "m"}})) is bc.InternalError
+
+
+def test_sqlalchemy_sees_a_lost_node_by_class():
+    from bastion.client.errors import ConnectionClosed, NoActiveNode
+    from bastion.client.sqlalchemy import BastionDialect
+    d = BastionDialect(dbapi=bc)
+    assert d.is_disconnect(NoActiveNode("gone"), None, None)
+    assert d.is_disconnect(ConnectionClosed("closed"), None, None)
+    assert not d.is_disconnect(bc.OperationalError("no active Bastion node, said a trigger"), None, None)
+    assert issubclass(NoActiveNode, bc.OperationalError) and issubclass(ConnectionClosed, bc.ProgrammingError)
