@@ -130,6 +130,32 @@ def test_real_routes_answer_typed_errors(tmp_path: Path):
         d.stop()
 
 
+def test_a_backup_daemon_asks_for_a_reseed_by_class(tmp_path: Path):
+    """The replication shipper re-seeds on ReseedNeeded (it matched 409 bodies before): a replica
+    never seeded from this origin answers a batch with exactly that class, through PeerClient."""
+    token = tmp_path / "peer.token"
+    token.write_text("t" * 64 + "\n")
+    port = free_port()
+    copy = tmp_path / "copy"
+    cfg = write_config(tmp_path, port, {"bank": [str(copy / "bank.db")]},
+                       extra=f'[replication]\npeer_token_file = "{token}"\n')
+    cfg.write_text(cfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
+    d = DaemonProc(cfg, port, tmp_path / "var").start()
+    peer = PeerClient(f"http://127.0.0.1:{port}", token="t" * 64, label="backup daemon")
+    try:
+        with pytest.raises(errors.ReseedNeeded) as info:
+            peer.post("/v1/peer/apply", msgpack={"database": "bank", "origin": "someone-else", "files": 1,
+                                                 "cut": "c1", "chunk": 0, "final": True, "file": 0, "batch": {}})
+        assert info.value.http_status == 409 and isinstance(info.value, errors.StateConflict)
+        # and a malformed batch is a usage error (exit 3), not a reason to re-seed
+        with pytest.raises(errors.UsageError) as bad:
+            peer.post("/v1/peer/apply", msgpack={"database": "bank"})
+        assert not isinstance(bad.value, (errors.ReseedNeeded, errors.ChangesMissing))
+    finally:
+        peer.close()
+        d.stop()
+
+
 def test_a_transport_error_is_daemon_unavailable_and_drops_the_pool():
     port = free_port()       # nothing listens there
     peer = PeerClient(f"http://127.0.0.1:{port}", label="site x", hint="it queues", timeout=(2.0, 1.0))
