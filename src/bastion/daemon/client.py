@@ -60,7 +60,7 @@ class AdminClient(PeerClient):
         else:
             no_token = None
         _, r = self._send(method, path, json=body, headers=headers,
-                          timeout=DEFAULT if timeout == "default" else timeout)
+                          timeout=DEFAULT if isinstance(timeout, str) else timeout)
         if no_token is not None:  # something answers there, but we have no token for it
             raise no_token
         data = self._decode(r, path)
