@@ -78,7 +78,7 @@ def test_wheel_holds_the_package_and_the_entry_point(tmp_path: Path):
     wheel = next(tmp_path.glob("bastion-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        for mod in ("bastion/cli.py", "bastion/metrics.py", "bastion/notify.py", "bastion/drill.py",
+        for mod in ("bastion/cli/__init__.py", "bastion/metrics.py", "bastion/notify.py", "bastion/drill.py",
                     "bastion/doctor.py", "bastion/daemon/app.py", "bastion/backup/restore.py"):
             assert mod in names, mod
         ep = next(n for n in names if n.endswith("entry_points.txt"))

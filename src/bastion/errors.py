@@ -4,8 +4,12 @@
      +-- UsageError              exit 3: the command line or request is wrong; nothing was done
      |    +-- ConfigError        the config file is invalid
      |    +-- UnknownTarget      a database name or file that Bastion does not know
+     |    +-- NoRepository       the URL holds no backup repository (yet)
+     |    +-- ResultTooLarge     a SQL result is larger than the server sends (HTTP 413)
      +-- FileProblem             a database file is missing, not SQLite, or cannot be put in WAL mode
      +-- StateConflict           the file is in the wrong state (already in continuous operations, not frozen...)
+     |    +-- ReseedNeeded       a copy (replica, site) can only go on from a new snapshot of its source
+     |    +-- ChangesMissing     a batch of changes does not follow what the copy holds (a gap)
      +-- BusyError               writers or readers did not let go in time; retry later
      +-- NotConsistent           a copy taken under continuous operations or freeze cannot be trusted
      +-- RecoveryRefused         recover --discard-changes cannot prove it is safe
@@ -16,6 +20,21 @@
      +-- TransactionGone         an interactive transaction expired (idle timeout) or is unknown
      +-- NotActive               this node is passive (or fenced): ask the active node
      +-- NotReplicated           committed here, but the backup server did not apply it in time
+     +-- UnsafeName              a name from a repository could write outside its directory
+     +-- RepositoryError         a backup repository is damaged or inconsistent
+     |    +-- CorruptChunk       a chunk's bytes do not hash to its name
+     |    +-- MissingChunk       a chunk a manifest names is not in the repository
+     |    +-- DamagedManifest    a backup's manifest is unreadable or names bad chunks
+     |    +-- RestoreFailed      a restore stopped; nothing was put in place
+     +-- StoreError              a storage operation (file, sftp, s3) failed after its retries
+          +-- ObjectMissing      the object is not there
+          +-- StoreUnreachable   transient trouble (connection, time-out) outlasted every retry
+          +-- StoreRefused       a permanent refusal (credentials, host key, bucket, permissions)
+          +-- StoreFull          no room for an object (HTTP 507)
+
+Every class here is registered by name (``_BY_NAME``): an error that crosses a process or
+HTTP boundary as ``to_dict()`` comes back as the same class (:meth:`BastionError.from_dict`),
+so callers test ``except CorruptChunk``, never the message. Define new errors here.
 
 Each error says what happened, to which file, and (``hint``) what to do next.
 The exit codes follow BUTIL: 0 success, 1 partial, 2 failed, 3 usage.
@@ -137,6 +156,74 @@ class NotActive(BastionError):
 
 class NotReplicated(BastionError):
     http_status = 504
+
+
+class NoRepository(UsageError):
+    """The URL holds no repository (yet)."""
+
+
+class ResultTooLarge(UsageError):
+    http_status = 413
+
+
+class ReseedNeeded(StateConflict):
+    """The copy can only follow from a new snapshot: the source changed in a way DDL cannot replay,
+    or the replica was seeded from another primary."""
+
+
+class ChangesMissing(StateConflict):
+    """details: expected, got (positions): the batch starts after a gap in what the copy holds."""
+
+
+class UnsafeName(BastionError):
+    """A name from a repository that could write outside its directory or clobber another file."""
+    http_status = 422
+
+
+class RepositoryError(BastionError):
+    pass
+
+
+class CorruptChunk(RepositoryError):
+    pass
+
+
+class MissingChunk(RepositoryError):
+    pass
+
+
+class DamagedManifest(RepositoryError):
+    """details: backup, and problems: [{"file", "chunk", "problem"}] (every one found, not just the first)."""
+
+
+class RestoreFailed(RepositoryError):
+    pass
+
+
+class StoreError(BastionError):
+    """A storage operation failed (after retries, when it looked transient)."""
+
+
+class ObjectMissing(StoreError):
+    pass
+
+
+class StoreUnreachable(StoreError):
+    """Transient-looking trouble (connection, time-out) that outlasted every retry."""
+
+
+class StoreRefused(StoreError):
+    """A permanent refusal: credentials, host key, missing bucket, permissions. Retrying cannot help."""
+
+
+class StoreFull(StoreError):
+    """The repository's file system (or quota) has no room for an object."""
+    http_status = 507
+
+
+def registry() -> dict[str, type[BastionError]]:
+    """Every error class by name (a copy): what from_dict can rebuild."""
+    return dict(_BY_NAME)
 
 
 def from_os_error(exc: OSError, doing: str) -> BastionError:

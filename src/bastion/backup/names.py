@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import BastionError
+from ..errors import UnsafeName  # noqa: F401 - defined in errors.py
 
 # What backups.py generates: 20261203T141507Z-1a2b3c. Older or hand-made ids may differ, so the
 # rule is the safe alphabet, not the exact shape.
@@ -20,11 +20,6 @@ _BACKUP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _COMPANIONS = ("-wal", "-shm", "-journal")
 _OURS = (".bastion-restore-tmp", ".bastion-staged", ".tmp-")
 MAX_NAME = 255
-
-
-class UnsafeName(BastionError):
-    """A name from a repository that could write outside its directory or clobber another file."""
-    http_status = 422
 
 
 def backup_id(value: object) -> str:

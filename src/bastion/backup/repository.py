@@ -31,31 +31,12 @@ from typing import Any, Iterator
 import zstandard
 
 from ..errors import BastionError, UsageError
+from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError  # noqa: F401 - defined in errors.py
 from .names import UnsafeName, backup_id as checked_id, file_name, file_names
 from .store import ObjectMissing, Store, _pid_alive, open_store
 
 FORMAT = 1
 MARKER = "bastion-repo.json"
-
-
-class RepositoryError(BastionError):
-    pass
-
-
-class NoRepository(UsageError):
-    """The URL holds no repository (yet)."""
-
-
-class CorruptChunk(RepositoryError):
-    pass
-
-
-class MissingChunk(RepositoryError):
-    pass
-
-
-class DamagedManifest(RepositoryError):
-    """details: backup, and problems: [{"file", "chunk", "problem"}] (every one found, not just the first)."""
 
 
 HEX64 = re.compile(r"[0-9a-f]{64}")

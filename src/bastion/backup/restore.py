@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import apsw
 
 from ..errors import BastionError, RecoveryRefused, UsageError
+from ..errors import RestoreFailed  # noqa: F401 - defined in errors.py
 from ..sqlite.exclusive import replace_in_child
 from . import names
 from .digest import table_digests
@@ -29,10 +30,6 @@ from ..sqlite import connect
 
 TMP_SUFFIX = ".bastion-restore-tmp"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class RestoreFailed(RepositoryError):
-    pass
 
 
 def _open_immutable(path: str) -> apsw.Connection:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import apsw
 
-from ..errors import BusyError, StateConflict, UsageError
+from ..errors import BusyError, ChangesMissing, UsageError
 from ..sqlite.connect import connection, one, transaction
 from .control import APPLIED, ApplyResult, Change, RawText, ReseedNeeded, ensure_applied_table, installed
 from .schema import follow_schema
@@ -133,9 +133,9 @@ def _apply(con: apsw.Connection, batch: list[Change], origin: str) -> ApplyResul
     first = todo[0].seq if done is None else done + 1
     if todo[0].seq != first or todo[-1].seq != first + len(todo) - 1:   # batch is strictly increasing
         i = next(i for i, c in enumerate(todo) if c.seq != first + i)
-        raise StateConflict(f"changes of {origin!r} are missing: expected position {first + i}, got {todo[i].seq}",
-                            hint="send the changes from the recorded position on, or re-seed the copy",
-                            details={"expected": first + i, "got": todo[i].seq})
+        raise ChangesMissing(f"changes of {origin!r} are missing: expected position {first + i}, got {todo[i].seq}",
+                             hint="send the changes from the recorded position on, or re-seed the copy",
+                             details={"expected": first + i, "got": todo[i].seq})
     cur = con.cursor()
     sqls: dict[tuple[Any, ...], tuple[str, str, tuple[int, ...]]] = {}   # per shape (its tuples are shared)
     run_sql: str | None = None

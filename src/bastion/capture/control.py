@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import apsw
 
-from ..errors import StateConflict
+from ..errors import ReseedNeeded, StateConflict  # noqa: F401 - ReseedNeeded lives in errors.py; imported from here too
 from ..sqlite.connect import one
 from .sqltools import exists
 
@@ -59,10 +59,6 @@ CODECS = {"UTF-8": "utf-8", "UTF-16le": "utf-16-le", "UTF-16be": "utf-16-be"}
 
 
 MAX_WIDTH = 1900          # log columns; SQLite allows 2000 columns per table by default
-
-
-class ReseedNeeded(StateConflict):
-    """The copy can only follow from a new snapshot: the source changed in a way DDL cannot replay."""
 
 
 class RawText(bytes):

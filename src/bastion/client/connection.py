@@ -22,7 +22,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 
 from ..tls import trust
-from .errors import (InterfaceError, OperationalError, OutcomeUnknown, ProgrammingError, TransactionLost)
+from .errors import (ConnectionClosed, InterfaceError, NoActiveNode, OperationalError, OutcomeUnknown, ProgrammingError,
+                     TransactionLost)
 from .transport import Transport
 
 _DML = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(INSERT|UPDATE|DELETE|REPLACE)\b", re.I | re.S)
@@ -174,7 +175,7 @@ class Connection:
 
     def _check(self) -> None:
         if self._closed:
-            raise ProgrammingError("cannot operate on a closed connection")
+            raise ConnectionClosed("cannot operate on a closed connection")
 
     def _path(self, suffix: str = "") -> str:
         return f"/v1/sql/{self.database}{suffix}"
@@ -196,7 +197,7 @@ class Connection:
             self._tx = None
             raise
         except OperationalError as exc:
-            if not isinstance(exc, OutcomeUnknown) and "no active Bastion node" not in exc.message:
+            if not isinstance(exc, (OutcomeUnknown, NoActiveNode)):
                 raise           # a failed statement: the transaction goes on, as in SQLite
             self._tx = None
             raise TransactionLost(f"the connection was lost during a transaction ({exc.message}); "

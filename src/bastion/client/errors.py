@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import errors as server
+
 
 class Warning(Exception):  # noqa: A001 - the name PEP 249 requires
     pass
@@ -66,6 +68,14 @@ class OutcomeUnknown(OperationalError):
     it may or may not have been committed. Check before retrying."""
 
 
+class NoActiveNode(OperationalError):
+    """No host of the DSN answered as the active node within failover_timeout."""
+
+
+class ConnectionClosed(ProgrammingError):
+    """The connection was closed (by the application) and cannot be used any more."""
+
+
 _SQLITE_BUSY_SNAPSHOT = 517     # SQLITE_BUSY | (2 << 8)
 _SQLITE = {"ConstraintError": IntegrityError, "MismatchError": DataError, "TooBigError": DataError,
            "RangeError": DataError, "ReadOnlyError": OperationalError, "BusyError": OperationalError}
@@ -76,17 +86,20 @@ def from_server(status: int, body: Any) -> Error:
     if not isinstance(err, dict):
         return InterfaceError(f"unexpected answer from the server (HTTP {status}): {str(body)[:200]}")
     kind, msg, hint, details = err.get("type"), err.get("message", "error"), err.get("hint"), err.get("details") or {}
-    if kind == "SQLFailure":
+    # by the server's class (the errors.py registry), so that its subclasses map like their parent
+    sc: type = server.registry().get(str(kind), type(None))
+    cls: type[Error]
+    if issubclass(sc, server.SQLFailure):
         cls = _SQLITE.get(details.get("sqlite_error"), OperationalError)
-    elif kind in ("AuthError", "PermissionDenied"):
+    elif issubclass(sc, (server.AuthError, server.PermissionDenied)):
         cls = AccessDenied
-    elif kind == "NotReplicated":
+    elif issubclass(sc, server.NotReplicated):
         cls = NotReplicated
-    elif kind == "TransactionGone":
+    elif issubclass(sc, server.TransactionGone):
         cls = TransactionLost
-    elif kind in ("UsageError", "UnknownTarget", "ConfigError", "ResultTooLarge"):
+    elif issubclass(sc, server.UsageError):
         cls = ProgrammingError
-    elif kind in ("BusyError", "FileProblem", "StateConflict", "DaemonUnavailable"):
+    elif issubclass(sc, (server.BusyError, server.FileProblem, server.StateConflict, server.DaemonUnavailable)):
         cls = OperationalError
     else:
         cls = InternalError if status >= 500 else DatabaseError

@@ -158,10 +158,8 @@ class BastionDialect(SQLiteDialect):
         dbapi = self.loaded_dbapi
         if isinstance(e, (dbapi.TransactionLost, dbapi.OutcomeUnknown)):
             return True
-        msg = getattr(e, "message", str(e))
-        if isinstance(e, dbapi.OperationalError) and "no active Bastion node" in msg:
-            return True
-        return isinstance(e, dbapi.ProgrammingError) and "closed connection" in msg
+        from .errors import ConnectionClosed, NoActiveNode
+        return isinstance(e, (NoActiveNode, ConnectionClosed))
 
 
 dialect = BastionDialect

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from ..tls import verify_failure
-from .errors import InterfaceError, OperationalError, OutcomeUnknown, from_server
+from .errors import InterfaceError, NoActiveNode, OperationalError, OutcomeUnknown, from_server
 
 
 class Transport:
@@ -74,7 +74,7 @@ class Transport:
                     self.current = idx
                     return self.hosts[idx]
             if time.monotonic() + delay > deadline:
-                raise OperationalError(f"no active Bastion node among {', '.join(self.hosts)} "
+                raise NoActiveNode(f"no active Bastion node among {', '.join(self.hosts)} "
                                        f"after {self.failover_timeout:g} s",
                                        hint="are the daemons running and reachable? (bastion status on each)")
             time.sleep(delay)

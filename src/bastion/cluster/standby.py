@@ -31,14 +31,13 @@ import socket
 import time
 from typing import Any
 
-import httpx
-import msgpack
 
 from .. import capture
 from ..fsutil import fsync_dir
 from ..config import Config
-from ..errors import BastionError, ConfigError, StateConflict
+from ..errors import ConfigError
 from ..fsutil import durable_json
+from ..peer import PeerClient
 from ..replication.receiver import KEEP
 from .. import conflicts as conflict_log
 from ..tls import trust
@@ -156,12 +155,13 @@ class ReplicatedMode:
     def rejoin(self, active_url: str) -> dict[str, Any]:
         """Hand every change the active never applied to its conflict log, then put the
         old files aside so that the active seeds this node as its standby."""
-        http = httpx.Client(base_url=active_url, timeout=60.0, verify=trust(self.config.replication.peer_ca_file),
-                            headers={"Authorization": f"Bearer {self.token}"})
+        http = PeerClient(active_url, token=self.token, timeout=60.0,
+                          verify=trust(self.config.replication.peer_ca_file), label="the active node",
+                          hint="this node stays out of service and retries")
         sent: dict[str, list[int]] = {}
         try:
             for name, db in self.config.databases.items():
-                rec = _call(http, "POST", "/v1/peer/takeover", json={"database": name})
+                rec = http.post("/v1/peer/takeover", json={"database": name})
                 applied = rec.get("applied") if rec.get("from_origin") == self.origin else None
                 counts = []
                 for i, path in enumerate(db.files):
@@ -177,10 +177,9 @@ class ReplicatedMode:
                         changes = [c for c in capture.read_changes(path, after, 2000) if c.op != "reseed"]
                         if not changes:
                             break
-                        body = msgpack.packb({"database": name, "origin": self.origin, "node": self.node,
-                                              "file": i, "batch": capture.to_wire(changes)}, use_bin_type=True)
-                        _call(http, "POST", "/v1/peer/reconcile", content=body,
-                              headers={"Content-Type": "application/msgpack"})
+                        http.post("/v1/peer/reconcile", msgpack={"database": name, "origin": self.origin,
+                                                                 "node": self.node, "file": i,
+                                                                 "batch": capture.to_wire(changes)})
                         n += len(changes)
                         after = changes[-1].seq
                     counts.append(n)
@@ -188,10 +187,9 @@ class ReplicatedMode:
                     # (the copy the active holds came with an older one)
                     log_rows = conflict_log.rows(path)
                     if log_rows:
-                        body = msgpack.packb({"database": name, "origin": self.origin, "node": self.node,
-                                              "file": i, "conflicts": log_rows}, use_bin_type=True)
-                        _call(http, "POST", "/v1/peer/reconcile", content=body,
-                              headers={"Content-Type": "application/msgpack"})
+                        http.post("/v1/peer/reconcile", msgpack={"database": name, "origin": self.origin,
+                                                                 "node": self.node, "file": i,
+                                                                 "conflicts": log_rows})
                 sent[name] = counts
         finally:
             http.close()
@@ -208,22 +206,6 @@ class ReplicatedMode:
         log.warning("rejoined as standby: %s change(s) handed to the active's conflict log; old files in %s",
                     sent, aside)
         return {"sent": sent, "kept_aside": aside if os.path.isdir(aside) else None}
-
-
-def _call(http: httpx.Client, method: str, path: str, **kw: Any) -> dict[str, Any]:
-    try:
-        r = http.request(method, path, **kw)
-    except httpx.HTTPError as exc:
-        raise BastionError(f"the active node is unreachable ({path}): {exc}",
-                           hint="this node stays out of service and retries") from None
-    try:
-        data = r.json()
-    except ValueError:
-        raise BastionError(f"the active node answered {r.status_code} to {path} without JSON") from None
-    if r.status_code >= 400:
-        err = (data or {}).get("error") or {}
-        raise StateConflict(f"the active node refused {path}: {err.get('message') or data}")
-    return data
 
 
 def reconcile_record(con_path: str, origin: str, node: str, changes: list[capture.Change] | None,

@@ -16,12 +16,20 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from .. import __version__
-from ..errors import BastionError, NotActive, UnknownTarget, UsageError, from_os_error
+from ..errors import AuthError, BastionError, NotActive, UnknownTarget, UsageError, from_os_error
 from .auth import Authenticator
 from .core import Daemon
 
 log = logging.getLogger("bastion.api")
 
+
+
+def error_response(exc: BastionError, status: int | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """Bastion's HTTP error format, the only one the daemon answers with: {"error": exc.to_dict()}
+    under the error's HTTP status. bastion.peer.error_from_response reads it back into the same
+    class (the errors.py registry), so the CLI and other daemons see the type, not just words."""
+    return JSONResponse(status_code=status or exc.http_status, content={"error": exc.to_dict()}, headers=headers)
 
 class TargetRequest(BaseModel):
     targets: list[str] = Field(default_factory=list, description="database names or absolute file paths")
@@ -99,10 +107,9 @@ class SQLBodyLimit:
             return await self.app(scope, receive, send)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            resp = JSONResponse(status_code=413, content={"error": {
-                "type": "UsageError", "exit_code": 3, "path": None, "details": {"limit": self.limit},
-                "message": f"the request body is larger than the server takes ({self.limit} bytes)",
-                "hint": "send fewer rows per request; [sql] max_request_bytes raises the limit"}})
+            resp = error_response(UsageError(
+                f"the request body is larger than the server takes ({self.limit} bytes)", details={"limit": self.limit},
+                hint="send fewer rows per request; [sql] max_request_bytes raises the limit"), status=413)
             return await resp(scope, receive, send)
         seen = 0
 
@@ -139,16 +146,13 @@ class AuthMiddleware:
             # replication peers: the shared peer token, and only here (never the admin API)
             allowed = None if self.peer is None else self.peer(header)
             if allowed is None and self.node is not None:
-                resp = JSONResponse(status_code=503, content={"error": {
-                    "type": "NotActive", "exit_code": 2, "path": None, "details": {"role": self.node.role},
-                    "message": f"node {self.node.name} is {self.node.role}: it takes no peer requests now",
-                    "hint": "it is changing roles; retry"}})
+                resp = error_response(NotActive(
+                    f"node {self.node.name} is {self.node.role}: it takes no peer requests now",
+                    details={"role": self.node.role}, hint="it is changing roles; retry"))
                 return await resp(scope, receive, send)
             if not allowed:
-                resp = JSONResponse(status_code=401, content={"error": {
-                    "type": "AuthError", "exit_code": 2, "path": None, "details": {},
-                    "message": "missing or wrong peer token",
-                    "hint": "both daemons must read the same [replication] peer_token_file"}})
+                resp = error_response(AuthError("missing or wrong peer token",
+                                                hint="both daemons must read the same [replication] peer_token_file"))
                 return await resp(scope, receive, send)
             return await self.app(scope, receive, send)
         principal = self.auth.cached(header)
@@ -156,29 +160,27 @@ class AuthMiddleware:
             client = (scope.get("client") or ("?", 0))[0]
             principal, wait = await anyio.to_thread.run_sync(self.auth.login, header, client, limiter=self.hashing)
             if wait > 0:
-                resp = JSONResponse(status_code=429, headers={"Retry-After": str(int(wait) + 1)}, content={"error": {
-                    "type": "AuthError", "exit_code": 2, "path": None, "details": {"retry_after": round(wait, 1)},
-                    "message": "too many failed logins from this address: try again later",
-                    "hint": f"wait {wait:.0f} s; check the user name and password"}})
+                resp = error_response(AuthError("too many failed logins from this address: try again later",
+                                                details={"retry_after": round(wait, 1)},
+                                                hint=f"wait {wait:.0f} s; check the user name and password"),
+                                      status=429, headers={"Retry-After": str(int(wait) + 1)})
                 return await resp(scope, receive, send)
         path = scope["path"]
         sql = path.startswith("/v1/sql/")
         if principal is None or (not principal.admin and not sql):
-            resp = JSONResponse(status_code=401, content={"error": {
-                "type": "AuthError", "exit_code": 2, "path": None, "details": {},
-                "message": "missing or wrong credentials" if sql else "missing or wrong admin token",
-                "hint": ("send HTTP Basic credentials of a user in [users], or the admin token" if sql else
-                         "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir")}},
+            resp = error_response(AuthError(
+                "missing or wrong credentials" if sql else "missing or wrong admin token",
+                hint=("send HTTP Basic credentials of a user in [users], or the admin token" if sql else
+                      "send 'Authorization: Bearer <token>' with the token from the daemon's data_dir")),
                 headers={"WWW-Authenticate": 'Basic realm="bastion"'} if sql else None)
             return await resp(scope, receive, send)
         if (self.node is not None and self.node.role != "active" and not path.startswith("/v1/cluster/")
                 and path != "/metrics"):      # a passive node is scraped too (its role, lease, lag)
-            resp = JSONResponse(status_code=503, content={"error": {
-                "type": "NotActive", "exit_code": 2, "path": None, "details": {"role": self.node.role},
-                "message": f"node {self.node.name} is {self.node.role}, not active",
+            resp = error_response(NotActive(
+                f"node {self.node.name} is {self.node.role}, not active", details={"role": self.node.role},
                 # people get the active node's name (a lease read, off the loop); drivers move on at once
-                "hint": "drivers retry on the active node on their own" if sql else
-                        await run_in_threadpool(self.node.active_hint)}})
+                hint="drivers retry on the active node on their own" if sql else
+                     await run_in_threadpool(self.node.active_hint)))
             return await resp(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, receive, send)
@@ -200,7 +202,7 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
 
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -208,7 +210,7 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
         # and exit 2. A request the daemon cannot take is a usage error (exit 3).
         parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
         err = UsageError("invalid request: " + "; ".join(parts), hint="see GET /openapi.json for the request format")
-        return JSONResponse(status_code=422, content={"error": err.to_dict()})
+        return error_response(err, status=422)
 
     @app.exception_handler(OSError)
     async def os_error(request: Request, exc: OSError) -> JSONResponse:
@@ -216,14 +218,13 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
         # put in words: still a Bastion error with the path and a hint, not "internal error"
         err = from_os_error(exc, f"{request.method} {request.url.path}")
         log.warning("%s (%s)", err.message, type(exc).__name__)
-        return JSONResponse(status_code=err.http_status, content={"error": err.to_dict()})
+        return error_response(err)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return JSONResponse(status_code=500, content={"error": {
-            "type": "BastionError", "message": f"internal error in the daemon: {type(exc).__name__}: {exc}",
-            "hint": "see the daemon's log; please report this", "exit_code": 2, "path": None, "details": {}}})
+        return error_response(BastionError(f"internal error in the daemon: {type(exc).__name__}: {exc}",
+                                           hint="see the daemon's log; please report this"))
 
     @app.get("/metrics", summary="Prometheus metrics (text format; needs the admin token)")
     def metrics_route() -> Response:

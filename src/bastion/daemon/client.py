@@ -1,4 +1,7 @@
-"""The admin API client the CLI uses: it finds the daemon of a config and its token."""
+"""The admin API client the CLI uses: it finds the daemon of a config and its token.
+
+A PeerClient (bastion.peer): the same error mapping as every daemon-to-daemon call; only the
+words for "no answer" differ, since they speak to the person at the command line."""
 
 from __future__ import annotations
 
@@ -7,27 +10,48 @@ from typing import Any
 import httpx
 
 from ..config import Config
-from ..errors import AuthError, BastionError, DaemonUnavailable
+from ..errors import BastionError, DaemonUnavailable
+from ..peer import DEFAULT, PeerClient, error_from_response
 from ..tls import trust, verify_failure
 from .auth import read_token
 
 
-class AdminClient:
+class AdminClient(PeerClient):
     def __init__(self, config: Config, timeout: float | None = 30.0) -> None:
+        super().__init__(config.base_url, verify=trust(config.tls_ca or config.tls_cert), timeout=timeout,
+                         label=f"the daemon on {config.base_url}", prefix_errors=False)
         self.config = config
-        self.timeout = timeout
         self._token: str | None = None
 
-    def _headers(self) -> dict[str, str]:
+    def _auth(self) -> dict[str, str]:
         if self._token is None:
             self._token = read_token(self.config.token_file)
         return {"Authorization": f"Bearer {self._token}"}
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                timeout: float | None | str = "default") -> dict[str, Any]:
-        url = self.config.base_url + path
+    def transport_error(self, exc: httpx.HTTPError, path: str) -> BastionError:
+        if isinstance(exc, httpx.ConnectError):
+            why = verify_failure(exc)
+            if why:
+                return DaemonUnavailable(
+                    f"the daemon at {self.config.base_url} answered, but TLS failed: {why}",
+                    hint="set [daemon] tls_ca to the CA certificate that signed tls_cert (or make tls_cert "
+                         "the full chain), and check that the certificate names this host")
+            return DaemonUnavailable(
+                f"no Bastion daemon is listening on {self.config.base_url} (config: {self.config.source})",
+                hint="start one with `bastion serve" + (  # the whole command inside the backticks
+                    "" if self.config.source == "embedded default" else f" --config {self.config.source}") + "`")
+        if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+            return DaemonUnavailable(f"the daemon on {self.config.base_url} closed the connection during "
+                                     f"{path} ({exc}): it may have stopped",
+                                     hint="check `bastion status`; restart it with `bastion serve`")
+        if isinstance(exc, httpx.TimeoutException):
+            return DaemonUnavailable(f"the daemon on {self.config.base_url} did not answer {path} in time")
+        return super().transport_error(exc, path)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,  # type: ignore[override]
+                timeout: float | None | str = "default") -> Any:
         try:
-            headers = self._headers()
+            headers = self._auth()
         except DaemonUnavailable as exc:
             # No token file: usually no daemon was ever started with this config. Ask the
             # address anyway, so the user hears "no daemon is listening" and how to start one.
@@ -35,41 +59,13 @@ class AdminClient:
             headers = {}
         else:
             no_token = None
-        try:
-            resp = httpx.request(method, url, json=body, headers=headers,
-                                 verify=trust(self.config.tls_ca or self.config.tls_cert),
-                                 timeout=self.timeout if timeout == "default" else timeout)
-        except httpx.ConnectError as exc:
-            why = verify_failure(exc)
-            if why:
-                raise DaemonUnavailable(
-                    f"the daemon at {self.config.base_url} answered, but TLS failed: {why}",
-                    hint="set [daemon] tls_ca to the CA certificate that signed tls_cert (or make tls_cert "
-                         "the full chain), and check that the certificate names this host") from None
-            raise DaemonUnavailable(
-                f"no Bastion daemon is listening on {self.config.base_url} (config: {self.config.source})",
-                hint="start one with `bastion serve" + (  # the whole command inside the backticks
-                    "" if self.config.source == "embedded default" else f" --config {self.config.source}") + "`"
-            ) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise DaemonUnavailable(f"the daemon on {self.config.base_url} closed the connection during "
-                                    f"{path} ({exc}): it may have stopped",
-                                    hint="check `bastion status`; restart it with `bastion serve`") from None
-        except httpx.TimeoutException:
-            raise DaemonUnavailable(f"the daemon on {self.config.base_url} did not answer {path} in time") from None
+        _, r = self._send(method, path, json=body, headers=headers,
+                          timeout=DEFAULT if isinstance(timeout, str) else timeout)
         if no_token is not None:  # something answers there, but we have no token for it
             raise no_token
-        try:
-            data = resp.json()
-        except ValueError:
-            raise BastionError(f"the daemon answered {resp.status_code} with something that is not JSON") from None
-        if resp.status_code >= 400:
-            err = data.get("error") if isinstance(data, dict) else None
-            if isinstance(err, dict):
-                raise BastionError.from_dict(err)
-            if resp.status_code == 401:
-                raise AuthError("the daemon refused the admin token")
-            raise BastionError(f"the daemon answered {resp.status_code}: {data}")
+        data = self._decode(r, path)
+        if r.status_code >= 400:
+            raise error_from_response(r.status_code, data)
         return data
 
     def status(self) -> dict[str, Any]:

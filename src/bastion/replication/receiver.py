@@ -23,7 +23,7 @@ import msgpack
 
 from .. import capture
 from ..fsutil import durable_json, fsync_dir
-from ..errors import NotConsistent, StateConflict, UnknownTarget, UsageError
+from ..errors import NotConsistent, ReseedNeeded, StateConflict, UnknownTarget, UsageError
 from ..state import iso
 from ..sqlite import connect
 
@@ -171,7 +171,7 @@ class Receiver:
             raise UsageError(f"file index {index} out of range")
         with self._locks[name]:
             if self.state[name].get("origin") != origin:
-                raise StateConflict(f"replica {name} was not seeded from {origin!r}", details={"reseed": True},
+                raise ReseedNeeded(f"replica {name} was not seeded from {origin!r}", details={"reseed": True},
                                     hint="the primary seeds it on its own")
             self._redo(name)
             cur = self._cuts.get(name)

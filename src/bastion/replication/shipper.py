@@ -4,7 +4,8 @@ Per file: capture is installed (origin = this daemon), the peer is asked which p
 it holds (its own ``_bastion_applied``, written in the same transaction as each batch, is
 the only record that counts), then every entry after it is read, sent as msgpack to
 POST /v1/peer/apply, and pruned here once the peer acknowledged it. When the peer holds
-nothing, or refuses a batch because something is missing or the source needs it, the
+nothing, or refuses a batch because something is missing (ChangesMissing) or the source needs it
+(ReseedNeeded: errors keep their class across HTTP, see peer.py), the
 whole database is seeded again from a consistent copy (seed.py).
 
 Failures (peer down, network) never lose anything: entries stay in the control tables
@@ -22,14 +23,13 @@ import uuid
 from typing import Any, Iterator
 
 import apsw
-import httpx
-import msgpack
 
 from .. import capture
 from ..catalog import Targets
-from ..errors import BastionError, BusyError
+from ..errors import BastionError, BusyError, ChangesMissing, ReseedNeeded
+from ..peer import PeerClient
 from ..state import iso
-from ..tls import trust, verify_failure
+from ..tls import trust
 from ..sqlite import pause_writers
 from . import seed
 from ..passloop import PassLoop
@@ -41,10 +41,6 @@ BATCH = 2000
 POLL = 0.05             # continuous mode: how often to look for new entries when caught up
 CUT_PAUSE_TIMEOUT = 5.0  # pausing writers for a cut: how long to try before the pass fails and retries
 PRUNE_EVERY = 1.0       # prune is a write transaction in the application's file: not after every batch
-
-
-class _Reseed(Exception):
-    """The peer cannot continue from what it holds: seed it again."""
 
 
 class _Writer:
@@ -85,9 +81,11 @@ class Shipper(PassLoop):
         self.db = db
         self.origin = origin
         self.peer = db.replicate_to
-        self._http = httpx.Client(base_url=self.peer, timeout=60.0,
-                                  verify=trust(daemon.config.replication.peer_ca_file),
-                                  headers={"Authorization": f"Bearer {token}"})
+        self._http = PeerClient(
+            self.peer, token=token, timeout=60.0, verify=trust(daemon.config.replication.peer_ca_file),
+            label=f"backup daemon {self.peer}", hint="changes queue on the primary and catch up when it answers",
+            tls_hint="set [replication] peer_ca_file to the CA certificate that signed the backup daemon's "
+                     "tls_cert; changes queue meanwhile")
         n = len(db.files)
         self._cons: list[apsw.Connection | None] = [None] * n
         self.acked: list[int | None] = [None] * n     # the peer's position, as it last said
@@ -201,7 +199,7 @@ class Shipper(PassLoop):
         while not self._stop.is_set():
             try:
                 sent = self._ship_cut()
-            except _Reseed as why:
+            except (ReseedNeeded, ChangesMissing) as why:   # the peer cannot go on from what it holds
                 reseeds += 1
                 if reseeds > 2:
                     raise BastionError(f"the replica of {self.name} still refuses changes after a new seed: "
@@ -272,11 +270,9 @@ class Shipper(PassLoop):
         while nxt is not None:
             i, changes = nxt
             nxt = next(chunks, None)
-            body = msgpack.packb({"database": self.name, "origin": self.origin, "files": n, "cut": cid,
-                                  "chunk": k, "final": nxt is None, "file": i,
-                                  "batch": capture.to_wire(changes)}, use_bin_type=True)
-            res = self._request("POST", "/v1/peer/apply", content=body,
-                                headers={"Content-Type": "application/msgpack"})
+            res = self._http.post("/v1/peer/apply", msgpack={
+                "database": self.name, "origin": self.origin, "files": n, "cut": cid, "chunk": k,
+                "final": nxt is None, "file": i, "batch": capture.to_wire(changes)})
             self.shipped[i] = changes[-1].seq
             k += 1
             sent += len(changes)
@@ -306,36 +302,8 @@ class Shipper(PassLoop):
             con.setbusytimeout(10_000)
 
     # -- talking to the peer --------------------------------------------------------------
-    def _request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            why = verify_failure(exc)
-            if why:
-                raise BastionError(f"backup daemon {self.peer}: TLS failed: {why}",
-                                   hint="set [replication] peer_ca_file to the CA certificate that signed the "
-                                        "backup daemon's tls_cert; changes queue meanwhile") from None
-            raise BastionError(f"backup daemon {self.peer} unreachable ({path}): {type(exc).__name__}: {exc}",
-                               hint="changes queue on the primary and catch up when it answers") from None
-        try:
-            data = r.json()
-        except ValueError:
-            raise BastionError(f"backup daemon {self.peer} answered {r.status_code} to {path} with non-JSON") from None
-        if r.status_code >= 400:
-            err = data.get("error") if isinstance(data, dict) else None
-            if not isinstance(err, dict):
-                raise BastionError(f"backup daemon {self.peer} answered {r.status_code} to {path}: {data}")
-            details = err.get("details") or {}
-            if r.status_code == 409 and (err.get("type") == "ReseedNeeded" or "expected" in details
-                                         or details.get("reseed")):
-                raise _Reseed(err.get("message"))
-            e = BastionError.from_dict(err)
-            e.message = f"backup daemon {self.peer}: {e.message}"
-            raise e
-        return data
-
     def _positions(self) -> list[int | None]:
-        res = self._request("POST", "/v1/peer/positions", json={
+        res = self._http.post("/v1/peer/positions", json={
             "database": self.name, "origin": self.origin, "files": len(self.db.files)})
         return [None if p is None else int(p) for p in res["files"]]
 
@@ -351,10 +319,10 @@ class Shipper(PassLoop):
         try:
             for i, it in enumerate(items):
                 with open(it["staged"], "rb") as fh:
-                    self._request("POST", "/v1/peer/seed/upload", content=_chunks(fh),
+                    self._http.post("/v1/peer/seed/upload", content=_chunks(fh),
                                   params={"database": self.name, "files": n, "file": i, "seed": sid},
                                   headers={"Content-Type": "application/octet-stream"})
-            self._request("POST", "/v1/peer/seed/commit", json={
+            self._http.post("/v1/peer/seed/commit", json={
                 "database": self.name, "origin": self.origin, "seed": sid, "files": n,
                 "positions": [{"seq": it["seq"], "hlc": it["hlc"]} for it in items]})
         finally:

@@ -43,6 +43,7 @@ import apsw
 
 from ..errors import (BastionError, BusyError, FileProblem, PermissionDenied, SQLFailure, StateConflict,
                       TransactionGone, UnknownTarget, UsageError)
+from ..errors import ResultTooLarge  # noqa: F401 - defined in errors.py
 from . import values
 from .committer import GroupCommitter
 from ..config import SQLSettings  # the [sql] section; importable from here too
@@ -128,10 +129,6 @@ class Statement:
             return cls(raw["sql"], many=[values.decode_params(p, f"{where} row {i + 1}")
                                          for i, p in enumerate(raw["many"])])
         return cls(raw["sql"], values.decode_params(raw.get("params"), where))
-
-
-class ResultTooLarge(UsageError):
-    http_status = 413
 
 
 class Tx:

@@ -26,14 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-import httpx
-import msgpack
 
 from ..errors import BastionError, ConfigError, StateConflict, UnknownTarget, UsageError
 from ..passloop import PassLoop
+from ..peer import PeerClient
 from ..replication.window import Timing
 from ..state import iso
-from ..tls import trust, verify_failure
+from ..tls import trust
 from . import site
 from ..sqlite import connect
 
@@ -173,16 +172,13 @@ class Syncer(PassLoop):
         # Connecting is what hangs on a cut link; answering may take a while on a busy site (the
         # vector reads the log after the writers' transactions). A slow answer holds up only
         # this neighbour's thread (PEER_WAIT).
-        vec = self._request(peer, "POST", "/v1/peer/sync/vector", json=self._who(i),
-                            timeout=httpx.Timeout(15.0, connect=1.0))["vector"]
+        vec = self._http[peer].post("/v1/peer/sync/vector", json=self._who(i), timeout=(15.0, 1.0))["vector"]
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
             if not changes:
                 break
-            body = msgpack.packb({**self._who(i), "batch": site.to_wire(changes)}, use_bin_type=True)
-            res = self._request(peer, "POST", "/v1/peer/sync/apply", content=body,
-                                headers={"Content-Type": "application/msgpack"})
+            res = self._http[peer].post("/v1/peer/sync/apply", msgpack={**self._who(i), "batch": site.to_wire(changes)})
             vec = res["vector"]
             total += len(changes)
         self.their[peer][i] = vec
@@ -202,16 +198,10 @@ class Syncer(PassLoop):
             tmp = f"{path}.bastion-join-{uuid.uuid4().hex[:8]}"
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                with self._http[peer].stream("POST", "/v1/peer/sync/snapshot", json=self._who(i),
-                                             timeout=600.0) as r:
-                    if r.status_code != 200:
-                        r.read()
-                        raise BastionError(f"{peer} refused the snapshot: HTTP {r.status_code} {r.text[:300]}")
-                    with open(tmp, "wb") as fh:
-                        for chunk in r.iter_bytes():
-                            fh.write(chunk)
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                with open(tmp, "wb") as fh:
+                    self._http[peer].download("POST", "/v1/peer/sync/snapshot", fh, json=self._who(i), timeout=600.0)
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 site.adopt(tmp, self.site)
                 # The copy is not a protected file yet: roll its WAL in before the rename (a -wal
                 # never moves with it).
@@ -231,7 +221,7 @@ class Syncer(PassLoop):
                 self.joined_from = peer
                 log.warning("%s: joined sync group %s with a copy of %s's file", path, self.group_name, peer)
                 return
-            except (BastionError, httpx.HTTPError, OSError) as exc:
+            except (BastionError, OSError) as exc:
                 tried.append(f"{peer}: {getattr(exc, 'message', None) or exc}")
             finally:
                 for p in (tmp, tmp + "-wal", tmp + "-shm"):
@@ -240,32 +230,12 @@ class Syncer(PassLoop):
         raise BastionError(f"{path} does not exist and no neighbour gave a copy to join the group: "
                            + "; ".join(tried), hint="a new site joins with a copy of a current site's files")
 
-    def _new_client(self, peer: str) -> httpx.Client:
-        return httpx.Client(base_url=self.group.sites[peer], verify=self._verify,
-                            timeout=httpx.Timeout(60.0, connect=3.0),
-                            headers={"Authorization": f"Bearer {self._token}"})
-
-    def _request(self, peer: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    def _new_client(self, peer: str) -> PeerClient:
+        # A transport error drops the pooled connections (peer.py): one kept alive across a cut
+        # link retransmits with a growing back-off and may stay silent after the link is back.
         url = self.group.sites[peer]
-        try:
-            r = self._http[peer].request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            # Drop the pooled connections: one kept alive across a cut link retransmits with a
-            # growing back-off and may stay silent for seconds after the link is back.
-            old, self._http[peer] = self._http[peer], self._new_client(peer)
-            old.close()
-            why = verify_failure(exc)
-            raise BastionError(f"site {peer} ({url}): " + (f"TLS failed: {why}" if why else
-                               f"unreachable ({path}): {type(exc).__name__}: {exc}")) from None
-        try:
-            data = r.json()
-        except ValueError:
-            raise BastionError(f"site {peer} answered {r.status_code} to {path} without JSON") from None
-        if r.status_code >= 400:
-            err = data.get("error") if isinstance(data, dict) else None
-            msg = err.get("message") if isinstance(err, dict) else str(data)
-            raise BastionError(f"site {peer} refused {path}: {msg}")
-        return data
+        return PeerClient(url, token=self._token, verify=self._verify, timeout=(60.0, 3.0),
+                          label=f"site {peer} ({url})")
 
     # -- receiving -------------------------------------------------------------------------------
     def _file(self, req: dict[str, Any]) -> str:
@@ -305,7 +275,7 @@ class Syncer(PassLoop):
             try:
                 if peer not in self._http:
                     self._http[peer] = self._new_client(peer)
-                return self._request(peer, "POST", "/v1/peer/sync/check", json=self._who(0))
+                return self._http[peer].post("/v1/peer/sync/check", json=self._who(0))
             except BastionError as exc:
                 return {"error": exc.message}
         for peer in sorted(p for p in self.group.sites if p != self.site):

@@ -11,7 +11,7 @@ import msgpack
 
 from .. import capture
 from ..capture import RawText
-from ..errors import StateConflict, UsageError
+from ..errors import ChangesMissing, StateConflict, UsageError
 from ..sqlite.connect import one
 from .model import (ApplyResult, CONFLICTS, COUNTERS, FORMAT, IDS, LOG, META, OP_CODE, OP_DDL, OP_DELETE, OP_INSERT,
                     OP_NAME, PEERS, READ_CHUNK, REKEY_POLICY, ROWS, SEEN, SHAPES, SyncChange, fresh_key, installed,
@@ -284,10 +284,10 @@ class SiteState:
                                     hint="seed this site again from a snapshot of another site of the group",
                                     details={"origin": ch.origin, "oseq": ch.oseq, "have": have})
             if ch.oseq != have + 1:
-                raise StateConflict(f"changes of {ch.origin!r} are missing: expected {have + 1}, got {ch.oseq}",
-                                    hint="send changes in the order changes_for returns them, from this "
-                                         "site's vector on", details={"origin": ch.origin, "expected": have + 1,
-                                                                      "got": ch.oseq})
+                raise ChangesMissing(f"changes of {ch.origin!r} are missing: expected {have + 1}, got {ch.oseq}",
+                                     hint="send changes in the order changes_for returns them, from this "
+                                          "site's vector on", details={"origin": ch.origin, "expected": have + 1,
+                                                                       "got": ch.oseq})
             top = max(top, ch.hlc)
             if ch.op == "ddl":
                 self._apply_ddl(ch)

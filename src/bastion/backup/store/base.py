@@ -8,7 +8,7 @@ import socket
 from typing import Iterator
 from urllib.parse import parse_qsl, urlparse
 
-from ...errors import BastionError, UsageError
+from ...errors import ObjectMissing, StoreError, StoreFull, StoreRefused, StoreUnreachable, UsageError  # noqa: F401 - the store errors live in errors.py; imported from here too
 
 TMP_MARK = ".tmp-"
 # A temporary older than this is removed whoever wrote it: no single object write takes a day
@@ -23,27 +23,6 @@ SCHEMES: dict[str, tuple[str, ...]] = {
 }
 ALIASES = {"ssh": "sftp", "s3a": "s3"}
 SUPPORTED = "file:///absolute/path (or a plain path), sftp://[user@]host[:port]/path, s3://bucket[/prefix]"
-
-
-class StoreError(BastionError):
-    """A storage operation failed (after retries, when it looked transient)."""
-
-
-class ObjectMissing(StoreError):
-    pass
-
-
-class StoreUnreachable(StoreError):
-    """Transient-looking trouble (connection, time-out) that outlasted every retry."""
-
-
-class StoreRefused(StoreError):
-    """A permanent refusal: credentials, host key, missing bucket, permissions. Retrying cannot help."""
-
-
-class StoreFull(StoreError):
-    """The repository's file system (or quota) has no room for an object."""
-    http_status = 507
 
 
 def check_url(url: object) -> str:
