@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import codes
+
 
 class Warning(Exception):  # noqa: A001 - the name PEP 249 requires
     pass
@@ -67,8 +69,6 @@ class OutcomeUnknown(OperationalError):
 
 
 _SQLITE_BUSY_SNAPSHOT = 517     # SQLITE_BUSY | (2 << 8)
-_SQLITE = {"ConstraintError": IntegrityError, "MismatchError": DataError, "TooBigError": DataError,
-           "RangeError": DataError, "ReadOnlyError": OperationalError, "BusyError": OperationalError}
 
 
 def from_server(status: int, body: Any) -> Error:
@@ -77,7 +77,7 @@ def from_server(status: int, body: Any) -> Error:
         return InterfaceError(f"unexpected answer from the server (HTTP {status}): {str(body)[:200]}")
     kind, msg, hint, details = err.get("type"), err.get("message", "error"), err.get("hint"), err.get("details") or {}
     if kind == "SQLFailure":
-        cls = _SQLITE.get(details.get("sqlite_error"), OperationalError)
+        cls = globals().get(codes.class_name(details) or "", OperationalError)     # sqlite3's table
     elif kind in ("AuthError", "PermissionDenied"):
         cls = AccessDenied
     elif kind == "NotReplicated":
