@@ -308,3 +308,22 @@ def test_a_vanished_writer_never_makes_the_next_writer_fail(tmp_path, sql_sectio
         con.close()
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("sql", ["SELECT 1; /* x */ DELETE FROM words", "SELECT 2; /**/DELETE FROM words",
+                                 "/* a */ SELECT 3; /* b */ DELETE FROM words"])
+def test_a_second_statement_behind_a_comment_is_refused_as_in_sqlite3(con, local, sql):
+    con.autocommit = True
+    con.execute("DELETE FROM words")
+    con.execute("INSERT INTO words(w) VALUES ('keep')")
+    local.execute("INSERT INTO words(w) VALUES ('keep')")
+    with pytest.raises(sqlite3.ProgrammingError, match="one statement"):
+        local.execute(sql)
+    with pytest.raises(bc.ProgrammingError, match="one statement"):
+        con.execute(sql)
+    assert con.execute("SELECT count(*) FROM words").fetchone() == (1,)
+    # a comment after the statement is no statement: its result set stays
+    for ok in ("SELECT 4 /* x */;", "/* x */ SELECT 4 ;", "SELECT 4; -- x\n", "SELECT 4; /* x */", "SELECT 4; /* x"):
+        assert con.execute(ok).fetchall() == local.execute(ok).fetchall() == [(4,)]
+        assert con.execute(ok).description[0][0] == local.execute(ok).description[0][0]
+    con.execute("DELETE FROM words")

@@ -83,7 +83,8 @@ _WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_
 _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
                                "sqlar_compress", "sqlar_uncompress"})
 _FIRST_WORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*(\w*)", re.S)
-_ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
+# (a comment never runs past its */: "/* x */ DELETE ..." is a statement, not a tail)
+_ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*(?:[^*]|\*(?!/))*(?:\*/|$))*", re.S)
 
 
 def pragma_refusal(name: str, arg: str | None, readonly: bool) -> str | None:
@@ -186,6 +187,8 @@ class Tx:
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         if self.internal:
             return True         # our SAVEPOINT/RELEASE must not replace the client's description
+        if _ONE_STATEMENT_TAIL.fullmatch(sql):
+            return True         # a comment after the statement: SQLite runs nothing, it keeps its result
         try:
             self.description = list(cursor.get_description())
             self.prepared = sql
