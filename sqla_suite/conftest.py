@@ -30,6 +30,26 @@ from sqlalchemy.testing.plugin.pytestplugin import *  # noqa: E402,F401,F403 - S
 _DAEMON: dict = {}
 
 
+def _sqlite_schemas(dbapi_connection, record, proxy):  # noqa: ANN001 - SQLAlchemy's event signature
+    """The comparison run on ``sqlite:///``: SQLAlchemy's SQLite provisioning ATTACHes
+    test_schema when a connection is made, but not test_schema_2, and its connections
+    after a dispose do not always have it; attach what is missing at every checkout
+    (the daemon has both as configured files)."""
+    import sqlite3 as _sqlite3
+    if not isinstance(dbapi_connection, _sqlite3.Connection):
+        return
+    have = {r[1] for r in dbapi_connection.execute("PRAGMA database_list")}
+    for schema in ("test_schema", "test_schema_2"):
+        if schema not in have:
+            dbapi_connection.execute(f'ATTACH DATABASE "sqla_sqlite_{schema}.db" AS {schema}')
+
+
+from sqlalchemy import event  # noqa: E402
+from sqlalchemy.pool import Pool  # noqa: E402
+
+event.listen(Pool, "checkout", _sqlite_schemas)
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
