@@ -5,7 +5,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test sqla-suite bench docs clean
+
+# SQLAlchemy's dialect compliance suite against a real daemon (about 3 minutes; docs/sql.md):
+# `make sqla-suite`, or SQLA_DB=--dburi=sqlite:///sqla_suite_sqlite.db for the sqlite file dialect.
+# `make test` runs a small selection of it.
+SQLA_QUICK := -k "ExceptionTest or IsolationLevelTest or AutocommitIsolationTest or LastrowidTest or \
+	ReturningTest or RowFetchTest or SimpleUpdateDeleteTest or InsertBehaviorTest or DateTimeTest or \
+	StringTest or IntegerTest or JSONTest or HasTableTest"
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	@bash scripts/install-system-deps.sh
@@ -21,6 +28,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	cd sqla_suite && ../$(BIN)/python -m pytest -q test_suite.py $(SQLA_QUICK)
+
+sqla-suite: setup
+	cd sqla_suite && ../$(BIN)/python -m pytest -q test_suite.py $(SQLA_DB)
 
 bench: setup
 	$(BIN)/python bench/bench_contops.py && $(BIN)/python bench/bench_backup.py && \

@@ -40,7 +40,7 @@ def run_one(con: Connection, sql: str) -> dict[str, Any]:
     else:
         cur = con.execute(sql)
     cols = [d[0] for d in cur.description or []]
-    return {"columns": cols, "rows": [list(r) for r in cur.fetchall()], "rowcount": cur.rowcount}
+    return {"columns": cols, "rows": [list(r) for r in cur.fetchall()] if cols else [], "rowcount": cur.rowcount}
 
 
 def show(console: Console, res: dict[str, Any]) -> None:

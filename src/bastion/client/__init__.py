@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from typing import Any
 
 from .connection import Connection, Cursor, connect, parse_dsn
 from .errors import (AccessDenied, DatabaseError, DataError, Error, IntegrityError, InterfaceError, InternalError,
@@ -39,21 +40,61 @@ def TimestampFromTicks(ticks: float) -> datetime.datetime:
     return Timestamp(*time.localtime(ticks)[:6])
 
 
-class _Type(frozenset):
+def affinity(decltype: str | None) -> str | None:
+    """SQLite's type affinity of a declared column type (https://www.sqlite.org/datatype3.html
+    section 3.1, its rules in their order); None for a result column that is not a table
+    column (an expression has no declared type)."""
+    if decltype is None:
+        return None
+    t = decltype.upper()
+    if "INT" in t:
+        return "INTEGER"
+    if "CHAR" in t or "CLOB" in t or "TEXT" in t:
+        return "TEXT"
+    if "BLOB" in t or not t.strip():
+        return "BLOB"
+    if "REAL" in t or "FLOA" in t or "DOUB" in t:
+        return "REAL"
+    return "NUMERIC"
+
+
+class _Type:
+    """A PEP 249 type object. ``cursor.description`` type codes are the declared types
+    (``"varchar(20)"``, ``"BIGINT"``); a type object equals every declared type of its
+    affinities: ``"varchar(20)" == STRING``, ``"BIGINT" == NUMBER``, ``"BLOB" == BINARY``."""
+
+    def __init__(self, name: str, affinities: frozenset[str], match: Any = None) -> None:
+        self.name, self.affinities, self._match = name, affinities, match
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, str) and other.upper() in self or frozenset.__eq__(self, other)
+        if isinstance(other, _Type):
+            return other is self
+        if not isinstance(other, str):
+            return NotImplemented
+        return affinity(other) in self.affinities or bool(self._match and self._match(other.upper()))
 
-    __hash__ = frozenset.__hash__
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"bastion.client.{self.name}"
 
 
-STRING = _Type({"TEXT", "VARCHAR", "CHAR", "CLOB"})
-BINARY = _Type({"BLOB"})
-NUMBER = _Type({"INTEGER", "INT", "REAL", "FLOAT", "DOUBLE", "NUMERIC", "DECIMAL", "BOOLEAN"})
-DATETIME = _Type({"DATE", "DATETIME", "TIMESTAMP", "TIME"})
-ROWID = _Type({"INTEGER"})
+STRING = _Type("STRING", frozenset({"TEXT"}))
+BINARY = _Type("BINARY", frozenset({"BLOB"}))
+NUMBER = _Type("NUMBER", frozenset({"INTEGER", "REAL", "NUMERIC"}))
+# SQLite has no date type: dates are text or numbers; a declared type that names one
+# (DATE, DATETIME, TIMESTAMP, TIME) is DATETIME as well as its affinity's object
+DATETIME = _Type("DATETIME", frozenset(), lambda t: "DATE" in t or "TIME" in t)
+# an INTEGER PRIMARY KEY is the rowid; only the exact declared type INTEGER can be one
+ROWID = _Type("ROWID", frozenset(), lambda t: t.strip() == "INTEGER")
 
 __all__ = ["connect", "Connection", "Cursor", "parse_dsn", "apilevel", "threadsafety", "paramstyle",
            "Warning", "Error", "InterfaceError", "DatabaseError", "DataError", "OperationalError", "IntegrityError",
            "InternalError", "ProgrammingError", "NotSupportedError", "AccessDenied", "TransactionLost",
            "OutcomeUnknown", "NotReplicated", "Binary", "Date", "Time", "Timestamp", "DateFromTicks", "TimeFromTicks",
-           "TimestampFromTicks", "STRING", "BINARY", "NUMBER", "DATETIME", "ROWID"]
+           "TimestampFromTicks", "STRING", "BINARY", "NUMBER", "DATETIME", "ROWID", "affinity"]

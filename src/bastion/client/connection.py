@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 
 from ..tls import trust
+from . import errors
 from .errors import (ConnectionClosed, InterfaceError, NoActiveNode, OperationalError, OutcomeUnknown, ProgrammingError,
                      TransactionLost)
 from .transport import Transport
@@ -30,7 +31,14 @@ _DML = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(INSERT|UPDATE|DELETE|REP
 
 
 def _encode(v: Any, i: int) -> Any:
-    if v is None or isinstance(v, str):
+    if v is None:
+        return v
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProgrammingError(f"parameter {i}: the string holds surrogates, which are not text "
+                                   "SQLite can store", hint="send its bytes as a BLOB (bytes) instead") from None
         return v
     if isinstance(v, bool):
         return int(v)
@@ -66,6 +74,8 @@ def _decode(v: Any) -> Any:
             return base64.b64decode(v["$blob"])
         if "$float" in v:
             return float(v["$float"])
+        if "$text" in v:    # TEXT that is not UTF-8: a str that keeps its bytes (docs/sql.md)
+            return base64.b64decode(v["$text"]).decode("utf-8", "surrogateescape")
     return v
 
 
@@ -80,6 +90,7 @@ class Cursor:
         self._rows: list[tuple] = []
         self._pos = 0
         self._closed = False
+        self._executed: str | None = None     # the last statement run (None: none yet)
 
     def _check(self) -> None:
         if self._closed:
@@ -100,6 +111,7 @@ class Cursor:
         self._check()
         if not isinstance(sql, str):
             raise ProgrammingError("sql must be a string")
+        self.description, self._executed = None, sql
         result = self.connection._run({"sql": sql, "params": _encode_params(parameters)}, sql)
         self._load(result)
         return self
@@ -107,6 +119,7 @@ class Cursor:
     def executemany(self, sql: str, seq_of_parameters: Any) -> "Cursor":
         self._check()
         many = [_encode_params(p) for p in seq_of_parameters]
+        self.description, self._executed = None, sql
         if not many:
             self.rowcount = 0
             return self
@@ -115,8 +128,18 @@ class Cursor:
         self.description = None
         return self
 
-    def fetchone(self) -> tuple | None:
+    def _fetchable(self) -> None:
+        # PEP 249: an error if no execute() was issued or it produced no result set. (sqlite3
+        # returns None/[] instead, which hides a fetch from the wrong statement.)
         self._check()
+        if self.description is None:
+            raise ProgrammingError("no result set to fetch from: " + (
+                "nothing was executed on this cursor yet" if self._executed is None else
+                f"the last statement produced none ({self._executed[:60]!r})"),
+                hint="fetch after a statement that returns rows (SELECT, PRAGMA, ... RETURNING)")
+
+    def fetchone(self) -> tuple | None:
+        self._fetchable()
         if self._pos >= len(self._rows):
             return None
         row = self._rows[self._pos]
@@ -124,14 +147,14 @@ class Cursor:
         return row
 
     def fetchmany(self, size: int | None = None) -> list[tuple]:
-        self._check()
+        self._fetchable()
         n = self.arraysize if size is None else size
         rows = self._rows[self._pos:self._pos + n]
         self._pos += len(rows)
         return rows
 
     def fetchall(self) -> list[tuple]:
-        self._check()
+        self._fetchable()
         rows = self._rows[self._pos:]
         self._pos = len(self._rows)
         return rows
@@ -158,6 +181,19 @@ class Cursor:
 
 
 class Connection:
+    # PEP 249's optional extension: the exception classes on the connection, so code that
+    # holds only a connection (of any driver) can catch ``con.IntegrityError``
+    Warning = errors.Warning
+    Error = errors.Error
+    InterfaceError = errors.InterfaceError
+    DatabaseError = errors.DatabaseError
+    DataError = errors.DataError
+    OperationalError = errors.OperationalError
+    IntegrityError = errors.IntegrityError
+    InternalError = errors.InternalError
+    ProgrammingError = errors.ProgrammingError
+    NotSupportedError = errors.NotSupportedError
+
     def __init__(self, transport: Transport, database: str, autocommit: bool = False) -> None:
         self.transport = transport
         self.database = database

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import errors as server
+from . import codes
 
 
 class Warning(Exception):  # noqa: A001 - the name PEP 249 requires
@@ -77,8 +78,6 @@ class ConnectionClosed(ProgrammingError):
 
 
 _SQLITE_BUSY_SNAPSHOT = 517     # SQLITE_BUSY | (2 << 8)
-_SQLITE = {"ConstraintError": IntegrityError, "MismatchError": DataError, "TooBigError": DataError,
-           "RangeError": DataError, "ReadOnlyError": OperationalError, "BusyError": OperationalError}
 
 
 def from_server(status: int, body: Any) -> Error:
@@ -90,7 +89,7 @@ def from_server(status: int, body: Any) -> Error:
     sc: type = server.registry().get(str(kind), type(None))
     cls: type[Error]
     if issubclass(sc, server.SQLFailure):
-        cls = _SQLITE.get(details.get("sqlite_error"), OperationalError)
+        cls = globals().get(codes.class_name(details) or "", OperationalError)     # sqlite3's table
     elif issubclass(sc, (server.AuthError, server.PermissionDenied)):
         cls = AccessDenied
     elif issubclass(sc, server.NotReplicated):

@@ -86,7 +86,8 @@ _WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_
 _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
                                "sqlar_compress", "sqlar_uncompress"})
 _FIRST_WORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*(\w*)", re.S)
-_ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
+# (a comment never runs past its */: "/* x */ DELETE ..." is a statement, not a tail)
+_ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*(?:[^*]|\*(?!/))*(?:\*/|$))*", re.S)
 
 
 def pragma_refusal(name: str, arg: str | None, readonly: bool) -> str | None:
@@ -144,6 +145,7 @@ class Tx:
         self.denied: str | None = None
         self.misuse: str | None = None  # why the exec tracer stopped a statement
         self.text: str | None = None     # the client's statement now running
+        self.prepared: str | None = None  # its text as SQLite prepared it (no tail)
         self.wrote = False
         self.dirty = False             # a statement of this transaction changed something
         self.description: list[tuple[str, str | None]] | None = None
@@ -164,8 +166,11 @@ class Tx:
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         if self.internal:
             return True         # our SAVEPOINT/RELEASE must not replace the client's description
+        if _ONE_STATEMENT_TAIL.fullmatch(sql):
+            return True         # a comment after the statement: SQLite runs nothing, it keeps its result
         try:
             self.description = list(cursor.get_description())
+            self.prepared = sql
         except apsw.ExecutionCompleteError:
             self.description = None
         if not self.internal and self.text is not None and not _ONE_STATEMENT_TAIL.fullmatch(sql):
@@ -273,21 +278,55 @@ class Tx:
 
     def _rows(self, cur: apsw.Cursor, st: Statement, i: int,
               details: dict[str, Any]) -> tuple[list[Any], int, int | None]:
-        settings = self.db.settings
         rows, size = [], 0
-        for r in cur.execute(st.sql, st.params):
-            row = values.encode_row(r)
-            size += sum(len(v) if isinstance(v, str) else 8 for v in row) + 4
-            rows.append(row)
-            if len(rows) > settings.max_result_rows or size > settings.max_result_bytes:
-                raise ResultTooLarge(
-                    f"statement {i + 1}: the result is larger than the server sends in one answer "
-                    f"({settings.max_result_rows} rows, {settings.max_result_bytes} bytes: [sql] "
-                    "max_result_rows, max_result_bytes)",
-                    hint="add LIMIT and fetch in pages (WHERE id > last_seen)", details=details)
+        try:
+            for r in cur.execute(st.sql, st.params):
+                row = values.encode_row(r)
+                size += sum(len(v) if isinstance(v, str) else 8 for v in row) + 4
+                rows.append(row)
+                self._bound(rows, size, i, details)
+        except UnicodeDecodeError:
+            rows = self._raw_text_rows(cur, st, i, details)
         changes = self.conn.changes()
         rowid = self.conn.last_insert_rowid() if changes else None
         return rows, changes, rowid
+
+    def _bound(self, rows: list[Any], size: int, i: int, details: dict[str, Any]) -> None:
+        settings = self.db.settings
+        if len(rows) > settings.max_result_rows or size > settings.max_result_bytes:
+            raise ResultTooLarge(
+                f"statement {i + 1}: the result is larger than the server sends in one answer "
+                f"({settings.max_result_rows} rows, {settings.max_result_bytes} bytes: [sql] "
+                "max_result_rows, max_result_bytes)",
+                hint="add LIMIT and fetch in pages (WHERE id > last_seen)", details=details)
+
+    def _raw_text_rows(self, cur: apsw.Cursor, st: Statement, i: int, details: dict[str, Any]) -> list[Any]:
+        """The result holds TEXT that is not valid UTF-8 (written by a C program, or CAST
+        from a blob), which apsw cannot turn into str. A read-only query is run again (same
+        transaction, same snapshot) with each column read as bytes plus whether it was
+        text; such text is sent as {"$text": base64} (values.py). A statement that wrote
+        is not run twice."""
+        desc, sql = self.description or [], (self.prepared or "").rstrip().rstrip(";")
+        cur.close(True)         # force: a tail after the statement (a comment) is no error
+        if self.wrote or not desc or not sql or _FIRST_WORD.match(sql).group(1).upper() not in (
+                "SELECT", "WITH", "VALUES"):
+            raise SQLFailure(f"statement {i + 1}: a result value is TEXT that is not valid UTF-8", details=details,
+                             hint="select it as CAST(column AS BLOB) to read its bytes")
+        names = [f"c{n}" for n in range(len(desc))]
+        cols = ", ".join(f"CASE WHEN typeof({c}) = 'text' THEN CAST({c} AS BLOB) ELSE {c} END, "
+                         f"typeof({c}) = 'text'" for c in names)
+        wrapped = f"WITH _bastion_raw({', '.join(names)}) AS (\n{sql}\n) SELECT {cols} FROM _bastion_raw"
+        self.text, keep = wrapped, self.description
+        rows, size = [], 0
+        try:
+            for r in self.conn.cursor().execute(wrapped, st.params, can_cache=False):
+                row = [values.encode_text(r[k]) if r[k + 1] else values.encode(r[k]) for k in range(0, len(r), 2)]
+                size += sum(len(v) if isinstance(v, str) else 8 for v in row) + 4
+                rows.append(row)
+                self._bound(rows, size, i, details)
+        finally:
+            self.description = keep
+        return rows
 
     def _guarded(self, cur: apsw.Cursor, fn: Callable[[], Any]) -> Any:
         """Run fn inside a savepoint: all of its changes stay, or none does."""
@@ -431,6 +470,7 @@ class Database:
         self._pool_lock = threading.Lock()
         self.suspended: str | None = None
         self.guard: Callable[[], None] | None = None    # cluster: may this node acknowledge writes now?
+        self.expire_idle: Callable[[], Any] | None = None  # the service's sweep, for waiting writers
         taken = {"main", "temp"}
         self.schemas = ["main"] + [_schema_name(p, taken) for p in self.paths[1:]]
 
@@ -463,9 +503,16 @@ class Database:
         self.replicated_wait(positions)
 
     def take_writer(self) -> None:
-        if not self._writer.acquire(timeout=self.settings.busy_timeout):
-            raise BusyError(f"database {self.name}: another transaction held the write lock for more than "
-                            f"{self.settings.busy_timeout:g} s", hint="retry; long transactions block writers")
+        # While waiting, expire idle transactions now rather than at the sweeper's next
+        # round (once a second): an abandoned writer is rolled back at its idle timeout
+        # (half the busy timeout) even when the busy timeout is shorter than that round.
+        deadline = time.monotonic() + self.settings.busy_timeout
+        while not self._writer.acquire(timeout=max(0.0, min(0.05, deadline - time.monotonic()))):
+            if self.expire_idle is not None:
+                self.expire_idle()
+            if time.monotonic() >= deadline:
+                raise BusyError(f"database {self.name}: another transaction held the write lock for more than "
+                                f"{self.settings.busy_timeout:g} s", hint="retry; long transactions block writers")
 
     def give_writer(self) -> None:
         self._writer.release()
@@ -544,6 +591,7 @@ class SQLService:
         self.databases = databases
         for d in databases.values():
             d.guard = guard
+            d.expire_idle = self.sweep
         self.settings = settings
         self._sessions: dict[str, Session] = {}
         self._gone: dict[str, tuple[float, str]] = {}       # id -> (when, why): for clear errors

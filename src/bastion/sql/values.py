@@ -6,6 +6,9 @@ round-trips every finite double, and keeps 1.0 a float). The rest are tagged obj
 
     {"$blob": "<base64>"}              a BLOB
     {"$float": "inf" | "-inf"}         infinities (SQLite has no NaN: it stores NULL)
+    {"$text": "<base64>"}              in results only: TEXT whose bytes are not valid UTF-8
+                                       (JSON strings cannot hold them); the driver
+                                       decodes it with errors="surrogateescape"
 
 A plain JSON object that is not one of these tags is refused as a parameter, so a
 client can never be misread.
@@ -30,6 +33,14 @@ def encode(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$blob": base64.b64encode(bytes(value)).decode("ascii")}
     raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def encode_text(raw: bytes) -> Any:
+    """A TEXT value read as its bytes: a string if they are UTF-8, else tagged."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"$text": base64.b64encode(raw).decode("ascii")}
 
 
 def decode(value: Any, where: str = "parameter") -> Any:
