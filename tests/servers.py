@@ -22,16 +22,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from support import free_port
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_port() -> int:

@@ -4,7 +4,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from conftest import check_bank, dump
+from support import check_bank, dump
 
 
 def _backup(daemon, *extra):
@@ -208,7 +208,7 @@ def _wait(pred, timeout=30):
 
 
 def test_scheduled_backups_run_retain_and_failures_show(tmp_path, bank):
-    from conftest import DaemonProc, free_port, write_config
+    from support import DaemonProc, free_port, write_config
     port = free_port()
     extra = '[backups]\nschedule = "every 1s"\nkeep_last = 2\n'
     cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra)

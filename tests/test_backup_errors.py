@@ -22,7 +22,7 @@ import pytest
 
 from bastion.backup.repository import Repository
 from bastion.backup.store import TMP_MARK, open_store
-from conftest import DaemonProc, check_bank, dump, free_port, write_config
+from support import DaemonProc, check_bank, dump, free_port, write_config
 from servers import sshd_server  # noqa: F401 - fixture
 
 PY = sys.executable

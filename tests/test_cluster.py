@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 import bastion.client as bc
-from conftest import PY, check_bank, free_port
+from support import PY, check_bank, free_port
 
 
 # -- a cluster of nodes --------------------------------------------------------------------

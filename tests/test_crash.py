@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import PY, App, DaemonProc, check_bank, dump, sha256
+from support import PY, App, DaemonProc, check_bank, dump, sha256
 
 FILES = ("bank.db", "audit.db")
 

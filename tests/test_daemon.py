@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from conftest import PY, DaemonProc, free_port, write_config
+from support import PY, DaemonProc, free_port, write_config
 
 
 def test_token_is_private_and_required(daemon):

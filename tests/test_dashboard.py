@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import PY, DaemonProc, free_port, write_config
+from support import PY, DaemonProc, free_port, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import dashboard_shots as shots  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, free_port, write_config
+from support import PY, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "systemd" / "bastion.service"

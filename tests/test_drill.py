@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from conftest import DaemonProc, free_port, write_config
+from support import DaemonProc, free_port, write_config
 from test_metrics import scrape, value
 from test_notify import Receiver, wait_for
 

@@ -92,7 +92,7 @@ def test_metrics_after_backup_startbu_and_sql(daemon, bank):
 
 
 def test_group_commit_batches_are_counted(tmp_path, bank):
-    from conftest import DaemonProc, free_port, write_config
+    from support import DaemonProc, free_port, write_config
     port = free_port()
     cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]})
     d = DaemonProc(cfg, port, tmp_path / "var").start()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import DaemonProc, free_port, write_config
+from support import DaemonProc, free_port, write_config
 
 SECRET = "s3cret-for-hmac"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import PY, free_port
+from support import PY, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "ocf" / "bastion"

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PY, free_port
+from support import PY, free_port
 from test_cluster import wait_for
 
 import bastion.client as bc

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bastion.workload import BALANCE
-from conftest import App, DaemonProc, check_bank, dump, free_port, write_config
+from support import App, DaemonProc, check_bank, dump, free_port, write_config
 
 pytestmark = pytest.mark.timeout(180)
 

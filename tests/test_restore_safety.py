@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, App, check_bank, dump
+from support import PY, App, check_bank, dump
 
 
 def _backup(daemon) -> dict:

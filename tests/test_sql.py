@@ -17,7 +17,7 @@ import pytest
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
-from conftest import PY, DaemonProc, check_bank, free_port, write_config
+from support import PY, DaemonProc, check_bank, free_port, write_config
 
 ALICE_PW, BOB_PW = "alice-secret-1", "bob-secret-22"
 

@@ -22,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 import bastion.client as bc
 from bastion.client.sqlalchemy import BastionDialect
 from bastion.sql.users import hash_password
-from conftest import PY, DaemonProc, check_bank, free_port, write_config
+from support import PY, DaemonProc, check_bank, free_port, write_config
 
 PW = "carol-secret-3"
 IDLE = 3.0      # the daemon's [sql] idle_timeout, seconds

@@ -25,7 +25,7 @@ import pytest
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
-from conftest import PY, dump, free_port
+from support import PY, dump, free_port
 from test_cluster import Etcd, Node, Writers, active_of, wait_for
 
 pytestmark = pytest.mark.timeout(240)

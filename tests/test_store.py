@@ -27,7 +27,7 @@ import pytest
 from bastion.backup.repository import NoRepository, Repository
 from bastion.backup.store import ObjectMissing, StoreRefused, StoreUnreachable, open_store
 from bastion.errors import UsageError
-from conftest import check_bank, dump
+from support import check_bank, dump
 from servers import AWS_CLEARED, MotoS3, Sshd, closed_port, s3_server, sshd_server  # noqa: F401 - fixtures
 
 PY = sys.executable

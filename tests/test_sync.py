@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, DaemonProc, free_port, write_config
+from support import PY, DaemonProc, free_port, write_config
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PY, free_port
+from support import PY, free_port
 from test_cluster import wait_for
 from test_partition import Net, net  # noqa: F401  (net: the fixture that makes and removes the namespaces)
 from test_sync_partition import NsSite, integrity, ro

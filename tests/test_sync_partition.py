@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import PY, Result, free_port, write_config
+from support import PY, Result, free_port, write_config
 from test_cluster import wait_for
 from test_partition import Net, Space, net  # noqa: F401  (net: the fixture that makes and removes the namespaces)
 from test_sync import seed_file, user_rows

@@ -21,7 +21,7 @@ import trustme
 
 import bastion.client
 from bastion.sql.users import hash_password
-from conftest import DaemonProc, free_port, write_config
+from support import DaemonProc, free_port, write_config
 
 pytestmark = pytest.mark.timeout(180)
 PW = "correct horse battery"

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pytest
 import zstandard
 
-from conftest import PY, DaemonProc, Result, free_port, write_config
+from support import PY, DaemonProc, Result, free_port, write_config
 
 FIGURES: dict[str, list[int]] = {"quick": [0, 0], "full": [0, 0]}   # mode -> [detected, injected]
 DONE: list[str] = []

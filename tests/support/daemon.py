@@ -1,0 +1,116 @@
+"""One launcher for every daemon a test or a bench starts (`bastion serve`), and its config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from support.proc import PY
+
+
+def write_config(dir: Path, port: int, files: dict[str, list[str]] | None = None, extra: str = "",
+                 name: str = "bastion.toml", data_dir: Path | None = None, host: str = "127.0.0.1") -> Path:
+    """dir/name: [daemon] on host:port with its data in data_dir (dir/var), one [databases.X] per entry of
+    files, then the sections in extra (TOML text)."""
+    lines = ["[daemon]", f'listen = "{host}:{port}"', f'data_dir = "{data_dir or dir / "var"}"', ""]
+    for db, paths in (files or {}).items():
+        lines += [f"[databases.{db}]", "files = [" + ", ".join(json.dumps(str(p)) for p in paths) + "]", ""]
+    path = dir / name
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class DaemonProc:
+    """`bastion serve` in its own process group; subclasses change command() (another log level, a network
+    namespace) or log_file(), never the start loop."""
+    config: Path
+    port: int
+    data_dir: Path
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    host: str = "127.0.0.1"
+    env: dict[str, str] | None = None
+
+    def command(self) -> list[str]:
+        """How the daemon is started; subclasses change this, not start()."""
+        return [PY, "-m", "bastion", "serve", "--log-level", "debug", "--config", str(self.config)]
+
+    def log_file(self) -> Path:
+        """Where this start's output goes (appended): a new file per start unless a subclass keeps one."""
+        return self.data_dir.parent / f"daemon-{time.time_ns()}.log"
+
+    def spawn(self) -> "DaemonProc":
+        """Start the process and return at once (a cluster node may not answer until it has a role)."""
+        self.log = self.log_file()
+        with open(self.log, "a") as logf:          # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=self.env)
+        return self
+
+    def start(self, timeout: float = 20.0) -> "DaemonProc":
+        """spawn(), then poll until GET /v1/status answers 200 (the daemon serves and its token is written)."""
+        self.spawn()
+        assert self.proc is not None and self.log is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                if self.api("GET", "/v1/status").status_code == 200:
+                    return self
+            except (httpx.HTTPError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start: {self.log.read_text()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "token").read_text().strip()
+
+    def api(self, method: str, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
+        return httpx.request(method, f"{self.url}{path}", json=body, timeout=60,
+                             headers={"Authorization": f"Bearer {token if token is not None else self.token}"})
+
+    def cli(self, *args: str, timeout: float = 120) -> Result:
+        p = subprocess.run([PY, "-m", "bastion", "--config", str(self.config), *args],
+                           capture_output=True, text=True, timeout=timeout, env=self.env)
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM and wait; SIGKILL to the group after ``timeout`` seconds."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
