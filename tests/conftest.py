@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from support import App, DaemonProc, free_port, init_bank, write_config
+from support.netns import Net, netns_unavailable
 
 
 @pytest.fixture
@@ -30,3 +31,16 @@ def daemon(tmp_path: Path, bank: App):
     d.stop()
     if bank.proc and bank.proc.poll() is None:
         bank.proc.kill()
+
+
+@pytest.fixture
+def net():
+    """A bridge and namespaces to put daemons in (support.netns), all removed afterwards."""
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    n = Net()
+    try:
+        yield n
+    finally:
+        n.close()

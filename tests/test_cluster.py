@@ -9,7 +9,6 @@ over, and every acknowledged commit must be there, the database intact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -20,56 +19,36 @@ from pathlib import Path
 import httpx
 
 import bastion.client as bc
-from support import PY, check_bank, free_port
+from support import PY, DaemonProc, check_bank, free_port, wait_for, write_config
 
 
 # -- a cluster of nodes --------------------------------------------------------------------
 
-class Node:
-    def __init__(self, base: Path, name: str, port: int, files: list[Path], cluster: str) -> None:
-        self.name, self.port = name, port
-        self.config = base / f"{name}.toml"
-        self.config.write_text(
-            f'[daemon]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{base / "var"}"\n\n'
-            f'[databases.bank]\nfiles = [{", ".join(json.dumps(str(f)) for f in files)}]\n\n'
-            f'[sql]\nbusy_timeout = "10s"\n\n{cluster}\nnode = "{name}"\n')
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
+class Node(DaemonProc):
+    """A cluster node on loopback: `bastion serve` at the default log level, one log for all its starts;
+    start() does not wait (a node answers once it has a role). The nodes share base/var."""
 
-    def start(self) -> "Node":
-        with open(self.log, "a") as logf:
-            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(self.config)],
-                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
+    def __init__(self, base: Path, name: str, port: int, files: list[Path], cluster: str) -> None:
+        config = write_config(base, port, {"bank": files}, name=f"{name}.toml",
+                              sections={"sql": {"busy_timeout": "10s"}}, extra=f'{cluster}\nnode = "{name}"\n')
+        super().__init__(config, port, base / "var", log=base / f"{name}.log", log_level=None)
+        self.name = name
+
+    def log_file(self) -> Path:
+        assert self.log is not None
+        return self.log
+
+    def start(self, timeout: float = 0) -> "Node":
+        return self.spawn()
 
     def health(self) -> dict:
         try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/v1/health", timeout=2).json()
+            return httpx.get(f"{self.url}/v1/health", timeout=2).json()
         except (httpx.HTTPError, ValueError):
             return {"role": "down", "writable": False}
 
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, 9)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(5)
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout:g} s")
+    def stop(self, timeout: float = 20) -> None:
+        super().stop(timeout)
 
 
 def active_of(nodes: list[Node]) -> list[Node]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from support import DaemonProc, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "contrib" / "prometheus" / "bastion-alerts.yml"
@@ -92,7 +93,6 @@ def test_metrics_after_backup_startbu_and_sql(daemon, bank):
 
 
 def test_group_commit_batches_are_counted(tmp_path, bank):
-    from support import DaemonProc, free_port, write_config
     port = free_port()
     cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]})
     d = DaemonProc(cfg, port, tmp_path / "var").start()

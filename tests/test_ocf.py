@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from support import PY, free_port
+from support import PY, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "ocf" / "bastion"
@@ -119,16 +119,6 @@ def both(a: Agent, b: Agent, action: str) -> None:
         list(ex.map(lambda agent: agent.ok(action), (a, b)))
 
 
-def wait_for(pred, timeout: float = 40.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:g} s")
-
-
 def alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -157,7 +147,7 @@ def test_ocf_tester_passes(tmp_path):
     tested = Agent(tmp_path, "n1", configs["n1"])
     try:
         peer.ok("start")
-        wait_for(lambda: peer.health().get("writable"), what="the peer node active")
+        wait_for(lambda: peer.health().get("writable"), 40, "the peer node active")
         t0 = time.monotonic()
         p = subprocess.run([OCF_TESTER, "-n", "bastion", "-o", f"config={configs['n1']}", "-o", f"bastion={BASTION}",
                             "-o", f"pidfile={tested.pidfile}", "-o", f"log={tested.log}", str(AGENT)],
@@ -185,7 +175,7 @@ def test_agent_runs_a_two_node_cluster_promote_demote_stop(tmp_path):
         both(a, b, "start")              # as Pacemaker starts clone instances: at once
         # Bastion's lease elects one of them on its own: promoted (8) there, running (0) on the other
         codes = wait_for(lambda: (c := (a.rc("monitor"), b.rc("monitor"))) in ((8, 0), (0, 8)) and c,
-                         what="one node promoted, the other running")
+                         40, "one node promoted, the other running")
         active, passive = (a, b) if codes == (8, 0) else (b, a)
         assert active.health()["writable"] is True and passive.health()["role"] == "passive"
         # a probe says the truth too; a recurring monitor of the Unpromoted role on the node the lease

@@ -23,9 +23,7 @@ Needs root (creating namespaces); skipped with the reason otherwise.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import sqlite3
 import subprocess
 import time
@@ -34,10 +32,9 @@ from typing import Any
 
 import httpx
 import pytest
-from support import PY, Result, free_port, write_config
-from test_cluster import wait_for
-from test_partition import Net, Space, net  # noqa: F401  (net: the fixture that makes and removes the namespaces)
-from test_sync import seed_file, user_rows
+from support import PY, Result, free_port, user_rows, wait_for, write_config
+from support.netns import Net, NsDaemonProc, Space
+from test_sync import seed_file
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,36 +48,40 @@ AB_WHILE_CUT = 30.0
 
 # -- sites in namespaces ------------------------------------------------------------------------
 
-class NsSite:
-    """One site: its namespace, config, file, and its daemon started inside the namespace."""
+class NsSite(NsDaemonProc):
+    """One site: its namespace, config, file, and its daemon started inside the namespace (start() does not
+    wait: up() says when it answers); a new log per start, all kept in logs."""
 
     def __init__(self, base: Path, name: str, sp: Space, port: int, sites: dict[str, str], token: Path) -> None:
-        self.name, self.sp, self.port = name, sp, port
+        self.name, self.sp, self.space = name, sp, sp
         self.dir = base / name
         self.dir.mkdir()
         self.db = self.dir / "shop.db"
-        cfg = write_config(self.dir, port, {"shop": [str(self.db)]}, extra=(
-            f'[replication]\npeer_token_file = "{token}"\n\n[sync]\nsite = "{name}"\n\n'
-            f'[sync_groups.g]\nsites = {{ {", ".join(f"{n} = {u!r}" for n, u in sites.items())} }}\n'
-            'topology = "mesh"\nschedule = "continuous"\n'
-            # the ids here name the same row at every site: insert/insert is a conflict the policy decides
-            'keys = { items = "shared", notes = "shared" }\n'))
-        text = cfg.read_text().replace(f'listen = "127.0.0.1:{port}"', f'listen = "{sp.addr}:{port}"')
-        cfg.write_text(text.replace("[databases.shop]\n", '[databases.shop]\nsync_group = "g"\n'))
-        self.config = cfg
-        self.proc: subprocess.Popen | None = None
+        cfg = write_config(self.dir, port, {"shop": {"files": self.files(), "sync_group": "g"}}, addr=sp.addr,
+                           sections={"replication": {"peer_token_file": token}, "sync": {"site": name},
+                                     "sync_groups.g": {"sites": sites, "topology": "mesh", "schedule": "continuous",
+                                                       **self.group()}},
+                           extra=self.group_extra())
+        super().__init__(cfg, port, self.dir / "var", addr=sp.addr)
         self.logs: list[Path] = []
 
-    def ns(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.sp.ns, *cmd]
+    def files(self) -> list[Path]:
+        return [self.db]
 
-    def start(self) -> None:
-        log = self.dir / f"daemon-{len(self.logs)}.log"
-        self.logs.append(log)
-        with open(log, "w") as lf:         # the child keeps its own descriptor
-            self.proc = subprocess.Popen(self.ns(PY, "-m", "bastion", "serve", "--log-level", "debug",
-                                                 "--config", str(self.config)),
-                                         stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+    def group(self) -> dict[str, Any]:
+        """Keys of the sync group's table besides sites, topology, schedule."""
+        # the ids here name the same row at every site: insert/insert is a conflict the policy decides
+        return {"keys": {"items": "shared", "notes": "shared"}}
+
+    def group_extra(self) -> str:
+        return ""
+
+    def log_file(self) -> Path:
+        self.logs.append(self.dir / f"daemon-{len(self.logs)}.log")
+        return self.logs[-1]
+
+    def start(self, timeout: float = 0) -> "NsSite":
+        return self.spawn()
 
     def up(self) -> bool:
         """Answering, as seen from the root namespace."""
@@ -93,10 +94,10 @@ class NsSite:
         except httpx.HTTPError:
             return False
 
-    def cli(self, *args: str) -> Result:
+    def cli(self, *args: str, timeout: float = 120) -> Result:
         """The CLI inside the site's namespace (it reaches its daemon while the site is cut off)."""
         p = subprocess.run(self.ns(PY, "-m", "bastion", "--config", str(self.config), *args),
-                           check=False, capture_output=True, text=True, timeout=120)
+                           check=False, capture_output=True, text=True, timeout=timeout)
         return Result(p.returncode, p.stdout, p.stderr)
 
     def status(self) -> tuple[int, dict[str, Any]]:
@@ -117,19 +118,8 @@ class NsSite:
                            text=True, timeout=120)
         assert p.returncode == 0, f"application of site {self.name}: {p.stderr}"
 
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)       # `ip netns exec` execs the daemon: same pid
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+    def stop(self, timeout: float = 30) -> None:
+        super().stop(timeout)
 
 
 def make_sites(base: Path, network: Net) -> dict[str, NsSite]:
@@ -466,9 +456,9 @@ def run_partition(tmp_path: Path, network: Net, bulk: int, crash: bool) -> None:
             n.stop()
 
 
-def test_partition_of_one_site_then_heal_converges_with_every_conflict_logged(tmp_path, net):  # noqa: F811 (the fixture)
+def test_partition_of_one_site_then_heal_converges_with_every_conflict_logged(tmp_path, net):
     run_partition(tmp_path, net, bulk=400, crash=False)
 
 
-def test_kill9_of_the_cut_site_during_the_exchange_after_the_heal(tmp_path, net):  # noqa: F811 (the fixture)
+def test_kill9_of_the_cut_site_during_the_exchange_after_the_heal(tmp_path, net):
     run_partition(tmp_path, net, bulk=6000, crash=True)

@@ -16,16 +16,49 @@ import httpx
 from support.proc import PY
 
 
-def write_config(dir: Path, port: int, files: dict[str, list[str]] | None = None, extra: str = "",
-                 name: str = "bastion.toml", data_dir: Path | None = None, host: str = "127.0.0.1") -> Path:
-    """dir/name: [daemon] on host:port with its data in data_dir (dir/var), one [databases.X] per entry of
-    files, then the sections in extra (TOML text)."""
-    lines = ["[daemon]", f'listen = "{host}:{port}"', f'data_dir = "{data_dir or dir / "var"}"', ""]
-    for db, paths in (files or {}).items():
-        lines += [f"[databases.{db}]", "files = [" + ", ".join(json.dumps(str(p)) for p in paths) + "]", ""]
+def toml_value(v: Any) -> str:
+    """A Python value as TOML: str/Path, bool, int/float, list, dict (an inline table)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        return json.dumps(str(v))          # a TOML basic string, escapes and all
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }" if v else "{}"
+    raise TypeError(f"no TOML for {type(v).__name__}")
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+def toml_table(header: str, keys: dict[str, Any]) -> str:
+    return f"[{header}]\n" + "".join(f"{_key(k)} = {toml_value(v)}\n" for k, v in keys.items())
+
+
+def write_config(dir: Path, port: int, files: dict[str, Any] | None = None, extra: str = "", *,
+                 name: str = "bastion.toml", data_dir: Path | None = None, addr: str = "127.0.0.1",
+                 daemon: dict[str, Any] | None = None, sections: dict[str, dict[str, Any]] | None = None) -> Path:
+    """dir/name, the one way tests and benches write a config: [daemon] on addr:port with its data in
+    data_dir (dir/var) and the keys in daemon; a [databases.X] per entry of files (a list of paths, or
+    the table's keys, files among them); a table per entry of sections ("sql", "users.alice"...);
+    then extra, TOML text as it is."""
+    tables = {"daemon": {"listen": f"{addr}:{port}", "data_dir": data_dir or dir / "var", **(daemon or {})}}
+    for db, spec in (files or {}).items():
+        tables[f"databases.{db}"] = spec if isinstance(spec, dict) else {"files": [str(p) for p in spec]}
+    tables.update(sections or {})
     path = dir / name
-    path.write_text("\n".join(lines) + "\n" + extra)
+    path.write_text("\n".join(toml_table(h, keys) for h, keys in tables.items()) + "\n" + extra)
     return path
+
+
+def serve_refused(config: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`bastion serve` expected to be refused: it must exit on its own (else subprocess.TimeoutExpired)."""
+    return subprocess.run([PY, "-m", "bastion", "serve", "--config", str(config)], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @dataclass
@@ -48,12 +81,14 @@ class DaemonProc:
     data_dir: Path
     proc: subprocess.Popen | None = None
     log: Path | None = None
-    host: str = "127.0.0.1"
+    addr: str = "127.0.0.1"
     env: dict[str, str] | None = None
+    log_level: str | None = "debug"         # None: the daemon's default
 
     def command(self) -> list[str]:
         """How the daemon is started; subclasses change this, not start()."""
-        return [PY, "-m", "bastion", "serve", "--log-level", "debug", "--config", str(self.config)]
+        level = ["--log-level", self.log_level] if self.log_level else []
+        return [PY, "-m", "bastion", "serve", *level, "--config", str(self.config)]
 
     def log_file(self) -> Path:
         """Where this start's output goes (appended): a new file per start unless a subclass keeps one."""
@@ -85,7 +120,7 @@ class DaemonProc:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.addr}:{self.port}"
 
     @property
     def token(self) -> str:
