@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from support import PY, DaemonProc, free_port, serve_refused, wait_for, write_config
+from support.cluster import Node, active_of, make_cluster, token_of
 
 
 # -- 6. a refused start removes what it created; a second daemon is refused by pid ------------
@@ -165,7 +166,6 @@ def _transfers(path: Path) -> int:
 # -- 2. cluster hooks: strings through the shell, lists as argv, output and failures logged ----
 
 def test_cluster_hooks_run_strings_through_the_shell_and_log_output_and_failures(tmp_path, bank):
-    from test_cluster import Node, active_of, token_of
     hooks = tmp_path / "hooks.log"
     ports = [free_port(), free_port()]
     peers = ", ".join(f'n{i + 1} = "127.0.0.1:{p}"' for i, p in enumerate(ports))
@@ -216,7 +216,6 @@ def test_cluster_hooks_run_strings_through_the_shell_and_log_output_and_failures
 # -- 3. `bastion sql` on a passive node follows the active one, or says which it is ------------
 
 def test_sql_on_a_passive_node_follows_the_active_or_names_it(tmp_path, bank):
-    from test_cluster import make_cluster, active_of
     n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
     try:
         for n in (n1, n2):
@@ -323,7 +322,6 @@ def test_demo_with_port_8750_taken(tmp_path):
 
 
 def test_admin_commands_on_a_passive_node_name_the_active_one(tmp_path, bank):
-    from test_cluster import make_cluster, active_of
     n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
     try:
         for n in (n1, n2):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -42,6 +41,8 @@ from pathlib import Path
 import httpx
 import pytest
 from support import PY, free_port, wait_for, write_config
+from support.cluster import ClientThreads
+from support.etcd import Etcd
 from support.netns import Net, NsDaemonProc, Space
 
 import bastion.client as bc
@@ -53,27 +54,6 @@ TTL = 2.0
 TESTS = str(Path(__file__).resolve().parent)
 
 
-def etcd_on(base: Path, host: str) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("etcd")
-    assert exe, "etcd is not installed: run `make setup` (Debian package etcd-server)"
-    client, peer = free_port(), free_port()
-    url = f"http://{host}:{client}"
-    with open(base / "etcd.log", "w") as logf:        # the child keeps its own descriptor
-        proc = subprocess.Popen([exe, "--data-dir", str(base / "etcd"), "--name", "p", "--listen-client-urls", url,
-                                 "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                                 "--initial-cluster", f"p=http://127.0.0.1:{peer}"],
-                                stdout=logf, stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 30, "etcd up")
-    return proc, url
-
-
 # -- nodes in namespaces ---------------------------------------------------------------------
 
 class NsNode(NsDaemonProc):
@@ -81,14 +61,11 @@ class NsNode(NsDaemonProc):
     does not wait (a node answers once it has a role)."""
 
     def __init__(self, base: Path, name: str, sp: Space, port: int) -> None:
-        super().__init__(base / f"{name}.toml", port, Path(), log=base / f"{name}.log", addr=sp.addr, log_level=None)
+        super().__init__(base / f"{name}.toml", port, Path(), log=base / f"{name}.log", addr=sp.addr,
+                         log_level=None, one_log=True)
         self.name, self.sp, self.space = name, sp, sp
         self.host = f"{sp.addr}:{port}"
         self.db = Path()                          # set by make_nodes, with data_dir
-
-    def log_file(self) -> Path:
-        assert self.log is not None
-        return self.log
 
     def start(self, timeout: float = 0) -> "NsNode":
         return self.spawn()
@@ -155,7 +132,7 @@ def make_nodes(base: Path, net: Net, mode: str, etcd_url: str) -> list[NsNode]:
 INSERT = "INSERT INTO acked(client, n, at) VALUES (?, ?, unixepoch('subsec')) RETURNING at"
 
 
-class Writers:
+class Writers(ClientThreads):
     """Clients in the root namespace: `count` with both nodes in their DSN, and one pinned to
     `pinned` alone (client 50, asking all along: its first acknowledgement comes as soon as
     that node serves). Each acknowledgement is kept with the daemon's `at`, the time the
@@ -187,16 +164,6 @@ class Writers:
             n += 1
         if con is not None:
             con.close()
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
     def by(self, host: str) -> list[tuple[int, int, float, float, str]]:
         return [a for a in list(self.acked) if a[4] == host]
@@ -284,7 +251,8 @@ def file_rows(path: Path) -> set[tuple[int, int]]:
 
 @pytest.mark.parametrize(("mode", "how"), [("replicated", "switch"), ("replicated", "nic"), ("shared", "switch")])
 def test_partition_of_the_active_node_no_split_brain_no_acknowledged_commit_lost(tmp_path, net, mode, how):
-    etcd, etcd_url = etcd_on(tmp_path, net.gw)
+    etcd = Etcd(tmp_path, net.gw, name="p")
+    etcd_url = etcd.url
     n1, n2 = nodes = make_nodes(tmp_path, net, mode, etcd_url)
     side = None
     try:
@@ -365,8 +333,7 @@ def test_partition_of_the_active_node_no_split_brain_no_acknowledged_commit_lost
             side.stop()
         for n in nodes:
             n.stop()
-        etcd.terminate()
-        etcd.wait(10)
+        etcd.stop()
 
 
 def test_replicated_a_partition_after_a_quiet_spell_loses_no_acknowledged_commit(tmp_path, net):
@@ -374,7 +341,8 @@ def test_replicated_a_partition_after_a_quiet_spell_loses_no_acknowledged_commit
     then the primary's network interface fails and a client on its side writes at once:
     the primary must not acknowledge, as merely "degraded" (standby down), commits that the
     standby, about to take over, never received."""
-    etcd, etcd_url = etcd_on(tmp_path, net.gw)
+    etcd = Etcd(tmp_path, net.gw, name="p")
+    etcd_url = etcd.url
     n1, n2 = nodes = make_nodes(tmp_path, net, "replicated", etcd_url)
     side = None
     try:
@@ -406,5 +374,4 @@ def test_replicated_a_partition_after_a_quiet_spell_loses_no_acknowledged_commit
             side.stop()
         for n in nodes:
             n.stop()
-        etcd.terminate()
-        etcd.wait(10)
+        etcd.stop()

@@ -26,7 +26,8 @@ import pytest
 import bastion.client as bc
 from bastion.sql.users import hash_password
 from support import PY, dump, free_port, wait_for
-from test_cluster import Etcd, Node, Writers, active_of
+from support.cluster import Node, Writers, active_of
+from support.etcd import Etcd
 
 pytestmark = pytest.mark.timeout(240)
 PW = "standby-test-password"

@@ -84,6 +84,7 @@ class DaemonProc:
     addr: str = "127.0.0.1"
     env: dict[str, str] | None = None
     log_level: str | None = "debug"         # None: the daemon's default
+    one_log: bool = False                   # every start appends to log (given), not a new file each
 
     def command(self) -> list[str]:
         """How the daemon is started; subclasses change this, not start()."""
@@ -91,7 +92,9 @@ class DaemonProc:
         return [PY, "-m", "bastion", "serve", *level, "--config", str(self.config)]
 
     def log_file(self) -> Path:
-        """Where this start's output goes (appended): a new file per start unless a subclass keeps one."""
+        """Where this start's output goes (appended): log if one_log, else a new file per start."""
+        if self.one_log and self.log is not None:
+            return self.log
         return self.data_dir.parent / f"daemon-{time.time_ns()}.log"
 
     def spawn(self) -> "DaemonProc":

@@ -43,7 +43,7 @@ def qi(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _value(v: Any) -> Any:
+def exact(v: Any) -> Any:
     # Floats by their bits, so -0.0 and 0.0 differ and 0.1 must be exactly 0.1.
     return ("f", struct.pack(">d", v)) if isinstance(v, float) else v
 
@@ -66,7 +66,7 @@ def content(target: Path | apsw.Connection) -> dict[str, list[tuple]]:
             else:       # the rowid under a name no column shadows
                 sel.insert(0, next(n for n in ("rowid", "_rowid_", "oid") if n not in {c.lower() for c in cols}))
                 order = "1"
-            out[name] = [tuple(_value(v) for v in r) for r in
+            out[name] = [tuple(exact(v) for v in r) for r in
                          con.execute(f"SELECT {', '.join(sel)} FROM {qi(name)} ORDER BY {order}")]
         return out
     finally:
