@@ -82,9 +82,8 @@ def test_config_with_a_bad_repository_url_does_not_start(tmp_path, bank, where):
     port = free_port()
     url = "memory://x" if where == "backups" else "file:///srv/b?mode=0644"
     extra = f'[backups]\nrepository = "{url}"\n' if where == "backups" else ""
-    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank)]}, extra=extra)
-    if where == "database":
-        cfg.write_text(cfg.read_text().replace("[databases.bank]\n", f'[databases.bank]\nrepository = "{url}"\n'))
+    db = {"files": [bank.bank], **({"repository": url} if where == "database" else {})}
+    cfg = write_config(tmp_path, port, {"bank": db}, extra=extra)
     try:
         p = serve_refused(cfg, timeout=20)
     except subprocess.TimeoutExpired:

@@ -14,8 +14,7 @@ from test_notify import Receiver
 
 def start(tmp_path: Path, bank, db_extra: str, extra: str = "") -> DaemonProc:
     port = free_port()
-    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra)
-    cfg.write_text(cfg.read_text().replace("[databases.bank]\n", "[databases.bank]\n" + db_extra + "\n"))
+    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra, db_text=db_extra)
     return DaemonProc(cfg, port, tmp_path / "var").start()
 
 

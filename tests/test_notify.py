@@ -78,14 +78,12 @@ def test_failing_backup_notifies_once_per_streak_then_recovers(tmp_path: Path, b
     blocker.write_text("a file where the repository's parent directory should be")
     ran = tmp_path / "command.log"
     port = free_port()
-    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=(
+    db = {"files": [bank.bank, bank.audit], "repository": f"file://{blocker}/repo", "schedule": "every 2s"}
+    cfg = write_config(tmp_path, port, {"bank": db}, extra=(
         f'[notify]\nwebhook = "{hook.url}"\nwebhook_secret_file = "{tmp_path / "secret"}"\n'
         f'smtp_host = "127.0.0.1"\nsmtp_port = {smtp_port}\nemail_to = ["ops@example.com"]\n'
         f'email_from = "bastion@example.com"\ninterval = "1s"\n'
         f'command = "echo $BASTION_NOTIFY_EVENT $BASTION_NOTIFY_KEY >> {ran}"\n'))
-    text = cfg.read_text().replace("[databases.bank]\n", f'[databases.bank]\nrepository = "file://{blocker}/repo"\n'
-                                   'schedule = "every 2s"\n')
-    cfg.write_text(text)
     d = DaemonProc(cfg, port, tmp_path / "var").start()
     try:
         wait_for(lambda: hook.events("backup_failed:bank"), 60, "the failing notification")

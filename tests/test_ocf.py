@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from support import PY, free_port, wait_for
+from support import PY, free_port, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "ocf" / "bastion"
@@ -54,15 +54,9 @@ def write_cluster(base: Path, names: list[str], ttl: str = "2s") -> dict[str, Pa
     con.commit()
     con.close()
     ports = {n: free_port() for n in names}
-    peers = ", ".join(f'{n} = "127.0.0.1:{p}"' for n, p in ports.items())
-    out = {}
-    for n, p in ports.items():
-        out[n] = base / f"{n}.toml"
-        out[n].write_text(
-            f'[daemon]\nlisten = "127.0.0.1:{p}"\ndata_dir = "{base / "var"}"\n\n'
-            f'[databases.app]\nfiles = ["{db}"]\n\n'
-            f'[cluster]\nname = "ocf"\nnode = "{n}"\nlease = "file"\nttl = "{ttl}"\npeers = {{ {peers} }}\n')
-    return out
+    peers = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
+    return {n: write_config(base, p, {"app": [db]}, name=f"{n}.toml", sections={
+        "cluster": {"name": "ocf", "node": n, "lease": "file", "ttl": ttl, "peers": peers}}) for n, p in ports.items()}
 
 
 class Agent:
@@ -255,8 +249,7 @@ def test_meta_data_validate_all_and_clear_errors(tmp_path):
     r = agent.run("validate-all", OCF_RESKEY_config=str(tmp_path / "nowhere.toml"))
     assert r.returncode == OCF_ERR_INSTALLED and "does not exist" in r.stderr
     # a config without [cluster]: says so
-    plain = tmp_path / "plain.toml"
-    plain.write_text(f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ndata_dir = "{tmp_path / "pvar"}"\n')
+    plain = write_config(tmp_path, free_port(), name="plain.toml", data_dir=tmp_path / "pvar")
     r = agent.run("validate-all", OCF_RESKEY_config=str(plain))
     assert r.returncode == OCF_ERR_CONFIGURED and "[cluster]" in r.stderr, r.stderr
     # a config Bastion rejects: Bastion's own message comes through

@@ -55,9 +55,8 @@ def test_refused_start_port_in_use_leaves_no_lock_and_no_new_files(tmp_path, ban
 def test_refused_start_bad_config_found_after_the_lock_removes_what_it_made(tmp_path, bank):
     fresh = tmp_path / "n"
     fresh.mkdir()
-    cfg = write_config(fresh, free_port(), {"bank": [str(bank.bank), str(bank.audit)]},
+    cfg = write_config(fresh, free_port(), {"bank": {"files": [bank.bank, bank.audit], "replica_of": "bank"}},
                        extra=f'[replication]\npeer_token_file = "{tmp_path / "missing.token"}"\n')
-    cfg.write_text(cfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
     p = serve_refused(cfg)
     assert p.returncode == 3 and "peer token file" in p.stderr, p.stderr
     assert not (fresh / "var").exists(), sorted(x.name for x in (fresh / "var").iterdir())
@@ -122,12 +121,11 @@ def test_a_replicating_pair_logs_little_at_info(tmp_path, bank):
     pdir.mkdir()
     copy = bdir / "copy"
     bport, pport = free_port(), free_port()
-    bcfg = write_config(bdir, bport, {"bank": [str(copy / "bank.db"), str(copy / "audit.db")]}, extra=repl)
-    bcfg.write_text(bcfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
-    pcfg = write_config(pdir, pport, {"bank": [str(bank.bank), str(bank.audit)]}, extra=repl)
-    pcfg.write_text(pcfg.read_text().replace(
-        "[databases.bank]\n", f'[databases.bank]\nreplicate_to = "http://127.0.0.1:{bport}"\n'
-                              'replicate_schedule = "continuous"\n'))
+    bcfg = write_config(bdir, bport, {"bank": {"files": [copy / "bank.db", copy / "audit.db"], "replica_of": "bank"}},
+                        extra=repl)
+    pcfg = write_config(pdir, pport, {"bank": {"files": [bank.bank, bank.audit],
+                                               "replicate_to": f"http://127.0.0.1:{bport}",
+                                               "replicate_schedule": "continuous"}}, extra=repl)
     backup = DaemonProc(bcfg, bport, bdir / "var", log_level=None).start()
     primary = DaemonProc(pcfg, pport, pdir / "var", log_level=None).start()
     try:

@@ -48,18 +48,15 @@ class Pair:
         bdir.mkdir()
         bport = free_port()
         repl = f'[replication]\npeer_token_file = "{self.token_file}"\n'
-        cfg = write_config(bdir, bport, {"bank": [str(self.copy / "bank.db"), str(self.copy / "audit.db")]},
-                           extra=repl)
-        cfg.write_text(cfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
+        cfg = write_config(bdir, bport, {"bank": {"files": [self.copy / "bank.db", self.copy / "audit.db"],
+                                                  "replica_of": "bank"}}, extra=repl)
         self.backup = DaemonProc(cfg, bport, bdir / "var")
         pdir = tmp_path / "primary"
         pdir.mkdir()
         pport = free_port()
-        cfg = write_config(pdir, pport, {"bank": [str(bank.bank), str(bank.audit)]},
-                           extra=repl)
-        cfg.write_text(cfg.read_text().replace(
-            "[databases.bank]\n", f'[databases.bank]\nreplicate_to = "http://127.0.0.1:{bport}"\n'
-                                  f'replicate_schedule = "{schedule}"\n{primary_extra}'))
+        cfg = write_config(pdir, pport, {"bank": {"files": [bank.bank, bank.audit],
+                                                  "replicate_to": f"http://127.0.0.1:{bport}",
+                                                  "replicate_schedule": schedule}}, extra=repl, db_text=primary_extra)
         self.primary = DaemonProc(cfg, pport, pdir / "var")
 
     def start(self, backup: bool = True) -> "Pair":

@@ -25,16 +25,12 @@ import pytest
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
-from support import PY, dump, free_port, wait_for
+from support import PY, free_port, user_rows, wait_for
 from support.cluster import Node, Writers, active_of
 from support.etcd import Etcd
 
 pytestmark = pytest.mark.timeout(240)
 PW = "standby-test-password"
-
-
-def user_rows(path: Path) -> list[tuple]:
-    return [t for t in dump(path) if not t[0].startswith("_bastion_")]
 
 
 def make_pair(tmp_path: Path, etcd: Etcd) -> list[Node]:

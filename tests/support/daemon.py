@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -41,17 +42,20 @@ def toml_table(header: str, keys: dict[str, Any]) -> str:
 
 def write_config(dir: Path, port: int, files: dict[str, Any] | None = None, extra: str = "", *,
                  name: str = "bastion.toml", data_dir: Path | None = None, addr: str = "127.0.0.1",
-                 daemon: dict[str, Any] | None = None, sections: dict[str, dict[str, Any]] | None = None) -> Path:
+                 daemon: dict[str, Any] | None = None, sections: dict[str, dict[str, Any]] | None = None,
+                 db_text: str = "") -> Path:
     """dir/name, the one way tests and benches write a config: [daemon] on addr:port with its data in
     data_dir (dir/var) and the keys in daemon; a [databases.X] per entry of files (a list of paths, or
-    the table's keys, files among them); a table per entry of sections ("sql", "users.alice"...);
-    then extra, TOML text as it is."""
+    the table's keys, files among them), each followed by db_text (TOML lines as they are); a table per
+    entry of sections ("sql", "users.alice"...); then extra, TOML text as it is."""
     tables = {"daemon": {"listen": f"{addr}:{port}", "data_dir": data_dir or dir / "var", **(daemon or {})}}
     for db, spec in (files or {}).items():
         tables[f"databases.{db}"] = spec if isinstance(spec, dict) else {"files": [str(p) for p in spec]}
     tables.update(sections or {})
+    db_lines = db_text.rstrip("\n") + "\n" if db_text.strip() else ""
     path = dir / name
-    path.write_text("\n".join(toml_table(h, keys) for h, keys in tables.items()) + "\n" + extra)
+    path.write_text("\n".join(toml_table(h, keys) + (db_lines if h.startswith("databases.") else "")
+                              for h, keys in tables.items()) + "\n" + extra)
     return path
 
 
@@ -83,6 +87,7 @@ class DaemonProc:
     log: Path | None = None
     addr: str = "127.0.0.1"
     env: dict[str, str] | None = None
+    ca: Path | None = None                  # the daemon serves TLS with a certificate from this CA
     log_level: str | None = "debug"         # None: the daemon's default
     one_log: bool = False                   # every start appends to log (given), not a new file each
 
@@ -123,7 +128,7 @@ class DaemonProc:
 
     @property
     def url(self) -> str:
-        return f"http://{self.addr}:{self.port}"
+        return f"{'https' if self.ca else 'http'}://{self.addr}:{self.port}"
 
     @property
     def token(self) -> str:
@@ -131,6 +136,7 @@ class DaemonProc:
 
     def api(self, method: str, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
         return httpx.request(method, f"{self.url}{path}", json=body, timeout=60,
+                             verify=ssl.create_default_context(cafile=str(self.ca)) if self.ca else True,
                              headers={"Authorization": f"Bearer {token if token is not None else self.token}"})
 
     def cli(self, *args: str, timeout: float = 120) -> Result:
