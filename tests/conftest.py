@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from support import App, DaemonProc, free_port, init_bank, write_config
 from support.netns import Net, netns_unavailable
+from support.servers import s3_server, sshd_server  # noqa: F401  (session fixtures: one server each)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import pytest
 from bastion.backup.repository import Repository
 from bastion.backup.store import TMP_MARK, open_store
 from support import DaemonProc, check_bank, dump, free_port, serve_refused, write_config
-from servers import sshd_server  # noqa: F401 - fixture
 
 PY = sys.executable
 BAD_URLS = {

@@ -4,7 +4,7 @@ Both run as the current user on free ports with everything (keys, config,
 logs) in a temp dir; nothing on the system is reconfigured. A missing program
 fails the test with a message saying to run `make setup`: never a silent skip.
 
-Import the fixtures into a test module: ``from servers import sshd_server, s3_server``.
+The fixtures sshd_server and s3_server are tests/conftest.py's (one server each per session).
 """
 
 from __future__ import annotations
