@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bastion import capture as cap
 from bastion.errors import StateConflict
-from support.data import content
+from support.data import content, integrity
 
 APP = r'''
 import pickle, sqlite3, sys
@@ -186,14 +186,6 @@ def shape_count(path: Path) -> int:
     con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return con.execute("SELECT count(*) FROM _bastion_tables").fetchone()[0]
-    finally:
-        con.close()
-
-
-def integrity(path: Path) -> str:
-    con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return con.execute("PRAGMA integrity_check").fetchone()[0]
     finally:
         con.close()
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from support import PY, DaemonProc, free_port, serve_refused, wait_for, write_config
-from support.cluster import Node, active_of, make_cluster, token_of
+from support.cluster import Node, active_of, make_cluster, start_pair, token_of
 
 
 # -- 6. a refused start removes what it created; a second daemon is refused by pid ------------
@@ -216,11 +216,7 @@ def test_cluster_hooks_run_strings_through_the_shell_and_log_output_and_failures
 def test_sql_on_a_passive_node_follows_the_active_or_names_it(tmp_path, bank):
     n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
     try:
-        for n in (n1, n2):
-            n.start()
-        (active,) = wait_for(lambda: (a := active_of([n1, n2])) and len(a) == 1 and a, 30, "one active node")
-        passive = n2 if active is n1 else n1
-        wait_for(lambda: passive.health().get("role") == "passive", 30, "the other passive")
+        active, passive = start_pair(n1, n2)
         r = subprocess.run([PY, "-m", "bastion", "--config", str(passive.config), "sql", "bank", "-c",
                             "SELECT count(*) FROM accounts", "--json"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
@@ -322,11 +318,7 @@ def test_demo_with_port_8750_taken(tmp_path):
 def test_admin_commands_on_a_passive_node_name_the_active_one(tmp_path, bank):
     n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
     try:
-        for n in (n1, n2):
-            n.start()
-        (active,) = wait_for(lambda: (a := active_of([n1, n2])) and len(a) == 1 and a, 30, "one active node")
-        passive = n2 if active is n1 else n1
-        wait_for(lambda: passive.health().get("role") == "passive", 30, "the other passive")
+        active, passive = start_pair(n1, n2)
         r = subprocess.run([PY, "-m", "bastion", "--config", str(passive.config), "status"], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode != 0

@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support import PY, free_port, wait_for, write_config
-from support.cluster import ClientThreads
+from support.cluster import ClientThreads, acked_db
 from support.etcd import Etcd
 from support.netns import Net, NsDaemonProc, Space
 
@@ -118,11 +118,7 @@ def make_nodes(base: Path, net: Net, mode: str, etcd_url: str) -> list[NsNode]:
         write_config(base, n.port, {"app": {"files": [n.db], "durability": mode if mode == "replicated" else
                                             "durable"}},
                      name=n.config.name, data_dir=n.data_dir, addr=n.sp.addr, sections=sections)
-    con = sqlite3.connect(nodes[0].db)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE acked(id INTEGER PRIMARY KEY, client INT, n INT, at REAL)")
-    con.commit()
-    con.close()
+    acked_db(nodes[0].db)
     return nodes
 
 

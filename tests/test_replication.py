@@ -19,21 +19,9 @@ from pathlib import Path
 import pytest
 
 from bastion.workload import BALANCE
-from support import App, DaemonProc, check_bank, dump, free_port, write_config
+from support import App, DaemonProc, check_bank, dump, free_port, integrity, user_rows, write_config
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def user_dump(path: Path) -> list[tuple]:
-    return [t for t in dump(path) if not t[0].startswith("_bastion_")]
-
-
-def integrity(path: Path) -> str:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return con.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        con.close()
 
 
 class Pair:
@@ -90,8 +78,8 @@ class Pair:
 
     def assert_same(self) -> None:
         for name in ("bank.db", "audit.db"):
-            want = user_dump(self.bank.dir / name)
-            got = user_dump(self.copy / name)
+            want = user_rows(self.bank.dir / name)
+            got = user_rows(self.copy / name)
             assert [t[0] for t in got] == [t[0] for t in want]
             assert got == want, f"{name}: replica differs from primary"
             assert integrity(self.copy / name) == "ok"
@@ -305,7 +293,7 @@ def test_kill9_of_primary_and_schema_change_while_streaming(pair, bank):
     p.catch_up()
     p.assert_same()
     assert p.status()["seeds"] == 0   # the restarted primary went on from the peer's positions
-    assert ("notes", user_dump(bank.bank)[2][1]) == user_dump(p.copy / "bank.db")[2]   # the new table came along
+    assert ("notes", user_rows(bank.bank)[2][1]) == user_rows(p.copy / "bank.db")[2]   # the new table came along
     cols = [r[1] for r in sqlite3.connect(p.copy / "bank.db").execute("PRAGMA table_info(accounts)")]
     assert "note" in cols
     assert check_bank(p.copy)["transfers"] == bank.transfers()
@@ -337,8 +325,8 @@ def test_backup_killed_between_the_commits_of_a_cut_redoes_it(pair, bank, monkey
     assert res["ok"], res
     assert 0 < res["transfers"] <= bank.transfers()
     # the copy is the primary as of that cut: audit rows are a prefix of the primary's
-    want = [t for t in user_dump(bank.audit) if t[0] == "audit"][0][1]
-    got = [t for t in user_dump(p.copy / "audit.db") if t[0] == "audit"][0][1]
+    want = [t for t in user_rows(bank.audit) if t[0] == "audit"][0][1]
+    got = [t for t in user_rows(p.copy / "audit.db") if t[0] == "audit"][0][1]
     assert got == want[:len(got)]
 
 
@@ -350,9 +338,9 @@ def test_every_n_seconds_schedule_ships_on_its_own(pair, bank):
     con.execute("UPDATE accounts SET owner = owner || ' (moved)' WHERE id = 1")
     con.commit()
     con.close()
-    want = user_dump(bank.bank)
+    want = user_rows(bank.bank)
     deadline = time.monotonic() + 20          # a pass every 2 s ships it without `replicate run`
-    while user_dump(p.copy / "bank.db") != want:
+    while user_rows(p.copy / "bank.db") != want:
         assert time.monotonic() < deadline, p.status()
         time.sleep(0.2)
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PY, free_port, wait_for
+from support import PY, free_port, integrity, wait_for
 from support.netns import Net
-from test_sync_partition import NsSite, integrity, ro
+from test_sync_partition import NsSite, ro
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -28,7 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from bastion import capture, sync
 from bastion.errors import StateConflict, UsageError
-from support.data import content, exact, qi
+from support.data import content, exact, integrity, qi
 
 SKEW_MS = 3_600_000
 SKEW_VFS = "bastion-test-skew"
@@ -158,10 +158,6 @@ def rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
         return con.execute(sql, params).fetchall()
     finally:
         con.close()
-
-
-def integrity(path: Path) -> str:
-    return rows(path, "PRAGMA integrity_check")[0][0]
 
 
 # -- round trips -----------------------------------------------------------------------------------

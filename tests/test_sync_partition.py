@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support import PY, Result, free_port, user_rows, wait_for, write_config
+from support import PY, Result, free_port, integrity, user_rows, wait_for, write_config
 from support.netns import Net, NsDaemonProc, Space
 from test_sync import seed_file
 
@@ -144,14 +144,6 @@ def content(path: Path) -> dict[tuple[str, int], tuple[Any, ...]]:
         for r in rows:
             out[(table, r[0])] = tuple(r[1:3])      # items: (name, qty); notes: (site, body)
     return out
-
-
-def integrity(path: Path) -> str:
-    con = ro(path)
-    try:
-        return con.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        con.close()
 
 
 def site_of(path: Path) -> str | None:

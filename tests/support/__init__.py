@@ -7,8 +7,8 @@ folder, not a package, so the test modules keep their short names.
 
 from support.bank import App, check_bank, init_bank
 from support.daemon import DaemonProc, Result, serve_refused, write_config
-from support.data import content, dump, sha256, user_rows
+from support.data import content, dump, integrity, sha256, user_rows
 from support.proc import PY, free_port, wait_for
 
-__all__ = ["PY", "App", "DaemonProc", "Result", "check_bank", "content", "dump", "free_port", "init_bank",
+__all__ = ["PY", "App", "DaemonProc", "Result", "check_bank", "content", "dump", "free_port", "init_bank", "integrity",
            "serve_refused", "sha256", "user_rows", "wait_for", "write_config"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -17,9 +19,11 @@ class Node(DaemonProc):
     """A cluster node on loopback: `bastion serve` at the default log level, one log for all its starts;
     start() does not wait (a node answers once it has a role). The nodes share base/var."""
 
-    def __init__(self, base: Path, name: str, port: int, files: list[Path], cluster: str) -> None:
-        config = write_config(base, port, {"bank": files}, name=f"{name}.toml",
-                              sections={"sql": {"busy_timeout": "10s"}}, extra=f'{cluster}\nnode = "{name}"\n')
+    def __init__(self, base: Path, name: str, port: int, files: list[Path], cluster: str, db: str = "bank",
+                 db_keys: dict[str, Any] | None = None, busy_timeout: str = "10s") -> None:
+        """cluster: TOML text ending in the [cluster] table (this node's name is added to it)."""
+        config = write_config(base, port, {db: {"files": files, **(db_keys or {})}}, name=f"{name}.toml",
+                              sections={"sql": {"busy_timeout": busy_timeout}}, extra=f'{cluster}\nnode = "{name}"\n')
         super().__init__(config, port, base / "var", log=base / f"{name}.log", log_level=None,
                          one_log=True)
         self.name = name
@@ -55,6 +59,26 @@ def make_cluster(tmp_path: Path, bank, n: int, lease: str, ttl: str = "2s") -> l
     if lease[0] == "etcd":
         cluster += f'etcd = ["{lease[1]}"]\n'
     return [Node(tmp_path, f"n{i + 1}", p, [bank.bank, bank.audit], cluster) for i, p in enumerate(ports)]
+
+
+def start_pair(n1: Node, n2: Node) -> tuple[Node, Node]:
+    """Start two nodes; (active, passive) once one is active and the other says it is passive."""
+    for n in (n1, n2):
+        n.start()
+    (active,) = wait_for(lambda: (a := active_of([n1, n2])) and len(a) == 1 and a, 30, "one active node")
+    passive = n2 if active is n1 else n1
+    wait_for(lambda: passive.health().get("role") == "passive", 30, "the other passive")
+    return active, passive
+
+
+def acked_db(path: Path) -> Path:
+    """A new WAL file with the table the cluster tests' clients write (client, n) into."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE acked(id INTEGER PRIMARY KEY, client INT, n INT, at REAL)")
+    con.commit()
+    con.close()
+    return path
 
 
 class ClientThreads:

@@ -38,6 +38,16 @@ def user_rows(path: Path) -> list[tuple]:
         con.close()
 
 
+def integrity(path: Path) -> str:
+    """PRAGMA integrity_check of a file, read-only ("ok" when intact); waits up to 30 s for a writer."""
+    con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        con.set_busy_timeout(30_000)
+        return con.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        con.close()
+
+
 def qi(name: str) -> str:
     """An SQL identifier, quoted."""
     return '"' + name.replace('"', '""') + '"'
