@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]         # this checkout's Bastion and the tests' support
 # tests/ must be on the path first; free_port, wait_for, write_config are re-exported to the benches
 from support import DaemonProc, free_port, wait_for, write_config  # noqa: E402, F401
 

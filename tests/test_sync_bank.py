@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PY, free_port, integrity, wait_for
+from support import PY, free_port, init_bank, integrity, wait_for
 from support.netns import Net
 from test_sync_partition import NsSite, ro
 
@@ -116,7 +116,7 @@ def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path:
     token.write_text(os.urandom(32).hex())
     s = {n: BankSite(tmp_path, n, spaces[n], ports[n], urls, token) for n in SITES}
     a = s["a"]
-    subprocess.run([PY, "-m", "bastion.workload", "init", str(a.dir), "--accounts", str(ACCOUNTS)], check=True)
+    init_bank(a.dir, ACCOUNTS)
     for f in (a.bank, a.audit):
         sqlite3.connect(f).execute("PRAGMA journal_mode = WAL").fetchall()
     cut = False

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bastion.workload import init
 from support.proc import PY
 
 
-def init_bank(dir: Path, accounts: int = 200, env: dict[str, str] | None = None) -> Path:
-    """dir/bank.db and dir/audit.db, fresh."""
-    subprocess.run([PY, "-m", "bastion.workload", "init", str(dir), "--accounts", str(accounts)], check=True,
-                   env=env)
+def init_bank(dir: Path, accounts: int = 200) -> Path:
+    """dir/bank.db and dir/audit.db, fresh: the workload's own init, in this process (stdlib sqlite3, closed
+    before it returns), without a Python start-up per test (`python -m bastion.workload init` is the same
+    function; test_restore_safety runs it that way)."""
+    init(str(dir), accounts)
     return dir
 
 
