@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from support import DaemonProc, free_port, wait_for, write_config
-from test_metrics import scrape, value
-from test_notify import Receiver
+from support.metrics import scrape, value
+from support.receivers import Receiver
 
 
 def start(tmp_path: Path, bank, db_extra: str, extra: str = "") -> DaemonProc:

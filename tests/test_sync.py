@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from support import PY, DaemonProc, free_port, user_rows, write_config
+from support.sites import seed_file
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -77,15 +78,6 @@ def sites(tmp_path):
     yield make
     for s in made:
         s.stop()
-
-
-def seed_file(db: Path) -> None:
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, photo BLOB)")
-    con.executemany("INSERT INTO items VALUES (?, ?, ?, ?)", [(i, f"item {i}", i, bytes([i]) * i) for i in range(1, 51)])
-    con.commit()
-    con.close()
 
 
 def test_three_sites_join_exchange_resolve_and_converge(sites):

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from support import PY, free_port, init_bank, integrity, wait_for
 from support.netns import Net
-from test_sync_partition import NsSite, ro
+from support.sites import NsSite, ro
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -25,16 +25,14 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from support import PY, Result, free_port, integrity, user_rows, wait_for, write_config
-from support.netns import Net, NsDaemonProc, Space
-from test_sync import seed_file
+from support import free_port, integrity, user_rows, wait_for
+from support.netns import Net
+from support.sites import NsSite, ro, seed_file
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,80 +46,6 @@ AB_WHILE_CUT = 30.0
 
 # -- sites in namespaces ------------------------------------------------------------------------
 
-class NsSite(NsDaemonProc):
-    """One site: its namespace, config, file, and its daemon started inside the namespace (start() does not
-    wait: up() says when it answers); a new log per start, all kept in logs."""
-
-    def __init__(self, base: Path, name: str, sp: Space, port: int, sites: dict[str, str], token: Path) -> None:
-        self.name, self.sp, self.space = name, sp, sp
-        self.dir = base / name
-        self.dir.mkdir()
-        self.db = self.dir / "shop.db"
-        cfg = write_config(self.dir, port, {"shop": {"files": self.files(), "sync_group": "g"}}, addr=sp.addr,
-                           sections={"replication": {"peer_token_file": token}, "sync": {"site": name},
-                                     "sync_groups.g": {"sites": sites, "topology": "mesh", "schedule": "continuous",
-                                                       **self.group()}},
-                           extra=self.group_extra())
-        super().__init__(cfg, port, self.dir / "var", addr=sp.addr)
-        self.logs: list[Path] = []
-
-    def files(self) -> list[Path]:
-        return [self.db]
-
-    def group(self) -> dict[str, Any]:
-        """Keys of the sync group's table besides sites, topology, schedule."""
-        # the ids here name the same row at every site: insert/insert is a conflict the policy decides
-        return {"keys": {"items": "shared", "notes": "shared"}}
-
-    def group_extra(self) -> str:
-        return ""
-
-    def log_file(self) -> Path:
-        self.logs.append(self.dir / f"daemon-{len(self.logs)}.log")
-        return self.logs[-1]
-
-    def start(self, timeout: float = 0) -> "NsSite":
-        return self.spawn()
-
-    def up(self) -> bool:
-        """Answering, as seen from the root namespace."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon of site {self.name} exited {self.proc.returncode}: "
-                                 f"{self.logs[-1].read_text()[-3000:]}")
-        try:
-            return httpx.get(f"http://{self.sp.addr}:{self.port}/v1/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def cli(self, *args: str, timeout: float = 120) -> Result:
-        """The CLI inside the site's namespace (it reaches its daemon while the site is cut off)."""
-        p = subprocess.run(self.ns(PY, "-m", "bastion", "--config", str(self.config), *args),
-                           check=False, capture_output=True, text=True, timeout=timeout)
-        return Result(p.returncode, p.stdout, p.stderr)
-
-    def status(self) -> tuple[int, dict[str, Any]]:
-        r = self.cli("sync", "status", "shop", "--json")
-        assert r.out, f"sync status on {self.name} printed nothing (exit {r.code}): {r.err}"
-        return r.code, r.json["databases"][0]
-
-    def conflicts(self) -> list[dict[str, Any]]:
-        r = self.cli("conflicts", "list", "shop", "--json")
-        assert r.code == 0, f"conflicts list on {self.name}: {r.err}"
-        return r.json["conflicts"]
-
-    def app(self, *statements: str) -> None:
-        """The site's application, in its own process inside the namespace: one transaction."""
-        code = ("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=30)\n"
-                "con.execute('BEGIN IMMEDIATE')\nfor s in sys.argv[2:]:\n    con.execute(s)\ncon.commit()\n")
-        p = subprocess.run(self.ns(PY, "-c", code, str(self.db), *statements), check=False, capture_output=True,
-                           text=True, timeout=120)
-        assert p.returncode == 0, f"application of site {self.name}: {p.stderr}"
-
-    def stop(self, timeout: float = 30) -> None:
-        super().stop(timeout)
-
-
 def make_sites(base: Path, network: Net) -> dict[str, NsSite]:
     spaces = {n: network.add() for n in SITES}
     ports = {n: free_port() for n in SITES}
@@ -132,10 +56,6 @@ def make_sites(base: Path, network: Net) -> dict[str, NsSite]:
 
 
 # -- reading files (from the test process: never the daemons') ---------------------------------------
-
-def ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-
 
 def content(path: Path) -> dict[tuple[str, int], tuple[Any, ...]]:
     """(table, id) -> the row's other columns, for the application's tables."""
