@@ -37,10 +37,7 @@ class Daemon(DaemonProc):
 
     def __init__(self, config: Path, port: int, data_dir: Path | None = None, log: Path | None = None) -> None:
         super().__init__(config, port, data_dir or config.parent / "var", log=log or config.parent / "daemon.log",
-                         log_level=None, env=ENV, one_log=True)
-
-    def command(self) -> list[str]:
-        return [PY, "-m", "bastion", "serve", "--config", str(self.config)]
+                         log_level=None, env=ENV, one_log=True, python=PY)
 
     def start(self, timeout: float = 60) -> "Daemon":
         super().start(timeout)

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from _common import OUT, PY, ROOT, Daemon, free_port, log, run, wait_for, write_config
+from support.cluster import HealthProbes
 from support.etcd import Etcd
 
 sys.path.insert(0, str(ROOT / "src"))
 
 import apsw
-import httpx
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
@@ -50,7 +50,7 @@ from bastion.sql.users import hash_password
 PASSWORD = "bench-failover-password"
 
 
-class Node(Daemon):
+class Node(HealthProbes, Daemon):
     """A cluster node; start() does not wait (a node answers once it has a role)."""
 
     def __init__(self, work: Path, name: str, port: int, data: Path, files: dict[str, Any],
@@ -61,20 +61,6 @@ class Node(Daemon):
 
     def start(self, timeout: float = 0) -> "Node":
         return self.spawn()
-
-    def health(self, path: str = "/v1/health") -> tuple[int, dict]:
-        try:
-            r = httpx.get(f"{self.url}{path}", timeout=1)
-            return r.status_code, r.json()
-        except (httpx.HTTPError, ValueError):
-            return 0, {}
-
-    def writable(self) -> bool:
-        return bool(self.health()[1].get("writable"))
-
-    def seeded_standby(self) -> bool:
-        code, h = self.health("/v1/health/standby")
-        return code == 200 and bool(h.get("seeded"))
 
     def stop(self, timeout: float = 20) -> None:
         super().stop(timeout)

@@ -38,10 +38,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from support import PY, free_port, wait_for, write_config
-from support.cluster import ClientThreads, acked_db
+from support.cluster import ClientThreads, HealthProbes, acked_db
 from support.etcd import Etcd
 from support.netns import Net, NsDaemonProc, Space
 
@@ -56,7 +55,7 @@ TESTS = str(Path(__file__).resolve().parent)
 
 # -- nodes in namespaces ---------------------------------------------------------------------
 
-class NsNode(NsDaemonProc):
+class NsNode(HealthProbes, NsDaemonProc):
     """A cluster node in its own namespace, at the default log level, one log for all its starts; start()
     does not wait (a node answers once it has a role)."""
 
@@ -69,21 +68,6 @@ class NsNode(NsDaemonProc):
 
     def start(self, timeout: float = 0) -> "NsNode":
         return self.spawn()
-
-    def health(self, path: str = "/v1/health") -> tuple[int, dict]:
-        """As seen from the root namespace (0 when unreachable)."""
-        try:
-            r = httpx.get(f"http://{self.host}{path}", timeout=1)
-            return r.status_code, r.json()
-        except (httpx.HTTPError, ValueError):
-            return 0, {}
-
-    def writable(self) -> bool:
-        return bool(self.health()[1].get("writable"))
-
-    def seeded_standby(self) -> bool:
-        code, h = self.health("/v1/health/standby")
-        return code == 200 and bool(h.get("seeded"))
 
     def health_inside(self) -> dict:
         """As seen from inside its own namespace (reachable while cut off)."""

@@ -61,6 +61,27 @@ def make_cluster(tmp_path: Path, bank, n: int, lease: str, ttl: str = "2s") -> l
     return [Node(tmp_path, f"n{i + 1}", p, [bank.bank, bank.audit], cluster) for i, p in enumerate(ports)]
 
 
+class HealthProbes:
+    """Health of a node of a cluster that may be down or cut off (a DaemonProc's url), as a client sees it."""
+
+    url: str
+
+    def health(self, path: str = "/v1/health") -> tuple[int, dict]:
+        """(status, body); (0, {}) when unreachable."""
+        try:
+            r = httpx.get(f"{self.url}{path}", timeout=1)
+            return r.status_code, r.json()
+        except (httpx.HTTPError, ValueError):
+            return 0, {}
+
+    def writable(self) -> bool:
+        return bool(self.health()[1].get("writable"))
+
+    def seeded_standby(self) -> bool:
+        code, h = self.health("/v1/health/standby")
+        return code == 200 and bool(h.get("seeded"))
+
+
 def start_pair(n1: Node, n2: Node) -> tuple[Node, Node]:
     """Start two nodes; (active, passive) once one is active and the other says it is passive."""
     for n in (n1, n2):

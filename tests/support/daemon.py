@@ -90,11 +90,12 @@ class DaemonProc:
     ca: Path | None = None                  # the daemon serves TLS with a certificate from this CA
     log_level: str | None = "debug"         # None: the daemon's default
     one_log: bool = False                   # every start appends to log (given), not a new file each
+    python: str = PY                        # the interpreter that runs the daemon
 
     def command(self) -> list[str]:
         """How the daemon is started; subclasses change this, not start()."""
         level = ["--log-level", self.log_level] if self.log_level else []
-        return [PY, "-m", "bastion", "serve", *level, "--config", str(self.config)]
+        return [self.python, "-m", "bastion", "serve", *level, "--config", str(self.config)]
 
     def log_file(self) -> Path:
         """Where this start's output goes (appended): log if one_log, else a new file per start."""
@@ -140,7 +141,7 @@ class DaemonProc:
                              headers={"Authorization": f"Bearer {token if token is not None else self.token}"})
 
     def cli(self, *args: str, timeout: float = 120) -> Result:
-        p = subprocess.run([PY, "-m", "bastion", "--config", str(self.config), *args],
+        p = subprocess.run([self.python, "-m", "bastion", "--config", str(self.config), *args],
                            capture_output=True, text=True, timeout=timeout, env=self.env)
         return Result(p.returncode, p.stdout, p.stderr)
 
