@@ -1,14 +1,15 @@
 """Helpers shared by the bench scripts (run as `.venv/bin/python bench/bench_x.py`).
 
 The scripts import this module as `_common`: running a script puts its own directory,
-bench/, first on sys.path, whatever the working directory is.
+bench/, first on sys.path, whatever the working directory is. This module puts tests/ there
+too, so the benches share the tests' helpers (tests/support: daemon launcher, config writer,
+free_port, wait_for, etcd) instead of copies.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]         # this checkout's Bastion and the tests' support
+# tests/ must be on the path first; free_port, wait_for, write_config are re-exported to the benches
+from support import DaemonProc, free_port, wait_for, write_config  # noqa: E402, F401
+
 OUT = ROOT / "bench" / "out"
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 # this checkout's Bastion for the subprocesses, whether or not the venv has it installed
@@ -26,10 +31,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Daemon(DaemonProc):
+    """A bench's daemon: this checkout's code, the default log level (debug would cost time), output in
+    one log (default: beside the config, daemon.log) for all its starts."""
+
+    def __init__(self, config: Path, port: int, data_dir: Path | None = None, log: Path | None = None) -> None:
+        super().__init__(config, port, data_dir or config.parent / "var", log=log or config.parent / "daemon.log",
+                         log_level=None, env=ENV, one_log=True, python=PY)
+
+    def start(self, timeout: float = 60) -> "Daemon":
+        super().start(timeout)
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        super().stop(timeout)
 
 
 def run(cmd: list[str], timeout: float = 1800, check: bool = True, **kw: Any) -> tuple[float, subprocess.CompletedProcess]:

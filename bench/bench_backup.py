@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/, whatever the cwd
-from _common import ENV, OUT, PY, ROOT, free_port, litestream_binary, log, run
+from _common import OUT, PY, ROOT, Daemon, free_port, litestream_binary, log, run, write_config
 
 SQLITE3 = shutil.which("sqlite3") or "/usr/bin/sqlite3"
 MB = 1_000_000
@@ -109,49 +109,15 @@ def update_rows(path: Path, ids: list[int]) -> float:
 
 # -- the daemon -------------------------------------------------------------------------------
 
-class Daemon:
+class BackupDaemon(Daemon):
     def __init__(self, work: Path, db: Path) -> None:
-        self.port = free_port()
-        self.data_dir = work / "var"
-        self.config = work / "bastion.toml"
-        self.config.write_text(
-            f'[daemon]\nlisten = "127.0.0.1:{self.port}"\ndata_dir = "{self.data_dir}"\n\n'
-            f'[databases.{DB_NAME}]\nfiles = [{json.dumps(str(db))}]\n\n[contops]\ngate_timeout = "30s"\n')
-        self.log = work / "daemon.log"
-        self.proc: subprocess.Popen | None = None
+        port = free_port()
+        super().__init__(write_config(work, port, {DB_NAME: [db]}, extra='[contops]\ngate_timeout = "30s"\n'), port)
 
-    def start(self) -> "Daemon":
-        import httpx
-        with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(self.config)], env=ENV,
-                                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                token = (self.data_dir / "token").read_text().strip()
-                r = httpx.get(f"http://127.0.0.1:{self.port}/v1/status", timeout=5,
-                              headers={"Authorization": f"Bearer {token}"})
-                if r.status_code == 200:
-                    return self
-            except (OSError, httpx.HTTPError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"daemon did not start: {self.log.read_text()[-2000:]}")
-
-    def cli(self, *args: str, timeout: float = 1800) -> tuple[float, dict[str, Any]]:
+    def timed(self, *args: str, timeout: float = 1800) -> tuple[float, dict[str, Any]]:
+        """(wall seconds, --json output) of a CLI command."""
         secs, p = run([PY, "-m", "bastion", "--config", str(self.config), *args], timeout=timeout)
         return secs, json.loads(p.stdout)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 # -- reference copies -------------------------------------------------------------------------
@@ -293,7 +259,7 @@ def main() -> int:
         res["db"] = build_db(db, size_mb * MB)
         size = db.stat().st_size
         log(f"built {res['db']}")
-        daemon = Daemon(work, db).start()
+        daemon = BackupDaemon(work, db).start()
         scratch = work / "scratch"
         scratch.mkdir()
 
@@ -303,7 +269,7 @@ def main() -> int:
         log("sqlite3 .backup")
         sq = time_sqlite_backup(db, scratch / "sq.db")
         log("bastion backup (full)")
-        wall, full = daemon.cli("backup", DB_NAME, "--json")
+        wall, full = daemon.timed("backup", DB_NAME, "--json")
         full_sync = sync()
         assert full["verified"] and full["logical_bytes"] == size, full
         log(f"full backup {full['backup']}: {wall:.1f} s wall, {full['seconds']} s reading")
@@ -316,7 +282,7 @@ def main() -> int:
         t = time.perf_counter()
         file_digests(str(db), immutable=True)
         digests_s = time.perf_counter() - t
-        vq_wall, vq = daemon.cli("verify", full["backup"], "--json")
+        vq_wall, vq = daemon.timed("verify", full["backup"], "--json")
 
         # chunking replay of the full backup's file state
         log("replaying the chunking of the full backup at other chunk sizes")
@@ -328,7 +294,7 @@ def main() -> int:
         # 4. restore vs cp; verify --full
         log("bastion restore")
         dest = scratch / "restored"
-        r_wall, rest = daemon.cli("restore", full["backup"], "--to", str(dest), "--json")
+        r_wall, rest = daemon.timed("restore", full["backup"], "--to", str(dest), "--json")
         r_sync = sync()
         restored = dest / "bench.db"
         same = file_sha256(restored) == file_sha256(db)   # untimed: the restore is the file, byte for byte
@@ -339,17 +305,17 @@ def main() -> int:
         for i in range(1, args.repeat):   # again, into a fresh repository each time: a full backup again
             url = f"file://{work / f'repeat-{i}'}"
             log(f"repeat {i}: bastion backup (full) into {url}, restore from it, cp")
-            w, again = daemon.cli("backup", DB_NAME, "--to", url, "--json")
+            w, again = daemon.timed("backup", DB_NAME, "--to", url, "--json")
             sync()
             assert again["verified"] and again["stored_bytes_added"] == full["stored_bytes_added"], again
             full_walls.append(w)
-            w, _ = daemon.cli("restore", again["backup"], "--from", url, "--to", str(dest), "--json")
+            w, _ = daemon.timed("restore", again["backup"], "--from", url, "--to", str(dest), "--json")
             restore_walls.append(w)
             rm(dest)
             rm(work / f"repeat-{i}")
             cp.append(time_cp(db, scratch / "cp.db"))
         log("bastion verify --full")
-        vf_wall, vf = daemon.cli("verify", full["backup"], "--full", "--json")
+        vf_wall, vf = daemon.timed("verify", full["backup"], "--full", "--json")
         assert vf["ok"], vf
 
         # 3. incremental: 1% of rows, clustered then random
@@ -364,7 +330,7 @@ def main() -> int:
                           ("random", rng.sample(range(1, rows + 1), n1))):
             log(f"update {n1} rows ({kind}), incremental backup")
             upd_s = update_rows(db, ids)
-            w, b = daemon.cli("backup", DB_NAME, "--json")
+            w, b = daemon.timed("backup", DB_NAME, "--json")
             assert b["verified"], b
             rp = replay.backup(db)   # the file as backed up: checkpointed at startbu, nothing written since
             incr[kind] = {"rows_updated": n1, "update_s": round(upd_s, 3), "wall_s": round(w, 3),

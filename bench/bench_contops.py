@@ -49,7 +49,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -59,20 +58,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
-PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+from _common import ENV, OUT, PY, Daemon, free_port, log, write_config
+
 MB = 1_000_000
 
 GOAL_THROUGHPUT = 0.95     # writes/s with contops / without, at least
 GOAL_STARTBU_RATIO = 1.5   # startbu 1 GB / 10 MB, at most
 GOAL_STARTBU_MS = 100.0    # startbu of 1 GB (p90), below
 GOAL_STALL_MS = 20.0       # worst stall - hold, at most
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -134,46 +127,18 @@ def write_delta(db: str, kind: str, target: int) -> None:
 
 # -- the daemon ---------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
+class ContopsDaemon(Daemon):
     def __init__(self, work: Path, databases: dict[str, list[Path]]) -> None:
-        self.port = free_port()
-        self.data_dir = work / "var"
-        self.config = work / "bastion.toml"
-        lines = ["[daemon]", f'listen = "127.0.0.1:{self.port}"', f"data_dir = {json.dumps(str(self.data_dir))}", ""]
-        for name, files in databases.items():
-            lines += [f"[databases.{name}]", "files = [" + ", ".join(json.dumps(str(p)) for p in files) + "]", ""]
-        lines += ["[contops]", 'gate_timeout = "30s"', ""]
-        self.config.write_text("\n".join(lines))
-        self.log = work / "daemon.log"
-        self.proc: subprocess.Popen | None = None
+        port = free_port()
+        super().__init__(write_config(work, port, databases, extra='[contops]\ngate_timeout = "30s"\n'), port)
         self.http: Any = None
 
-    def start(self) -> "Daemon":
+    def start(self, timeout: float = 60) -> "ContopsDaemon":
         import httpx
-        with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(self.config)], env=ENV,
-                                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                token = (self.data_dir / "token").read_text().strip()
-                # One keep-alive client: the wall times measured are the daemon's, not TCP set-up.
-                self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600,
-                                         headers={"Authorization": f"Bearer {token}"})
-                if self.http.get("/v1/status").status_code == 200:
-                    return self
-            except (OSError, httpx.HTTPError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"daemon did not start: {self.log.read_text()[-2000:]}")
+        super().start(timeout)
+        # One keep-alive client: the wall times measured are the daemon's, not TCP set-up.
+        self.http = httpx.Client(base_url=self.url, timeout=600, headers={"Authorization": f"Bearer {self.token}"})
+        return self
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         t = time.perf_counter()
@@ -190,7 +155,7 @@ class Daemon:
     def endbu(self, name: str) -> tuple[float, dict[str, Any]]:
         return self.post("/v1/contops/end", {"targets": [name], "wait": True})
 
-    def cli(self, *args: str) -> tuple[float, float, dict[str, Any]]:
+    def timed(self, *args: str) -> tuple[float, float, dict[str, Any]]:
         """(start, end) as time.time() around the call, and its --json output."""
         t0 = time.time()
         p = subprocess.run([PY, "-m", "bastion", "--config", str(self.config), *args], env=ENV,
@@ -200,16 +165,10 @@ class Daemon:
             raise RuntimeError(f"bastion {' '.join(args)} exited {p.returncode}: {p.stdout[-1500:]} {p.stderr[-1500:]}")
         return t0, t1, json.loads(p.stdout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
         if self.http is not None:
             self.http.close()
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        super().stop(timeout)
 
 
 # -- the application ----------------------------------------------------------------------------
@@ -441,8 +400,8 @@ def measure_startbu(daemon: Daemon, reps: int, cli_reps: int) -> dict[str, Any]:
     # The CLI, for information: its Python start-up is most of its wall time.
     cli = []
     for _ in range(cli_reps):
-        t0, t1, s = daemon.cli("startbu", "big", "--json")
-        daemon.cli("endbu", "big", "--json")
+        t0, t1, s = daemon.timed("startbu", "big", "--json")
+        daemon.timed("endbu", "big", "--json")
         cli.append({"wall_ms": round((t1 - t0) * 1000, 1), "latency_ms": s["latency_ms"]})
     res["cli_big"] = cli
     res["ratio_median"] = res["big"]["wall_ms"]["median"] / res["small"]["wall_ms"]["median"]
@@ -505,7 +464,7 @@ def measure_freeze(daemon: Daemon, bank_dir: Path, reps: int, hold: float, self_
         for i in range(reps):
             time.sleep(0.7)
             if not self_retry:   # the command a user would run around a snapshot
-                t0, t1, r = daemon.cli("freeze", "bank", "--json", "--", "sleep", str(hold))
+                t0, t1, r = daemon.timed("freeze", "bank", "--json", "--", "sleep", str(hold))
                 fr, th = r["freeze"], r["thaw"]
             else:                # the API: no CLI start-up to wait for (this run is a diagnosis)
                 t0 = time.time()
@@ -669,9 +628,9 @@ def main() -> int:
         big, small = work / "big" / "big.db", work / "small" / "small.db"
         log(f"building {big_mb} MB and 10 MB databases in {work}")
         res["databases"] = {"big": build_blob_db(big, big_mb * MB), "small": build_blob_db(small, 10 * MB)}
-        daemon = Daemon(work, {"bank": [bank_dir / "bank.db", bank_dir / "audit.db"],
-                               **{db.parent.name: [db] for db in loops},
-                               "big": [big], "small": [small]}).start()
+        daemon = ContopsDaemon(work, {"bank": [bank_dir / "bank.db", bank_dir / "audit.db"],
+                                      **{db.parent.name: [db] for db in loops},
+                                      "big": [big], "small": [small]}).start()
 
         log(f"1. throughput: {2 * pairs + 1} windows of {window:g} s")
         res["throughput"] = measure_throughput(daemon, "bank", Bank(bank_dir), pairs, window)

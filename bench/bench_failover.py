@@ -26,24 +26,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from _common import ENV, OUT, PY, ROOT, free_port, log, run
+from _common import OUT, PY, ROOT, Daemon, free_port, log, run, wait_for, write_config
+from support.cluster import HealthProbes
+from support.etcd import Etcd
 
 sys.path.insert(0, str(ROOT / "src"))
 
 import apsw
-import httpx
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
@@ -51,54 +50,20 @@ from bastion.sql.users import hash_password
 PASSWORD = "bench-failover-password"
 
 
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if v := pred():
-            return v
-        time.sleep(0.01)
-    raise SystemExit(f"{what}: not within {timeout:g} s")
+class Node(HealthProbes, Daemon):
+    """A cluster node; start() does not wait (a node answers once it has a role)."""
 
+    def __init__(self, work: Path, name: str, port: int, data: Path, files: dict[str, Any],
+                 sections: dict[str, dict[str, Any]]) -> None:
+        super().__init__(write_config(work, port, files, name=f"{name}.toml", data_dir=data / "var",
+                                      sections=sections), port, data / "var", log=work / f"{name}.log")
+        self.name = name
 
-class Node:
-    def __init__(self, work: Path, name: str, port: int, config: str) -> None:
-        self.name, self.port = name, port
-        self.config = work / f"{name}.toml"
-        self.config.write_text(config)
-        self.log = work / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
+    def start(self, timeout: float = 0) -> "Node":
+        return self.spawn()
 
-    def start(self) -> None:
-        with open(self.log, "a") as lf:
-            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(self.config)],
-                                         stdout=lf, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
-
-    def health(self, path: str = "/v1/health") -> tuple[int, dict]:
-        try:
-            r = httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=1)
-            return r.status_code, r.json()
-        except (httpx.HTTPError, ValueError):
-            return 0, {}
-
-    def writable(self) -> bool:
-        return bool(self.health()[1].get("writable"))
-
-    def seeded_standby(self) -> bool:
-        code, h = self.health("/v1/health/standby")
-        return code == 200 and bool(h.get("seeded"))
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+    def stop(self, timeout: float = 20) -> None:
+        super().stop(timeout)
 
 
 class Writers:
@@ -181,14 +146,12 @@ def scenario_shared(work: Path, lease: str, etcd_url: str | None, rounds: int, t
     work.mkdir(parents=True)
     make_db(work / "app.db")
     ports = [free_port() for _ in range(3)]
-    peers = ", ".join(f'n{i + 1} = "127.0.0.1:{p}"' for i, p in enumerate(ports))
-    cluster = f'[cluster]\nname = "bench"\nlease = "{lease}"\nttl = "{ttl}"\npeers = {{ {peers} }}\n'
+    cluster = {"name": "bench", "lease": lease, "ttl": ttl,
+               "peers": {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}}
     if etcd_url:
-        cluster += f'etcd = ["{etcd_url}"]\n'
-    nodes = [Node(work, f"n{i + 1}", p,
-                  f'[daemon]\nlisten = "127.0.0.1:{p}"\ndata_dir = "{work / "var"}"\n\n'
-                  f'[databases.app]\nfiles = ["{work / "app.db"}"]\n\n{cluster}node = "n{i + 1}"\n')
-             for i, p in enumerate(ports)]
+        cluster["etcd"] = [etcd_url]
+    nodes = [Node(work, f"n{i + 1}", p, work, {"app": [work / "app.db"]},
+                  {"cluster": {**cluster, "node": f"n{i + 1}"}}) for i, p in enumerate(ports)]
     try:
         for n in nodes:
             n.start()
@@ -239,20 +202,18 @@ def scenario_replicated(work: Path, etcd_url: str, rounds: int, ttl: str, client
     work.mkdir(parents=True)
     (work / "peer.token").write_text(secrets.token_hex(32))
     ports = [free_port(), free_port()]
-    peers = ", ".join(f'n{i + 1} = "127.0.0.1:{p}"' for i, p in enumerate(ports))
+    peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
     nodes = []
     for i, port in enumerate(ports):
         d = work / f"n{i + 1}"
         d.mkdir()
-        nodes.append(Node(work, f"n{i + 1}", port,
-                          f'[daemon]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{d / "var"}"\n\n'
-                          f'[databases.app]\nfiles = ["{d / "app.db"}"]\ndurability = "replicated"\n\n'
-                          f'[sql]\nbusy_timeout = "3s"\n\n'
-                          f'[replication]\npeer_token_file = "{work / "peer.token"}"\n\n'
-                          f'[users.bench]\npassword_hash = "{hash_password(PASSWORD)}"\n'
-                          f'access = {{ app = "read-write" }}\n\n'
-                          f'[cluster]\nname = "bench-rs"\nnode = "n{i + 1}"\nmode = "replicated"\nlease = "etcd"\n'
-                          f'etcd = ["{etcd_url}"]\nttl = "{ttl}"\npeers = {{ {peers} }}\n'))
+        db = {"app": {"files": [d / "app.db"], "durability": "replicated"}}
+        nodes.append(Node(work, f"n{i + 1}", port, d, db, {
+            "sql": {"busy_timeout": "3s"},
+            "replication": {"peer_token_file": work / "peer.token"},
+            "users.bench": {"password_hash": hash_password(PASSWORD), "access": {"app": "read-write"}},
+            "cluster": {"name": "bench-rs", "node": f"n{i + 1}", "mode": "replicated", "lease": "etcd",
+                        "etcd": [etcd_url], "ttl": ttl, "peers": peers}}))
     make_db(work / "n1" / "app.db")      # n1 starts as the primary; n2 is seeded from it
     auth = {"password": PASSWORD}
     rtos, rejoins, per_round = [], [], []
@@ -318,25 +279,11 @@ def scenario_replicated(work: Path, etcd_url: str, rounds: int, ttl: str, client
             "rejoin_seconds": rejoins, "per_round": per_round}
 
 
-def start_etcd(work: Path) -> tuple[subprocess.Popen, str] | None:
-    exe = shutil.which("etcd")
-    if not exe:
+def start_etcd(work: Path) -> Etcd | None:
+    if not shutil.which("etcd"):
         return None
-    c, p = free_port(), free_port()
-    url = f"http://127.0.0.1:{c}"
-    proc = subprocess.Popen([exe, "--data-dir", str(work / "etcd-data"), "--name", "b", "--listen-client-urls", url,
-                             "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{p}",
-                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
-                             "--initial-cluster", f"b=http://127.0.0.1:{p}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 30, "etcd")
-    return proc, url
+    (work / "etcd-server").mkdir()
+    return Etcd(work / "etcd-server", name="b")
 
 
 def main() -> int:
@@ -358,16 +305,15 @@ def main() -> int:
         etcd = None if a.no_etcd else start_etcd(work)
         if etcd:
             if not a.no_shared:
-                results.append(scenario_shared(work / "etcd", "etcd", etcd[1], a.rounds, a.ttl, a.clients))
+                results.append(scenario_shared(work / "etcd", "etcd", etcd.url, a.rounds, a.ttl, a.clients))
             if not a.no_replicated:
-                results.append(scenario_replicated(work / "replicated", etcd[1], a.rounds, a.ttl, a.clients))
+                results.append(scenario_replicated(work / "replicated", etcd.url, a.rounds, a.ttl, a.clients))
     except BaseException:
         print(f"failed: configs, logs and databases kept in {work}", file=sys.stderr)
         raise
     finally:
         if etcd:
-            etcd[0].terminate()
-            etcd[0].wait(10)
+            etcd.stop()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "failover.json").write_text(json.dumps(results, indent=2))
     print()

@@ -76,10 +76,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/, whatever the cwd
-from _common import ENV, OUT, PY, free_port, litestream_binary, log
+from _common import ENV, OUT, PY, Daemon, free_port, litestream_binary, log, write_config
 
 # name -> (replica's sync-interval, database's monitor-interval); None = Litestream's default (1s)
 LITESTREAM_VARIANTS: dict[str, tuple[str | None, str | None]] = {
@@ -89,46 +88,21 @@ LITESTREAM_VARIANTS: dict[str, tuple[str | None, str | None]] = {
 }
 
 
-def config(dir: Path, port: int, files: list[Path], token: Path, db_extra: str) -> Path:
-    text = (f'[daemon]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{dir / "var"}"\n\n'
-            f'[replication]\npeer_token_file = "{token}"\n\n'
-            f'[databases.bank]\nfiles = {json.dumps([str(f) for f in files])}\n{db_extra}\n')
-    p = dir / "bastion.toml"
-    p.write_text(text)
-    return p
+class ReplDaemon(Daemon):
+    """A primary or a backup of the bank, started at once (30 s at most)."""
 
+    def __init__(self, dir: Path, port: int, files: list[Path], token: Path, db: dict[str, str]) -> None:
+        super().__init__(write_config(dir, port, {"bank": {"files": files, **db}},
+                                      sections={"replication": {"peer_token_file": token}}), port)
+        self.start(30)
 
-class Daemon:
-    def __init__(self, cfg: Path, port: int) -> None:
-        self.cfg, self.port = cfg, port
-        self.log = open(cfg.parent / "daemon.log", "w")   # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(cfg)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError((cfg.parent / "daemon.log").read_text()[-3000:])
-            time.sleep(0.05)
-
-    def cli(self, *args: str) -> dict[str, Any]:
-        p = subprocess.run([PY, "-m", "bastion", "--config", str(self.cfg), *args, "--json"],
+    def report(self, *args: str) -> dict[str, Any]:
+        """A CLI command's --json output (exit 0 or 1: a partial result is still a report)."""
+        p = subprocess.run([PY, "-m", "bastion", "--config", str(self.config), *args, "--json"],
                            capture_output=True, text=True, timeout=600, env=ENV, check=False)
         if p.returncode not in (0, 1):
             raise RuntimeError(p.stderr or p.stdout)
         return json.loads(p.stdout)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def counter(path: Path) -> int | None:
@@ -205,7 +179,7 @@ def workload_stats(stats_path: Path, rate: float) -> dict[str, Any]:
 
 # -- Bastion ----------------------------------------------------------------------------------
 
-def pair(base: Path, schedule: str) -> tuple[Daemon, Daemon, Path, Path]:
+def pair(base: Path, schedule: str) -> tuple[ReplDaemon, ReplDaemon, Path, Path]:
     app = base / "app"
     init_bank(app)
     token = base / "peer.token"
@@ -214,17 +188,16 @@ def pair(base: Path, schedule: str) -> tuple[Daemon, Daemon, Path, Path]:
     (base / "backup").mkdir()
     (base / "primary").mkdir()
     bport, pport = free_port(), free_port()
-    backup = Daemon(config(base / "backup", bport, [copy / "bank.db", copy / "audit.db"], token,
-                           'replica_of = "bank"'), bport)
-    primary = Daemon(config(base / "primary", pport, [app / "bank.db", app / "audit.db"], token,
-                            f'replicate_to = "http://127.0.0.1:{bport}"\nreplicate_schedule = "{schedule}"'), pport)
+    backup = ReplDaemon(base / "backup", bport, [copy / "bank.db", copy / "audit.db"], token, {"replica_of": "bank"})
+    primary = ReplDaemon(base / "primary", pport, [app / "bank.db", app / "audit.db"], token,
+                         {"replicate_to": f"http://127.0.0.1:{bport}", "replicate_schedule": schedule})
     return primary, backup, app, copy
 
 
-def wait_seeded(primary: Daemon, timeout: float = 60) -> None:
+def wait_seeded(primary: ReplDaemon, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        st = primary.cli("replicate", "status")["databases"][0]
+        st = primary.report("replicate", "status")["databases"][0]
         if all(f["applied"] is not None for f in st["files"]):
             return
         if time.monotonic() > deadline:
@@ -258,11 +231,11 @@ def bastion_lag_run(base: Path, rate: float, seconds: float, sync: str) -> dict[
 def catchup_run(base: Path, seconds: float, sync: str) -> dict[str, Any]:
     primary, backup, app, copy = pair(base, "manual")
     try:
-        primary.cli("replicate", "run", "bank")          # seed, empty log
+        primary.report("replicate", "run", "bank")          # seed, empty log
         start_workload(app, None, seconds, sync, base / "stats.json", quiet=True).wait()
-        pending = primary.cli("replicate", "status")["databases"][0]["lag_changes"]
+        pending = primary.report("replicate", "status")["databases"][0]["lag_changes"]
         t0 = time.monotonic()
-        res = primary.cli("replicate", "run", "bank")
+        res = primary.report("replicate", "run", "bank")
         dt = time.monotonic() - t0
         return {"changes": res["shipped"], "pending_before": pending, "seconds": round(dt, 3),
                 "changes_per_s": round(res["shipped"] / dt), "same_counter": counter(app / "bank.db") == counter(

@@ -20,8 +20,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,20 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import OUT, PY, ROOT, Daemon, free_port, log, write_config
+
 sys.path.insert(0, str(ROOT / "src"))
-OUT = ROOT / "bench" / "out"
-PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def worker(dsn: str, token: str, kind: str, threads: int, seconds: float, start_at: float, q: mp.Queue) -> None:
@@ -110,25 +97,11 @@ def main() -> int:
             con.executemany("INSERT INTO kv VALUES (?, ?)", ((i, f"value-{i}") for i in range(1, 10001)))
         con.close()
     port = free_port()
-    (work / "bastion.toml").write_text(
-        f'[daemon]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{work / "var"}"\n\n'
-        f'[databases.gc]\nfiles = ["{work / "gc.db"}"]\n\n'
-        f'[databases.nogc]\nfiles = ["{work / "nogc.db"}"]\ngroup_commit = false\n')
-    daemon = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(work / "bastion.toml")],
-                              stderr=open(work / "daemon.log", "w"), start_new_session=True)
+    daemon = Daemon(write_config(work, port, {"gc": [work / "gc.db"],
+                                              "nogc": {"files": [work / "nogc.db"], "group_commit": False}}), port)
     try:
-        token_file = work / "var" / "token"
-        deadline = time.monotonic() + 20
-        import bastion.client as bc
-        while True:
-            try:
-                token = token_file.read_text().strip()
-                bc.connect(f"bastion://127.0.0.1:{port}/gc", token=token, failover_timeout=0.2).close()
-                break
-            except (OSError, bc.Error):
-                if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not start: " + (work / "daemon.log").read_text())
-                time.sleep(0.1)
+        daemon.start(20)
+        token = daemon.token
         res: dict = {"clients": a.clients, "seconds_per_window": a.seconds}
 
         # reads: one client, server vs apsw in process
@@ -165,8 +138,7 @@ def main() -> int:
         res["fsync_ms"] = (time.perf_counter() - t0) / 50 * 1000
         os.close(fd)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
+        daemon.stop(30)
     g, f = statistics.median(res["commits_group_per_s"]), statistics.median(res["commits_fsync_each_per_s"])
     res["ratio_reads_server_over_apsw"] = res["reads_server_1_per_s"] / res["reads_apsw_per_s"]
     res["ratio_group_over_fsync_each"] = g / f

@@ -85,7 +85,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/, whatever the cwd
-from _common import ENV, OUT, PY, free_port, log
+from _common import ENV, OUT, PY, Daemon, free_port, log, write_config
 
 SCHEMA = ["CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER, note TEXT)",
           "CREATE TABLE events(id INTEGER PRIMARY KEY, item INTEGER, kind TEXT, at REAL)"]
@@ -184,7 +184,7 @@ def backup_copy(src: Path, dst: Path) -> None:
 
 # -- sites: real daemons ------------------------------------------------------------------------
 
-class Daemon:
+class SiteDaemon(Daemon):
     """`bastion serve` of one site. ``wrap``: a prefix for the command (ip netns exec NS)."""
 
     def __init__(self, base: Path, name: str, listen: str, sites: dict[str, str], token: Path, topology: str,
@@ -193,34 +193,26 @@ class Daemon:
         self.dir = base / name
         self.dir.mkdir(parents=True)
         self.db = self.dir / "shop.db"
-        urls = ", ".join(f'{n} = "{u}"' for n, u in sites.items())
-        self.cfg = self.dir / "bastion.toml"
-        self.cfg.write_text(f'[daemon]\nlisten = "{listen}"\ndata_dir = "{self.dir / "var"}"\n\n'
-                            f'[replication]\npeer_token_file = "{token}"\n\n[sync]\nsite = "{name}"\n\n'
-                            f'[sync_groups.g]\nsites = {{ {urls} }}\ntopology = "{topology}"\n'
-                            f'schedule = "{schedule}"\n\n'
-                            f'[databases.shop]\nfiles = ["{self.db}"]\nsync_group = "g"\n')
-        self.proc: subprocess.Popen | None = None
+        addr, port = listen.rsplit(":", 1)
+        super().__init__(write_config(self.dir, int(port), {"shop": {"files": [self.db], "sync_group": "g"}},
+                                      addr=addr, sections={
+                                          "replication": {"peer_token_file": token}, "sync": {"site": name},
+                                          "sync_groups.g": {"sites": sites, "topology": topology,
+                                                            "schedule": schedule}}), int(port), addr=addr)
 
-    def start(self) -> None:
-        self.logf = open(self.dir / "daemon.log", "a")   # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([*self.wrap, PY, "-m", "bastion", "serve", "--config", str(self.cfg)],
-                                     stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://{self.listen}/v1/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise Broken(f"daemon {self.name} did not start: {(self.dir / 'daemon.log').read_text()[-3000:]}")
-            time.sleep(0.05)
+    def command(self) -> list[str]:
+        return [*self.wrap, *super().command()]
 
-    def cli(self, *args: str, ok: tuple[int, ...] = (0,), timeout: float = 600) -> tuple[float, dict[str, Any]]:
+    def start(self, timeout: float = 30) -> "SiteDaemon":
+        try:
+            return super().start(timeout)
+        except RuntimeError as exc:
+            raise Broken(f"daemon {self.name} did not start: {str(exc)[-3000:]}") from exc
+
+    def report(self, *args: str, ok: tuple[int, ...] = (0,), timeout: float = 600) -> tuple[float, dict[str, Any]]:
         """(wall seconds, JSON answer) of `bastion ARGS --json`, run where the daemon runs."""
         t = time.perf_counter()
-        p = subprocess.run([*self.wrap, PY, "-m", "bastion", "--config", str(self.cfg), *args, "--json"],
+        p = subprocess.run([*self.wrap, PY, "-m", "bastion", "--config", str(self.config), *args, "--json"],
                            capture_output=True, text=True, timeout=timeout, env=ENV, check=False)
         secs = time.perf_counter() - t
         if p.returncode not in ok:
@@ -233,16 +225,8 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.logf.close()
+    def stop(self, timeout: float = 20) -> None:
+        super().stop(timeout)
 
 
 def seed_file(db: Path, items: int) -> None:
@@ -577,7 +561,7 @@ def throughput(base: Path, rows: int, stream: int, out: dict[str, Any]) -> None:
     token.write_text(secrets.token_hex(32))
     ports = {n: free_port() for n in ("a", "b")}
     sites = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
-    d = {n: Daemon(base, n, f"127.0.0.1:{ports[n]}", sites, token, "pair", "manual") for n in ports}
+    d = {n: SiteDaemon(base, n, f"127.0.0.1:{ports[n]}", sites, token, "pair", "manual") for n in ports}
     scratch = base / "scratch"
     scratch.mkdir()
     seed_file(d["a"].db, 1000)
@@ -585,7 +569,7 @@ def throughput(base: Path, rows: int, stream: int, out: dict[str, Any]) -> None:
     try:
         for x in d.values():
             x.start()
-        d["b"].cli("sync", "run", "shop")            # b joins with a copy of a's file (capture on a from then)
+        d["b"].report("sync", "run", "shop")            # b joins with a copy of a's file (capture on a from then)
         tok = (d["a"].dir / "var" / "token").read_text().strip()
         with httpx.Client(base_url=f"http://{d['a'].listen}", headers={"Authorization": f"Bearer {tok}"}) as c:
             api = []
@@ -599,7 +583,7 @@ def throughput(base: Path, rows: int, stream: int, out: dict[str, Any]) -> None:
                  ("updates", f"{rows:,} updates in 5 tx", plan_updates(100_001, rows, 5)),
                  ("stream", f"{stream:,} 1-row commits", plan_stream(100_001 + rows, stream, (1000, rows), rng))]
         for key, label, plan in loads:
-            empty = sorted(d["a"].cli("sync", "run", "shop")[0] for _ in range(3))[1]
+            empty = sorted(d["a"].report("sync", "run", "shop")[0] for _ in range(3))[1]
             log(f"throughput: {label}: application on a")
             app = app_result(run_app(d["a"].db, plan, scratch))
             changes = app["rows"]
@@ -609,7 +593,7 @@ def throughput(base: Path, rows: int, stream: int, out: dict[str, Any]) -> None:
             backup_copy(d["b"].db, cp / "b.db")
             shutil.copy(cp / "b.db", cp / "b-engine.db")
             log(f"throughput: {label}: `bastion sync run shop` on a")
-            secs, res = d["a"].cli("sync", "run", "shop")
+            secs, res = d["a"].report("sync", "run", "shop")
             if res.get("sent") != changes or res.get("errors"):
                 raise Broken(f"sync run sent {res.get('sent')} of {changes} changes: {res}")
             if digests(d["a"].db) != digests(d["b"].db):
@@ -843,7 +827,7 @@ def convergence(base: Path, net_kind: str, changes: int, reps: int, profile: boo
     net: RelayNet | NsNet = RelayNet(names) if net_kind == "relay" else NsNet(names)
     token = base / "peer.token"
     token.write_text(secrets.token_hex(32))
-    d = {n: Daemon(base, n, net.listen(n), net.sites(n), token, "mesh", "continuous", net.wrap(n)) for n in names}
+    d = {n: SiteDaemon(base, n, net.listen(n), net.sites(n), token, "mesh", "continuous", net.wrap(n)) for n in names}
     dbs = [d[n].db for n in names]
     scratch = base / "scratch"
     scratch.mkdir()
@@ -876,7 +860,7 @@ def convergence(base: Path, net_kind: str, changes: int, reps: int, profile: boo
             vecs = {n: held(d[n].db) for n in names}
             r["partition_s"] = round(time.monotonic() - t_cut, 2)
             r["pending"] = {"lacks": lacking(vecs), "not_ingested": {n: v["_not_ingested"] for n, v in vecs.items()}}
-            st = {n: d[n].cli("sync", "status", "shop", ok=(0, 1), timeout=60)[1]["databases"][0] for n in names}
+            st = {n: d[n].report("sync", "status", "shop", ok=(0, 1), timeout=60)[1]["databases"][0] for n in names}
             r["state_before_heal"] = {n: x["state"] for n, x in st.items()}
             sent_before = {n: {p: v["sent"] for p, v in x["peers"].items()} for n, x in st.items()}
             if "c" in writers and same_content(dbs):
@@ -942,10 +926,10 @@ def convergence(base: Path, net_kind: str, changes: int, reps: int, profile: boo
                 raise Broken(f"rep {rep + 1}: integrity_check: {checks}")
             r["integrity"] = checks
             r["rows"] = {t: len(v) for t, v in rows[0].items()}
-            total = {n: len(d[n].cli("conflicts", "list", "shop", timeout=60)[1]["conflicts"]) for n in names}
+            total = {n: len(d[n].report("conflicts", "list", "shop", timeout=60)[1]["conflicts"]) for n in names}
             r["conflicts_recorded"] = {n: total[n] - seen_conflicts.get(n, 0) for n in names}
             seen_conflicts = total
-            st = {n: d[n].cli("sync", "status", "shop", ok=(0, 1), timeout=60)[1]["databases"][0] for n in names}
+            st = {n: d[n].report("sync", "status", "shop", ok=(0, 1), timeout=60)[1]["databases"][0] for n in names}
             r["sent_during_heal"] = {n: {p: v["sent"] - sent_before[n].get(p, 0) for p, v in x["peers"].items()}
                                      for n, x in st.items()}
             log(f"convergence rep {rep + 1}: same content after {r['converge_after_s']}-{r['converge_s']} s; every "

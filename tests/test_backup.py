@@ -4,7 +4,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from conftest import check_bank, dump
+from support import DaemonProc, check_bank, dump, free_port, wait_for, write_config
 
 
 def _backup(daemon, *extra):
@@ -196,26 +196,14 @@ def test_kill9_during_backup_lists_nothing_partial(daemon, bank, tmp_path):
     assert not list(repo_dir.rglob("*.tmp-*"))
 
 
-def _wait(pred, timeout=30):
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError("condition not reached")
-
-
 def test_scheduled_backups_run_retain_and_failures_show(tmp_path, bank):
-    from conftest import DaemonProc, free_port, write_config
     port = free_port()
     extra = '[backups]\nschedule = "every 1s"\nkeep_last = 2\n'
     cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra)
     d = DaemonProc(cfg, port, tmp_path / "var").start()
     try:
         bank.start()
-        _wait(lambda: (lambda b: b if len(b) >= 2 else None)(
+        wait_for(lambda: (lambda b: b if len(b) >= 2 else None)(
             d.cli("backups", "list", "--json").json["backups"]))
         job = d.cli("status", "--json").json["jobs"][0]
         assert job["job"] == "backup bank" and job["last_ok"] and job["failures"] == 0
@@ -230,7 +218,8 @@ def test_scheduled_backups_run_retain_and_failures_show(tmp_path, bank):
     cfg.write_text(cfg.read_text().replace('keep_last = 2\n', f'keep_last = 2\nrepository = "{bad}"\n'))
     d.start()
     try:
-        job = _wait(lambda: (lambda j: j if j["failures"] >= 2 else None)(d.cli("status", "--json").json["jobs"][0]))
+        job = wait_for(lambda: (lambda j: j if j["failures"] >= 2 else None)(
+            d.cli("status", "--json").json["jobs"][0]))
         assert job["last_error"] and str(bad) in job["last_error"]
         r = d.cli("status")
         assert "FAILED" in r.out

@@ -22,8 +22,7 @@ import pytest
 
 from bastion.backup.repository import Repository
 from bastion.backup.store import TMP_MARK, open_store
-from conftest import DaemonProc, check_bank, dump, free_port, write_config
-from servers import sshd_server  # noqa: F401 - fixture
+from support import DaemonProc, check_bank, dump, free_port, serve_refused, write_config
 
 PY = sys.executable
 BAD_URLS = {
@@ -82,12 +81,10 @@ def test_config_with_a_bad_repository_url_does_not_start(tmp_path, bank, where):
     port = free_port()
     url = "memory://x" if where == "backups" else "file:///srv/b?mode=0644"
     extra = f'[backups]\nrepository = "{url}"\n' if where == "backups" else ""
-    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank)]}, extra=extra)
-    if where == "database":
-        cfg.write_text(cfg.read_text().replace("[databases.bank]\n", f'[databases.bank]\nrepository = "{url}"\n'))
+    db = {"files": [bank.bank], **({"repository": url} if where == "database" else {})}
+    cfg = write_config(tmp_path, port, {"bank": db}, extra=extra)
     try:
-        p = subprocess.run([PY, "-m", "bastion", "serve", "--config", str(cfg)], capture_output=True, text=True,
-                           timeout=20)
+        p = serve_refused(cfg, timeout=20)
     except subprocess.TimeoutExpired:
         pytest.fail("the daemon started with an unusable repository URL")
     assert p.returncode == 3, p.stderr

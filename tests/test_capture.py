@@ -14,7 +14,6 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bastion import capture as cap
 from bastion.errors import StateConflict
+from support.data import content, integrity
 
 APP = r'''
 import pickle, sqlite3, sys
@@ -125,10 +125,6 @@ def app():
 
 # -- helpers ----------------------------------------------------------------------------
 
-def _qi(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def new_db(path: Path, schema: str = "") -> Path:
     con = apsw.Connection(str(path))
     if schema:
@@ -169,31 +165,6 @@ def ship(src: Path, dst: Path, origin: str = "A", chunk: int = 1000) -> int:
         moved += len(batch)
 
 
-def _value(v: Any) -> Any:
-    # Floats by their bits, so -0.0 and 0.0 differ and 0.1 must be exactly 0.1.
-    return ("f", struct.pack(">d", v)) if isinstance(v, float) else v
-
-
-def content(path: Path) -> dict[str, list[tuple]]:
-    """Every user table, exactly: rowid (if any), then typeof and value of every column, in key order."""
-    con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        out = {}
-        for name, wr in con.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND type = 'table' "
-                                    "AND name NOT LIKE 'sqlite%' AND substr(name, 1, 9) != '_bastion_'").fetchall():
-            cols = [r[0] for r in con.execute("SELECT name FROM pragma_table_xinfo(?)", (name,))]
-            sel = [f"typeof({_qi(c)}), CASE WHEN typeof({_qi(c)}) IN ('text', 'blob') THEN CAST({_qi(c)} AS BLOB) "
-                   f"ELSE {_qi(c)} END" for c in cols]
-            if not wr:
-                rid = next(n for n in ("rowid", "_rowid_", "oid") if n not in {c.lower() for c in cols})
-                sel.insert(0, rid)
-            rows = con.execute(f"SELECT {', '.join(sel)} FROM {_qi(name)} ORDER BY 1, 2, 3").fetchall()
-            out[name] = [tuple(_value(v) for v in r) for r in rows]
-        return out
-    finally:
-        con.close()
-
-
 def schema_sql(path: Path) -> list[tuple]:
     con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
@@ -215,14 +186,6 @@ def shape_count(path: Path) -> int:
     con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return con.execute("SELECT count(*) FROM _bastion_tables").fetchone()[0]
-    finally:
-        con.close()
-
-
-def integrity(path: Path) -> str:
-    con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return con.execute("PRAGMA integrity_check").fetchone()[0]
     finally:
         con.close()
 

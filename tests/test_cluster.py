@@ -9,8 +9,6 @@ over, and every acknowledged commit must be there, the database intact.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -20,131 +18,9 @@ from pathlib import Path
 import httpx
 
 import bastion.client as bc
-from conftest import PY, check_bank, free_port
-
-
-# -- a cluster of nodes --------------------------------------------------------------------
-
-class Node:
-    def __init__(self, base: Path, name: str, port: int, files: list[Path], cluster: str) -> None:
-        self.name, self.port = name, port
-        self.config = base / f"{name}.toml"
-        self.config.write_text(
-            f'[daemon]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{base / "var"}"\n\n'
-            f'[databases.bank]\nfiles = [{", ".join(json.dumps(str(f)) for f in files)}]\n\n'
-            f'[sql]\nbusy_timeout = "10s"\n\n{cluster}\nnode = "{name}"\n')
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Node":
-        with open(self.log, "a") as logf:
-            self.proc = subprocess.Popen([PY, "-m", "bastion", "serve", "--config", str(self.config)],
-                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def health(self) -> dict:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/v1/health", timeout=2).json()
-        except (httpx.HTTPError, ValueError):
-            return {"role": "down", "writable": False}
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, 9)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(5)
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout:g} s")
-
-
-def active_of(nodes: list[Node]) -> list[Node]:
-    return [n for n in nodes if n.health().get("writable")]
-
-
-def make_cluster(tmp_path: Path, bank, n: int, lease: str, ttl: str = "2s") -> list[Node]:
-    ports = [free_port() for _ in range(n)]
-    peers = ", ".join(f'n{i + 1} = "127.0.0.1:{p}"' for i, p in enumerate(ports))
-    (tmp_path / "hooks").mkdir()
-    (tmp_path / "hook.py").write_text(
-        "import os, sys\n"
-        "name = os.environ['BASTION_NODE'] + '-' + os.environ['BASTION_ROLE']\n"
-        "open(os.path.join(sys.argv[1], name), 'a').write(os.environ['BASTION_TOKEN'] + '\\n')\n")
-    hook = json.dumps([PY, str(tmp_path / "hook.py"), str(tmp_path / "hooks")])
-    cluster = (f'[cluster]\nname = "t"\nlease = "{lease[0]}"\nttl = "{ttl}"\npeers = {{ {peers} }}\n'
-               f"on_promote = {hook}\non_demote = {hook}\n")
-    if lease[0] == "etcd":
-        cluster += f'etcd = ["{lease[1]}"]\n'
-    return [Node(tmp_path, f"n{i + 1}", p, [bank.bank, bank.audit], cluster) for i, p in enumerate(ports)]
-
-
-class Writers:
-    """Clients writing through the driver with every node in the DSN; each records what was acknowledged."""
-
-    def __init__(self, nodes: list[Node], token: str | None, count: int = 4, user: str = "",
-                 database: str = "bank") -> None:
-        hosts = ",".join(f"127.0.0.1:{n.port}" for n in nodes)
-        self.dsn = f"bastion://{user + '@' if user else ''}{hosts}/{database}"
-        self.token = token
-        self.acked: dict[int, list[int]] = {i: [] for i in range(count)}
-        self.lost: list[str] = []
-        self.stop = threading.Event()
-        self.connected = 0
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(count)]
-
-    def _run(self, i: int) -> None:
-        con = bc.connect(self.dsn, token=self.token, autocommit=True, failover_timeout=30)
-        self.connected += 1
-        n = 0
-        while not self.stop.is_set():
-            try:
-                con.execute("INSERT INTO acked(client, n) VALUES (?, ?)", (i, n))
-                self.acked[i].append(n)
-            except bc.OutcomeUnknown as exc:
-                self.lost.append(str(exc))       # may or may not be there: not counted as acknowledged
-            except bc.OperationalError as exc:
-                if "not active" not in str(exc) and "no active" not in str(exc):
-                    raise
-            n += 1
-        con.close()
-
-    def __enter__(self) -> "Writers":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-
-    def check(self, con: bc.Connection) -> int:
-        rows = con.execute("SELECT client, n FROM acked").fetchall()
-        got: dict[int, set[int]] = {}
-        for c, n in rows:
-            got.setdefault(c, set()).add(n)
-        for i, ns in self.acked.items():
-            missing = set(ns) - got.get(i, set())
-            assert not missing, f"client {i}: {len(missing)} acknowledged commit(s) missing"
-        return sum(len(v) for v in self.acked.values())
-
-
-def token_of(tmp_path: Path) -> str:
-    return wait_for(lambda: (p := tmp_path / "var" / "token").exists() and p.read_text().strip(), what="token")
+from support import PY, check_bank, free_port, wait_for
+from support.cluster import Node, Writers, active_of, make_cluster, token_of
+from support.etcd import Etcd
 
 
 def prepare(nodes: list[Node], tmp_path: Path) -> bc.Connection:
@@ -234,33 +110,6 @@ def test_planned_switchover_loses_no_commit(tmp_path, bank):
 
 
 # -- etcd ---------------------------------------------------------------------------------
-
-class Etcd:
-    def __init__(self, base: Path) -> None:
-        exe = shutil.which("etcd")
-        assert exe, "etcd is not installed: run `make setup` (Debian package etcd-server)"
-        self.client, peer = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.client}"
-        self.logf = open(base / "etcd.log", "w")
-        self.proc = subprocess.Popen([exe, "--data-dir", str(base / "etcd"), "--name", "t",
-                                      "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                                      "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                                      "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                                      "--initial-cluster", f"t=http://127.0.0.1:{peer}"],
-                                     stdout=self.logf, stderr=subprocess.STDOUT)
-        wait_for(self._up, 30, "etcd up")
-
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.logf.close()
-
 
 class Cut:
     """A TCP relay between one node and etcd that the test can cut: a real network partition

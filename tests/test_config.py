@@ -11,7 +11,7 @@ import pytest
 from bastion.config import load, parse_duration
 from bastion.errors import ConfigError, EXIT_USAGE
 
-from conftest import PY
+from support import PY
 
 
 def write(tmp_path: Path, text: str, name: str = "bastion.toml") -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PY, DaemonProc, check_bank, free_port, sha256, write_config
+from support import PY, DaemonProc, check_bank, free_port, sha256, write_config
 
 SQLITE3 = shutil.which("sqlite3") or "/usr/bin/sqlite3"
 

@@ -19,32 +19,21 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from conftest import PY, App, DaemonProc, check_bank, dump, sha256
+from support import PY, App, DaemonProc, check_bank, dump, sha256, wait_for
 
 FILES = ("bank.db", "audit.db")
 
 
 # -- helpers -----------------------------------------------------------------------
 
-def wait_for(pred: Callable[[], Any], timeout: float = 20.0, every: float = 0.02, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached in {timeout:g} s")
-        time.sleep(every)
-
-
 def keeps_writing(app: App, seconds: float = 10.0) -> None:
     """The application commits again (transfers rise) within ``seconds``."""
     n0 = app.transfers()
-    wait_for(lambda: app.transfers() > n0 + 20, seconds, what="the application's commits rising")
+    wait_for(lambda: app.transfers() > n0 + 20, seconds, every=0.02, what="the application's commits rising")
 
 
 def copy_main_files(app_dir: Path, dest: Path) -> Path:
@@ -196,7 +185,7 @@ def test_kill9_during_roll_in_held_by_a_reader(daemon, bank, tmp_path):
         keeps_writing(bank)                       # the reader's snapshot is now older than the last commit
         p = cli_bg(daemon, "endbu", "bank")
         wait_for(lambda: {r["status"] for r in state_rows(daemon, "contops")} == {"rolling_in"},
-                 what="endbu releasing the holders")
+                 timeout=20, every=0.02, what="endbu releasing the holders")
         time.sleep(0.3)
         assert p.poll() is None, "the roll-in should be waiting for the reader"
         keeps_writing(bank)                       # the application writes on during roll-in
@@ -210,7 +199,7 @@ def test_kill9_during_roll_in_held_by_a_reader(daemon, bank, tmp_path):
     finally:
         reader.close()
     rows = wait_for(lambda: (rs := state_rows(daemon, "contops")) and all(r["status"] == "ended" for r in rs) and rs,
-                    what="the roll-in completed after the restart")
+                    timeout=20, every=0.02, what="the roll-in completed after the restart")
     assert {r["session_id"] for r in rows} == {session}
     assert all("after a daemon restart" in r["reason"] for r in rows), rows
     assert all(f["contops"] is None for f in file_status(daemon).values())
@@ -364,7 +353,7 @@ def test_kill9_during_exec(daemon, bank, tmp_path, restart_before_command_ends):
 
         daemon.kill9()
         # the holds died with the daemon: the application's own checkpoints reach the main files
-        wait_for(lambda: main_hashes(bank.dir) != at_startbu, what="the main files changing after the kill")
+        wait_for(lambda: main_hashes(bank.dir) != at_startbu, 20, "the main files changing after the kill", every=0.02)
         if restart_before_command_ends:
             daemon.start()
         touch(go)
@@ -447,7 +436,7 @@ class ShellLoop:
     def keeps_committing(self, n: int = 20, timeout: float = 20) -> None:
         a0 = self.acked
         wait_for(lambda: self.acked >= a0 + n or self.proc.poll() is not None, timeout,
-                 what="the sqlite3 application's commits rising")
+                 every=0.02, what="the sqlite3 application's commits rising")
         assert self.proc.poll() is None, self.proc.stderr.read()  # type: ignore[union-attr]
 
     def stop(self) -> str:

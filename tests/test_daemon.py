@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from conftest import PY, DaemonProc, free_port, write_config
+from support import DaemonProc, free_port, serve_refused, write_config
 
 
 def test_token_is_private_and_required(daemon):
@@ -24,8 +24,7 @@ def test_token_is_private_and_required(daemon):
 
 
 def test_second_daemon_on_same_data_dir_is_refused(daemon):
-    p = subprocess.run([PY, "-m", "bastion", "serve", "--config", str(daemon.config)],
-                       capture_output=True, text=True, timeout=30)
+    p = serve_refused(daemon.config)
     assert p.returncode == 2
     assert "already running" in p.stderr and str(daemon.data_dir) in p.stderr
 
@@ -34,8 +33,7 @@ def test_port_in_use_is_a_clear_error(tmp_path, daemon):
     other = tmp_path / "other"
     other.mkdir()
     cfg = write_config(other, daemon.port)
-    p = subprocess.run([PY, "-m", "bastion", "serve", "--config", str(cfg)], capture_output=True, text=True,
-                       timeout=30)
+    p = serve_refused(cfg)
     assert p.returncode == 3
     assert "already in use" in p.stderr
 

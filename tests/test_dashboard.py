@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import PY, DaemonProc, free_port, write_config
+from support import PY, DaemonProc, free_port, write_config
+from support.replication import Pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import dashboard_shots as shots  # noqa: E402
@@ -236,7 +237,6 @@ def test_session_cookie_and_csrf(dash) -> None:
 
 def test_lag_graph_of_a_replicating_database(tmp_path: Path, bank) -> None:
     """Replication lag is sampled into a bounded ring and drawn as an SVG line."""
-    from test_replication import Pair
     pair = Pair(tmp_path, bank).start()
     try:
         bank.start(60)

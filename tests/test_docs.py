@@ -20,7 +20,7 @@ from bastion import config as cfg
 from bastion.cli import cli
 from bastion.errors import ConfigError
 
-from conftest import check_bank
+from support import check_bank
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

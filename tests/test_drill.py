@@ -7,15 +7,14 @@ import json
 import time
 from pathlib import Path
 
-from conftest import DaemonProc, free_port, write_config
-from test_metrics import scrape, value
-from test_notify import Receiver, wait_for
+from support import DaemonProc, free_port, wait_for, write_config
+from support.metrics import scrape, value
+from support.receivers import Receiver
 
 
 def start(tmp_path: Path, bank, db_extra: str, extra: str = "") -> DaemonProc:
     port = free_port()
-    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra)
-    cfg.write_text(cfg.read_text().replace("[databases.bank]\n", "[databases.bank]\n" + db_extra + "\n"))
+    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra, db_text=db_extra)
     return DaemonProc(cfg, port, tmp_path / "var").start()
 
 
@@ -63,7 +62,7 @@ def test_drill_restores_checks_and_measures_then_a_damaged_backup_fails_and_noti
         assert not r.json["ok"] and "restore" in r.json["step"] and r.json["rto_seconds"] is None
         m = scrape(d)
         assert value(m, "bastion_drill_last_ok", database="bank") == 0.0
-        wait_for(lambda: ("failing", "drill_failed:bank") in hook.events("drill_failed"), what="drill notification")
+        wait_for(lambda: ("failing", "drill_failed:bank") in hook.events("drill_failed"), 60, "drill notification")
         hist = d.api("GET", "/v1/drills?database=bank").json()["drills"]
         assert [h["ok"] for h in hist[:3]] == [False, True, True]
     finally:
@@ -100,11 +99,11 @@ def test_drills_run_on_schedule(tmp_path, bank):
     try:
         assert d.cli("backup", "bank").code == 0
         hist = wait_for(lambda: [h for h in d.api("GET", "/v1/drills?database=bank").json()["drills"] if h["ok"]],
-                        what="a scheduled drill")
+                        60, "a scheduled drill")
         assert hist[0]["checks"][0]["ok"]
         jobs = {j["job"]: j for j in d.api("GET", "/v1/status").json()["jobs"]}
         wait_for(lambda: {j["job"]: j for j in d.api("GET", "/v1/status").json()["jobs"]}["drill bank"]["last_ok"],
-                 what="the job's success")
+                 60, "the job's success")
         assert "drill bank" in jobs
         assert json.loads(json.dumps(hist[0]))["rpo_seconds"] >= 0
     finally:

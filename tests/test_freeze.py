@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from conftest import DaemonProc, check_bank
+from support import DaemonProc, check_bank
 
 
 def frozen_of(daemon: DaemonProc) -> dict[str, Any]:

@@ -11,28 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
+from support import DaemonProc, free_port, write_config
+from support.metrics import scrape, value
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "contrib" / "prometheus" / "bastion-alerts.yml"
 DASHBOARD = ROOT / "contrib" / "grafana" / "bastion-dashboard.json"
-
-
-def scrape(d) -> dict[str, list]:
-    r = d.api("GET", "/metrics")
-    assert r.status_code == 200, r.text
-    assert r.headers["content-type"].startswith("text/plain")
-    out: dict[str, list] = {}
-    for fam in text_string_to_metric_families(r.text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append(s)
-    return out
-
-
-def value(m: dict[str, list], name: str, **labels: str) -> float:
-    hits = [s.value for s in m.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(hits) == 1, (name, labels, m.get(name))
-    return hits[0]
 
 
 def test_metrics_after_backup_startbu_and_sql(daemon, bank):
@@ -92,7 +76,6 @@ def test_metrics_after_backup_startbu_and_sql(daemon, bank):
 
 
 def test_group_commit_batches_are_counted(tmp_path, bank):
-    from conftest import DaemonProc, free_port, write_config
     port = free_port()
     cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]})
     d = DaemonProc(cfg, port, tmp_path / "var").start()

@@ -5,69 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import DaemonProc, free_port, write_config
+from support import DaemonProc, free_port, wait_for, write_config
+from support.receivers import Mailbox, Receiver
 
 SECRET = "s3cret-for-hmac"
-
-
-class Receiver:
-    """Records every webhook POST; answers 500 to the first ``fail_first`` of them."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.posts: list[dict] = []
-        self.attempts = 0
-        self.fail_first = fail_first
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                outer.attempts += 1
-                if outer.attempts <= outer.fail_first:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                outer.posts.append({"body": json.loads(body), "raw": body,
-                                    "signature": self.headers.get("X-Bastion-Signature")})
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a) -> None:
-                pass
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self, key_prefix: str) -> list[tuple[str, str]]:
-        return [(p["body"]["event"], p["body"]["key"]) for p in self.posts if p["body"]["key"].startswith(key_prefix)]
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
-        self.messages.append((envelope.rcpt_tos, envelope.content.decode("utf-8", "replace")))
-        return "250 OK"
-
-
-def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -88,19 +35,18 @@ def test_failing_backup_notifies_once_per_streak_then_recovers(tmp_path: Path, b
     blocker.write_text("a file where the repository's parent directory should be")
     ran = tmp_path / "command.log"
     port = free_port()
-    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=(
+    db = {"files": [bank.bank, bank.audit], "repository": f"file://{blocker}/repo", "schedule": "every 2s"}
+    cfg = write_config(tmp_path, port, {"bank": db}, extra=(
         f'[notify]\nwebhook = "{hook.url}"\nwebhook_secret_file = "{tmp_path / "secret"}"\n'
         f'smtp_host = "127.0.0.1"\nsmtp_port = {smtp_port}\nemail_to = ["ops@example.com"]\n'
         f'email_from = "bastion@example.com"\ninterval = "1s"\n'
         f'command = "echo $BASTION_NOTIFY_EVENT $BASTION_NOTIFY_KEY >> {ran}"\n'))
-    text = cfg.read_text().replace("[databases.bank]\n", f'[databases.bank]\nrepository = "file://{blocker}/repo"\n'
-                                   'schedule = "every 2s"\n')
-    cfg.write_text(text)
     d = DaemonProc(cfg, port, tmp_path / "var").start()
     try:
-        wait_for(lambda: hook.events("backup_failed:bank"), what="the failing notification")
+        wait_for(lambda: hook.events("backup_failed:bank"), 60, "the failing notification")
         # several failed runs in a row: still one message for the streak
-        wait_for(lambda: (d.api("GET", "/v1/status").json()["jobs"][0]["failures"] or 0) >= 3, what="3 failures")
+        wait_for(lambda: (d.api("GET", "/v1/status").json()["jobs"][0]["failures"] or 0) >= 3, 60,
+                 "3 failures")
         time.sleep(1.5)
         assert hook.events("backup_failed:bank") == [("failing", "backup_failed:bank")]
         assert hook.attempts >= 2                      # a 500 was retried
@@ -108,18 +54,18 @@ def test_failing_backup_notifies_once_per_streak_then_recovers(tmp_path: Path, b
         expected = "sha256=" + hmac.new(SECRET.encode(), post["raw"], hashlib.sha256).hexdigest()
         assert post["signature"] == expected
         assert "failed" in post["body"]["message"] and post["body"]["subject"] == "bank"
-        mails = wait_for(lambda: [m for m in box.messages if "backup_failed" in m[1]], what="the e-mail")
+        mails = wait_for(lambda: [m for m in box.messages if "backup_failed" in m[1]], 60, "the e-mail")
         assert mails[0][0] == ["ops@example.com"] and "FAILING" in mails[0][1]
-        wait_for(lambda: ran.exists() and "failing backup_failed:bank" in ran.read_text(), what="the command")
+        wait_for(lambda: ran.exists() and "failing backup_failed:bank" in ran.read_text(), 60, "the command")
         alerts = d.api("GET", "/v1/status").json()["alerts"]
         assert [a["key"] for a in alerts if a["kind"] == "backup_failed"] == ["backup_failed:bank"]
 
         # fix the cause: the next scheduled run succeeds and a recovery goes out, once
         blocker.unlink()
         blocker.mkdir()
-        wait_for(lambda: ("recovered", "backup_failed:bank") in hook.events("backup_failed:bank"), what="recovery")
-        wait_for(lambda: [m for m in box.messages if "RECOVERED" in m[1]], what="the recovery e-mail")
-        wait_for(lambda: "recovered backup_failed:bank" in ran.read_text(), what="the recovery command")
+        wait_for(lambda: ("recovered", "backup_failed:bank") in hook.events("backup_failed:bank"), 60, "recovery")
+        wait_for(lambda: [m for m in box.messages if "RECOVERED" in m[1]], 60, "the recovery e-mail")
+        wait_for(lambda: "recovered backup_failed:bank" in ran.read_text(), 60, "the recovery command")
         time.sleep(2.5)
         assert hook.events("backup_failed:bank") == [("failing", "backup_failed:bank"),
                                                       ("recovered", "backup_failed:bank")]
@@ -142,7 +88,7 @@ def test_interrupted_continuous_operations_notify_and_survive_restart(tmp_path: 
     d = DaemonProc(cfg, port, tmp_path / "var").start()
     try:
         got = wait_for(lambda: len(hook.events("contops_interrupted:")) >= 2 and hook.events("contops_interrupted:"),
-                       what="the interrupted notifications of both files")
+                       60, "the interrupted notifications of both files")
         assert sorted(k for _, k in got) == sorted(f"contops_interrupted:{p}" for p in (bank.bank, bank.audit))
         d.stop()
         d = DaemonProc(cfg, port, tmp_path / "var").start()
@@ -151,7 +97,7 @@ def test_interrupted_continuous_operations_notify_and_survive_restart(tmp_path: 
         r = d.cli("endbu", "bank")                                  # acknowledged: the streak ends
         assert r.code != 0 and "interrupted" in (r.err + r.out)
         wait_for(lambda: len([e for e in hook.events("contops_interrupted:") if e[0] == "recovered"]) == 2,
-                 what="recovery of both files")
+                 60, "recovery of both files")
     finally:
         d.stop()
         hook.server.shutdown()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import PY, free_port
+from support import PY, free_port, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "ocf" / "bastion"
@@ -54,15 +54,9 @@ def write_cluster(base: Path, names: list[str], ttl: str = "2s") -> dict[str, Pa
     con.commit()
     con.close()
     ports = {n: free_port() for n in names}
-    peers = ", ".join(f'{n} = "127.0.0.1:{p}"' for n, p in ports.items())
-    out = {}
-    for n, p in ports.items():
-        out[n] = base / f"{n}.toml"
-        out[n].write_text(
-            f'[daemon]\nlisten = "127.0.0.1:{p}"\ndata_dir = "{base / "var"}"\n\n'
-            f'[databases.app]\nfiles = ["{db}"]\n\n'
-            f'[cluster]\nname = "ocf"\nnode = "{n}"\nlease = "file"\nttl = "{ttl}"\npeers = {{ {peers} }}\n')
-    return out
+    peers = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
+    return {n: write_config(base, p, {"app": [db]}, name=f"{n}.toml", sections={
+        "cluster": {"name": "ocf", "node": n, "lease": "file", "ttl": ttl, "peers": peers}}) for n, p in ports.items()}
 
 
 class Agent:
@@ -119,16 +113,6 @@ def both(a: Agent, b: Agent, action: str) -> None:
         list(ex.map(lambda agent: agent.ok(action), (a, b)))
 
 
-def wait_for(pred, timeout: float = 40.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:g} s")
-
-
 def alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -157,7 +141,7 @@ def test_ocf_tester_passes(tmp_path):
     tested = Agent(tmp_path, "n1", configs["n1"])
     try:
         peer.ok("start")
-        wait_for(lambda: peer.health().get("writable"), what="the peer node active")
+        wait_for(lambda: peer.health().get("writable"), 40, "the peer node active")
         t0 = time.monotonic()
         p = subprocess.run([OCF_TESTER, "-n", "bastion", "-o", f"config={configs['n1']}", "-o", f"bastion={BASTION}",
                             "-o", f"pidfile={tested.pidfile}", "-o", f"log={tested.log}", str(AGENT)],
@@ -185,7 +169,7 @@ def test_agent_runs_a_two_node_cluster_promote_demote_stop(tmp_path):
         both(a, b, "start")              # as Pacemaker starts clone instances: at once
         # Bastion's lease elects one of them on its own: promoted (8) there, running (0) on the other
         codes = wait_for(lambda: (c := (a.rc("monitor"), b.rc("monitor"))) in ((8, 0), (0, 8)) and c,
-                         what="one node promoted, the other running")
+                         40, "one node promoted, the other running")
         active, passive = (a, b) if codes == (8, 0) else (b, a)
         assert active.health()["writable"] is True and passive.health()["role"] == "passive"
         # a probe says the truth too; a recurring monitor of the Unpromoted role on the node the lease
@@ -265,8 +249,7 @@ def test_meta_data_validate_all_and_clear_errors(tmp_path):
     r = agent.run("validate-all", OCF_RESKEY_config=str(tmp_path / "nowhere.toml"))
     assert r.returncode == OCF_ERR_INSTALLED and "does not exist" in r.stderr
     # a config without [cluster]: says so
-    plain = tmp_path / "plain.toml"
-    plain.write_text(f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ndata_dir = "{tmp_path / "pvar"}"\n')
+    plain = write_config(tmp_path, free_port(), name="plain.toml", data_dir=tmp_path / "pvar")
     r = agent.run("validate-all", OCF_RESKEY_config=str(plain))
     assert r.returncode == OCF_ERR_CONFIGURED and "[cluster]" in r.stderr, r.stderr
     # a config Bastion rejects: Bastion's own message comes through

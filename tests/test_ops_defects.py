@@ -18,30 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import PY, DaemonProc, free_port, write_config
-
-
-class InfoDaemon(DaemonProc):
-    """A daemon at the default log level (the fixtures run at debug), its log kept."""
-
-    def command(self) -> list[str]:
-        return [PY, "-m", "bastion", "serve", "--config", str(self.config)]
-
-
-def serve(config: Path, timeout: float = 30) -> subprocess.CompletedProcess:
-    """`bastion serve` expected to be refused: it must exit on its own."""
-    return subprocess.run([PY, "-m", "bastion", "serve", "--config", str(config)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout:g} s")
+from support import PY, DaemonProc, free_port, serve_refused, wait_for, write_config
+from support.cluster import Node, active_of, make_cluster, start_pair, token_of
 
 
 # -- 6. a refused start removes what it created; a second daemon is refused by pid ------------
@@ -55,7 +33,7 @@ def test_refused_start_port_in_use_leaves_no_lock_and_no_new_files(tmp_path, ban
         fresh = tmp_path / "fresh"
         fresh.mkdir()
         cfg = write_config(fresh, port, {"bank": [str(bank.bank), str(bank.audit)]})
-        p = serve(cfg)
+        p = serve_refused(cfg)
         assert p.returncode != 0 and "already in use" in p.stderr, p.stderr
         assert not (fresh / "var").exists(), list((fresh / "var").iterdir())
         # a data_dir of an earlier run: what was there stays, nothing is added (no daemon.lock)
@@ -66,7 +44,7 @@ def test_refused_start_port_in_use_leaves_no_lock_and_no_new_files(tmp_path, ban
         d.stop()
         before = sorted(x.name for x in (used / "var").iterdir())
         cfg2.write_text(cfg2.read_text().replace(f"127.0.0.1:{d.port}", f"127.0.0.1:{port}"))
-        p = serve(cfg2)
+        p = serve_refused(cfg2)
         assert p.returncode != 0 and "already in use" in p.stderr, p.stderr
         after = sorted(x.name for x in (used / "var").iterdir())
         assert "daemon.lock" not in after
@@ -77,10 +55,9 @@ def test_refused_start_port_in_use_leaves_no_lock_and_no_new_files(tmp_path, ban
 def test_refused_start_bad_config_found_after_the_lock_removes_what_it_made(tmp_path, bank):
     fresh = tmp_path / "n"
     fresh.mkdir()
-    cfg = write_config(fresh, free_port(), {"bank": [str(bank.bank), str(bank.audit)]},
+    cfg = write_config(fresh, free_port(), {"bank": {"files": [bank.bank, bank.audit], "replica_of": "bank"}},
                        extra=f'[replication]\npeer_token_file = "{tmp_path / "missing.token"}"\n')
-    cfg.write_text(cfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
-    p = serve(cfg)
+    p = serve_refused(cfg)
     assert p.returncode == 3 and "peer token file" in p.stderr, p.stderr
     assert not (fresh / "var").exists(), sorted(x.name for x in (fresh / "var").iterdir())
     # and the same config fixed starts (nothing left over stands in the way)
@@ -92,7 +69,7 @@ def test_refused_start_bad_config_found_after_the_lock_removes_what_it_made(tmp_
 def test_second_daemon_on_the_same_data_dir_is_refused_naming_the_pid(tmp_path, daemon):
     other = tmp_path / "other.toml"
     other.write_text(daemon.config.read_text().replace(f"127.0.0.1:{daemon.port}", f"127.0.0.1:{free_port()}"))
-    p = serve(other)
+    p = serve_refused(other)
     assert p.returncode != 0
     assert f"pid {daemon.proc.pid}" in p.stderr and "already running" in p.stderr, p.stderr
     # the running daemon is untouched: its lock still names it, it still answers
@@ -113,7 +90,7 @@ def test_missing_files_are_reported_missing_with_a_hint_not_protected(tmp_path, 
     missing = tmp_path / "app" / "later.db"
     port = free_port()
     cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)], "later": [str(missing)]})
-    d = InfoDaemon(cfg, port, tmp_path / "var").start()
+    d = DaemonProc(cfg, port, tmp_path / "var", log_level=None).start()
     try:
         banner = d.log.read_text()
         assert "2 of 3 file(s) protected" in banner and f"missing: {missing}" in banner, banner
@@ -144,14 +121,13 @@ def test_a_replicating_pair_logs_little_at_info(tmp_path, bank):
     pdir.mkdir()
     copy = bdir / "copy"
     bport, pport = free_port(), free_port()
-    bcfg = write_config(bdir, bport, {"bank": [str(copy / "bank.db"), str(copy / "audit.db")]}, extra=repl)
-    bcfg.write_text(bcfg.read_text().replace("[databases.bank]\n", '[databases.bank]\nreplica_of = "bank"\n'))
-    pcfg = write_config(pdir, pport, {"bank": [str(bank.bank), str(bank.audit)]}, extra=repl)
-    pcfg.write_text(pcfg.read_text().replace(
-        "[databases.bank]\n", f'[databases.bank]\nreplicate_to = "http://127.0.0.1:{bport}"\n'
-                              'replicate_schedule = "continuous"\n'))
-    backup = InfoDaemon(bcfg, bport, bdir / "var").start()
-    primary = InfoDaemon(pcfg, pport, pdir / "var").start()
+    bcfg = write_config(bdir, bport, {"bank": {"files": [copy / "bank.db", copy / "audit.db"], "replica_of": "bank"}},
+                        extra=repl)
+    pcfg = write_config(pdir, pport, {"bank": {"files": [bank.bank, bank.audit],
+                                               "replicate_to": f"http://127.0.0.1:{bport}",
+                                               "replicate_schedule": "continuous"}}, extra=repl)
+    backup = DaemonProc(bcfg, bport, bdir / "var", log_level=None).start()
+    primary = DaemonProc(pcfg, pport, pdir / "var", log_level=None).start()
     try:
         bank.start()
         # replication is under way: the replica has received transfers
@@ -188,7 +164,6 @@ def _transfers(path: Path) -> int:
 # -- 2. cluster hooks: strings through the shell, lists as argv, output and failures logged ----
 
 def test_cluster_hooks_run_strings_through_the_shell_and_log_output_and_failures(tmp_path, bank):
-    from test_cluster import Node, active_of, token_of
     hooks = tmp_path / "hooks.log"
     ports = [free_port(), free_port()]
     peers = ", ".join(f'n{i + 1} = "127.0.0.1:{p}"' for i, p in enumerate(ports))
@@ -239,14 +214,9 @@ def test_cluster_hooks_run_strings_through_the_shell_and_log_output_and_failures
 # -- 3. `bastion sql` on a passive node follows the active one, or says which it is ------------
 
 def test_sql_on_a_passive_node_follows_the_active_or_names_it(tmp_path, bank):
-    from test_cluster import make_cluster, active_of
     n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
     try:
-        for n in (n1, n2):
-            n.start()
-        (active,) = wait_for(lambda: (a := active_of([n1, n2])) and len(a) == 1 and a, 30, "one active node")
-        passive = n2 if active is n1 else n1
-        wait_for(lambda: passive.health().get("role") == "passive", 30, "the other passive")
+        active, passive = start_pair(n1, n2)
         r = subprocess.run([PY, "-m", "bastion", "--config", str(passive.config), "sql", "bank", "-c",
                             "SELECT count(*) FROM accounts", "--json"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
@@ -346,14 +316,9 @@ def test_demo_with_port_8750_taken(tmp_path):
 
 
 def test_admin_commands_on_a_passive_node_name_the_active_one(tmp_path, bank):
-    from test_cluster import make_cluster, active_of
     n1, n2 = make_cluster(tmp_path, bank, 2, ("file",))
     try:
-        for n in (n1, n2):
-            n.start()
-        (active,) = wait_for(lambda: (a := active_of([n1, n2])) and len(a) == 1 and a, 30, "one active node")
-        passive = n2 if active is n1 else n1
-        wait_for(lambda: passive.health().get("role") == "passive", 30, "the other passive")
+        active, passive = start_pair(n1, n2)
         r = subprocess.run([PY, "-m", "bastion", "--config", str(passive.config), "status"], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode != 0

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -39,10 +38,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import PY, free_port
-from test_cluster import wait_for
+from support import PY, free_port, wait_for, write_config
+from support.cluster import ClientThreads, HealthProbes, acked_db
+from support.etcd import Etcd
+from support.netns import Net, NsDaemonProc, Space
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
@@ -53,141 +53,21 @@ TTL = 2.0
 TESTS = str(Path(__file__).resolve().parent)
 
 
-# -- the network ---------------------------------------------------------------------------
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(["ip", *args], check=False, capture_output=True, text=True, timeout=30)
-    if check and p.returncode:
-        raise RuntimeError(f"ip {' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
-    return p
-
-
-class Space:
-    def __init__(self, ns: str, veth: str, inner: str, addr: str) -> None:
-        self.ns, self.veth, self.inner, self.addr = ns, veth, inner, addr
-
-
-class Net:
-    """A bridge in the root namespace and one namespace per node on it (10.123.S.0/24)."""
-
-    def __init__(self) -> None:
-        self.tag = secrets.token_hex(3)         # names stay under 15 characters (IFNAMSIZ)
-        self.bridge = f"bpb{self.tag}"
-        self.spaces: list[Space] = []
-        used = ip("-4", "-o", "addr").stdout + ip("-4", "route").stdout
-        free = [s for s in range(1, 255) if f"10.123.{s}." not in used]
-        if not free:
-            raise RuntimeError("no free 10.123.S.0/24 subnet here")
-        self.prefix = f"10.123.{secrets.choice(free)}"
-        self.gw = f"{self.prefix}.1"
-        ip("link", "add", self.bridge, "type", "bridge")
-        ip("addr", "add", f"{self.gw}/24", "dev", self.bridge)
-        ip("link", "set", self.bridge, "up")
-
-    def add(self) -> Space:
-        i = len(self.spaces)
-        sp = Space(f"bpn{self.tag}{i}", f"bpv{self.tag}{i}", f"bpi{self.tag}{i}", f"{self.prefix}.{i + 2}")
-        self.spaces.append(sp)
-        ip("netns", "add", sp.ns)
-        ip("link", "add", sp.veth, "type", "veth", "peer", "name", sp.inner, "netns", sp.ns)
-        ip("link", "set", sp.veth, "master", self.bridge, "up")
-        ip("-n", sp.ns, "addr", "add", f"{sp.addr}/24", "dev", sp.inner)
-        ip("-n", sp.ns, "link", "set", sp.inner, "up")
-        ip("-n", sp.ns, "link", "set", "lo", "up")
-        return sp
-
-    def cut(self, sp: Space, how: str) -> None:
-        """switch: the root end goes down (cable pulled at the switch): packets vanish, no error
-        comes back. nic: the node's own interface goes down: its connections to anything off
-        the host fail at once (ENETUNREACH) while local clients still reach it."""
-        if how == "switch":
-            ip("link", "set", sp.veth, "down")
-        else:
-            ip("-n", sp.ns, "link", "set", sp.inner, "down")
-
-    def heal(self, sp: Space, how: str) -> None:
-        if how == "switch":
-            ip("link", "set", sp.veth, "up")
-        else:
-            ip("-n", sp.ns, "link", "set", sp.inner, "up")
-
-    def close(self) -> None:
-        for sp in self.spaces:
-            ip("netns", "del", sp.ns, check=False)         # takes its end of the veth pair with it
-            ip("link", "del", sp.veth, check=False)
-        ip("link", "del", self.bridge, check=False)
-
-
-@pytest.fixture
-def net():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (ip netns add)")
-    if not shutil.which("ip"):
-        pytest.skip("iproute2 (`ip`) is not installed")
-    probe = f"bpprobe{secrets.token_hex(3)}"
-    p = ip("netns", "add", probe, check=False)
-    if p.returncode:
-        pytest.skip(f"cannot create a network namespace here: {p.stderr.strip()}")
-    ip("netns", "del", probe, check=False)
-    n = Net()
-    try:
-        yield n
-    finally:
-        n.close()
-
-
-def etcd_on(base: Path, host: str) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("etcd")
-    assert exe, "etcd is not installed: run `make setup` (Debian package etcd-server)"
-    client, peer = free_port(), free_port()
-    url = f"http://{host}:{client}"
-    with open(base / "etcd.log", "w") as logf:        # the child keeps its own descriptor
-        proc = subprocess.Popen([exe, "--data-dir", str(base / "etcd"), "--name", "p", "--listen-client-urls", url,
-                                 "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                                 "--initial-cluster", f"p=http://127.0.0.1:{peer}"],
-                                stdout=logf, stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 30, "etcd up")
-    return proc, url
-
-
 # -- nodes in namespaces ---------------------------------------------------------------------
 
-class NsNode:
+class NsNode(HealthProbes, NsDaemonProc):
+    """A cluster node in its own namespace, at the default log level, one log for all its starts; start()
+    does not wait (a node answers once it has a role)."""
+
     def __init__(self, base: Path, name: str, sp: Space, port: int) -> None:
-        self.name, self.sp, self.port = name, sp, port
+        super().__init__(base / f"{name}.toml", port, Path(), log=base / f"{name}.log", addr=sp.addr,
+                         log_level=None, one_log=True)
+        self.name, self.sp, self.space = name, sp, sp
         self.host = f"{sp.addr}:{port}"
-        self.config = base / f"{name}.toml"
-        self.log = base / f"{name}.log"
-        self.db = self.data_dir = Path()          # set by make_nodes
-        self.proc: subprocess.Popen | None = None
+        self.db = Path()                          # set by make_nodes, with data_dir
 
-    def start(self) -> None:
-        with open(self.log, "a") as lf:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.sp.ns, PY, "-m", "bastion", "serve",
-                                          "--config", str(self.config)],
-                                         stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def health(self, path: str = "/v1/health") -> tuple[int, dict]:
-        """As seen from the root namespace (0 when unreachable)."""
-        try:
-            r = httpx.get(f"http://{self.host}{path}", timeout=1)
-            return r.status_code, r.json()
-        except (httpx.HTTPError, ValueError):
-            return 0, {}
-
-    def writable(self) -> bool:
-        return bool(self.health()[1].get("writable"))
-
-    def seeded_standby(self) -> bool:
-        code, h = self.health("/v1/health/standby")
-        return code == 200 and bool(h.get("seeded"))
+    def start(self, timeout: float = 0) -> "NsNode":
+        return self.spawn()
 
     def health_inside(self) -> dict:
         """As seen from inside its own namespace (reachable while cut off)."""
@@ -197,14 +77,8 @@ class NsNode:
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout)
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+    def stop(self, timeout: float = 20) -> None:
+        super().stop(timeout)
 
 
 def make_nodes(base: Path, net: Net, mode: str, etcd_url: str) -> list[NsNode]:
@@ -212,7 +86,6 @@ def make_nodes(base: Path, net: Net, mode: str, etcd_url: str) -> list[NsNode]:
     replicated: each its own, commits acknowledged once the standby applied them."""
     spaces = [net.add(), net.add()]
     nodes = [NsNode(base, f"n{i + 1}", sp, free_port()) for i, sp in enumerate(spaces)]
-    peers = ", ".join(f'{n.name} = "{n.host}"' for n in nodes)
     token = base / "peer.token"
     token.write_text(secrets.token_hex(32))
     for n in nodes:
@@ -220,20 +93,16 @@ def make_nodes(base: Path, net: Net, mode: str, etcd_url: str) -> list[NsNode]:
         d.mkdir(exist_ok=True)
         n.db = d / "app.db"
         n.data_dir = d / "var"
-        repl = f'[replication]\npeer_token_file = "{token}"\n\n' if mode == "replicated" else ""
-        n.config.write_text(
-            f'[daemon]\nlisten = "{n.host}"\ndata_dir = "{n.data_dir}"\n\n'
-            f'[databases.app]\nfiles = ["{n.db}"]\n'
-            f'durability = "{"replicated" if mode == "replicated" else "durable"}"\n\n'
-            f'[sql]\nbusy_timeout = "3s"\n\n{repl}'
-            f'[users.alice]\npassword_hash = "{hash_password(PW)}"\naccess = {{ app = "read-write" }}\n\n'
-            f'[cluster]\nname = "part-{net.tag}"\nnode = "{n.name}"\nmode = "{mode}"\nlease = "etcd"\n'
-            f'etcd = ["{etcd_url}"]\nttl = "{TTL:g}s"\npeers = {{ {peers} }}\n')
-    con = sqlite3.connect(nodes[0].db)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE acked(id INTEGER PRIMARY KEY, client INT, n INT, at REAL)")
-    con.commit()
-    con.close()
+        sections = {"sql": {"busy_timeout": "3s"}}
+        if mode == "replicated":
+            sections["replication"] = {"peer_token_file": token}
+        sections["users.alice"] = {"password_hash": hash_password(PW), "access": {"app": "read-write"}}
+        sections["cluster"] = {"name": f"part-{net.tag}", "node": n.name, "mode": mode, "lease": "etcd",
+                               "etcd": [etcd_url], "ttl": f"{TTL:g}s", "peers": {m.name: m.host for m in nodes}}
+        write_config(base, n.port, {"app": {"files": [n.db], "durability": mode if mode == "replicated" else
+                                            "durable"}},
+                     name=n.config.name, data_dir=n.data_dir, addr=n.sp.addr, sections=sections)
+    acked_db(nodes[0].db)
     return nodes
 
 
@@ -243,7 +112,7 @@ def make_nodes(base: Path, net: Net, mode: str, etcd_url: str) -> list[NsNode]:
 INSERT = "INSERT INTO acked(client, n, at) VALUES (?, ?, unixepoch('subsec')) RETURNING at"
 
 
-class Writers:
+class Writers(ClientThreads):
     """Clients in the root namespace: `count` with both nodes in their DSN, and one pinned to
     `pinned` alone (client 50, asking all along: its first acknowledgement comes as soon as
     that node serves). Each acknowledgement is kept with the daemon's `at`, the time the
@@ -275,16 +144,6 @@ class Writers:
             n += 1
         if con is not None:
             con.close()
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
     def by(self, host: str) -> list[tuple[int, int, float, float, str]]:
         return [a for a in list(self.acked) if a[4] == host]
@@ -372,7 +231,8 @@ def file_rows(path: Path) -> set[tuple[int, int]]:
 
 @pytest.mark.parametrize(("mode", "how"), [("replicated", "switch"), ("replicated", "nic"), ("shared", "switch")])
 def test_partition_of_the_active_node_no_split_brain_no_acknowledged_commit_lost(tmp_path, net, mode, how):
-    etcd, etcd_url = etcd_on(tmp_path, net.gw)
+    etcd = Etcd(tmp_path, net.gw, name="p")
+    etcd_url = etcd.url
     n1, n2 = nodes = make_nodes(tmp_path, net, mode, etcd_url)
     side = None
     try:
@@ -453,8 +313,7 @@ def test_partition_of_the_active_node_no_split_brain_no_acknowledged_commit_lost
             side.stop()
         for n in nodes:
             n.stop()
-        etcd.terminate()
-        etcd.wait(10)
+        etcd.stop()
 
 
 def test_replicated_a_partition_after_a_quiet_spell_loses_no_acknowledged_commit(tmp_path, net):
@@ -462,7 +321,8 @@ def test_replicated_a_partition_after_a_quiet_spell_loses_no_acknowledged_commit
     then the primary's network interface fails and a client on its side writes at once:
     the primary must not acknowledge, as merely "degraded" (standby down), commits that the
     standby, about to take over, never received."""
-    etcd, etcd_url = etcd_on(tmp_path, net.gw)
+    etcd = Etcd(tmp_path, net.gw, name="p")
+    etcd_url = etcd.url
     n1, n2 = nodes = make_nodes(tmp_path, net, "replicated", etcd_url)
     side = None
     try:
@@ -494,5 +354,4 @@ def test_replicated_a_partition_after_a_quiet_spell_loses_no_acknowledged_commit
             side.stop()
         for n in nodes:
             n.stop()
-        etcd.terminate()
-        etcd.wait(10)
+        etcd.stop()

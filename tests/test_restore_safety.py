@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, App, check_bank, dump
+from support import PY, App, check_bank, dump, integrity
 
 
 def _backup(daemon) -> dict:
@@ -84,14 +84,6 @@ def _wait_unlocked(path: Path) -> None:
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         con.execute("SELECT count(*) FROM sqlite_schema").fetchone()
-    finally:
-        con.close()
-
-
-def _integrity(path: Path) -> str:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return con.execute("PRAGMA integrity_check").fetchone()[0]
     finally:
         con.close()
 
@@ -414,7 +406,7 @@ def test_kill9_of_restore_to_leaves_complete_files(daemon, bank, tmp_path):
         _wait_gone(mark)
         for n in ("bank.db", "audit.db"):
             _wait_unlocked(out / n)
-            assert _integrity(out / n) == "ok", n
+            assert integrity(out / n) == "ok", n
             got = dump(out / n)
             assert got in (old[n], new[n]), n
             seen.add((n, got == new[n]))
@@ -484,7 +476,7 @@ def test_kill9_at_each_file_operation_of_restore_to(daemon, bank, tmp_path):
             state = []
             for n in ("bank.db", "audit.db"):
                 _wait_unlocked(out / n)
-                assert _integrity(out / n) == "ok", (call, nth, n)
+                assert integrity(out / n) == "ok", (call, nth, n)
                 got = dump(out / n)
                 assert got in (old[n], new[n]), (call, nth, n, "neither the old file nor the restored one")
                 state.append(got == new[n])
@@ -518,7 +510,7 @@ def test_kill9_of_restore_replace_leaves_complete_files(daemon, bank, tmp_path, 
         _wait_gone(mark)
         for path in (bank.bank, bank.audit):
             _wait_unlocked(path)
-            assert _integrity(path) == "ok", path
+            assert integrity(path) == "ok", path
         got = dump(bank.bank), dump(bank.audit)
         assert got in (old, new)
         daemon.start()

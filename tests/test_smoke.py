@@ -1,4 +1,4 @@
-from conftest import check_bank, sha256
+from support import check_bank, sha256
 
 
 def test_startbu_copy_endbu_while_app_writes(daemon, bank, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
-from conftest import PY, DaemonProc, check_bank, free_port, write_config
+from support import PY, DaemonProc, check_bank, free_port, write_config
 
 ALICE_PW, BOB_PW = "alice-secret-1", "bob-secret-22"
 
@@ -30,10 +30,7 @@ def users_config(durability: str = "durable", group_commit: bool = True, idle: s
 
 def start(tmp_path, bank, extra: str, db_extra: str = "") -> DaemonProc:
     port = free_port()
-    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra)
-    if db_extra:
-        text = cfg.read_text().replace("[databases.bank]\n", "[databases.bank]\n" + db_extra + "\n")
-        cfg.write_text(text)
+    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]}, extra=extra, db_text=db_extra)
     return DaemonProc(cfg, port, tmp_path / "var").start()
 
 

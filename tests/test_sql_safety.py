@@ -15,7 +15,7 @@ import pytest
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
-from conftest import DaemonProc, free_port, write_config
+from support import DaemonProc, free_port, write_config
 
 ALICE_PW, BOB_PW = "alice-secret-1", "bob-secret-22"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
-import subprocess
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 import bastion.client as bc
 from bastion.client.sqlalchemy import BastionDialect
 from bastion.sql.users import hash_password
-from conftest import PY, DaemonProc, check_bank, free_port, write_config
+from support import DaemonProc, check_bank, free_port, init_bank, write_config
 
 PW = "carol-secret-3"
 IDLE = 3.0      # the daemon's [sql] idle_timeout, seconds
@@ -32,7 +31,7 @@ def _start(root, port: int | None = None) -> DaemonProc:
     """A daemon serving the bank workload's files (bank.db + audit.db) as database 'bank'."""
     app = root / "app"
     if not app.exists():
-        subprocess.run([PY, "-m", "bastion.workload", "init", str(app), "--accounts", "20"], check=True)
+        init_bank(app, 20)
     port = port or free_port()
     users = (f"[sql]\nidle_timeout = \"{IDLE:g}s\"\nbusy_timeout = \"10s\"\n\n"
              f"[users.carol]\npassword_hash = \"{hash_password(PW)}\"\naccess = {{ bank = \"read-write\" }}\n\n"

@@ -25,15 +25,12 @@ import pytest
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
-from conftest import PY, dump, free_port
-from test_cluster import Etcd, Node, Writers, active_of, wait_for
+from support import PY, free_port, user_rows, wait_for
+from support.cluster import Node, Writers, acked_db, active_of
+from support.etcd import Etcd
 
 pytestmark = pytest.mark.timeout(240)
 PW = "standby-test-password"
-
-
-def user_rows(path: Path) -> list[tuple]:
-    return [t for t in dump(path) if not t[0].startswith("_bastion_")]
 
 
 def make_pair(tmp_path: Path, etcd: Etcd) -> list[Node]:
@@ -50,17 +47,11 @@ def make_pair(tmp_path: Path, etcd: Etcd) -> list[Node]:
                    f'[users.alice]\npassword_hash = "{hash_password(PW)}"\naccess = {{ app = "read-write" }}\n\n'
                    f'[cluster]\nname = "rs"\nmode = "replicated"\nlease = "etcd"\netcd = ["{etcd.url}"]\n'
                    f'ttl = "2s"\npeers = {{ {peers} }}\n')
-        n = Node(base, f"n{i + 1}", port, [db], cluster)
-        n.config.write_text(n.config.read_text().replace("[databases.bank]", "[databases.app]")
-                            .replace('files = [', 'durability = "replicated"\nfiles = [')
-                            .replace('busy_timeout = "10s"', 'busy_timeout = "3s"'))
+        n = Node(base, f"n{i + 1}", port, [db], cluster, db="app", db_keys={"durability": "replicated"},
+                 busy_timeout="3s")
         n.db = db
         nodes.append(n)
-    con = sqlite3.connect(nodes[0].db)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE acked(id INTEGER PRIMARY KEY, client INT, n INT, at REAL)")
-    con.commit()
-    con.close()
+    acked_db(nodes[0].db)
     return nodes
 
 

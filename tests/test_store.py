@@ -1,6 +1,6 @@
 """Backup targets: one suite over file://, sftp:// (a real OpenSSH sshd) and s3:// (moto's S3 server).
 
-The servers run on loopback, started by the tests (tests/servers.py). Faults are
+The servers run on loopback, started by the tests (tests/support/servers.py). Faults are
 real: sshd killed and restarted, the S3 server frozen with SIGSTOP, a writer
 process killed with SIGKILL in the middle of an upload, wrong keys, a missing
 bucket, a port nobody listens on.
@@ -27,8 +27,8 @@ import pytest
 from bastion.backup.repository import NoRepository, Repository
 from bastion.backup.store import ObjectMissing, StoreRefused, StoreUnreachable, open_store
 from bastion.errors import UsageError
-from conftest import check_bank, dump
-from servers import AWS_CLEARED, MotoS3, Sshd, closed_port, s3_server, sshd_server  # noqa: F401 - fixtures
+from support import check_bank, dump
+from support.servers import AWS_CLEARED, MotoS3, Sshd, closed_port
 
 PY = sys.executable
 

@@ -19,20 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, DaemonProc, free_port, write_config
+from support import PY, DaemonProc, free_port, user_rows, write_config
+from support.sites import seed_file
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def user_rows(path: Path) -> list[tuple]:
-    """Every row of every application table (Bastion's own differ between sites by design)."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        names = [r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE type = 'table' AND "
-                                           "name NOT LIKE '\\_bastion\\_%' ESCAPE '\\' ORDER BY name")]
-        return [(n, con.execute(f'SELECT * FROM "{n}" ORDER BY rowid').fetchall()) for n in names]
-    finally:
-        con.close()
 
 
 def app_sql(db: Path, *statements: str) -> None:
@@ -54,10 +44,9 @@ class Sites:
             base = tmp / n
             base.mkdir()
             self.db[n] = base / "shop.db"
-            cfg = write_config(base, ports[n], {"shop": [str(self.db[n])]}, extra=(
+            cfg = write_config(base, ports[n], {"shop": {"files": [self.db[n]], "sync_group": "g"}}, extra=(
                 f'[replication]\npeer_token_file = "{token}"\n\n[sync]\nsite = "{n}"\n\n'
                 f'[sync_groups.g]\nsites = {{ {sites} }}\nschedule = "{schedule}"\n{extra}\n'))
-            cfg.write_text(cfg.read_text().replace("[databases.shop]\n", '[databases.shop]\nsync_group = "g"\n'))
             self.d[n] = DaemonProc(cfg, ports[n], base / "var")
 
     def run(self, n: str, timeout: float = 120) -> dict:
@@ -89,15 +78,6 @@ def sites(tmp_path):
     yield make
     for s in made:
         s.stop()
-
-
-def seed_file(db: Path) -> None:
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, photo BLOB)")
-    con.executemany("INSERT INTO items VALUES (?, ?, ?, ?)", [(i, f"item {i}", i, bytes([i]) * i) for i in range(1, 51)])
-    con.commit()
-    con.close()
 
 
 def test_three_sites_join_exchange_resolve_and_converge(sites):

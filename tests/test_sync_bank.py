@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PY, free_port
-from test_cluster import wait_for
-from test_partition import Net, net  # noqa: F401  (net: the fixture that makes and removes the namespaces)
-from test_sync_partition import NsSite, integrity, ro
+from support import PY, free_port, init_bank, integrity, wait_for
+from support.netns import Net
+from support.sites import NsSite, ro
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -46,18 +45,21 @@ class BankSite(NsSite):
     """A site whose database is the bank's two files, with the group's counters and invariants."""
 
     def __init__(self, base: Path, name: str, sp: Any, port: int, sites: dict[str, str], token: Path) -> None:
+        self.bank, self.audit = base / name / "bank.db", base / name / "audit.db"      # files() gives them
         super().__init__(base, name, sp, port, sites, token)
-        self.bank, self.audit = self.dir / "bank.db", self.dir / "audit.db"
-        text = self.config.read_text()
-        text = text.replace(f'files = ["{self.db}"]', f'files = ["{self.bank}", "{self.audit}"]')
-        text = text.replace('keys = { items = "shared", notes = "shared" }\n', "")
-        text += ('counters = ["accounts.balance", "meta.value"]\n\n'
-                 '[sync_groups.g.invariants]\n'
-                 f'money = {{ sql = "SELECT sum(balance) FROM accounts", expect = {ACCOUNTS * 1000} }}\n'
-                 'same_transfers = { sql = "SELECT value FROM meta WHERE key = \'transfers\'" }\n'
-                 'audit_rows = { sql = "SELECT count(*) FROM audit", expect = "same", file = 1 }\n')
-        self.config.write_text(text)
         self.db = self.bank                 # NsSite.app writes here
+
+    def files(self) -> list[Path]:
+        return [self.bank, self.audit]
+
+    def group(self) -> dict[str, Any]:
+        return {"counters": ["accounts.balance", "meta.value"]}
+
+    def group_extra(self) -> str:
+        return ('[sync_groups.g.invariants]\n'
+                f'money = {{ sql = "SELECT sum(balance) FROM accounts", expect = {ACCOUNTS * 1000} }}\n'
+                'same_transfers = { sql = "SELECT value FROM meta WHERE key = \'transfers\'" }\n'
+                'audit_rows = { sql = "SELECT count(*) FROM audit", expect = "same", file = 1 }\n')
 
     def workload(self, seconds: float) -> subprocess.Popen:
         self.stats = self.dir / "stats.json"
@@ -106,7 +108,7 @@ def vector(path: Path) -> dict[str, int]:
         return {}
 
 
-def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path: Path, net: Net) -> None:  # noqa: F811
+def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path: Path, net: Net) -> None:
     spaces = {n: net.add() for n in SITES}
     ports = {n: free_port() for n in SITES}
     urls = {n: f"http://{spaces[n].addr}:{ports[n]}" for n in SITES}
@@ -114,7 +116,7 @@ def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path:
     token.write_text(os.urandom(32).hex())
     s = {n: BankSite(tmp_path, n, spaces[n], ports[n], urls, token) for n in SITES}
     a = s["a"]
-    subprocess.run([PY, "-m", "bastion.workload", "init", str(a.dir), "--accounts", str(ACCOUNTS)], check=True)
+    init_bank(a.dir, ACCOUNTS)
     for f in (a.bank, a.audit):
         sqlite3.connect(f).execute("PRAGMA journal_mode = WAL").fetchall()
     cut = False

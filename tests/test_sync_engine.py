@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import pickle
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from bastion import capture, sync
 from bastion.errors import StateConflict, UsageError
+from support.data import content, exact, integrity, qi
 
 SKEW_MS = 3_600_000
 SKEW_VFS = "bastion-test-skew"
@@ -105,10 +105,6 @@ def app():
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def _qi(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def make_sites(tmp: Path, names: list[str], schema: str, rows: str = "") -> dict[str, Path]:
     """Sites of one group: page copies (backup API) of one seed file, each with sync installed."""
     seed = tmp / "seed.db"
@@ -156,43 +152,12 @@ def converge(sites: list[Any], policy: Any = None, limit: int = 1000) -> None:
     raise AssertionError("sites kept sending changes")
 
 
-def _v(v: Any) -> Any:
-    return ("f", struct.pack(">d", v)) if isinstance(v, float) else v     # -0.0 is not 0.0
-
-
-def content(target: Any) -> dict[str, list[tuple]]:
-    """Every user table exactly (typeof and bytes of every value), rowid-ordered (key-ordered WITHOUT ROWID)."""
-    con = target if isinstance(target, apsw.Connection) else \
-        apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        out = {}
-        for name, wr in con.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND type = 'table' "
-                                    "AND name NOT LIKE 'sqlite%' AND substr(name, 1, 9) != '_bastion_' "
-                                    "ORDER BY name").fetchall():
-            cols = [r[0] for r in con.execute("SELECT name FROM pragma_table_xinfo(?)", (name,))]
-            sel = [f"typeof({_qi(c)}), CASE WHEN typeof({_qi(c)}) IN ('text', 'blob') THEN CAST({_qi(c)} AS BLOB) "
-                   f"ELSE {_qi(c)} END" for c in cols]
-            order = "rowid" if not wr else ", ".join(str(2 * i + 2) for i in range(len(cols)))
-            if not wr:
-                sel.insert(0, "rowid")
-            out[name] = [tuple(_v(v) for v in r) for r in
-                         con.execute(f"SELECT {', '.join(sel)} FROM {_qi(name)} ORDER BY {order}")]
-        return out
-    finally:
-        if con is not target:
-            con.close()
-
-
 def rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
     con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return con.execute(sql, params).fetchall()
     finally:
         con.close()
-
-
-def integrity(path: Path) -> str:
-    return rows(path, "PRAGMA integrity_check")[0][0]
 
 
 # -- round trips -----------------------------------------------------------------------------------
@@ -896,14 +861,14 @@ class SyncMachine(RuleBasedStateMachine):
                     if ch.origin == w["site"] and ch.hlc == w["hlc"]]
             assert len(mine) == 1, f"write {w} was not sent as exactly one change: {mine}"
             v = mine[0]
-            cols = ", ".join(_qi(c) for c in v.columns)
-            where = " AND ".join(f"{_qi(k)} = ?" for k in v.key_columns)
-            now = con.execute(f"SELECT {cols} FROM {_qi(w['table'])} WHERE {where}", v.key).fetchall() \
+            cols = ", ".join(qi(c) for c in v.columns)
+            where = " AND ".join(f"{qi(k)} = ?" for k in v.key_columns)
+            now = con.execute(f"SELECT {cols} FROM {qi(w['table'])} WHERE {where}", v.key).fetchall() \
                 if v.values is not None else \
-                con.execute(f"SELECT 1 FROM {_qi(w['table'])} WHERE {where}", v.key).fetchall()
+                con.execute(f"SELECT 1 FROM {qi(w['table'])} WHERE {where}", v.key).fetchall()
             if v.values is None and not now:
                 continue                                   # a delete, and the row is gone
-            if v.values is not None and now and tuple(map(_v, now[0])) == tuple(map(_v, v.values)):
+            if v.values is not None and now and tuple(map(exact, now[0])) == tuple(map(exact, v.values)):
                 continue                                   # the final value
             if (v.hlc, v.origin) in losers:
                 continue                                   # recorded as the loser of a conflict

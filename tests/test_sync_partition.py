@@ -23,21 +23,16 @@ Needs root (creating namespaces); skipped with the reason otherwise.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import PY, Result, free_port, write_config
-from test_cluster import wait_for
-from test_partition import Net, Space, net  # noqa: F401  (net: the fixture that makes and removes the namespaces)
-from test_sync import seed_file, user_rows
+from support import free_port, integrity, user_rows, wait_for
+from support.netns import Net
+from support.sites import NsSite, ro, seed_file
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,87 +46,6 @@ AB_WHILE_CUT = 30.0
 
 # -- sites in namespaces ------------------------------------------------------------------------
 
-class NsSite:
-    """One site: its namespace, config, file, and its daemon started inside the namespace."""
-
-    def __init__(self, base: Path, name: str, sp: Space, port: int, sites: dict[str, str], token: Path) -> None:
-        self.name, self.sp, self.port = name, sp, port
-        self.dir = base / name
-        self.dir.mkdir()
-        self.db = self.dir / "shop.db"
-        cfg = write_config(self.dir, port, {"shop": [str(self.db)]}, extra=(
-            f'[replication]\npeer_token_file = "{token}"\n\n[sync]\nsite = "{name}"\n\n'
-            f'[sync_groups.g]\nsites = {{ {", ".join(f"{n} = {u!r}" for n, u in sites.items())} }}\n'
-            'topology = "mesh"\nschedule = "continuous"\n'
-            # the ids here name the same row at every site: insert/insert is a conflict the policy decides
-            'keys = { items = "shared", notes = "shared" }\n'))
-        text = cfg.read_text().replace(f'listen = "127.0.0.1:{port}"', f'listen = "{sp.addr}:{port}"')
-        cfg.write_text(text.replace("[databases.shop]\n", '[databases.shop]\nsync_group = "g"\n'))
-        self.config = cfg
-        self.proc: subprocess.Popen | None = None
-        self.logs: list[Path] = []
-
-    def ns(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.sp.ns, *cmd]
-
-    def start(self) -> None:
-        log = self.dir / f"daemon-{len(self.logs)}.log"
-        self.logs.append(log)
-        with open(log, "w") as lf:         # the child keeps its own descriptor
-            self.proc = subprocess.Popen(self.ns(PY, "-m", "bastion", "serve", "--log-level", "debug",
-                                                 "--config", str(self.config)),
-                                         stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def up(self) -> bool:
-        """Answering, as seen from the root namespace."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon of site {self.name} exited {self.proc.returncode}: "
-                                 f"{self.logs[-1].read_text()[-3000:]}")
-        try:
-            return httpx.get(f"http://{self.sp.addr}:{self.port}/v1/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def cli(self, *args: str) -> Result:
-        """The CLI inside the site's namespace (it reaches its daemon while the site is cut off)."""
-        p = subprocess.run(self.ns(PY, "-m", "bastion", "--config", str(self.config), *args),
-                           check=False, capture_output=True, text=True, timeout=120)
-        return Result(p.returncode, p.stdout, p.stderr)
-
-    def status(self) -> tuple[int, dict[str, Any]]:
-        r = self.cli("sync", "status", "shop", "--json")
-        assert r.out, f"sync status on {self.name} printed nothing (exit {r.code}): {r.err}"
-        return r.code, r.json["databases"][0]
-
-    def conflicts(self) -> list[dict[str, Any]]:
-        r = self.cli("conflicts", "list", "shop", "--json")
-        assert r.code == 0, f"conflicts list on {self.name}: {r.err}"
-        return r.json["conflicts"]
-
-    def app(self, *statements: str) -> None:
-        """The site's application, in its own process inside the namespace: one transaction."""
-        code = ("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=30)\n"
-                "con.execute('BEGIN IMMEDIATE')\nfor s in sys.argv[2:]:\n    con.execute(s)\ncon.commit()\n")
-        p = subprocess.run(self.ns(PY, "-c", code, str(self.db), *statements), check=False, capture_output=True,
-                           text=True, timeout=120)
-        assert p.returncode == 0, f"application of site {self.name}: {p.stderr}"
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)       # `ip netns exec` execs the daemon: same pid
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
 def make_sites(base: Path, network: Net) -> dict[str, NsSite]:
     spaces = {n: network.add() for n in SITES}
     ports = {n: free_port() for n in SITES}
@@ -143,10 +57,6 @@ def make_sites(base: Path, network: Net) -> dict[str, NsSite]:
 
 # -- reading files (from the test process: never the daemons') ---------------------------------------
 
-def ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-
-
 def content(path: Path) -> dict[tuple[str, int], tuple[Any, ...]]:
     """(table, id) -> the row's other columns, for the application's tables."""
     out = {}
@@ -154,14 +64,6 @@ def content(path: Path) -> dict[tuple[str, int], tuple[Any, ...]]:
         for r in rows:
             out[(table, r[0])] = tuple(r[1:3])      # items: (name, qty); notes: (site, body)
     return out
-
-
-def integrity(path: Path) -> str:
-    con = ro(path)
-    try:
-        return con.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        con.close()
 
 
 def site_of(path: Path) -> str | None:
@@ -466,9 +368,9 @@ def run_partition(tmp_path: Path, network: Net, bulk: int, crash: bool) -> None:
             n.stop()
 
 
-def test_partition_of_one_site_then_heal_converges_with_every_conflict_logged(tmp_path, net):  # noqa: F811 (the fixture)
+def test_partition_of_one_site_then_heal_converges_with_every_conflict_logged(tmp_path, net):
     run_partition(tmp_path, net, bulk=400, crash=False)
 
 
-def test_kill9_of_the_cut_site_during_the_exchange_after_the_heal(tmp_path, net):  # noqa: F811 (the fixture)
+def test_kill9_of_the_cut_site_during_the_exchange_after_the_heal(tmp_path, net):
     run_partition(tmp_path, net, bulk=6000, crash=True)

@@ -8,20 +8,18 @@ peer_ca_file); without it, each says that TLS failed (not "nobody is listening")
 from __future__ import annotations
 
 import secrets
-import ssl
 import sqlite3
 import time
 from pathlib import Path
 
 from typing import Any
 
-import httpx
 import pytest
 import trustme
 
 import bastion.client
 from bastion.sql.users import hash_password
-from conftest import DaemonProc, free_port, write_config
+from support import DaemonProc, free_port, write_config
 
 pytestmark = pytest.mark.timeout(180)
 PW = "correct horse battery"
@@ -39,27 +37,14 @@ def ca(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-class TlsDaemon(DaemonProc):
-    ca: Path | None = None
-
-    def api(self, method: str, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
-        return httpx.request(method, f"https://127.0.0.1:{self.port}{path}", json=body, timeout=60,
-                             verify=ssl.create_default_context(cafile=str(self.ca)),
-                             headers={"Authorization": f"Bearer {token if token is not None else self.token}"})
-
-
-def tls_daemon(dir: Path, ca: dict[str, Path], files: dict[str, list[str]], extra: str = "",
-               trust: bool = True) -> TlsDaemon:
+def tls_daemon(dir: Path, ca: dict[str, Path], files: dict[str, Any], extra: str = "",
+               trust: bool = True) -> DaemonProc:
+    """A daemon serving HTTPS with a certificate of ca; trust: it also trusts ca for its own clients (tls_ca)."""
     dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cfg = write_config(dir, port, files, extra=extra)
-    text = cfg.read_text().replace(
-        "[daemon]\n", f'[daemon]\ntls_cert = "{ca["cert"]}"\ntls_key = "{ca["key"]}"\n'
-                      + (f'tls_ca = "{ca["ca"]}"\n' if trust else ""), 1)
-    cfg.write_text(text)
-    d = TlsDaemon(cfg, port, dir / "var")
-    d.ca = ca["ca"]
-    return d
+    tls = {"tls_cert": ca["cert"], "tls_key": ca["key"], **({"tls_ca": ca["ca"]} if trust else {})}
+    cfg = write_config(dir, port, files, extra=extra, daemon=tls)
+    return DaemonProc(cfg, port, dir / "var", ca=ca["ca"])
 
 
 def make_db(path: Path) -> Path:
@@ -106,17 +91,14 @@ def test_replication_over_tls_with_a_private_ca(tmp_path, ca):
     token = tmp_path / "peer.token"
     token.write_text(secrets.token_hex(32))
     repl = f'[replication]\npeer_token_file = "{token}"\n'
-    backup = tls_daemon(tmp_path / "b", ca, {"app": [str(tmp_path / "copy" / "app.db")]}, extra=repl)
-    backup.config.write_text(backup.config.read_text().replace("[databases.app]\n",
-                                                               '[databases.app]\nreplica_of = "app"\n'))
+    backup = tls_daemon(tmp_path / "b", ca, {"app": {"files": [tmp_path / "copy" / "app.db"], "replica_of": "app"}},
+                        extra=repl)
     backup.start()
     pdir = tmp_path / "primary"
     pdir.mkdir()
     pport = free_port()
-    cfg = write_config(pdir, pport, {"app": [str(src)]},
+    cfg = write_config(pdir, pport, {"app": {"files": [src], "replicate_to": f"https://127.0.0.1:{backup.port}"}},
                        extra=repl.replace("\n", f'\npeer_ca_file = "{ca["ca"]}"\n', 1))
-    cfg.write_text(cfg.read_text().replace(
-        "[databases.app]\n", f'[databases.app]\nreplicate_to = "https://127.0.0.1:{backup.port}"\n'))
     primary = DaemonProc(cfg, pport, pdir / "var").start()
     try:
         con = sqlite3.connect(src)

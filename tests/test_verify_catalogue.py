@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pytest
 import zstandard
 
-from conftest import PY, DaemonProc, Result, free_port, write_config
+from support import PY, DaemonProc, Result, free_port, init_bank, write_config
 
 FIGURES: dict[str, list[int]] = {"quick": [0, 0], "full": [0, 0]}   # mode -> [detected, injected]
 DONE: list[str] = []
@@ -40,7 +40,7 @@ class Pristine:
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
     base = tmp_path_factory.mktemp("catalogue")
     app = base / "app"
-    subprocess.run([PY, "-m", "bastion.workload", "init", str(app), "--accounts", "200"], check=True)
+    init_bank(app)
     con = sqlite3.connect(app / "bank.db")
     con.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, blob BLOB)")
     con.executemany("INSERT INTO big VALUES(?, randomblob(3000))", [(i,) for i in range(700)])   # ~2 MB, 9 chunks

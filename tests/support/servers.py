@@ -4,7 +4,7 @@ Both run as the current user on free ports with everything (keys, config,
 logs) in a temp dir; nothing on the system is reconfigured. A missing program
 fails the test with a message saying to run `make setup`: never a silent skip.
 
-Import the fixtures into a test module: ``from servers import sshd_server, s3_server``.
+The fixtures sshd_server and s3_server are tests/conftest.py's (one server each per session).
 """
 
 from __future__ import annotations
@@ -22,16 +22,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from support import free_port
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_port() -> int:
