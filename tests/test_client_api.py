@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 
 import bastion.client as bc
-from conftest import PY
+from support import PY
 
 EXPORTED = {
     "connect", "Connection", "Cursor", "parse_dsn", "apilevel", "threadsafety", "paramstyle",

@@ -18,7 +18,7 @@ import pytest
 
 import bastion.client as bc
 from bastion.sql.users import hash_password
-from conftest import PY, DaemonProc, free_port, write_config
+from support import PY, DaemonProc, free_port, write_config
 
 PW = "erin-secret-5"
 SCHEMA = """

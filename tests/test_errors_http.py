@@ -24,7 +24,7 @@ from bastion import errors
 from bastion.daemon.app import error_response
 from bastion.errors import BastionError
 from bastion.peer import PeerClient, error_from_response
-from conftest import PY, DaemonProc, free_port, write_config
+from support import PY, DaemonProc, free_port, write_config
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "bastion"
 
