@@ -17,7 +17,7 @@ EXPORTED = {
     "Warning", "Error", "InterfaceError", "DatabaseError", "DataError", "OperationalError", "IntegrityError",
     "InternalError", "ProgrammingError", "NotSupportedError", "AccessDenied", "TransactionLost",
     "OutcomeUnknown", "NotReplicated", "Binary", "Date", "Time", "Timestamp", "DateFromTicks", "TimeFromTicks",
-    "TimestampFromTicks", "STRING", "BINARY", "NUMBER", "DATETIME", "ROWID",
+    "TimestampFromTicks", "STRING", "BINARY", "NUMBER", "DATETIME", "ROWID", "affinity",
 }
 
 # PEP 249's tree, plus Bastion's own OperationalErrors

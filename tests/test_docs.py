@@ -110,7 +110,7 @@ def discovered_keys(section: str, tmp_path: Path) -> set[str]:
 
 def config_keys(tmp_path: Path) -> dict[str, set[str]]:
     out = {}
-    for section, keys in cfg._KNOWN.items():
+    for section, keys in cfg.parse._KNOWN.items():
         out[section] = set(keys) if keys is not None else discovered_keys(section, tmp_path)
     return out
 

@@ -14,7 +14,6 @@ OPENER = PKG / "sqlite" / "connect.py"
 MAX_LINES = 700
 # Modules allowed over MAX_LINES, each with its reason. Shrink this list; never grow it silently.
 BIG = {
-    "bastion/cli.py": "the command line; the peer helper splits it into a package (issue 14)",
     "bastion/sql/service.py": "one concept (the SQL server's sessions and transactions)",
 }
 
