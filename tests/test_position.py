@@ -225,3 +225,60 @@ def test_instant_prints_as_bastion_prints_times() -> None:
 def test_instant_refuses_hostile_input(bad: object) -> None:
     with pytest.raises(UsageError):
         Instant.from_json(bad)
+
+
+# -- at the seams: what a peer sends is checked where it comes in --------------------------------
+
+def test_a_neighbour_answering_a_hostile_vector_is_a_named_error_not_a_crash(tmp_path) -> None:
+    """A sync neighbour whose vector is not origin -> change number (broken, or hostile) is
+    reported as that neighbour's error, in words; the pass goes on."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from support.daemon import DaemonProc, write_config
+    from support.proc import free_port
+    from support.sites import seed_file
+
+    class Neighbour(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"database": "shop", "site": "b", "vector": ["b", 3]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+    fake = ThreadingHTTPServer(("127.0.0.1", free_port()), Neighbour)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    token = tmp_path / "peer.token"
+    token.write_text("t" * 32 + "\n")
+    db = tmp_path / "shop.db"
+    seed_file(db)
+    port = free_port()
+    cfg = write_config(tmp_path, port, {"shop": {"files": [str(db)], "sync_group": "g"}},
+                       sections={"replication": {"peer_token_file": token}, "sync": {"site": "a"},
+                                 "sync_groups.g": {"sites": {"a": f"http://127.0.0.1:{port}",
+                                                             "b": f"http://127.0.0.1:{fake.server_port}"},
+                                                   "topology": "mesh", "schedule": "continuous",
+                                                   "keys": {"items": "shared"}}})
+    d = DaemonProc(cfg, port, tmp_path / "var").start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            r = d.cli("sync", "status", "shop", "--json")
+            err = (r.json or {}).get("databases", [{}])[0].get("peers", {}).get("b", {}).get("last_error") \
+                if r.out else None
+            if err:
+                break
+            assert time.monotonic() < deadline, (r.out, r.err, d.log.read_text()[-3000:] if d.log else "")
+            time.sleep(0.3)
+        assert "a vector must be an object of origin -> change number" in err, err
+        assert d.proc is not None and d.proc.poll() is None
+    finally:
+        d.stop()
+        fake.shutdown()
+        fake.server_close()
