@@ -324,7 +324,7 @@ class Shipper(PassLoop):
         items = seed.take(self.daemon.contops, files, staging)
         sid = uuid.uuid4().hex
         n = len(files)
-        cut = Cut.of(Position(it["seq"], it["hlc"]) for it in items)
+        cut = Cut.of(it["position"] for it in items)     # one instant: continuous operations
         try:
             for i, it in enumerate(items):
                 with open(it["staged"], "rb") as fh:
