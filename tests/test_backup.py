@@ -268,3 +268,23 @@ def test_manifest_naming_a_missing_chunk_is_found(daemon, bank, tmp_path):
     assert len(p) == 1 and p[0]["chunk"] == ghost and p[0]["file"] == data["files"][1]["name"]
     r = daemon.cli("restore", b["backup"], "--to", str(tmp_path / "z"))
     assert r.code == 2 and "missing" in r.err
+
+
+def test_manifest_instant_keeps_its_format_and_is_one_moment(daemon, bank):
+    """The instant is written as it always was (ISO text, then the epoch number; the id starts with
+    its stamp). A manifest whose text and number name different moments was edited: list sorts by
+    one and prune's buckets use the other, so it counts as damaged, and prune removes nothing."""
+    import time
+    b = _backup(daemon)
+    m = daemon.data_dir / "backups" / "manifests" / f"{b['backup']}.json"
+    data = json.loads(m.read_text())
+    assert list(data)[:5] == ["format", "id", "database", "instant", "instant_epoch"]
+    assert data["instant"] == b["instant"] and isinstance(data["instant_epoch"], float)
+    assert b["backup"].startswith(time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(data["instant_epoch"])) + "-")
+    data["instant_epoch"] -= 86400 * 40          # forty days earlier by the number, not by the text
+    m.write_text(json.dumps(data))
+    r = daemon.cli("verify", "--all", "--json")
+    assert r.code == 2 and "name different moments" in json.dumps(r.json["problems"]), r.out
+    r = daemon.cli("prune", "--keep-last", "5", "--json")
+    assert r.code == 2 and "damaged" in r.err, (r.out, r.err)
+    assert m.exists()

@@ -314,6 +314,25 @@ def test_positions_are_gap_free_ordered_and_clocked(tmp_path: Path) -> None:
     assert cap.position(a).seq == start.seq + 800
 
 
+def test_positions_are_the_shared_value_type_and_keep_their_json(tmp_path: Path) -> None:
+    """capture's positions are position.Position (ordered, printable), and the JSON that status and
+    install results carry keeps its shape: {"seq": ..., "hlc": ...}."""
+    import json
+
+    from bastion.position import Position
+    a = new_db(tmp_path / "a.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    start = cap.install(a, "A").position
+    con = apsw.Connection(str(a))
+    con.execute("INSERT INTO t(v) VALUES (1)")
+    con.close()
+    now = cap.position(a)
+    assert isinstance(start, Position) and isinstance(now, Position)
+    assert start < now and now == Position(start.seq + 1) and str(now) == f"position {start.seq + 1}"
+    st = cap.status(a)["position"]
+    assert json.dumps(st) == json.dumps({"seq": now.seq, "hlc": now.hlc}) and Position.from_json(st) == now
+    assert cap.install(a, "A").to_dict()["position"] == now.to_json()
+
+
 def test_capture_is_in_the_application_transaction(tmp_path: Path, app: App) -> None:
     a = new_db(tmp_path / "a.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, u UNIQUE, v)")
     start = cap.install(a, "A").position.seq

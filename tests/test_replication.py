@@ -369,3 +369,42 @@ def test_replicated_durability_acknowledges_only_what_the_backup_applied(pair, b
     finally:
         copy.close()
     con.close()
+
+
+def test_a_hostile_seed_commit_is_refused_before_anything_is_swapped(pair, bank, tmp_path):
+    """The cut a seed commit names comes from the network: a negative position or clock value, a
+    missing seq, or the wrong number of files is a usage error (400) before any file is touched;
+    the replica keeps the positions it held and its contents."""
+    import httpx
+
+    p = pair(schedule="manual")
+    bank.start(seconds=120)
+    time.sleep(1)
+    bank.stop()
+    p.catch_up()
+    before = p.status(p.backup)
+    applied = [f["applied"] for f in before["files"]]
+    assert all(isinstance(a, int) for a in applied), before
+    tok = p.token_file.read_text().strip()
+    hdr = {"Authorization": f"Bearer {tok}"}
+    for bad in ([{"seq": -1, "hlc": 0}, {"seq": 5, "hlc": 0}],
+                [{"seq": 5, "hlc": -3}, {"seq": 5, "hlc": 0}],
+                [{"hlc": 1}, {"hlc": 1}],
+                [{"seq": 5, "hlc": 0}]):
+        sid = os.urandom(8).hex()
+        for i, name in enumerate(("bank.db", "audit.db")):   # real SQLite copies, as a primary uploads
+            staged = tmp_path / f"{sid}-{name}"
+            src, dst = sqlite3.connect(p.copy / name), sqlite3.connect(staged)
+            src.backup(dst)
+            src.close()
+            dst.close()
+            r = httpx.post(f"{p.backup.url}/v1/peer/seed/upload", headers=hdr, content=staged.read_bytes(),
+                           params={"database": "bank", "files": 2, "file": i, "seed": sid}, timeout=60)
+            assert r.status_code == 200, r.text
+        r = p.backup.api("POST", "/v1/peer/seed/commit", {"database": "bank", "origin": before["primary_origin"],
+                                                            "files": 2, "seed": sid, "positions": bad}, token=tok)
+        assert r.status_code == 400, (bad, r.status_code, r.text)
+        assert r.json()["error"]["type"] == "UsageError", r.text
+    after = p.status(p.backup)
+    assert [f["applied"] for f in after["files"]] == applied and after["seeded_at"] == before["seeded_at"]
+    p.assert_same()

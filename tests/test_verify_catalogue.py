@@ -325,6 +325,7 @@ CASES: dict[str, Callable[[Repo], Expect]] = {
     "manifest-wrong-format": _edit("format", 2, file=None),
     "manifest-database-missing": _edit("database", _DEL, file=None),
     "manifest-instant-garbled": _edit("instant", "yesterday-ish", file=None),
+    "manifest-instant-epoch-other-moment": _edit("instant_epoch", 1_000_000_000.5, file=None),
     "manifest-logical-bytes-wrong": _edit("logical_bytes", 12345, file=None),
     # manifest: the file list
     "files-empty-list": _edit("files", [], file=None),

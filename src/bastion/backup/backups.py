@@ -19,6 +19,7 @@ from ..catalog import Catalog
 from ..config import Config
 from ..contops import ContinuousOperations
 from ..errors import BastionError, NotConsistent, from_os_error
+from ..position import Instant
 from ..sqlite import DatabaseFile
 from ..state import iso
 from . import names
@@ -163,10 +164,10 @@ class Backups:
             repo.unlock(lock)
 
     def _finish(self, repo: Repository, label: str, start: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
-        instant = start["started_at_epoch"]
-        bid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(instant)) + "-" + uuid.uuid4().hex[:6]
+        instant = Instant(start["started_at_epoch"])
+        bid = f"{instant.stamp}-{uuid.uuid4().hex[:6]}"    # ids sort by the instant they start with
         manifest = {
-            "format": FORMAT, "id": bid, "database": label, "instant": iso(instant), "instant_epoch": instant,
+            "format": FORMAT, "id": bid, "database": label, **instant.to_json(),
             "sqlite_version": apsw.sqlite_lib_version(), "files": res["files"],
             "logical_bytes": sum(f["size"] for f in res["files"]),
             "stored_bytes_added": res["stored_bytes_added"], "chunks_total": res["chunks_total"],
@@ -289,7 +290,7 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
 
 def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any]:
     """Every backup with its latest recorded verification; damaged manifests as named problems."""
-    rows = []
+    rows: list[tuple[Instant, dict[str, Any]]] = []
     problems = []
     for m in repo.manifests():
         if isinstance(m, Exception):
@@ -298,9 +299,10 @@ def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any
         if database and m["database"] != database:
             continue
         ver = repo.verification(m["id"])
-        rows.append({"id": m["id"], "database": m["database"], "instant": m["instant"],
+        rows.append((Instant.from_json(m), {"id": m["id"], "database": m["database"], "instant": m["instant"],
                      "logical_bytes": m["logical_bytes"], "stored_bytes_added": m.get("stored_bytes_added", 0),
                      "files": [f["name"] for f in m["files"]], "verified": describe_verification(ver),
-                     "verification": {k: ver[k] for k in ("latest", "quick", "full", "unreadable")}})
-    rows.sort(key=lambda r: r["instant"])
-    return {"repository": repo.url, "backups": rows, "problems": problems, "exit_code": 2 if problems else 0}
+                     "verification": {k: ver[k] for k in ("latest", "quick", "full", "unreadable")}}))
+    rows.sort(key=lambda r: r[0])
+    return {"repository": repo.url, "backups": [r for _, r in rows], "problems": problems,
+            "exit_code": 2 if problems else 0}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
+from ..position import Instant
 from . import names
 from .repository import Repository, RepositoryError
 
@@ -51,14 +52,14 @@ def select(manifests: list[dict[str, Any]], policy: Policy) -> dict[str, list[st
     for m in manifests:
         by_db.setdefault(m["database"], []).append(m)
     for ms in by_db.values():
-        ms.sort(key=lambda m: m["instant_epoch"], reverse=True)
+        ms.sort(key=lambda m: Instant.from_json(m), reverse=True)
         for m in ms[:policy.last]:
             keep.setdefault(m["id"], []).append("last")
         for rule, bucket in _BUCKETS.items():
             n = getattr(policy, rule)
             seen: list[str] = []
             for m in ms:
-                b = bucket(m["instant_epoch"])
+                b = bucket(Instant.from_json(m).epoch)
                 if b in seen:
                     continue
                 if len(seen) >= n:
@@ -76,15 +77,15 @@ def _well_formed(m: dict[str, Any]) -> bool:
     damaged (a hand-edited manifest must not make prune crash, nor hide the chunks it names)."""
     try:
         names.backup_id(m["id"])
-        if not isinstance(m["database"], str) or not isinstance(m["instant"], str):
+        if not isinstance(m["database"], str):
             return False
-        float(m["instant_epoch"])
+        Instant.from_json(m)
         for f in m["files"]:
             for d, n in f["chunks"]:
                 if not isinstance(d, str) or not isinstance(n, int):
                     return False
         return True
-    except (KeyError, TypeError, ValueError, names.UnsafeName):
+    except (KeyError, TypeError, ValueError, names.UnsafeName, UsageError):
         return False
 
 

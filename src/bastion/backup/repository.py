@@ -32,6 +32,7 @@ import zstandard
 
 from ..errors import BastionError, UsageError
 from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError  # noqa: F401 - defined in errors.py
+from ..position import Instant
 from .names import UnsafeName, backup_id as checked_id, file_name, file_names
 from .store import ObjectMissing, Store, _pid_alive, open_store
 
@@ -68,11 +69,17 @@ def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
         bad(f"names itself {m.get('id')!r}, not {backup_id!r} as its object name says")
     if not isinstance(m.get("database"), str) or not m["database"].strip():
         bad(f"has no database name ({m.get('database')!r})")
-    if not isinstance(m.get("instant"), str) or not ISO.fullmatch(m["instant"]):
+    text_ok = isinstance(m.get("instant"), str) and ISO.fullmatch(m["instant"]) is not None
+    if not text_ok:
         bad(f"has no valid instant ({m.get('instant')!r})")
     epoch = m.get("instant_epoch")
     if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not math.isfinite(epoch) or epoch <= 0:
         bad(f"has no valid instant_epoch ({epoch!r})")
+    elif text_ok:
+        try:   # both well formed: they must name the same moment (list sorts by one, prune by the other)
+            Instant.from_json(m)
+        except UsageError as exc:
+            bad(exc.message)
     files = m.get("files")
     if not isinstance(files, list) or not files:
         bad("has no files (an empty or missing file list restores nothing)" if not files

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import apsw
 
 from ..errors import ReseedNeeded, StateConflict  # noqa: F401 - ReseedNeeded lives in errors.py; imported from here too
+from ..position import Position  # the log's positions: one type for capture, replication and the SQL server
 from ..sqlite.connect import one
 from .sqltools import exists
 
@@ -90,11 +91,6 @@ class Change(NamedTuple):
         return (self.hlc >> HLC_SHIFT) / 1000.0
 
 
-class Position(NamedTuple):
-    seq: int
-    hlc: int
-
-
 @dataclass
 class RefreshResult:
     changed: bool = False
@@ -110,7 +106,7 @@ class RefreshResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"changed": self.changed, "ddl": self.ddl, "reseed": self.reseed, "rows_logged": self.rows_logged,
-                "uncaptured": self.uncaptured, "position": self.position._asdict() if self.position else None}
+                "uncaptured": self.uncaptured, "position": self.position.to_json() if self.position else None}
 
 
 @dataclass
@@ -123,7 +119,7 @@ class InstallResult:
     refresh: RefreshResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"origin": self.origin, "position": self.position._asdict(), "tables": self.tables,
+        return {"origin": self.origin, "position": self.position.to_json(), "tables": self.tables,
                 "uncaptured": self.uncaptured, "already_installed": self.already,
                 "refresh": self.refresh.to_dict() if self.refresh else None}
 
@@ -181,7 +177,8 @@ def own_ddl(con: apsw.Connection, sql: str) -> None:
 
 
 def last_position(con: apsw.Connection) -> Position:
-    seq, hlc = con.execute(f"SELECT seq, hlc FROM {LOG} ORDER BY seq DESC LIMIT 1").fetchall()[0]
+    row = con.execute(f"SELECT seq, hlc FROM {LOG} ORDER BY seq DESC LIMIT 1").fetchall()[0]
+    seq, hlc = cast("tuple[int, int]", row)
     return Position(seq, hlc)
 
 

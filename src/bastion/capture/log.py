@@ -204,7 +204,7 @@ def status(target: apsw.Connection | str | os.PathLike) -> dict[str, Any]:
     with connection(target) as con, transaction(con, write=False):
         if not installed(con):
             return {"installed": False}
-        return {"installed": True, "origin": meta(con, "origin"), "position": last_position(con)._asdict(),
+        return {"installed": True, "origin": meta(con, "origin"), "position": last_position(con).to_json(),
                 "oldest_logged": one(con, f"SELECT min(seq) FROM {LOG} WHERE op != {OP_MARK}"),
                 "tables": [r[0] for r in con.execute(f"SELECT name FROM {TABLES} WHERE active = 1 ORDER BY name")],
                 "schema_current": one(con, "PRAGMA schema_version") == meta(con, "schema_version")}

@@ -24,6 +24,7 @@ import msgpack
 from .. import capture
 from ..fsutil import durable_json, fsync_dir
 from ..errors import NotConsistent, ReseedNeeded, StateConflict, UnknownTarget, UsageError
+from ..position import Cut
 from ..state import iso
 from ..sqlite import connect
 
@@ -223,9 +224,13 @@ class Receiver:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
 
-    def seed_commit(self, primary_db: str, origin: str, seed_id: str, positions: list[dict[str, int]]) -> dict[str, Any]:
-        """Every staged file is here: re-mark its capture as this copy's, then swap all files in."""
-        name = self._local(primary_db, len(positions))
+    def seed_commit(self, primary_db: str, origin: str, seed_id: str, positions: list[Any]) -> dict[str, Any]:
+        """Every staged file is here: re-mark its capture as this copy's, then swap all files in.
+
+        ``positions``: the cut the copies were taken at, ``[{"seq", "hlc"}, ...]`` (checked first:
+        a bad one changes nothing)."""
+        cut = Cut.from_json(positions)
+        name = self._local(primary_db, len(cut))
         db = self.replicas[name]
         with self._locks[name]:
             self._drop_partial(name)
@@ -237,16 +242,16 @@ class Receiver:
             for p in staged:
                 if not os.path.isfile(p):
                     raise StateConflict(f"seed {seed_id}: {p} was not uploaded", hint="the primary retries the seed")
-            for p, pos in zip(staged, positions):
-                self._prepare(p, origin, int(pos["seq"]), int(pos["hlc"]))
+            for p, pos in zip(staged, cut):
+                self._prepare(p, origin, pos.seq, pos.hlc)
             self._swap(name, list(zip(staged, db.files)))
             for target in db.files:     # uploads of seeds that never committed (peer died mid-seed)
                 for left in glob.glob(glob.escape(target) + ".bastion-seed-*"):
                     os.remove(left)
             self.state[name] = {"promoted": False, "origin": origin, "seeded_at": time.time()}
             self._save(name)
-            log.info("replica %s seeded from %s at %s", name, origin, [p["seq"] for p in positions])
-            return {"database": name, "seeded": True, "positions": [p["seq"] for p in positions]}
+            log.info("replica %s seeded from %s at %s", name, origin, cut)
+            return {"database": name, "seeded": True, "positions": cut.to_json()}
 
     def _prepare(self, path: str, origin: str, seq: int, hlc: int) -> None:
         # The staged copy is not a protected file: opening it here is safe, and its WAL

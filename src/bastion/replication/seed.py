@@ -42,7 +42,7 @@ def staged_position(path: str) -> capture.Position:
 
 
 def take(contops: Any, files: list[Any], staging: str) -> list[dict[str, Any]]:
-    """Copy ``files`` (DatabaseFile) at one instant into ``staging``; returns [{staged, seq, hlc}]."""
+    """Copy ``files`` (DatabaseFile) at one instant into ``staging``; returns [{staged, position}]."""
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     pairs = [(f.path, os.path.join(staging, f"{i}.db")) for i, f in enumerate(files)]
@@ -56,8 +56,7 @@ def take(contops: Any, files: list[Any], staging: str) -> list[dict[str, Any]]:
                             hint="it is retried on its own")
     out = []
     for _, dst in pairs:
-        pos = staged_position(dst)
-        out.append({"staged": dst, "seq": pos.seq, "hlc": pos.hlc})
+        out.append({"staged": dst, "position": staged_position(dst)})
     return out
 
 

@@ -28,6 +28,7 @@ from .. import capture
 from ..catalog import Targets
 from ..errors import BastionError, BusyError, ChangesMissing, ReseedNeeded
 from ..peer import PeerClient
+from ..position import Cut, Position
 from ..state import iso
 from ..tls import trust
 from ..sqlite import pause_writers
@@ -88,7 +89,7 @@ class Shipper(PassLoop):
                      "tls_cert; changes queue meanwhile")
         n = len(db.files)
         self._cons: list[apsw.Connection | None] = [None] * n
-        self.acked: list[int | None] = [None] * n     # the peer's position, as it last said
+        self.acked: Cut | None = None                  # the cut the peer holds, as it last said (None: none)
         self.shipped: list[int | None] = [None] * n   # last position sent
         self._known = False                            # acked is current (asked since the last failure)
         self._installed = False
@@ -109,7 +110,7 @@ class Shipper(PassLoop):
         self._close_cons()
         self._http.close()
 
-    def wait_applied(self, positions: list[int], timeout: float) -> None:
+    def wait_applied(self, positions: Cut, timeout: float) -> None:
         """Return once the backup server has applied every change up to ``positions`` (one
         capture position per file): `durability = "replicated"`. Wakes the loop so that
         a waiting commit does not sit out a poll interval."""
@@ -117,7 +118,7 @@ class Shipper(PassLoop):
         deadline = time.monotonic() + timeout
         while True:
             acked = self.acked
-            if self._known and all(a is not None and a >= p for a, p in zip(acked, positions)):
+            if self._known and acked is not None and acked.covers(positions):
                 return
             if self.db.standby_optional and self.standby_down() and self._may_degrade():
                 self.degraded_commits += 1     # shown by status: durable here only, for now
@@ -183,13 +184,13 @@ class Shipper(PassLoop):
         if not self._known:
             self.acked = self._positions()
             self._known = True
-        for i, a in enumerate(self.acked):
-            if a is not None and capture.position(self._con(i)).seq < a:
-                # the file went back in time (restored from a backup?): new changes would reuse
-                # positions the peer already holds, and be skipped there as already applied
-                log.warning("%s: capture position is behind the replica's: seeding it again", self.db.files[i])
-                self.acked[i] = None
-        if any(a is None for a in self.acked):
+        if self.acked is not None and not Cut.of(capture.position(self._con(i))
+                                                 for i in range(len(self.db.files))).covers(self.acked):
+            # a file went back in time (restored from a backup?): new changes would reuse
+            # positions the peer already holds, and be skipped there as already applied
+            log.warning("%s: capture position is behind the replica's %s: seeding it again", self.name, self.acked)
+            self.acked = None
+        if self.acked is None:
             self._seed()
             seeded = True
         self.state = "shipping"
@@ -197,6 +198,9 @@ class Shipper(PassLoop):
         reseeds = 0
         t0 = time.monotonic()
         while not self._stop.is_set():
+            if self.acked is None:       # the peer answered a cut with a file it holds nothing of
+                self._seed()
+                seeded = True
             try:
                 sent = self._ship_cut()
             except (ReseedNeeded, ChangesMissing) as why:   # the peer cannot go on from what it holds
@@ -217,9 +221,12 @@ class Shipper(PassLoop):
             self._prune(i, force=True)
         self.state = "caught up" if not self._stop.is_set() else "stopping"
         return {"database": self.name, "shipped": shipped, "seeded": seeded,
-                "positions": list(self.acked), "more": bool(shipped) and self.timing.mode == "continuous"}
+                "positions": self._acked_json(), "more": bool(shipped) and self.timing.mode == "continuous"}
 
-    def _cut(self) -> list[int]:
+    def _acked_json(self) -> list[int | None]:
+        return self.acked.to_json() if self.acked is not None else [None] * len(self.db.files)
+
+    def _cut(self) -> Cut:
         """Each file's last position at one commit boundary of the primary.
 
         A batch must end where a transaction ended, or the copy shows half of one. One
@@ -228,26 +235,26 @@ class Shipper(PassLoop):
         writer is paused (write locks, an instant) while the positions are read."""
         n = len(self.db.files)
         if n == 1:
-            return [capture.position(self._con(0)).seq]
-        out: list[int] = []
+            return Cut.of([capture.position(self._con(0))])
+        out: list[Position] = []
 
         def read() -> None:
-            out[:] = [capture.position(self._con(i)).seq for i in range(n)]
+            out[:] = [capture.position(self._con(i)) for i in range(n)]
         frozen = [self.daemon.catalog.files.get(p) for p in self.db.files]
         if all(f is not None and f.gated_since is not None for f in frozen):
             read()      # a freeze holds every writer already: the positions are one instant
-            return out
+            return Cut.of(out)
         # The write locks are taken on the shipper's own connections, not through the daemon's
         # gate: startbu and freeze need that gate for themselves and must not find it taken.
         writers = [_Writer(p, self._con(i)) for i, p in enumerate(self.db.files)]
         held = pause_writers(writers, CUT_PAUSE_TIMEOUT, step=read).resume()  # type: ignore[arg-type]
         self.cut_pause_max = max(self.cut_pause_max, held)
-        return out
+        return Cut.of(out)
 
-    def _chunks(self, cut: list[int]) -> Iterator[tuple[int, list[capture.Change]]]:
-        for i, end in enumerate(cut):
-            after = self.acked[i]
-            assert after is not None
+    def _chunks(self, cut: Cut) -> Iterator[tuple[int, list[capture.Change]]]:
+        assert self.acked is not None
+        for i, (pos, held) in enumerate(zip(cut, self.acked)):
+            after, end = held.seq, pos.seq
             while after < end:
                 changes = [c for c in capture.read_changes(self._con(i), after, BATCH) if c.seq <= end]
                 if not changes:
@@ -258,8 +265,9 @@ class Shipper(PassLoop):
     def _ship_cut(self) -> int:
         """Send every change up to one cut, in chunks; the peer applies the cut as one unit."""
         n = len(self.db.files)
+        assert self.acked is not None
         # A look first (it also logs a schema change), so that an idle database pauses no writer.
-        if not any(capture.read_changes(self._con(i), self.acked[i] or 0, 1) for i in range(n)):
+        if not any(capture.read_changes(self._con(i), self.acked[i].seq, 1) for i in range(n)):
             return 0
         cut = self._cut()
         cid = uuid.uuid4().hex
@@ -278,7 +286,7 @@ class Shipper(PassLoop):
             sent += len(changes)
         if not k:
             return 0
-        self.acked = [None if p is None else int(p) for p in res["positions"]]
+        self.acked = Cut.held(res["positions"], files=n)
         self._progress()
         for i in range(n):
             self._prune(i)
@@ -286,9 +294,9 @@ class Shipper(PassLoop):
 
     def _prune(self, i: int, force: bool = False) -> None:
         now = time.monotonic()
-        a = self.acked[i]
-        if a is None or (not force and now - self._last_prune[i] < PRUNE_EVERY):
+        if self.acked is None or (not force and now - self._last_prune[i] < PRUNE_EVERY):
             return
+        a = self.acked[i].seq
         self._last_prune[i] = now
         con = self._con(i)
         # A busy application may hold the write lock back to back: never queue behind it for
@@ -302,10 +310,10 @@ class Shipper(PassLoop):
             con.setbusytimeout(10_000)
 
     # -- talking to the peer --------------------------------------------------------------
-    def _positions(self) -> list[int | None]:
-        res = self._http.post("/v1/peer/positions", json={
-            "database": self.name, "origin": self.origin, "files": len(self.db.files)})
-        return [None if p is None else int(p) for p in res["files"]]
+    def _positions(self) -> Cut | None:
+        n = len(self.db.files)
+        res = self._http.post("/v1/peer/positions", json={"database": self.name, "origin": self.origin, "files": n})
+        return Cut.held(res["files"], files=n)
 
     def _seed(self) -> None:
         """A consistent copy of every file, uploaded, then swapped in on the peer at once."""
@@ -316,6 +324,7 @@ class Shipper(PassLoop):
         items = seed.take(self.daemon.contops, files, staging)
         sid = uuid.uuid4().hex
         n = len(files)
+        cut = Cut.of(it["position"] for it in items)     # one instant: continuous operations
         try:
             for i, it in enumerate(items):
                 with open(it["staged"], "rb") as fh:
@@ -324,30 +333,30 @@ class Shipper(PassLoop):
                                   headers={"Content-Type": "application/octet-stream"})
             self._http.post("/v1/peer/seed/commit", json={
                 "database": self.name, "origin": self.origin, "seed": sid, "files": n,
-                "positions": [{"seq": it["seq"], "hlc": it["hlc"]} for it in items]})
+                "positions": cut.to_json(clock=True)})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self.acked = [it["seq"] for it in items]
-        self.shipped = list(self.acked)
+        self.acked = cut
+        self.shipped = list(cut.seqs)
         self._known = True
         self.seeded_at = time.time()
         self.seeds += 1
         self._progress()
         for i in range(n):
             self._prune(i, force=True)
-        log.info("seeded the replica of %s on %s at positions %s", self.name, self.peer, self.acked)
+        log.info("seeded the replica of %s on %s at %s", self.name, self.peer, cut)
 
     # -- status ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         files = []
         now = time.time()
         for i, path in enumerate(self.db.files):
+            a = self.acked[i].seq if self.acked is not None else None
             f: dict[str, Any] = {"path": path, "position": None, "shipped": self.shipped[i],
-                                 "applied": self.acked[i], "lag_changes": None, "lag_seconds": None}
+                                 "applied": a, "lag_changes": None, "lag_seconds": None}
             try:
                 if capture.is_installed(path):
                     f["position"] = capture.position(path).seq
-                    a = self.acked[i]
                     f["lag_changes"] = capture.pending(path, a if a is not None else 0)
                     first = capture.read_changes(path, a if a is not None else 0, 1, auto_refresh=False)
                     f["lag_seconds"] = round(max(0.0, now - first[0].time), 3) if first else 0.0

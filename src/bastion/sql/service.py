@@ -47,6 +47,7 @@ from ..errors import ResultTooLarge  # noqa: F401 - defined in errors.py
 from . import values
 from .committer import GroupCommitter
 from ..config import SQLSettings  # the [sql] section; importable from here too
+from ..position import Cut  # the capture positions a replicated commit waits for
 from .users import READ_ONLY, Principal
 from ..sqlite import connect
 
@@ -391,7 +392,7 @@ class Tx:
         """COMMIT (then wait until durable) or ROLLBACK; the writer turn is given back either way."""
         ticket = None
         replicate = False
-        positions: list[int] | None = None
+        positions: Cut | None = None
         try:
             if self.conn.in_transaction:
                 if commit:
@@ -464,7 +465,7 @@ class Database:
         self.wait_for_fsync = durability in (DURABLE, REPLICATED) and group_commit
         # replicated: set by the daemon once real-time backup runs; waits until the backup
         # server has applied every change up to the given capture positions (one per file)
-        self.replicated_wait: Callable[[list[int]], None] | None = None
+        self.replicated_wait: Callable[[Cut], None] | None = None
         self._writer = threading.Lock()
         self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
         self._pool_lock = threading.Lock()
@@ -474,7 +475,7 @@ class Database:
         taken = {"main", "temp"}
         self.schemas = ["main"] + [_schema_name(p, taken) for p in self.paths[1:]]
 
-    def log_positions(self, conn: apsw.Connection) -> list[int] | None:
+    def log_positions(self, conn: apsw.Connection) -> Cut | None:
         """The last change-capture position of each file, read right after our COMMIT (we
         still hold the writer turn, so nothing of ours can come later). After DDL, capture
         has not yet logged the new schema (nor the rows no trigger saw): refresh it first,
@@ -492,9 +493,9 @@ class Database:
             except apsw.SQLError:
                 return None         # capture not installed yet: nothing can be replicated
             out.append(int(row[0] or 0))
-        return out
+        return Cut.of(out)
 
-    def wait_replicated(self, positions: list[int] | None) -> None:
+    def wait_replicated(self, positions: Cut | None) -> None:
         from ..errors import NotReplicated
         if positions is None or self.replicated_wait is None:
             raise NotReplicated(f"database {self.name}: committed here, but real-time backup is not running yet "

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..errors import BastionError, ConfigError, StateConflict, UnknownTarget, UsageError
 from ..passloop import PassLoop
 from ..peer import PeerClient
+from ..position import Vector  # per origin, the highest change a site holds
 from ..replication.window import Timing
 from ..state import iso
 from ..tls import trust
@@ -79,7 +80,7 @@ class Syncer(PassLoop):
         self._pool = ThreadPoolExecutor(max_workers=len(self.group.neighbours),
                                         thread_name_prefix=f"bastion-sync-{name}")
         n = len(self.db.files)
-        self.their: dict[str, list[dict[str, int] | None]] = {p: [None] * n for p in self.group.neighbours}
+        self.their: dict[str, list[Vector | None]] = {p: [None] * n for p in self.group.neighbours}
         self.peer_state: dict[str, dict[str, Any]] = {p: {"sent": 0, "last_error": None, "last_ok_at": None}
                                                       for p in self.group.neighbours}
         self.sent = 0
@@ -172,14 +173,14 @@ class Syncer(PassLoop):
         # Connecting is what hangs on a cut link; answering may take a while on a busy site (the
         # vector reads the log after the writers' transactions). A slow answer holds up only
         # this neighbour's thread (PEER_WAIT).
-        vec = self._http[peer].post("/v1/peer/sync/vector", json=self._who(i), timeout=(15.0, 1.0))["vector"]
+        vec = _their_vector(self._http[peer].post("/v1/peer/sync/vector", json=self._who(i), timeout=(15.0, 1.0)))
         total = 0
         while not self._stop.is_set():
             changes = site.changes_for(path, vec, BATCH)
             if not changes:
                 break
             res = self._http[peer].post("/v1/peer/sync/apply", msgpack={**self._who(i), "batch": site.to_wire(changes)})
-            vec = res["vector"]
+            vec = _their_vector(res)
             total += len(changes)
         self.their[peer][i] = vec
         site.record_peer(path, peer, vec)
@@ -307,7 +308,7 @@ class Syncer(PassLoop):
                     st = site.status(path)
                     f.update(vector=st["vector"], log_entries=st["log_entries"],
                              unresolved_conflicts=st["unresolved_conflicts"])
-                    f["peers"] = {p: {"their_vector": (self.their[p][i] or None),
+                    f["peers"] = {p: {"their_vector": (self.their[p][i] or Vector()).to_json() or None,
                                       "lag_changes": _lag(st.get("vector") or {}, self.their[p][i])}
                                   for p in self.group.neighbours}
             except BastionError as exc:
@@ -323,11 +324,14 @@ class Syncer(PassLoop):
                 "files": files}
 
 
-def _lag(ours: dict[str, int], theirs: dict[str, int] | None) -> int | None:
+def _their_vector(answer: Any) -> Vector:
+    """A neighbour's vector, checked: a broken or hostile answer is a UsageError, not a crash."""
+    return Vector.from_json(answer.get("vector") if isinstance(answer, dict) else answer)
+
+
+def _lag(ours: dict[str, int], theirs: Vector | None) -> int | None:
     """Changes held here that the neighbour lacks, as far as its last known vector says."""
-    if theirs is None:
-        return None
-    return sum(max(0, n - theirs.get(o, 0)) for o, n in ours.items())
+    return None if theirs is None else Vector(ours).lacking(theirs)
 
 
 class Sync:
