@@ -85,6 +85,15 @@ _WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_
 # functions that reach the file system or raw pointers
 _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
                                "sqlar_compress", "sqlar_uncompress"})
+_INTERNAL = f" -- bastion {secrets.token_hex(16)}"
+_NEEDS_TRANSACTION = "a write: it runs in a transaction"
+_READS = frozenset({"SELECT", "WITH", "VALUES"})
+
+
+class _NeedsTransaction(Exception):
+    """A statement tried in autocommit turned out to write: nothing of it ran."""
+
+
 _FIRST_WORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*(\w*)", re.S)
 # (a comment never runs past its */: "/* x */ DELETE ..." is a statement, not a tail)
 _ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*(?:[^*]|\*(?!/))*(?:\*/|$))*", re.S)
@@ -149,8 +158,12 @@ class Tx:
         self.wrote = False
         self.dirty = False             # a statement of this transaction changed something
         self.description: list[tuple[str, str | None]] | None = None
+        self.checked: str | None = None  # the statement text the tracer last checked
+        self.autocommit = False        # a lone read in SQLite's autocommit: a write must not run here
+        self.many: list[Any] | None = None   # executemany: [changes, last rowid, first set still to come]
         conn.exec_trace = self._trace
         conn.authorizer = self._authorize
+        conn.set_busy_handler(_Patience(db.settings.busy_timeout, self))
         conn.set_progress_handler(self._progress, 2000)
 
     def _progress(self) -> bool:
@@ -166,6 +179,27 @@ class Tx:
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         if self.internal:
             return True         # our SAVEPOINT/RELEASE must not replace the client's description
+        if self.many is not None:
+            if self.many[2]:
+                self.many[2] = False
+            else:
+                self._count_set()       # the set before this one is done
+        if sql == self.checked:
+            pass                # executemany: the same statement again, already checked
+        elif not self._check(cursor, sql):
+            return False
+        if not cursor.is_readonly:
+            if self.autocommit:
+                self.misuse = _NEEDS_TRANSACTION    # nothing ran: the caller begins and runs it again
+                return False
+            self.wrote = True
+            if not self.holds_writer:
+                self.db.take_writer(self.cancel)
+                self.holds_writer = True
+        return True
+
+    def _check(self, cursor: apsw.Cursor, sql: str) -> bool:
+        """Once per statement text: its description, and that it is the only statement."""
         if _ONE_STATEMENT_TAIL.fullmatch(sql):
             return True         # a comment after the statement: SQLite runs nothing, it keeps its result
         try:
@@ -181,11 +215,7 @@ class Tx:
                     not _ONE_STATEMENT_TAIL.fullmatch(self.text[at + len(sql):]):
                 self.misuse = "you can only execute one statement at a time"
                 return False
-        if not self.internal and not cursor.is_readonly:
-            self.wrote = True
-            if not self.holds_writer:
-                self.db.take_writer()
-                self.holds_writer = True
+        self.checked = sql
         return True
 
     def _authorize(self, action: int, a1: str | None, a2: str | None, dbname: str | None, _: str | None) -> int:
@@ -211,7 +241,9 @@ class Tx:
     def internal_exec(self, sql: str) -> None:
         self.internal = True
         try:
-            self.conn.execute(sql, can_cache=False)
+            # cached under a text no client can send (a secret comment): a client's own "BEGIN"
+            # is a different statement, prepared and checked by the authorizer
+            self.conn.execute(sql + _INTERNAL)
         finally:
             self.internal = False
 
@@ -221,7 +253,7 @@ class Tx:
     def _one(self, i: int, st: Statement) -> dict[str, Any]:
         """One statement. Whatever goes wrong is a clean error of this statement; the
         transaction stays usable unless SQLite itself rolled it back."""
-        self.denied = self.misuse = None
+        self.denied = self.misuse = self.checked = None
         self.description = None
         cur = self.conn.cursor()
         self.wrote = False
@@ -240,6 +272,8 @@ class Tx:
             else:
                 rows, changes, rowid = self._rows(cur, st, i, details)
         except apsw.ExecTraceAbort:
+            if self.misuse is _NEEDS_TRANSACTION:
+                raise _NeedsTransaction from None
             raise UsageError(f"statement {i + 1}: {self.misuse or 'refused'}", details=details,
                              hint="send each statement separately (several in one batch run atomically)") from None
         except apsw.Error as exc:
@@ -345,25 +379,35 @@ class Tx:
     def _many(self, cur: apsw.Cursor, st: Statement) -> tuple[int, int | None]:
         """executemany: every parameter set runs (rows it returns are read and dropped),
         or none does: a savepoint undoes the sets already run when one fails.
-        Returns the statement's own changes over all sets, and the last inserted rowid."""
+        Returns the statement's own changes over all sets, and the last inserted rowid:
+        SQLite's changes() of each set is read by the tracer before the next set runs."""
+        if not st.many:
+            return 0, None
         self.internal_exec("SAVEPOINT bastion_many")
-        changes, rowid = 0, None
+        self.many = [0, None, True]
         try:
-            for params in st.many or []:
-                for _ in cur.execute(st.sql, params):
-                    pass
-                n = self.conn.changes()
-                changes += n
-                if n:
-                    rowid = self.conn.last_insert_rowid()
+            for _ in cur.executemany(st.sql, st.many):
+                pass
+            self._count_set()
+            changes, rowid = self.many[0], self.many[1]
         except BaseException:
             cur.close()
             if self.conn.in_transaction:
                 self.internal_exec("ROLLBACK TO bastion_many")
                 self.internal_exec("RELEASE bastion_many")
             raise
+        finally:
+            self.many = None
         self.internal_exec("RELEASE bastion_many")
         return changes, rowid
+
+    def _count_set(self) -> None:
+        """One parameter set of executemany has run: add its own changes (not its triggers')."""
+        assert self.many is not None
+        n = self.conn.changes()
+        self.many[0] += n
+        if n:
+            self.many[1] = self.conn.last_insert_rowid()
 
     def _failure(self, exc: apsw.Error, i: int, st: Statement) -> BastionError:
         kind = type(exc).__name__
@@ -426,11 +470,13 @@ class Tx:
 class _Patience:
     """A busy handler that polls every millisecond or so. SQLite's own sleeps 1, 2, 5 … 100 ms
     between tries, so a local application that commits back to back keeps winning the
-    lock and the server's writers starve; polling often gives them a fair share."""
+    lock and the server's writers starve; polling often gives them a fair share.
+    It stops waiting once the client of its transaction is gone."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, tx: Tx | None = None) -> None:
         self.timeout = timeout
         self.since = 0.0
+        self.tx = tx
 
     def __call__(self, count: int) -> bool:
         now = time.monotonic()
@@ -438,8 +484,17 @@ class _Patience:
             self.since = now
         elif now - self.since > self.timeout:
             return False
+        cancel = self.tx.cancel if self.tx is not None else None
+        if cancel is not None and cancel.is_set():
+            return False
         time.sleep(0.0005 if count < 200 else 0.002)
         return True
+
+
+def _still_wanted(cancel: threading.Event | None) -> None:
+    """A request that waited for a thread while its client left is not run at all."""
+    if cancel is not None and cancel.is_set():
+        raise TransactionGone("the client went away before its request ran: nothing of it ran")
 
 
 def _schema_name(path: str, taken: set[str]) -> str:
@@ -502,12 +557,21 @@ class Database:
                                 hint="see `bastion replicate status`; the commit is durable on this node")
         self.replicated_wait(positions)
 
-    def take_writer(self) -> None:
+    def take_writer(self, cancel: threading.Event | None = None) -> None:
         # While waiting, expire idle transactions now rather than at the sweeper's next
         # round (once a second): an abandoned writer is rolled back at its idle timeout
         # (half the busy timeout) even when the busy timeout is shorter than that round.
+        # A request whose client has gone stops waiting: it must never run after the lock frees.
         deadline = time.monotonic() + self.settings.busy_timeout
-        while not self._writer.acquire(timeout=max(0.0, min(0.05, deadline - time.monotonic()))):
+        while True:
+            got = self._writer.acquire(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            if cancel is not None and cancel.is_set():      # gone while waiting, or just as the lock came free
+                if got:
+                    self._writer.release()
+                raise TransactionGone(f"database {self.name}: the client went away while waiting for the write "
+                                      "lock; nothing of its request ran")
+            if got:
+                return
             if self.expire_idle is not None:
                 self.expire_idle()
             if time.monotonic() >= deadline:
@@ -549,11 +613,12 @@ class Database:
                 return pool.pop()
         return self._open(readonly)
 
-    def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True) -> None:
+    def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True, check_temp: bool = True) -> None:
         conn.exec_trace = None
         conn.authorizer = None
         conn.set_progress_handler(None)
-        if healthy:
+        conn.set_busy_handler(_Patience(self.settings.busy_timeout))      # drops the Tx
+        if healthy and check_temp:
             try:    # TEMP objects would be seen by the next client of this connection
                 healthy = not conn.execute("SELECT 1 FROM temp.sqlite_schema LIMIT 1").fetchall()
             except apsw.Error:
@@ -620,14 +685,31 @@ class SQLService:
     def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False,
                 cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements)
+        _still_wanted(cancel)
         db, ro = self._database(principal, name, write=False)
         ro = ro or readonly
         t0 = time.perf_counter()
+        # A lone query runs in SQLite's autocommit (a read transaction of its own), without a
+        # BEGIN/COMMIT around it. SQLite says whether it writes: then nothing of it ran, and
+        # it runs again in a transaction. Nothing a query runs can leave TEMP objects behind.
+        m = _FIRST_WORD.match(stmts[0].sql)
+        lone = len(stmts) == 1 and stmts[0].many is None and m is not None and m.group(1).upper() in _READS \
+            and "RETURNING" not in stmts[0].sql.upper()
         for attempt in range(5):
             conn = db.acquire(ro)
             tx = Tx(db, conn, ro, cancel)
             healthy = True
+            clean = False
             try:
+                if lone and attempt == 0:
+                    tx.autocommit = True
+                    try:
+                        results = tx.run(stmts)
+                        clean = True
+                        return {"database": name, "results": results, "retries": 0,
+                                "seconds": round(time.perf_counter() - t0, 6)}
+                    except _NeedsTransaction:
+                        tx.autocommit = False
                 tx.internal_exec("BEGIN")
                 results = tx.run(stmts)
                 tx.finish(commit=True)
@@ -646,13 +728,14 @@ class SQLService:
                     healthy = False
                 raise
             finally:
-                db.release(conn, ro, healthy)
+                db.release(conn, ro, healthy, check_temp=not clean)
         raise AssertionError("unreachable")
 
     # -- interactive transactions -------------------------------------------------------
     def begin(self, principal: Principal, name: str, statements: Any = None, write: bool = False,
               readonly: bool = False, cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements) if statements else []
+        _still_wanted(cancel)
         db, ro = self._database(principal, name, write=write)
         ro = ro or readonly
         with self._lock:
@@ -668,7 +751,7 @@ class SQLService:
         tx = Tx(db, conn, ro, cancel)
         try:
             if write:
-                db.take_writer()
+                db.take_writer(cancel)
                 tx.holds_writer = True
                 tx.internal_exec("BEGIN IMMEDIATE")
             else:
@@ -719,6 +802,7 @@ class SQLService:
             s.last_used = time.monotonic()
             s.tx.cancel = cancel
             try:
+                _still_wanted(cancel)
                 results = s.tx.run(stmts)
                 if cancel is not None and cancel.is_set():
                     raise TransactionGone("the client went away during a request")
