@@ -27,6 +27,7 @@ from ..errors import BastionError, UsageError, from_os_error
 
 log = logging.getLogger("bastion.sql")
 
+
 # what pydantic's bool takes (True == 1, False == 0)
 _TRUE = frozenset({True, "1", "true", "t", "yes", "y", "on"})
 _FALSE = frozenset({False, "0", "false", "f", "no", "n", "off"})
@@ -108,6 +109,16 @@ def _statements(body: dict[str, Any], required: bool, errors: list[str]) -> list
     return st
 
 
+def is_sql_route(path: str) -> bool:
+    """/v1/sql/{database}[/transactions[/{tid}[/commit|/rollback]]]"""
+    if not path.startswith("/v1/sql/"):
+        return False
+    parts = path[8:].split("/")
+    n = len(parts)
+    return n <= 4 and all(parts) and (n == 1 or parts[1] == "transactions") and \
+        (n < 4 or parts[3] in ("commit", "rollback"))
+
+
 class SQLRoutes:
     """ASGI middleware answering POST /v1/sql/{database}[/transactions[/{tid}[/commit|/rollback]]];
     anything else goes on to the app (so other methods get the framework's 405, unknown paths 404).
@@ -119,13 +130,9 @@ class SQLRoutes:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
-        if not path.startswith("/v1/sql/") or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or not is_sql_route(path):
             return await self.app(scope, receive, send)
         parts = path[8:].split("/")
-        n = len(parts)
-        if n > 4 or not all(parts) or (n >= 2 and parts[1] != "transactions") or \
-                (n == 4 and parts[3] not in ("commit", "rollback")):
-            return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
             msg = await receive()

@@ -36,6 +36,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -161,10 +162,7 @@ class Tx:
         self.checked: str | None = None  # the statement text the tracer last checked
         self.autocommit = False        # a lone read in SQLite's autocommit: a write must not run here
         self.many: list[Any] | None = None   # executemany: [changes, last rowid, first set still to come]
-        conn.exec_trace = self._trace
-        conn.authorizer = self._authorize
-        conn.set_busy_handler(_Patience(db.settings.busy_timeout, self))
-        conn.set_progress_handler(self._progress, 2000)
+        db.hooks[conn].tx = self       # the connection's tracer, authorizer ... now consult this Tx
 
     def _progress(self) -> bool:
         """Called by SQLite every few thousand VM steps: True interrupts the statement.
@@ -467,16 +465,40 @@ class Tx:
             self.db.wait_replicated(positions)
 
 
+class _Hooks:
+    """What SQLite calls on one pooled connection (tracer, authorizer, progress and busy
+    handlers), forwarded to the connection's current transaction. Set once per connection:
+    setting an authorizer empties the connection's statement cache, and a point query
+    prepared every time costs more than the query. The authorizer's answers depend only on
+    what a pool's connections share (the database, read-only or not), so a cached client
+    statement is one it allowed; internal statements never share a client's text."""
+
+    __slots__ = ("patience", "tx")
+
+    def __init__(self, timeout: float) -> None:
+        self.tx: Tx | None = None
+        self.patience = _Patience(timeout, self)
+
+    def trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        return True if self.tx is None else self.tx._trace(cursor, sql, bindings)
+
+    def authorize(self, action: int, a1: str | None, a2: str | None, dbname: str | None, x: str | None) -> int:
+        return apsw.SQLITE_OK if self.tx is None else self.tx._authorize(action, a1, a2, dbname, x)
+
+    def progress(self) -> bool:
+        return False if self.tx is None else self.tx._progress()
+
+
 class _Patience:
     """A busy handler that polls every millisecond or so. SQLite's own sleeps 1, 2, 5 … 100 ms
     between tries, so a local application that commits back to back keeps winning the
     lock and the server's writers starve; polling often gives them a fair share.
     It stops waiting once the client of its transaction is gone."""
 
-    def __init__(self, timeout: float, tx: Tx | None = None) -> None:
+    def __init__(self, timeout: float, hooks: _Hooks | None = None) -> None:
         self.timeout = timeout
         self.since = 0.0
-        self.tx = tx
+        self.hooks = hooks
 
     def __call__(self, count: int) -> bool:
         now = time.monotonic()
@@ -484,8 +506,8 @@ class _Patience:
             self.since = now
         elif now - self.since > self.timeout:
             return False
-        cancel = self.tx.cancel if self.tx is not None else None
-        if cancel is not None and cancel.is_set():
+        tx = self.hooks.tx if self.hooks is not None else None
+        if tx is not None and tx.cancel is not None and tx.cancel.is_set():
             return False
         time.sleep(0.0005 if count < 200 else 0.002)
         return True
@@ -515,14 +537,15 @@ class Database:
         self.name, self.paths, self.settings = name, list(paths), settings
         self.foreign_keys = foreign_keys
         self.durability, self.group_commit = durability, group_commit
-        self.committer = GroupCommitter(self.paths)
+        self._writer = threading.Lock()
+        self.committer = GroupCommitter(self.paths, busy=self._writer.locked)
         self.wait_for_fsync = durability in (DURABLE, REPLICATED) and group_commit
         # replicated: set by the daemon once real-time backup runs; waits until the backup
         # server has applied every change up to the given capture positions (one per file)
         self.replicated_wait: Callable[[list[int]], None] | None = None
-        self._writer = threading.Lock()
         self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
         self._pool_lock = threading.Lock()
+        self.hooks: weakref.WeakKeyDictionary[apsw.Connection, _Hooks] = weakref.WeakKeyDictionary()
         self.suspended: str | None = None
         self.guard: Callable[[], None] | None = None    # cluster: may this node acknowledge writes now?
         self.expire_idle: Callable[[], Any] | None = None  # the service's sweep, for waiting writers
@@ -589,7 +612,7 @@ class Database:
         sync = "FULL" if self.durability in (DURABLE, REPLICATED) and not self.group_commit else "NORMAL"
         conn.execute(f"PRAGMA synchronous={sync}")
         for path, schema in zip(self.paths[1:], self.schemas[1:]):
-            conn.execute("ATTACH ? AS " + f'"{schema}"', (path,))
+            conn.execute("ATTACH ? AS " + f'"{schema}"', (path,), can_cache=False)    # never a client's
         for schema in self.schemas:
             conn.execute(f'PRAGMA "{schema}".synchronous={sync}')
             mode = conn.execute(f'PRAGMA "{schema}".journal_mode').fetchone()[0]
@@ -602,6 +625,11 @@ class Database:
             conn.execute("PRAGMA foreign_keys=ON")
         if readonly:
             conn.execute("PRAGMA query_only=1")
+        hooks = self.hooks[conn] = _Hooks(self.settings.busy_timeout)
+        conn.exec_trace = hooks.trace
+        conn.authorizer = hooks.authorize       # (empties the statement cache: nothing above is in it)
+        conn.set_progress_handler(hooks.progress, 2000)
+        conn.set_busy_handler(hooks.patience)
         return conn
 
     def acquire(self, readonly: bool) -> apsw.Connection:
@@ -614,10 +642,7 @@ class Database:
         return self._open(readonly)
 
     def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True, check_temp: bool = True) -> None:
-        conn.exec_trace = None
-        conn.authorizer = None
-        conn.set_progress_handler(None)
-        conn.set_busy_handler(_Patience(self.settings.busy_timeout))      # drops the Tx
+        self.hooks[conn].tx = None
         if healthy and check_temp:
             try:    # TEMP objects would be seen by the next client of this connection
                 healthy = not conn.execute("SELECT 1 FROM temp.sqlite_schema LIMIT 1").fetchall()
