@@ -7,6 +7,8 @@ DB-API driver, as a read-only user (bob), a read-write user (alice) and the admi
 from __future__ import annotations
 
 import base64
+import json
+import socket
 import threading
 import time
 
@@ -288,6 +290,52 @@ def test_a_statement_stops_when_its_client_goes_away(tmp_path):
         assert sql(d, "bob", "SELECT qty FROM item ORDER BY id").json()["results"][0]["rows"] == \
             [[1], [2], [3], [10]]
         assert sql(d, "alice", "SELECT 1", path=f"/transactions/{tid}").status_code == 410
+    finally:
+        d.stop()
+
+
+def _hang_up_after_sending(d: DaemonProc, path: str, body: dict, who: str = "admin") -> socket.socket:
+    """A raw HTTP request whose answer nobody will read: the caller closes the socket."""
+    data = json.dumps(body).encode()
+    auth = USERS[who]["Authorization"] if who in USERS else f"Bearer {d.token}"
+    s = socket.create_connection(("127.0.0.1", d.port))
+    s.sendall(f"POST /v1/sql/shop{path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def test_writes_waiting_for_the_lock_never_run_once_their_clients_are_gone(tmp_path):
+    """Requests queued behind a write transaction (on the write lock, or for one of the SQL
+    threads) whose clients hang up are dropped: they free their threads at once, and none of
+    them runs when the lock comes free - a batch, a BEGIN IMMEDIATE, a write inside an open
+    transaction (which is rolled back)."""
+    d = _config(tmp_path, "threads = 2\n", idle="60s", busy="40s")
+    try:
+        holder = sql(d, "admin", path="/transactions", write=True).json()["transaction"]
+        reader = sql(d, "alice", "SELECT count(*) FROM item", path="/transactions").json()["transaction"]
+        socks = [_hang_up_after_sending(d, "", {"statements": [f"INSERT INTO item(qty) VALUES ({100 + i})"]})
+                 for i in range(4)]     # 2 wait for the lock on both SQL threads, 2 for a thread
+        socks.append(_hang_up_after_sending(d, "/transactions", {"statements": [
+            "INSERT INTO item(qty) VALUES (200)"], "write": True}))
+        socks.append(_hang_up_after_sending(d, f"/transactions/{reader}", {"statements": [
+            "INSERT INTO item(qty) VALUES (300)"]}, who="alice"))
+        time.sleep(1.0)                 # all of them are waiting now
+        for s in socks:
+            s.close()
+        # the threads are free again while the holder still has the lock: a read answers
+        r = _HTTP.post(f"http://127.0.0.1:{d.port}/v1/sql/shop", headers=USERS["bob"],
+                       json={"statements": ["SELECT count(*) FROM item"]}, timeout=5)
+        assert r.status_code == 200 and r.json()["results"][0]["rows"] == [[3]], r.text
+        assert sql(d, "admin", "INSERT INTO item(qty) VALUES (7)", path=f"/transactions/{holder}").status_code == 200
+        assert sql(d, "admin", path=f"/transactions/{holder}/commit").status_code == 200
+        time.sleep(1.0)                 # whatever was still pending would have run by now
+        assert sql(d, "bob", "SELECT qty FROM item ORDER BY id").json()["results"][0]["rows"] == \
+            [[1], [2], [3], [7]]
+        # the transaction whose client left mid-request is over; no transaction, lock or slot is left
+        assert sql(d, "alice", "SELECT 1", path=f"/transactions/{reader}").status_code == 410
+        assert d.api("GET", "/v1/status").json()["sql"]["open_transactions"] == []
+        r = sql(d, "alice", "INSERT INTO item(qty) VALUES (8)")
+        assert r.status_code == 200, r.text
     finally:
         d.stop()
 

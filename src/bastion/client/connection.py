@@ -19,8 +19,6 @@ import re
 from typing import Any, Iterator, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import httpx
-
 from ..tls import trust
 from . import errors
 from .errors import (ConnectionClosed, InterfaceError, NoActiveNode, OperationalError, OutcomeUnknown, ProgrammingError,
@@ -58,9 +56,29 @@ def _encode(v: Any, i: int) -> Any:
                            hint="use None, int, float, str, bytes or datetime")
 
 
+def _plain(params: list | tuple) -> bool:
+    """Only values JSON carries as they are (the common case: no call per value)."""
+    for v in params:
+        t = type(v)
+        if t is int:
+            if not -(2**63) <= v < 2**63:
+                return False
+        elif t is float:
+            if not math.isfinite(v):
+                return False
+        elif t is str:
+            if not v.isascii():         # may hold surrogates: checked one by one
+                return False
+        elif v is not None:
+            return False
+    return True
+
+
 def _encode_params(params: Any) -> Any:
     if params is None:
         return []
+    if (type(params) is tuple or type(params) is list) and _plain(params):
+        return list(params)
     if isinstance(params, dict):
         return {k: _encode(v, k) for k, v in params.items()}
     if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
@@ -365,7 +383,6 @@ def connect(dsn: str, *, password: str | None = None, token: str | None = None, 
                 token = f.read().strip()
         except OSError as exc:
             raise InterfaceError(f"cannot read token file {token_file}: {exc.strerror}") from None
-    auth = headers = None
     if token:
         headers = {"Authorization": f"Bearer {token}"}
     else:
@@ -378,10 +395,11 @@ def connect(dsn: str, *, password: str | None = None, token: str | None = None, 
         if pw is None:
             raise InterfaceError(f"no password for user {d['user']}",
                                  hint="pass password=..., put it in $BASTION_PASSWORD, or in the DSN")
-        auth = httpx.BasicAuth(d["user"], pw)
+        basic = base64.b64encode(f"{d['user']}:{pw}".encode()).decode("ascii")
+        headers = {"Authorization": f"Basic {basic}"}
     timeout = float(opts.get("timeout", timeout))
     failover_timeout = float(opts.get("failover_timeout", failover_timeout))
-    transport = Transport(d["hosts"], scheme="https" if tls else "http", auth=auth, headers=headers,
+    transport = Transport(d["hosts"], scheme="https" if tls else "http", headers=headers,
                           timeout=timeout, failover_timeout=failover_timeout, verify=trust(ca))
     try:
         transport.find_active()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import threading
 from typing import Any
 
 import anyio
@@ -121,13 +118,6 @@ class SQLBodyLimit:
         return await self.app(scope, counted, send)
 
 
-async def _client_gone(request: Request) -> None:
-    """Returns once the client has closed its connection (the body is already read)."""
-    while True:
-        if (await request.receive())["type"] == "http.disconnect":
-            return
-
-
 class AuthMiddleware:
     """Every request but /v1/health needs credentials: the admin token everywhere, a
     configured user only under /v1/sql/. Plain ASGI (not BaseHTTPMiddleware), because it
@@ -186,11 +176,40 @@ class AuthMiddleware:
         return await self.app(scope, receive, send)
 
 
+class _App(FastAPI):
+    """FastAPI, except that the SQL requests (POST /v1/sql/...) go straight to a stack of their
+    own, plain ASGI (metrics, body limit, auth, bastion.sql.routes.SQLRoutes): a point query
+    costs less than FastAPI's per-request machinery. Everything else is FastAPI's."""
+
+    sql_stack: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from ..sql.routes import error_body, is_sql_route
+        if self.sql_stack is None or scope["type"] != "http" or scope["method"] != "POST" \
+                or not is_sql_route(scope["path"]):
+            return await super().__call__(scope, receive, send)
+        started = False
+
+        async def sending(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+        try:
+            await self.sql_stack(scope, receive, sending)
+        except Exception as exc:        # as FastAPI's handlers would answer, in Bastion's format
+            if started:
+                raise
+            status, body = error_body(exc, scope["path"])
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+
+
 def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     auth = Authenticator(daemon.token, daemon.config.users)
     sql_settings = daemon.config.sql
 
-    app = FastAPI(title="Bastion", version=__version__,
+    app = _App(title="Bastion", version=__version__,
                   description="Data protection for SQLite: continuous operations and freeze/thaw. "
                               "Every request needs `Authorization: Bearer <token>` (the token file in data_dir).")
 
@@ -199,6 +218,11 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     from ..metrics import CONTENT_TYPE, Metrics, SQLMetricsMiddleware
     metrics = Metrics(daemon, node)
     app.add_middleware(SQLMetricsMiddleware, metrics=metrics)   # outside auth: refused requests count too
+    # the SQL requests' own stack: the same middlewares around bastion.sql.routes.SQLRoutes
+    from ..sql.routes import SQLRoutes
+    app.sql_stack = SQLMetricsMiddleware(SQLBodyLimit(AuthMiddleware(
+        SQLRoutes(None, service=lambda: daemon.sql, threads=sql_settings.threads),
+        auth=auth, node=node, peer=None), limit=sql_settings.max_request_bytes), metrics=metrics)
 
     @app.exception_handler(BastionError)
     async def bastion_error(_: Request, exc: BastionError) -> JSONResponse:
@@ -311,45 +335,31 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
             raise UsageError("this daemon is not part of a cluster (no [cluster] section in its config)")
         return node.switchover(req.to)
 
-    # SQL requests run on a thread pool of their own, so writers queued on the write lock
-    # never hold up the admin API (status, freeze, backups); a request whose client has
-    # gone away has its running statement interrupted.
-    sql_threads = anyio.CapacityLimiter(sql_settings.threads)
-
-    async def sql_call(request: Request, fn: Any, *args: Any) -> dict[str, Any]:
-        cancel = threading.Event()
-        work = asyncio.ensure_future(anyio.to_thread.run_sync(
-            functools.partial(fn, request.state.principal, *args, cancel=cancel), limiter=sql_threads))
-        gone = asyncio.ensure_future(_client_gone(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                cancel.set()
-            return await work
-        finally:
-            gone.cancel()
+    # The SQL routes are served by app.sql_stack (bastion.sql.routes.SQLRoutes, on the SQL
+    # service's own threads) before FastAPI sees the request; they are declared here too, with
+    # the same models, for the OpenAPI description.
+    def served_by_sql_routes() -> dict[str, Any]:
+        raise AssertionError("POST /v1/sql/... is answered by bastion.sql.routes.SQLRoutes")
 
     @app.post("/v1/sql/{database}", summary="Run statements as one atomic batch")
-    async def sql_batch(database: str, req: SQLRequest, request: Request) -> dict[str, Any]:
-        return await sql_call(request, daemon.sql.execute, database, req.statements, req.readonly)
+    def sql_batch(database: str, req: SQLRequest) -> dict[str, Any]:
+        return served_by_sql_routes()
 
     @app.post("/v1/sql/{database}/transactions", summary="Begin an interactive transaction")
-    async def sql_begin(database: str, req: BeginRequest, request: Request) -> dict[str, Any]:
-        return await sql_call(request, daemon.sql.begin, database, req.statements, req.write, req.readonly)
+    def sql_begin(database: str, req: BeginRequest) -> dict[str, Any]:
+        return served_by_sql_routes()
 
     @app.post("/v1/sql/{database}/transactions/{tid}", summary="Run statements inside an open transaction")
-    async def sql_work(database: str, tid: str, req: WorkRequest, request: Request) -> dict[str, Any]:
-        return await sql_call(request, daemon.sql.run_in, tid, req.statements, database)
+    def sql_work(database: str, tid: str, req: WorkRequest) -> dict[str, Any]:
+        return served_by_sql_routes()
 
     @app.post("/v1/sql/{database}/transactions/{tid}/commit", summary="Commit (returns once durable)")
-    async def sql_commit(database: str, tid: str, request: Request) -> dict[str, Any]:
-        return await anyio.to_thread.run_sync(daemon.sql.finish, request.state.principal, tid, True,
-                                              limiter=sql_threads)
+    def sql_commit(database: str, tid: str) -> dict[str, Any]:
+        return served_by_sql_routes()
 
     @app.post("/v1/sql/{database}/transactions/{tid}/rollback", summary="Roll back")
-    async def sql_rollback(database: str, tid: str, request: Request) -> dict[str, Any]:
-        return await anyio.to_thread.run_sync(daemon.sql.finish, request.state.principal, tid, False,
-                                              limiter=sql_threads)
+    def sql_rollback(database: str, tid: str) -> dict[str, Any]:
+        return served_by_sql_routes()
 
     _replication_routes(app, daemon, node)
     _conflict_routes(app, daemon)

@@ -16,14 +16,24 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 
 from ..errors import BastionError
 
 
 class GroupCommitter:
-    def __init__(self, paths: list[str]) -> None:
+    """``busy``: whether a transaction holds the write lock now (it will commit soon). The
+    leader waits up to ``gather`` seconds for such commits before its fsync, so that one
+    fsync covers them rather than the next one (fewer fsyncs under load; none of this wait
+    when no one else is writing)."""
+
+    def __init__(self, paths: list[str], busy: Callable[[], bool] | None = None, gather: float = 0.002) -> None:
         self.wals = [p + "-wal" for p in paths]
-        self._cond = threading.Condition()
+        self.busy, self.gather = busy, gather
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        self._more = threading.Condition(lock)      # a commit came in (the gathering leader wakes)
         self._committed = 0
         self._synced = 0
         self._syncing = False
@@ -35,6 +45,7 @@ class GroupCommitter:
         """Called right after a COMMIT returned: the ticket to wait for."""
         with self._cond:
             self._committed += 1
+            self._more.notify()
             return self._committed
 
     def wait_durable(self, ticket: int) -> None:
@@ -46,6 +57,10 @@ class GroupCommitter:
                     self._cond.wait()
                     continue
                 self._syncing = True
+                if self.busy is not None:
+                    until = time.monotonic() + self.gather
+                    while self.busy() and (left := until - time.monotonic()) > 0:
+                        self._more.wait(left)
                 target = self._committed
                 self._cond.release()
                 try:

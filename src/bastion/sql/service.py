@@ -36,6 +36,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -86,6 +87,15 @@ _WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_
 # functions that reach the file system or raw pointers
 _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
                                "sqlar_compress", "sqlar_uncompress"})
+_INTERNAL = f" -- bastion {secrets.token_hex(16)}"
+_NEEDS_TRANSACTION = "a write: it runs in a transaction"
+_READS = frozenset({"SELECT", "WITH", "VALUES"})
+
+
+class _NeedsTransaction(Exception):
+    """A statement tried in autocommit turned out to write: nothing of it ran."""
+
+
 _FIRST_WORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*(\w*)", re.S)
 # (a comment never runs past its */: "/* x */ DELETE ..." is a statement, not a tail)
 _ONE_STATEMENT_TAIL = re.compile(r"(?:\s|;|--[^\n]*(?:\n|$)|/\*(?:[^*]|\*(?!/))*(?:\*/|$))*", re.S)
@@ -150,9 +160,10 @@ class Tx:
         self.wrote = False
         self.dirty = False             # a statement of this transaction changed something
         self.description: list[tuple[str, str | None]] | None = None
-        conn.exec_trace = self._trace
-        conn.authorizer = self._authorize
-        conn.set_progress_handler(self._progress, 2000)
+        self.checked: str | None = None  # the statement text the tracer last checked
+        self.autocommit = False        # a lone read in SQLite's autocommit: a write must not run here
+        self.many: list[Any] | None = None   # executemany: [changes, last rowid, first set still to come]
+        db.hooks[conn].tx = self       # the connection's tracer, authorizer ... now consult this Tx
 
     def _progress(self) -> bool:
         """Called by SQLite every few thousand VM steps: True interrupts the statement.
@@ -167,6 +178,27 @@ class Tx:
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         if self.internal:
             return True         # our SAVEPOINT/RELEASE must not replace the client's description
+        if self.many is not None:
+            if self.many[2]:
+                self.many[2] = False
+            else:
+                self._count_set()       # the set before this one is done
+        if sql == self.checked:
+            pass                # executemany: the same statement again, already checked
+        elif not self._check(cursor, sql):
+            return False
+        if not cursor.is_readonly:
+            if self.autocommit:
+                self.misuse = _NEEDS_TRANSACTION    # nothing ran: the caller begins and runs it again
+                return False
+            self.wrote = True
+            if not self.holds_writer:
+                self.db.take_writer(self.cancel)
+                self.holds_writer = True
+        return True
+
+    def _check(self, cursor: apsw.Cursor, sql: str) -> bool:
+        """Once per statement text: its description, and that it is the only statement."""
         if _ONE_STATEMENT_TAIL.fullmatch(sql):
             return True         # a comment after the statement: SQLite runs nothing, it keeps its result
         try:
@@ -182,11 +214,7 @@ class Tx:
                     not _ONE_STATEMENT_TAIL.fullmatch(self.text[at + len(sql):]):
                 self.misuse = "you can only execute one statement at a time"
                 return False
-        if not self.internal and not cursor.is_readonly:
-            self.wrote = True
-            if not self.holds_writer:
-                self.db.take_writer()
-                self.holds_writer = True
+        self.checked = sql
         return True
 
     def _authorize(self, action: int, a1: str | None, a2: str | None, dbname: str | None, _: str | None) -> int:
@@ -212,7 +240,9 @@ class Tx:
     def internal_exec(self, sql: str) -> None:
         self.internal = True
         try:
-            self.conn.execute(sql, can_cache=False)
+            # cached under a text no client can send (a secret comment): a client's own "BEGIN"
+            # is a different statement, prepared and checked by the authorizer
+            self.conn.execute(sql + _INTERNAL)
         finally:
             self.internal = False
 
@@ -222,7 +252,7 @@ class Tx:
     def _one(self, i: int, st: Statement) -> dict[str, Any]:
         """One statement. Whatever goes wrong is a clean error of this statement; the
         transaction stays usable unless SQLite itself rolled it back."""
-        self.denied = self.misuse = None
+        self.denied = self.misuse = self.checked = None
         self.description = None
         cur = self.conn.cursor()
         self.wrote = False
@@ -241,6 +271,8 @@ class Tx:
             else:
                 rows, changes, rowid = self._rows(cur, st, i, details)
         except apsw.ExecTraceAbort:
+            if self.misuse is _NEEDS_TRANSACTION:
+                raise _NeedsTransaction from None
             raise UsageError(f"statement {i + 1}: {self.misuse or 'refused'}", details=details,
                              hint="send each statement separately (several in one batch run atomically)") from None
         except apsw.Error as exc:
@@ -346,25 +378,35 @@ class Tx:
     def _many(self, cur: apsw.Cursor, st: Statement) -> tuple[int, int | None]:
         """executemany: every parameter set runs (rows it returns are read and dropped),
         or none does: a savepoint undoes the sets already run when one fails.
-        Returns the statement's own changes over all sets, and the last inserted rowid."""
+        Returns the statement's own changes over all sets, and the last inserted rowid:
+        SQLite's changes() of each set is read by the tracer before the next set runs."""
+        if not st.many:
+            return 0, None
         self.internal_exec("SAVEPOINT bastion_many")
-        changes, rowid = 0, None
+        self.many = [0, None, True]
         try:
-            for params in st.many or []:
-                for _ in cur.execute(st.sql, params):
-                    pass
-                n = self.conn.changes()
-                changes += n
-                if n:
-                    rowid = self.conn.last_insert_rowid()
+            for _ in cur.executemany(st.sql, st.many):
+                pass
+            self._count_set()
+            changes, rowid = self.many[0], self.many[1]
         except BaseException:
             cur.close()
             if self.conn.in_transaction:
                 self.internal_exec("ROLLBACK TO bastion_many")
                 self.internal_exec("RELEASE bastion_many")
             raise
+        finally:
+            self.many = None
         self.internal_exec("RELEASE bastion_many")
         return changes, rowid
+
+    def _count_set(self) -> None:
+        """One parameter set of executemany has run: add its own changes (not its triggers')."""
+        assert self.many is not None
+        n = self.conn.changes()
+        self.many[0] += n
+        if n:
+            self.many[1] = self.conn.last_insert_rowid()
 
     def _failure(self, exc: apsw.Error, i: int, st: Statement) -> BastionError:
         kind = type(exc).__name__
@@ -424,14 +466,40 @@ class Tx:
             self.db.wait_replicated(positions)
 
 
+class _Hooks:
+    """What SQLite calls on one pooled connection (tracer, authorizer, progress and busy
+    handlers), forwarded to the connection's current transaction. Set once per connection:
+    setting an authorizer empties the connection's statement cache, and a point query
+    prepared every time costs more than the query. The authorizer's answers depend only on
+    what a pool's connections share (the database, read-only or not), so a cached client
+    statement is one it allowed; internal statements never share a client's text."""
+
+    __slots__ = ("patience", "tx")
+
+    def __init__(self, timeout: float) -> None:
+        self.tx: Tx | None = None
+        self.patience = _Patience(timeout, self)
+
+    def trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        return True if self.tx is None else self.tx._trace(cursor, sql, bindings)
+
+    def authorize(self, action: int, a1: str | None, a2: str | None, dbname: str | None, x: str | None) -> int:
+        return apsw.SQLITE_OK if self.tx is None else self.tx._authorize(action, a1, a2, dbname, x)
+
+    def progress(self) -> bool:
+        return False if self.tx is None else self.tx._progress()
+
+
 class _Patience:
     """A busy handler that polls every millisecond or so. SQLite's own sleeps 1, 2, 5 … 100 ms
     between tries, so a local application that commits back to back keeps winning the
-    lock and the server's writers starve; polling often gives them a fair share."""
+    lock and the server's writers starve; polling often gives them a fair share.
+    It stops waiting once the client of its transaction is gone."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, hooks: _Hooks | None = None) -> None:
         self.timeout = timeout
         self.since = 0.0
+        self.hooks = hooks
 
     def __call__(self, count: int) -> bool:
         now = time.monotonic()
@@ -439,8 +507,17 @@ class _Patience:
             self.since = now
         elif now - self.since > self.timeout:
             return False
+        tx = self.hooks.tx if self.hooks is not None else None
+        if tx is not None and tx.cancel is not None and tx.cancel.is_set():
+            return False
         time.sleep(0.0005 if count < 200 else 0.002)
         return True
+
+
+def _still_wanted(cancel: threading.Event | None) -> None:
+    """A request that waited for a thread while its client left is not run at all."""
+    if cancel is not None and cancel.is_set():
+        raise TransactionGone("the client went away before its request ran: nothing of it ran")
 
 
 def _schema_name(path: str, taken: set[str]) -> str:
@@ -461,14 +538,15 @@ class Database:
         self.name, self.paths, self.settings = name, list(paths), settings
         self.foreign_keys = foreign_keys
         self.durability, self.group_commit = durability, group_commit
-        self.committer = GroupCommitter(self.paths)
+        self._writer = threading.Lock()
+        self.committer = GroupCommitter(self.paths, busy=self._writer.locked)
         self.wait_for_fsync = durability in (DURABLE, REPLICATED) and group_commit
         # replicated: set by the daemon once real-time backup runs; waits until the backup
         # server has applied every change up to the given capture positions (one per file)
         self.replicated_wait: Callable[[Cut], None] | None = None
-        self._writer = threading.Lock()
         self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
         self._pool_lock = threading.Lock()
+        self.hooks: weakref.WeakKeyDictionary[apsw.Connection, _Hooks] = weakref.WeakKeyDictionary()
         self.suspended: str | None = None
         self.guard: Callable[[], None] | None = None    # cluster: may this node acknowledge writes now?
         self.expire_idle: Callable[[], Any] | None = None  # the service's sweep, for waiting writers
@@ -503,12 +581,21 @@ class Database:
                                 hint="see `bastion replicate status`; the commit is durable on this node")
         self.replicated_wait(positions)
 
-    def take_writer(self) -> None:
+    def take_writer(self, cancel: threading.Event | None = None) -> None:
         # While waiting, expire idle transactions now rather than at the sweeper's next
         # round (once a second): an abandoned writer is rolled back at its idle timeout
         # (half the busy timeout) even when the busy timeout is shorter than that round.
+        # A request whose client has gone stops waiting: it must never run after the lock frees.
         deadline = time.monotonic() + self.settings.busy_timeout
-        while not self._writer.acquire(timeout=max(0.0, min(0.05, deadline - time.monotonic()))):
+        while True:
+            got = self._writer.acquire(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            if cancel is not None and cancel.is_set():      # gone while waiting, or just as the lock came free
+                if got:
+                    self._writer.release()
+                raise TransactionGone(f"database {self.name}: the client went away while waiting for the write "
+                                      "lock; nothing of its request ran")
+            if got:
+                return
             if self.expire_idle is not None:
                 self.expire_idle()
             if time.monotonic() >= deadline:
@@ -526,7 +613,7 @@ class Database:
         sync = "FULL" if self.durability in (DURABLE, REPLICATED) and not self.group_commit else "NORMAL"
         conn.execute(f"PRAGMA synchronous={sync}")
         for path, schema in zip(self.paths[1:], self.schemas[1:]):
-            conn.execute("ATTACH ? AS " + f'"{schema}"', (path,))
+            conn.execute("ATTACH ? AS " + f'"{schema}"', (path,), can_cache=False)    # never a client's
         for schema in self.schemas:
             conn.execute(f'PRAGMA "{schema}".synchronous={sync}')
             mode = conn.execute(f'PRAGMA "{schema}".journal_mode').fetchone()[0]
@@ -539,6 +626,11 @@ class Database:
             conn.execute("PRAGMA foreign_keys=ON")
         if readonly:
             conn.execute("PRAGMA query_only=1")
+        hooks = self.hooks[conn] = _Hooks(self.settings.busy_timeout)
+        conn.exec_trace = hooks.trace
+        conn.authorizer = hooks.authorize       # (empties the statement cache: nothing above is in it)
+        conn.set_progress_handler(hooks.progress, 2000)
+        conn.set_busy_handler(hooks.patience)
         return conn
 
     def acquire(self, readonly: bool) -> apsw.Connection:
@@ -550,11 +642,9 @@ class Database:
                 return pool.pop()
         return self._open(readonly)
 
-    def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True) -> None:
-        conn.exec_trace = None
-        conn.authorizer = None
-        conn.set_progress_handler(None)
-        if healthy:
+    def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True, check_temp: bool = True) -> None:
+        self.hooks[conn].tx = None
+        if healthy and check_temp:
             try:    # TEMP objects would be seen by the next client of this connection
                 healthy = not conn.execute("SELECT 1 FROM temp.sqlite_schema LIMIT 1").fetchall()
             except apsw.Error:
@@ -621,14 +711,31 @@ class SQLService:
     def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False,
                 cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements)
+        _still_wanted(cancel)
         db, ro = self._database(principal, name, write=False)
         ro = ro or readonly
         t0 = time.perf_counter()
+        # A lone query runs in SQLite's autocommit (a read transaction of its own), without a
+        # BEGIN/COMMIT around it. SQLite says whether it writes: then nothing of it ran, and
+        # it runs again in a transaction. Nothing a query runs can leave TEMP objects behind.
+        m = _FIRST_WORD.match(stmts[0].sql)
+        lone = len(stmts) == 1 and stmts[0].many is None and m is not None and m.group(1).upper() in _READS \
+            and "RETURNING" not in stmts[0].sql.upper()
         for attempt in range(5):
             conn = db.acquire(ro)
             tx = Tx(db, conn, ro, cancel)
             healthy = True
+            clean = False
             try:
+                if lone and attempt == 0:
+                    tx.autocommit = True
+                    try:
+                        results = tx.run(stmts)
+                        clean = True
+                        return {"database": name, "results": results, "retries": 0,
+                                "seconds": round(time.perf_counter() - t0, 6)}
+                    except _NeedsTransaction:
+                        tx.autocommit = False
                 tx.internal_exec("BEGIN")
                 results = tx.run(stmts)
                 tx.finish(commit=True)
@@ -647,13 +754,14 @@ class SQLService:
                     healthy = False
                 raise
             finally:
-                db.release(conn, ro, healthy)
+                db.release(conn, ro, healthy, check_temp=not clean)
         raise AssertionError("unreachable")
 
     # -- interactive transactions -------------------------------------------------------
     def begin(self, principal: Principal, name: str, statements: Any = None, write: bool = False,
               readonly: bool = False, cancel: threading.Event | None = None) -> dict[str, Any]:
         stmts = self._parse(statements) if statements else []
+        _still_wanted(cancel)
         db, ro = self._database(principal, name, write=write)
         ro = ro or readonly
         with self._lock:
@@ -669,7 +777,7 @@ class SQLService:
         tx = Tx(db, conn, ro, cancel)
         try:
             if write:
-                db.take_writer()
+                db.take_writer(cancel)
                 tx.holds_writer = True
                 tx.internal_exec("BEGIN IMMEDIATE")
             else:
@@ -720,6 +828,7 @@ class SQLService:
             s.last_used = time.monotonic()
             s.tx.cancel = cancel
             try:
+                _still_wanted(cancel)
                 results = s.tx.run(stmts)
                 if cancel is not None and cancel.is_set():
                     raise TransactionGone("the client went away during a request")

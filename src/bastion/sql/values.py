@@ -74,7 +74,11 @@ def decode_params(params: Any, where: str) -> Any:
     if params is None:
         return None
     if isinstance(params, list):
-        return tuple(decode(v, f"{where} parameter {i + 1}") for i, v in enumerate(params))
+        for v in params:        # the common case, plain values, without a call per value
+            t = type(v)
+            if not (t is str or t is float or v is None or (t is int and -(2**63) <= v < 2**63)):
+                return tuple(decode(v, f"{where} parameter {i + 1}") for i, v in enumerate(params))
+        return tuple(params)
     if isinstance(params, dict):
         if len(params) == 1 and next(iter(params)) in ("$blob", "$float"):
             raise UsageError(f"{where}: parameters must be a list or an object of names")
