@@ -15,8 +15,9 @@ from ..errors import ChangesMissing, StateConflict, UsageError
 from ..sqlite.connect import one
 from .model import (ApplyResult, CONFLICTS, COUNTERS, FORMAT, IDS, LOG, META, OP_CODE, OP_DDL, OP_DELETE, OP_INSERT,
                     OP_NAME, PEERS, READ_CHUNK, REKEY_POLICY, ROWS, SEEN, SHAPES, SyncChange, fresh_key, installed,
-                    is_covered, join, pack, pack_vv, rekey_change, total, unpack, unpack_vv, with_key)
+                    is_covered, join, pack, pack_vv, rekey_change, total, unpack, unpack_vv)
 from .policy import Policy, Version, same_row
+from . import refs as fkeys
 
 
 class _Row:
@@ -47,6 +48,7 @@ class SiteState:
         self.shapes: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
         self.key_pos: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[int, ...]] = {}
         self.local_shapes: dict[str, capture.Shape | None] = {}
+        self.fk_cache: dict[str, list[fkeys.ForeignKey]] | None = None     # refs.foreign_keys()
         self.ingested_now = 0
         # Per table: its counter columns, and how concurrent inserts of one key are kept (configure()).
         self.counter_cols: dict[str, tuple[str, ...]] = {}
@@ -168,12 +170,13 @@ class SiteState:
 
     def log(self, origin: str, oseq: int, hlc: int, op: int, sid: int | None, keyb: bytes | None,
             vals: bytes | None, base: tuple[int, str] | None, ctx: Mapping[str, int] | None,
-            sql: str | None = None, counters: Mapping[str, int] | None = None) -> None:
+            sql: str | None = None, counters: Mapping[str, int] | None = None,
+            refs: dict[str, Any] | None = None) -> None:
         self.cur.execute(f"INSERT INTO {LOG}(origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, "
-                         "sql, counters) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         "sql, counters, refs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (origin, oseq, hlc, op, sid, keyb, vals, base[0] if base else None,
                           base[1] if base else None, None if ctx is None else pack_vv(ctx), sql,
-                          pack_vv(counters) if counters else None))
+                          pack_vv(counters) if counters else None, fkeys.pack_refs(refs)))
         s = self.seen.get(origin)
         if s is None:
             self.seen[origin] = [oseq, hlc, 0]
@@ -196,6 +199,7 @@ class SiteState:
         if one(con, "PRAGMA schema_version") != capture.meta(con, "schema_version"):
             capture.follow_schema(con, emit=True)       # log the application's DDL first, as read_changes does
             self.local_shapes.clear()
+            self.fk_cache = None
         n, last = con.execute(f"SELECT count(*), max(seq) FROM {capture.LOG} WHERE seq > ?",
                               (self.ingested,)).fetchall()[0]
         if not n:
@@ -260,7 +264,10 @@ class SiteState:
                 self.cur.execute(f"INSERT OR IGNORE INTO {IDS}(tbl, key, hlc, origin, at_key) VALUES (?, ?, ?, ?, ?)",
                                  (table, keyb, hlc, self.site, keyb))
             counters = self._count_local(table, sid, keyb, values, r is None)
-        self.log(self.site, self._next_oseq(), hlc, op, sid, keyb, pack(values), base, ctx, counters=counters)
+        shape = self.shape(sid)
+        refs = fkeys.refs_for(self, table, *((shape[1], values) if values is not None else (shape[2], key)))
+        self.log(self.site, self._next_oseq(), hlc, op, sid, keyb, pack(values), base, ctx, counters=counters,
+                 refs=refs)
         self.put_row(table, keyb, _Row(hlc, self.site, values is None, join(dict(ctx), {self.site: hlc}), []))
 
     # apply ------------------------------------------------------------------------------------
@@ -299,7 +306,8 @@ class SiteState:
             merged = self._apply_row(ch, policy, res)
             sid = self.shape_id(ch.table, ch.columns, ch.key_columns)
             self.log(ch.origin, ch.oseq, ch.hlc, OP_CODE[ch.op], sid, pack(ch.key),
-                     pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx, counters=ch.counters)
+                     pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx, counters=ch.counters,
+                     refs=ch.refs)
             if merged is not None:
                 self._write_merged(self.routed, merged, top)
         self.flush_seen()
@@ -326,6 +334,7 @@ class SiteState:
         self.cur.execute("RELEASE bastion_sync_ddl")
         capture.follow_schema(self.con, emit=False)      # our capture follows the new schema without logging it as local
         self.local_shapes.clear()
+        self.fk_cache = None
 
     def _apply_row(self, ch: SyncChange, policy: Policy, res: ApplyResult) -> dict[str, Any] | bool | None:
         """Apply one row change; returns a resolver's merged row (a dict, or False for a merged
@@ -333,8 +342,9 @@ class SiteState:
 
         First the row the change is about: a concurrent insert of a key another site also
         created goes to a key of its own, and a change made on a row that moved follows it
-        (:meth:`_route`). Then the version rules, then the counter columns."""
-        rch = self.routed = self._route(ch, res)
+        (:meth:`_route`), its references to rows that moved following them (refs.py). Then the
+        version rules, then the counter columns."""
+        rch = self.routed = self._route(fkeys.follow(self, ch), res)
         merged = self._apply_version(rch, policy, res)
         self._count_remote(rch)
         return merged
@@ -376,6 +386,7 @@ class SiteState:
             if (h, o) > (ch.hlc, ch.origin):
                 newk = fresh_key(table, h, o, keyb)
                 moved = self._move(table, ch.key_columns, ch.key, newk)
+                fkeys.move_children(self, table, ch.key[0], newk)
                 self.cur.execute(f"UPDATE {IDS} SET at_key = ? WHERE tbl = ? AND key = ? AND origin = ? AND hlc = ?",
                                  (pack((newk,)), table, keyb, o, h))
                 self.cur.execute(add, (table, keyb, ch.hlc, ch.origin, keyb))
@@ -403,19 +414,25 @@ class SiteState:
     def _move(self, table: str, key_columns: Sequence[str], key: Sequence[Any], newk: int) -> Version | None:
         """Move the row at ``key`` (table row, version state, counters) to ``newk``; returns its
         current version as it is now (at the new key)."""
-        keyb = pack(key)
-        r = self.row(table, keyb)       # type: ignore[arg-type]
-        if r is None:
+        if self.row(table, pack(key)) is None:      # type: ignore[arg-type]
             return None
-        cur = self.read_current(table, key_columns, key, r)
-        mv = with_key(cur, key_columns, newk)
+        return self.move_row(table, key_columns, key, (newk,))
+
+    def move_row(self, table: str, key_columns: Sequence[str], key: Sequence[Any], newkey: Sequence[Any]) -> Version:
+        """Move a row to another key: the table's row (if any), its version state and counters."""
+        keyb, newkb = pack(key), pack(newkey)
+        assert keyb is not None and newkb is not None
+        changed = {c: n for c, o, n in zip(key_columns, key, newkey) if not capture.same_values([o], [n])}
+        r = self.row(table, keyb)
+        cur = self.read_current(table, key_columns, key, r or _Row(0, "", False, {}, []))
+        mv = fkeys.with_values(cur, changed)
         if not cur.deleted:
             self.write(table, key_columns, key, Version(0, "", (), None))
-            self.write(table, key_columns, (newk,), mv)
-        newkb = pack((newk,))
-        self.put_row(table, newkb, _Row(r.hlc, r.origin, r.deleted, r.vv,      # type: ignore[arg-type]
-                                        [with_key(v, key_columns, newk) for v in r.siblings]))
-        self.cur.execute(f"DELETE FROM {ROWS} WHERE tbl = ? AND key = ?", (table, keyb))
+            self.write(table, key_columns, newkey, mv)
+        if r is not None:
+            r.siblings = [fkeys.with_values(v, changed) for v in r.siblings]
+            self.put_row(table, newkb, r)
+            self.cur.execute(f"DELETE FROM {ROWS} WHERE tbl = ? AND key = ?", (table, keyb))
         self.cur.execute(f"UPDATE {COUNTERS} SET key = ? WHERE tbl = ? AND key = ?", (newkb, table, keyb))
         return mv
 
@@ -614,16 +631,16 @@ class SiteState:
     # reading the log ----------------------------------------------------------------------------
 
     def decode(self, row: Sequence[Any]) -> SyncChange:
-        origin, oseq, hlc, op, sid, keyb, vals, bh, bo, ctx, sql, counters = row
+        origin, oseq, hlc, op, sid, keyb, vals, bh, bo, ctx, sql, counters, refs = row
         if op == OP_DDL:
             return SyncChange(origin, oseq, hlc, "ddl", None, (), (), None, None, None, {}, sql)
         table, cols, kcols = self.shape(sid)
         return SyncChange(origin, oseq, hlc, OP_NAME[op], table, cols, kcols, unpack(keyb), unpack(vals),
                           None if bh is None else (bh, bo), unpack_vv(ctx), None,
-                          unpack_vv(counters) if counters is not None else None)
+                          unpack_vv(counters) if counters is not None else None, fkeys.unpack_refs(refs))
 
 
-LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters"
+LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters, refs"
 
 
 def raise_clock(con: apsw.Connection, hlc: int) -> None:
