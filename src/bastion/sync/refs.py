@@ -167,6 +167,7 @@ def move_children(s: SiteState, parent: str, old: int, new: int) -> int:
         for fk in fks:
             if fk.parent != parent:
                 continue
+            s.flush()           # the SQL below reads and writes the tables themselves
             shape = s.local_shape(fk.table)
             assert shape is not None
             kc = shape.key_columns
@@ -199,5 +200,6 @@ def move_children(s: SiteState, parent: str, old: int, new: int) -> int:
                 s.move_row(fk.table, kc, k, newk)
                 s.cur.execute(f"UPDATE OR REPLACE {IDS} SET key = ?1, at_key = ?1 WHERE tbl = ?2 AND key = ?3 "
                               "AND at_key = ?3", (pack(newk), fk.table, pack(k)))
+                s.ids_changed()
                 n += 1
     return n

@@ -7,27 +7,20 @@ import time
 from typing import Any, Mapping, Sequence
 
 import apsw
-import msgpack
 
 from .. import capture
 from ..capture import RawText
 from ..errors import ChangesMissing, StateConflict, UsageError
 from ..sqlite.connect import one
-from .model import (ApplyResult, CONFLICTS, COUNTERS, FORMAT, IDS, LOG, META, OP_CODE, OP_DDL, OP_DELETE, OP_INSERT,
-                    OP_NAME, PEERS, READ_CHUNK, REKEY_POLICY, ROWS, SEEN, SHAPES, SyncChange, fresh_key, installed,
-                    is_covered, join, pack, pack_vv, rekey_change, total, unpack, unpack_vv)
+from .model import (ApplyResult, CONFLICTS, FORMAT, IDS, META, OP_CODE, OP_DDL, OP_DELETE, OP_INSERT,
+                    OP_NAME, PEERS, READ_CHUNK, REKEY_POLICY, SEEN, SHAPES, SyncChange, fresh_key, installed,
+                    is_covered, join, pack, rekey_change, total, unpack, unpack_vv)
 from .policy import Policy, Version, same_row
 from . import refs as fkeys
+from .store import Store, _Row
 
 
-class _Row:
-    __slots__ = ("deleted", "hlc", "origin", "siblings", "vv")
-
-    def __init__(self, hlc: int, origin: str, deleted: bool, vv: dict[str, int], siblings: list[Version]) -> None:
-        self.hlc, self.origin, self.deleted, self.vv, self.siblings = hlc, origin, deleted, vv, siblings
-
-
-class SiteState:
+class SiteState(Store):
     """The sync state of one file, used inside one transaction of the caller."""
 
     def __init__(self, con: apsw.Connection) -> None:
@@ -36,6 +29,7 @@ class SiteState:
                                 hint="install it first (sync.install(target, site))")
         self.con = con
         self.cur = con.cursor()
+        self._init_store()
         meta = dict(con.execute(f"SELECT key, value FROM {META}").fetchall())
         self.site: str = meta["site"]
         if meta.get("format") != FORMAT:
@@ -97,23 +91,6 @@ class SiteState:
 
     # rows -----------------------------------------------------------------------------------
 
-    def row(self, table: str, keyb: bytes) -> _Row | None:
-        got = self.cur.execute(f"SELECT hlc, origin, deleted, vv, siblings FROM {ROWS} WHERE tbl = ? AND key = ?",
-                               (table, keyb)).fetchall()
-        if not got:
-            return None
-        hlc, origin, deleted, vv, sib = got[0]
-        sibs = [] if sib is None else [Version(h, o, tuple(c), None if v is None else unpack(v))
-                                       for h, o, c, v in msgpack.unpackb(sib, raw=False)]
-        return _Row(hlc, origin, bool(deleted), unpack_vv(vv), sibs)
-
-    def put_row(self, table: str, keyb: bytes, r: _Row) -> None:
-        sib = None if not r.siblings else msgpack.packb(
-            [[s.hlc, s.origin, list(s.columns), pack(s.values)] for s in r.siblings], use_bin_type=True)
-        self.cur.execute(f"INSERT OR REPLACE INTO {ROWS}(tbl, key, hlc, origin, deleted, vv, siblings) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (table, keyb, r.hlc, r.origin, int(r.deleted),
-                                                          pack_vv(r.vv), sib))
-
     def read_current(self, table: str, key_columns: Sequence[str], key: Sequence[Any],
                      r: _Row) -> Version:
         """The row's current version with its values as the table holds them now."""
@@ -123,6 +100,12 @@ class SiteState:
         if shape is None:
             raise StateConflict(f"table {table!r} is not captured here", hint="check the schema of this site")
         cols = shape.columns
+        keyb = pack(key) or b""
+        p = self.pending(table, keyb)
+        if p is not None:
+            if p.values is None or tuple(p.columns) == tuple(cols):
+                return Version(r.hlc, r.origin, tuple(cols), p.values)
+            self.flush()
         where = " AND ".join(f"{capture.quote(n)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                              for n, v in zip(key_columns, key))
         params = [bytes(v) if type(v) is RawText else v for v in key]
@@ -148,48 +131,11 @@ class SiteState:
                     out.append(v)
                 vals = tuple(out)
         # A row the table lost behind capture's back (REPLACE on another UNIQUE column) counts as deleted.
-        return Version(r.hlc, r.origin, tuple(cols), None if vals is None else tuple(vals))
-
-    def write(self, table: str, key_columns: Sequence[str], key: Sequence[Any], v: Version) -> None:
-        """Make the table hold version ``v`` of the row (upsert of the whole row, or delete)."""
-        if v.values is None:
-            names, params = key_columns, key
-            marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture.delete_sql(table, names, marks)
-        else:
-            params = v.values
-            marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture.upsert_sql(table, v.columns, marks)
-        try:
-            self.cur.execute(sql, [bytes(x) if type(x) is RawText else x for x in params])
-        except apsw.SQLError as e:
-            raise StateConflict(f"cannot write a row of table {table!r}: {e}",
-                                hint="the sites' schemas differ; bring this site's schema in line") from e
+        got_v = Version(r.hlc, r.origin, tuple(cols), None if vals is None else tuple(vals))
+        self.was_read(table, keyb, got_v)
+        return got_v
 
     # the log ----------------------------------------------------------------------------------
-
-    def log(self, origin: str, oseq: int, hlc: int, op: int, sid: int | None, keyb: bytes | None,
-            vals: bytes | None, base: tuple[int, str] | None, ctx: Mapping[str, int] | None,
-            sql: str | None = None, counters: Mapping[str, int] | None = None,
-            refs: dict[str, Any] | None = None) -> None:
-        self.cur.execute(f"INSERT INTO {LOG}(origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, "
-                         "sql, counters, refs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (origin, oseq, hlc, op, sid, keyb, vals, base[0] if base else None,
-                          base[1] if base else None, None if ctx is None else pack_vv(ctx), sql,
-                          pack_vv(counters) if counters else None, fkeys.pack_refs(refs)))
-        s = self.seen.get(origin)
-        if s is None:
-            self.seen[origin] = [oseq, hlc, 0]
-        else:
-            s[0], s[1] = oseq, hlc
-        self.dirty.add(origin)
-
-    def flush_seen(self) -> None:
-        for o in self.dirty:
-            n, h, p = self.seen[o]
-            self.cur.execute(f"INSERT OR REPLACE INTO {SEEN}(origin, oseq, hlc, pruned) VALUES (?, ?, ?, ?)",
-                             (o, n, h, p))
-        self.dirty.clear()
 
     # ingest -----------------------------------------------------------------------------------
 
@@ -219,7 +165,7 @@ class SiteState:
             read += len(batch)
         self.ingested = last                  # past the marks too
         self.cur.execute(f"INSERT OR REPLACE INTO {META}(key, value) VALUES ('ingested', ?)", (self.ingested,))
-        self.flush_seen()
+        self.flush()
         self.ingested_now += read
         return read
 
@@ -263,6 +209,7 @@ class SiteState:
             if r is None and op == OP_INSERT and self.rekeys(table, key):
                 self.cur.execute(f"INSERT OR IGNORE INTO {IDS}(tbl, key, hlc, origin, at_key) VALUES (?, ?, ?, ?, ?)",
                                  (table, keyb, hlc, self.site, keyb))
+                self.ids_changed(table, keyb)
             counters = self._count_local(table, sid, keyb, values, r is None)
         shape = self.shape(sid)
         refs = fkeys.refs_for(self, table, *((shape[1], values) if values is not None else (shape[2], key)))
@@ -273,8 +220,15 @@ class SiteState:
     # apply ------------------------------------------------------------------------------------
 
     def apply(self, batch: Sequence[SyncChange], policy: Policy, peer: str | None) -> ApplyResult:
-        res = ApplyResult(received=len(batch))
         self.ingest()          # a local change not read yet is the current version of its row
+        self.deferring = True
+        try:
+            return self._apply(batch, policy, peer)
+        finally:
+            self.deferring = False
+
+    def _apply(self, batch: Sequence[SyncChange], policy: Policy, peer: str | None) -> ApplyResult:
+        res = ApplyResult(received=len(batch))
         top = 0
         sent: dict[str, int] = {}
         for ch in batch:
@@ -310,7 +264,7 @@ class SiteState:
                      refs=ch.refs)
             if merged is not None:
                 self._write_merged(self.routed, merged, top)
-        self.flush_seen()
+        self.flush()
         if top:
             raise_clock(self.con, top)
         if peer is not None and sent:
@@ -320,6 +274,7 @@ class SiteState:
 
     def _apply_ddl(self, ch: SyncChange) -> None:
         """Run DDL from another site, unless what it creates is already here (both sites ran it)."""
+        self.flush()
         self.cur.execute("SAVEPOINT bastion_sync_ddl")
         try:
             self.cur.execute(ch.sql or "")
@@ -372,13 +327,13 @@ class SiteState:
             return ch
         keyb = pack(ch.key)
         assert keyb is not None
-        ids = [(h, o, a) for h, o, a in self.cur.execute(
-            f"SELECT hlc, origin, at_key FROM {IDS} WHERE tbl = ? AND key = ?", (table, keyb))]
+        ids = self.ids_at(table, keyb)
         if ch.op == "insert" and ch.base is None:
             # A creation: its site had no version of this key, so every creation known here at this
             # key is concurrent with it. The earliest keeps the key, every other one moves.
             here = [(h, o) for h, o, a in ids if a == keyb]
             add = f"INSERT OR IGNORE INTO {IDS}(tbl, key, hlc, origin, at_key) VALUES (?, ?, ?, ?, ?)"
+            self.ids_changed(table, keyb)          # one is added below, whatever happens
             if not here:
                 self.cur.execute(add, (table, keyb, ch.hlc, ch.origin, keyb))
                 return ch
@@ -432,8 +387,8 @@ class SiteState:
         if r is not None:
             r.siblings = [fkeys.with_values(v, changed) for v in r.siblings]
             self.put_row(table, newkb, r)
-            self.cur.execute(f"DELETE FROM {ROWS} WHERE tbl = ? AND key = ?", (table, keyb))
-        self.cur.execute(f"UPDATE {COUNTERS} SET key = ? WHERE tbl = ? AND key = ?", (newkb, table, keyb))
+            self.del_row(table, keyb)
+        self.move_counters(table, self.counter_cols.get(table, ()), keyb, newkb)
         return mv
 
     def _record_rekey(self, table: str, ch: SyncChange, kept: Version, moved: Version, newk: int) -> None:
@@ -445,15 +400,6 @@ class SiteState:
                                           f"{ch.key[0] if ch.key else None} to {newk}", self.con.last_insert_rowid()))
 
     # -- counter columns --------------------------------------------------------------------------
-
-    def counter(self, table: str, keyb: bytes, col: str) -> list[Any] | None:
-        got = self.cur.execute(f"SELECT base, contrib FROM {COUNTERS} WHERE tbl = ? AND key = ? AND col = ?",
-                               (table, keyb, col)).fetchall()
-        return [got[0][0], unpack_vv(got[0][1])] if got else None
-
-    def put_counter(self, table: str, keyb: bytes, col: str, base: Any, contrib: Mapping[str, int]) -> None:
-        self.cur.execute(f"INSERT OR REPLACE INTO {COUNTERS}(tbl, key, col, base, contrib) VALUES (?, ?, ?, ?, ?)",
-                         (table, keyb, col, base, pack_vv(contrib)))
 
     def _count_local(self, table: str, sid: int, keyb: bytes, values: Sequence[Any],
                      creation: bool) -> dict[str, int] | None:
@@ -499,7 +445,8 @@ class SiteState:
                     self.put_counter(table, keyb, col, st[0], st[1])
             if st is not None:
                 sets.append((col, total(*st)))
-        if sets:
+        if sets and not self.patch_pending(table, ch.key_columns, ch.key, keyb, dict(sets)):
+            self.table_changed(table, keyb)
             where = " AND ".join(f"{capture.quote(k)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                                  for k, v in zip(ch.key_columns, ch.key))
             self.cur.execute(f"UPDATE {capture.quote(table)} SET {', '.join(f'{capture.quote(c)} = ?' for c, _ in sets)} "
@@ -594,6 +541,8 @@ class SiteState:
         """A resolver's new row: written through the triggers so capture logs it as a local
         change of this site, ordered after everything seen, then ingested at once."""
         assert ch.table is not None and ch.key is not None
+        self.flush()                # the batch's writes first: this one goes to the table now
+        self.deferring = False
         raise_clock(self.con, top)
         shape = self.local_shape(ch.table)
         trig = self.con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1)
@@ -607,6 +556,7 @@ class SiteState:
                 self.write(ch.table, ch.key_columns, ch.key, Version(0, "", cols, tuple(row[c] for c in cols)))
         finally:
             self.con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, trig)
+            self.deferring = True
         self.ingest()
 
     def _record(self, table: str, ch: SyncChange, policy: Policy | None, outcome: str, local: Version,
