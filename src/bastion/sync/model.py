@@ -181,12 +181,23 @@ def fresh_key(table: str, hlc: int, origin: str, keyb: bytes) -> int:
     return -1 - (int.from_bytes(h[:8], "big") >> 2)
 
 
-def with_key(v: Version, key_columns: Sequence[str], newk: int) -> Version:
-    if v.values is None or key_columns[0] not in v.columns:
+def with_values(v: Version, changed: Mapping[str, Any]) -> Version:
+    """A version with some columns set to new values (a row that moved, or whose reference did)."""
+    if v.values is None or not any(c in v.columns for c in changed):
         return v
-    vals = list(v.values)
-    vals[v.columns.index(key_columns[0])] = newk
-    return Version(v.hlc, v.origin, v.columns, tuple(vals))
+    return Version(v.hlc, v.origin, v.columns, tuple(changed.get(c, x) for c, x in zip(v.columns, v.values)))
+
+
+def pack_refs(refs: Mapping[str, Any] | None) -> bytes | None:
+    """A change's references (foreign key column -> the parent's creation: hlc, origin, key)."""
+    return None if not refs else msgpack.packb({c: [r[0], r[1], wire(r[2])] for c, r in refs.items()},
+                                               use_bin_type=True)
+
+
+def unpack_refs(blob: bytes | None) -> dict[str, tuple[int, str, Any]] | None:
+    if blob is None:
+        return None
+    return {c: (int(h), str(o), unwire(k)) for c, (h, o, k) in msgpack.unpackb(blob, raw=False).items()}
 
 
 def rekey_change(ch: SyncChange, newk: int) -> SyncChange:

@@ -28,16 +28,13 @@ moved row is the same row under a new key, so its children follow whatever the d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast
 
-import msgpack
+import apsw
 
 from .. import capture
-from .model import IDS, ROWS, SyncChange, pack, unpack
+from .model import IDS, ROWS, SyncChange, pack, unpack, with_values
 from .policy import Version
-
-if TYPE_CHECKING:
-    from .state import SiteState
 
 
 def _first(keyb: Any) -> Any:
@@ -51,6 +48,23 @@ class ForeignKey(NamedTuple):
     table: str        # the child table
     column: str       # its column holding the parent's key
     parent: str       # a table whose key rekeys
+
+
+class SiteState(Protocol):
+    """What this module uses of state.SiteState (which imports this module)."""
+    con: apsw.Connection
+    cur: apsw.Cursor
+    key_rules: dict[str, str]
+    fk_cache: dict[str, list[ForeignKey]] | None
+
+    def local_shape(self, table: str) -> capture.Shape | None: ...
+    def rekeys(self, table: str, key: Sequence[Any]) -> bool: ...
+    def row(self, table: str, keyb: bytes) -> Any: ...
+    def put_row(self, table: str, keyb: bytes, r: Any) -> None: ...
+    def flush(self) -> None: ...
+    def ids_changed(self, table: str | None = None, keyb: bytes | None = None) -> None: ...
+    def move_row(self, table: str, key_columns: Sequence[str], key: Sequence[Any],
+                 newkey: Sequence[Any]) -> Version: ...
 
 
 def foreign_keys(s: SiteState) -> dict[str, list[ForeignKey]]:
@@ -110,16 +124,6 @@ def refs_for(s: SiteState, table: str, columns: Sequence[str], values: Sequence[
     return out or None
 
 
-def pack_refs(refs: dict[str, Any] | None) -> bytes | None:
-    return None if not refs else msgpack.packb({c: list(r) for c, r in refs.items()}, use_bin_type=True)
-
-
-def unpack_refs(blob: bytes | None) -> dict[str, tuple[int, str, Any]] | None:
-    if blob is None:
-        return None
-    return {c: (int(h), str(o), k) for c, (h, o, k) in msgpack.unpackb(blob, raw=False).items()}
-
-
 def follow(s: SiteState, ch: SyncChange) -> SyncChange:
     """The change with each reference at the key its parent row lives at here."""
     if not ch.refs or ch.table is None or ch.key is None:
@@ -144,13 +148,6 @@ def follow(s: SiteState, ch: SyncChange) -> SyncChange:
     if not moved:
         return ch
     return ch._replace(key=tuple(key), values=None if vals is None else tuple(vals))
-
-
-def with_values(v: Version, changed: dict[str, Any]) -> Version:
-    """A version with some columns set to new values (a row that moved, or whose reference did)."""
-    if v.values is None or not any(c in v.columns for c in changed):
-        return v
-    return Version(v.hlc, v.origin, v.columns, tuple(changed.get(c, x) for c, x in zip(v.columns, v.values)))
 
 
 def _holds(v: Version, col: str, value: Any) -> bool:

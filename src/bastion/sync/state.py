@@ -14,7 +14,7 @@ from ..errors import ChangesMissing, StateConflict, UsageError
 from ..sqlite.connect import one
 from .model import (ApplyResult, CONFLICTS, FORMAT, IDS, META, OP_CODE, OP_DDL, OP_DELETE, OP_INSERT,
                     OP_NAME, PEERS, READ_CHUNK, REKEY_POLICY, SEEN, SHAPES, SyncChange, fresh_key, installed,
-                    is_covered, join, pack, rekey_change, total, unpack, unpack_vv)
+                    is_covered, join, pack, rekey_change, total, unpack, unpack_refs, unpack_vv, with_values)
 from .policy import Policy, Version, same_row
 from . import refs as fkeys
 from .store import Store, _Row
@@ -100,7 +100,7 @@ class SiteState(Store):
         if shape is None:
             raise StateConflict(f"table {table!r} is not captured here", hint="check the schema of this site")
         cols = shape.columns
-        keyb = pack(key) or b""
+        keyb = self.keyb(key)
         p = self.pending(table, keyb)
         if p is not None:
             if p.values is None or tuple(p.columns) == tuple(cols):
@@ -259,7 +259,7 @@ class SiteState(Store):
                 raise UsageError(f"change {ch.origin}:{ch.oseq} is malformed (op {ch.op!r})")
             merged = self._apply_row(ch, policy, res)
             sid = self.shape_id(ch.table, ch.columns, ch.key_columns)
-            self.log(ch.origin, ch.oseq, ch.hlc, OP_CODE[ch.op], sid, pack(ch.key),
+            self.log(ch.origin, ch.oseq, ch.hlc, OP_CODE[ch.op], sid, self.keyb(ch.key),
                      pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx, counters=ch.counters,
                      refs=ch.refs)
             if merged is not None:
@@ -325,7 +325,7 @@ class SiteState(Store):
         assert table is not None and ch.key is not None
         if not self.rekeys(table, ch.key):
             return ch
-        keyb = pack(ch.key)
+        keyb = self.keyb(ch.key)
         assert keyb is not None
         ids = self.ids_at(table, keyb)
         if ch.op == "insert" and ch.base is None:
@@ -380,12 +380,12 @@ class SiteState(Store):
         changed = {c: n for c, o, n in zip(key_columns, key, newkey) if not capture.same_values([o], [n])}
         r = self.row(table, keyb)
         cur = self.read_current(table, key_columns, key, r or _Row(0, "", False, {}, []))
-        mv = fkeys.with_values(cur, changed)
+        mv = with_values(cur, changed)
         if not cur.deleted:
             self.write(table, key_columns, key, Version(0, "", (), None))
             self.write(table, key_columns, newkey, mv)
         if r is not None:
-            r.siblings = [fkeys.with_values(v, changed) for v in r.siblings]
+            r.siblings = [with_values(v, changed) for v in r.siblings]
             self.put_row(table, newkb, r)
             self.del_row(table, keyb)
         self.move_counters(table, self.counter_cols.get(table, ()), keyb, newkb)
@@ -430,7 +430,7 @@ class SiteState(Store):
         if not cols or table is None or ch.key is None:
             return
         shape = self.local_shape(table)
-        keyb = pack(ch.key)
+        keyb = self.keyb(ch.key)
         assert keyb is not None
         sets = []
         for col in cols:
@@ -473,7 +473,7 @@ class SiteState(Store):
     def _apply_version(self, ch: SyncChange, policy: Policy, res: ApplyResult) -> dict[str, Any] | bool | None:
         table = ch.table
         assert table is not None and ch.key is not None
-        keyb = pack(ch.key)
+        keyb = self.keyb(ch.key)
         assert keyb is not None
         r = self.row(table, keyb)
         x = Version(ch.hlc, ch.origin, ch.columns, ch.values if ch.op != "delete" else None)
@@ -587,7 +587,7 @@ class SiteState(Store):
         table, cols, kcols = self.shape(sid)
         return SyncChange(origin, oseq, hlc, OP_NAME[op], table, cols, kcols, unpack(keyb), unpack(vals),
                           None if bh is None else (bh, bo), unpack_vv(ctx), None,
-                          unpack_vv(counters) if counters is not None else None, fkeys.unpack_refs(refs))
+                          unpack_vv(counters) if counters is not None else None, unpack_refs(refs))
 
 
 LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters, refs"

@@ -21,9 +21,8 @@ import msgpack
 from .. import capture
 from ..capture import RawText
 from ..errors import StateConflict
-from .model import COUNTERS, IDS, LOG, ROWS, SEEN, pack, pack_vv, unpack, unpack_vv
+from .model import COUNTERS, IDS, LOG, ROWS, SEEN, pack, pack_refs, pack_vv, unpack, unpack_vv, with_values
 from .policy import Version
-from . import refs as fkeys
 
 
 class _Row:
@@ -55,6 +54,13 @@ class Store:
         self._pending: dict[tuple[str, bytes], tuple[Sequence[str], Sequence[Any], Version]] = {}
         self._read: dict[tuple[str, bytes], Version] = {}      # rows read from the tables in this batch
         self.deferring = False
+        self._memo: tuple[Any, bytes] = ((), b"")
+
+    def keyb(self, key: Sequence[Any]) -> bytes:
+        """``pack(key)``, remembered for the last key asked (a change asks for its key several times)."""
+        if key is not self._memo[0]:
+            self._memo = (key, pack(key) or b"")
+        return self._memo[1]
 
     # version state per row ----------------------------------------------------------------------
 
@@ -127,7 +133,7 @@ class Store:
     def write(self, table: str, key_columns: Sequence[str], key: Sequence[Any], v: Version) -> None:
         """Make the table hold version ``v`` of the row (upsert of the whole row, or delete)."""
         if self.deferring:
-            k = (table, pack(key) or b"")
+            k = (table, self.keyb(key))
             self._read.pop(k, None)
             self._pending.pop(k, None)          # its place: the last write, as it would have run
             self._pending[k] = (key_columns, key, v)
@@ -157,7 +163,7 @@ class Store:
             p = (key_columns, key, got)
         if p[2].values is not None:
             self._read.pop(k, None)
-            self._pending[k] = (p[0], p[1], fkeys.with_values(p[2], dict(values)))
+            self._pending[k] = (p[0], p[1], with_values(p[2], dict(values)))
         return True
 
     def table_changed(self, table: str, keyb: bytes) -> None:
@@ -186,7 +192,7 @@ class Store:
             refs: dict[str, Any] | None = None) -> None:
         self._log.append((origin, oseq, hlc, op, sid, keyb, vals, base[0] if base else None,
                           base[1] if base else None, None if ctx is None else pack_vv(ctx), sql,
-                          pack_vv(counters) if counters else None, fkeys.pack_refs(refs)))
+                          pack_vv(counters) if counters else None, pack_refs(refs)))
         s = self.seen.get(origin)
         if s is None:
             self.seen[origin] = [oseq, hlc, 0]
