@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_sync.py [--rows 50000] [--stream 20000] [--changes 10000] [--reps 3]
         [--partition relay|netns] [--hold S] [--writers abc] [--no-probe] [--profile]
-        [--skip throughput|convergence] [--keep]
+        [--bank-seconds 30] [--skip throughput|convergence|bank] [--keep]
 
 Every site is a real `bastion serve` with its own copy of shop.db; applications write a site's
 file from their own processes (stdlib sqlite3, WAL, synchronous=NORMAL). Site a starts with the
@@ -52,7 +52,17 @@ data; the others join by copying a's file (the daemon's own join).
             sets the root end of c's veth down: packets vanish, nothing answers (a cable pulled).
    --writers c --no-probe: only c's application writes during the partition, nothing is sent
    to c: shows how long c's own changes wait after the heal (its pass loop's back-off).
-3. The load average at start and end (shared 2-core machine).
+3. The bank (issue 18): three sites a, b, c in a mesh, each running the unmodified bank workload
+   (`python -m bastion.workload run`: per transfer two accounts moved with ``balance = balance
+   -/+ ?``, the transfer count bumped, one audit row inserted with the next number) for
+   --bank-seconds while no site reaches another (every site numbers its audit rows 1, 2, 3...:
+   they collide and are re-keyed; ``accounts.balance`` and ``meta.value`` are counter columns).
+   Then all links heal; polled every 50 ms: the time until the three sites hold the same vectors
+   and the same rows in both files ("converged", goal < 2 s), the daemons' CPU seconds meanwhile,
+   and then: audit rows lost or doubled at any site (goal 0), the total balance (goal: unchanged)
+   and the transfer count equal to the audit rows, integrity_check. A lost row or money created
+   is a failure (exit 1).
+4. The load average at start and end (shared 2-core machine).
 
 --profile: py-spy records every daemon (50 samples/s) from 1 s before the first heal to 0.5 s
 after it converged (stacks in the kept temp dir, per thread and innermost Bastion function
@@ -955,6 +965,124 @@ def table(head: list[str], rows: list[list[str]]) -> None:
         print(line(r))
 
 
+# -- 3. the bank ----------------------------------------------------------------------------------
+
+BANK_ACCOUNTS = 20
+
+
+def bank_rows(d: Path) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """(accounts, meta, audit rows as what they record: their keys may have moved)."""
+    con = ro(d / "bank.db")
+    try:
+        acc = con.execute("SELECT * FROM accounts ORDER BY id").fetchall()
+        meta = con.execute("SELECT * FROM meta ORDER BY key").fetchall()
+    finally:
+        con.close()
+    con = ro(d / "audit.db")
+    try:
+        audit = sorted(con.execute("SELECT src, dst, amount, at FROM audit").fetchall())
+    finally:
+        con.close()
+    return acc, meta, audit
+
+
+class BankDaemon(Daemon):
+    """A site's daemon for the bank; ``wrap``: a prefix for the command (ip netns exec NS)."""
+
+    def __init__(self, config: Path, port: int, addr: str, wrap: list[str]) -> None:
+        super().__init__(config, port)
+        self.addr, self.wrap = addr, wrap
+
+    def command(self) -> list[str]:
+        return [*self.wrap, *super().command()]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def bank(base: Path, net_kind: str, seconds: float, out: dict[str, Any]) -> None:
+    from collections import Counter
+
+    from bastion import workload
+    names = ["a", "b", "c"]
+    net: RelayNet | NsNet = RelayNet(names) if net_kind == "relay" else NsNet(names)
+    token = base / "peer.token"
+    token.write_text(secrets.token_hex(32))
+    d: dict[str, BankDaemon] = {}
+    for n in names:
+        (base / n).mkdir()
+        addr, port = net.listen(n).rsplit(":", 1)
+        cfg = write_config(base / n, int(port), {"bank": {"files": [base / n / "bank.db", base / n / "audit.db"],
+                                                          "sync_group": "g"}}, addr=addr, sections={
+            "replication": {"peer_token_file": token}, "sync": {"site": n},
+            "sync_groups.g": {"sites": net.sites(n), "topology": "mesh", "schedule": "continuous",
+                              "counters": ["accounts.balance", "meta.value"]}})
+        d[n] = BankDaemon(cfg, int(port), addr, net.wrap(n))
+    workload.init(str(base / "a"), BANK_ACCOUNTS)
+    for f in ("bank.db", "audit.db"):
+        sqlite3.connect(base / "a" / f).execute("PRAGMA journal_mode = WAL").fetchall()
+    files = [base / n / f for n in names for f in ("bank.db", "audit.db")]
+    out.update(partition=net.kind, seconds=seconds)
+    cut = False
+    try:
+        for n in names:
+            d[n].start()
+        log("bank: b and c join")
+        wait_for(lambda: all(p.exists() for p in files), 120, "b and c joining")
+        wait_for(lambda: same_content(files[0::2]) and same_content(files[1::2]), 120, "the sites agreeing", 0.2)
+        for n in names:
+            net.cut(n)
+        cut = True
+        log(f"bank: every site cut off; the bank runs {seconds:g} s at each")
+        procs = {n: subprocess.Popen([*net.wrap(n), PY, "-m", "bastion.workload", "run", str(base / n), "--seconds",
+                                      str(seconds), "--rate", "150", "--stats", str(base / n / "stats.json")],
+                                     env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for n in names}
+        for n, p in procs.items():
+            _, err = p.communicate(timeout=seconds + 300)
+            if p.returncode:
+                raise Broken(f"the bank at {n} exited {p.returncode}: {err[-2000:]}")
+        commits = {n: json.loads((base / n / "stats.json").read_text())["commits"] for n in names}
+        want = sum((Counter(bank_rows(base / n)[2]) for n in names), Counter())
+        out["transfers"] = commits
+        cpu0 = {n: cpu_seconds(d[n].pid) for n in names}
+        log(f"bank: heal after {sum(commits.values()):,} transfers")
+        for n in names:
+            net.heal(n)
+        cut = False
+
+        def converged() -> bool:
+            return all(held(base / n / f) == held(base / "a" / f) for n in names for f in ("bank.db", "audit.db")) \
+                and same_content(files[0::2]) and same_content(files[1::2])
+        out["converged_s"] = round(wait_for(converged, 600, "the three sites converging", 0.05), 2)
+        out["cpu_s"] = {n: round(cpu_seconds(d[n].pid) - cpu0[n], 2) for n in names}
+        lost = doubled = 0
+        for n in names:
+            acc, meta, audit = bank_rows(base / n)
+            got = Counter(audit)
+            lost, doubled = max(lost, sum((want - got).values())), max(doubled, sum((got - want).values()))
+            if sum(r[2] for r in acc) != BANK_ACCOUNTS * workload.BALANCE:
+                out["money"] = f"site {n}: total balance {sum(r[2] for r in acc)}"
+            if dict(meta)["transfers"] != sum(commits.values()) or len(audit) != sum(commits.values()):
+                out["transfer_count"] = f"site {n}: {dict(meta)['transfers']} transfers, {len(audit)} audit rows"
+            for f in ("bank.db", "audit.db"):
+                if integrity(base / n / f) != "ok":
+                    out["integrity"] = f"{n}/{f}: {integrity(base / n / f)}"
+        out.update(lost_rows=lost, doubled_rows=doubled)
+        out.setdefault("money", "conserved")
+        if lost or doubled or out["money"] != "conserved" or "transfer_count" in out or "integrity" in out:
+            raise Broken(f"the bank lost or changed data: {out}")
+    finally:
+        if cut:
+            for n in names:
+                net.heal(n)
+        for x in d.values():
+            x.stop()
+        net.close()
+
+
 def report(res: dict[str, Any]) -> None:
     ls, le = res["loadavg_start"], res.get("loadavg_end") or [float("nan")] * 3
     print(f"load average {ls[0]:.2f} {ls[1]:.2f} {ls[2]:.2f} at start, {le[0]:.2f} {le[1]:.2f} {le[2]:.2f} at end "
@@ -1028,6 +1156,14 @@ def report(res: dict[str, Any]) -> None:
                       + ", ".join(f"{k} {v}" for k, v in p["threads"].items()))
                 for k, v in p["innermost_bastion"][:6]:
                     print(f"    {v:5d}  {k}")
+    bk = res.get("bank")
+    if bk and "converged_s" in bk:
+        t = bk["converged_s"]
+        print(f"\n3. the bank at 3 sites, all cut off {bk['seconds']:g} s ({bk['partition']}), "
+              f"{sum(bk['transfers'].values()):,} transfers: converged {t:.2f} s after the heal "
+              f"({'ok' if t < 2 else 'MISS'}, goal < 2 s); daemons' CPU meanwhile "
+              + ", ".join(f"{n} {c:.1f} s" for n, c in bk["cpu_s"].items())
+              + f"; audit rows lost {bk.get('lost_rows')}, doubled {bk.get('doubled_rows')}; money {bk.get('money')}")
     if res.get("error"):
         print(f"\nBROKEN: {res['error']}")
     print(f"wrote {OUT / 'sync.json'}")
@@ -1048,7 +1184,9 @@ def main() -> int:
                     "(default abc; the changes per site stay those of the default split)")
     ap.add_argument("--no-probe", action="store_true", help="no probe rows at a during the partition (then "
                     "with --writers c, nothing wakes c when the partition heals)")
-    ap.add_argument("--skip", choices=["throughput", "convergence"], action="append", default=[],
+    ap.add_argument("--bank-seconds", type=float, default=30.0,
+                    help="how long the bank runs at each site while they are cut off (default 30)")
+    ap.add_argument("--skip", choices=["throughput", "convergence", "bank"], action="append", default=[],
                     help="skip a part (repeatable)")
     ap.add_argument("--profile", action="store_true", help="py-spy every daemon during the first heal")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (printed)")
@@ -1065,6 +1203,9 @@ def main() -> int:
             (base / "cv").mkdir()
             convergence(base / "cv", args.partition, args.changes, args.reps, args.profile,
                         res.setdefault("convergence", {}), args.hold, args.writers, not args.no_probe)
+        if "bank" not in args.skip:
+            (base / "bank").mkdir()
+            bank(base / "bank", args.partition, args.bank_seconds, res.setdefault("bank", {}))
     except Broken as exc:
         res["error"] = str(exc)
         code = 1

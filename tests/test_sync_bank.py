@@ -108,6 +108,13 @@ def vector(path: Path) -> dict[str, int]:
         return {}
 
 
+def cpu_seconds(site: BankSite) -> float:
+    """User + system CPU time of a site's daemon so far (ip netns exec execs it: the same pid)."""
+    assert site.proc is not None
+    f = Path(f"/proc/{site.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path: Path, net: Net) -> None:
     spaces = {n: net.add() for n in SITES}
     ports = {n: free_port() for n in SITES}
@@ -144,6 +151,7 @@ def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path:
         seqs = [set(r[2] for r in bank_state(x)[2]) for x in s.values()]
         assert seqs[0] & seqs[1] & seqs[2], "the sites did not number audit rows alike"
 
+        cpu0 = {n: cpu_seconds(x) for n, x in s.items()}
         t_heal = time.monotonic()
         for x in s.values():
             net.heal(x.sp, "switch")
@@ -155,8 +163,9 @@ def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path:
             return vs[0] == vs[1] == vs[2] and all(bank_state(x) == bank_state(a) for x in s.values())
         wait_for(converged, CONVERGE, "the three sites converged after the heal")
         took = time.monotonic() - t_heal
+        cpu = ", ".join(f"{n} {cpu_seconds(x) - cpu0[n]:.1f} s" for n, x in s.items())
         print(f"\nbank at 3 sites, {SECONDS:g} s cut off, {sum(commits.values())} transfers: converged "
-              f"{took:.2f} s after the heal")
+              f"{took:.2f} s after the heal (daemons' CPU meanwhile: {cpu}; load average {os.getloadavg()[0]:.1f})")
 
         total = sum(commits.values())
         for x in s.values():

@@ -626,11 +626,13 @@ M_SCHEMA = """
 CREATE TABLE t(id INTEGER PRIMARY KEY, v, w);
 CREATE TABLE p(k1 INTEGER, k2 TEXT, v, PRIMARY KEY(k1, k2)) WITHOUT ROWID;
 CREATE TABLE c(id INTEGER PRIMARY KEY, n INTEGER NOT NULL, note TEXT NOT NULL);
+CREATE TABLE d(id INTEGER PRIMARY KEY, c_id INTEGER REFERENCES c(id), note TEXT NOT NULL);
 """
 M_ROWS = ("INSERT INTO t VALUES (0, 'seed', 0), (1, 'seed', 1); INSERT INTO p VALUES (0, 'a', 'seed');"
           "INSERT INTO c VALUES (0, 10, 'seed0'), (1, 20, 'seed1');")
 # t: its key names the same row at every site (the policies decide); c: rows each site inserts with
-# the next rowid (colliding across sites: rekey), and n a counter column.
+# the next rowid (colliding across sites: rekey), and n a counter column; d: rows that refer to a
+# row of c by its key (a declared foreign key: they follow it when it moves).
 M_KEYS = {"t": "shared"}
 M_COUNTERS = ["c.n"]
 PAIRS = [(a, b) for a in SITES for b in SITES if a != b]
@@ -691,6 +693,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.expected = {"seed0": 10, "seed1": 20}     # per row of c (its note): the sum of every delta made
         self.notes = 0
         self.deleted: set[str] = set()          # rows of c an application deleted
+        self.refers: dict[str, str | None] = {}     # per row of d (its note): the row of c it meant (its note)
         self.c_deletes = False
 
     def _open(self, n: str) -> None:
@@ -736,6 +739,16 @@ class SyncMachine(RuleBasedStateMachine):
                 self.expected[note] = self.expected.get(note, 0) + n
                 if deleted:
                     self.deleted.add(note)
+
+    @rule(site=st.sampled_from(SITES), nth=st.integers(0, 4))
+    def write_d(self, site: str, nth: int) -> None:
+        """A row that refers to a row of c by the key the application sees it under now."""
+        self.notes += 1
+        note = f"{site}-d{self.notes}"
+        nth_row = "(SELECT id FROM c ORDER BY id LIMIT 1 OFFSET ?)"
+        got = self._write(site, [("SELECT note FROM c ORDER BY id LIMIT 1 OFFSET ?", (nth,)),
+                                 (f"INSERT INTO d(c_id, note) VALUES ({nth_row}, ?)", (nth, note))])
+        self.refers[note] = got[0][0][0] if got[0] else None
 
     def _write(self, site: str, ops: list[tuple[str, tuple]]) -> list[list[tuple]]:
         seen = sync.vector(self.con[site])      # what the site had when its application wrote
@@ -834,6 +847,9 @@ class SyncMachine(RuleBasedStateMachine):
             # Limits): rows and deltas may then meet in one row. Without, the full property holds.
             assert sorted(notes) == sorted(self.expected), "a row of c is lost"
             assert dict(got) == self.expected, "a counter is not the sum of its deltas"
+            # d: every row still refers to the row of c its application meant, wherever that moved.
+            meant = dict(self.con[SITES[0]].execute("SELECT d.note, c.note FROM d LEFT JOIN c ON c.id = d.c_id"))
+            assert meant == self.refers, "a reference points at another row than the one meant"
         self._check_every_write_is_accounted_for()
 
     def _check_every_write_is_accounted_for(self) -> None:
@@ -855,8 +871,8 @@ class SyncMachine(RuleBasedStateMachine):
                 losers.add((loser["hlc"], loser["origin"]))
         write_at = {(w["site"], w["hlc"]): w for w in self.writes}
         for w in self.writes:
-            if w["table"] == "c":
-                continue                                   # checked by its notes and sums
+            if w["table"] in ("c", "d"):
+                continue                                   # checked by their notes, sums and references
             mine = [ch for ch in by_row.get((w["table"], msgpack.packb(list(w["key"]))), [])
                     if ch.origin == w["site"] and ch.hlc == w["hlc"]]
             assert len(mine) == 1, f"write {w} was not sent as exactly one change: {mine}"

@@ -72,7 +72,7 @@ TABLES_SQL = [
      "key_columns TEXT NOT NULL, UNIQUE(tbl, columns, key_columns))"),
     (f"CREATE TABLE IF NOT EXISTS {LOG}(lseq INTEGER PRIMARY KEY, origin TEXT NOT NULL, oseq INTEGER NOT NULL, "
      "hlc INTEGER NOT NULL, op INTEGER NOT NULL, shape INTEGER, key BLOB, vals BLOB, base_hlc INTEGER, "
-     "base_origin TEXT, ctx BLOB, sql TEXT, counters BLOB, UNIQUE(origin, oseq))"),
+     "base_origin TEXT, ctx BLOB, sql TEXT, counters BLOB, refs BLOB, UNIQUE(origin, oseq))"),
     (f"CREATE TABLE IF NOT EXISTS {SEEN}(origin TEXT PRIMARY KEY, oseq INTEGER NOT NULL, hlc INTEGER NOT NULL, "
      "pruned INTEGER NOT NULL DEFAULT 0)"),
     (f"CREATE TABLE IF NOT EXISTS {PEERS}(peer TEXT NOT NULL, origin TEXT NOT NULL, oseq INTEGER NOT NULL, "
@@ -85,6 +85,8 @@ TABLES_SQL = [
     # Counter columns: per row and column, the value the group started from and each site's total delta.
     (f"CREATE TABLE IF NOT EXISTS {COUNTERS}(tbl TEXT NOT NULL, key BLOB NOT NULL, col TEXT NOT NULL, base, "
      "contrib BLOB NOT NULL, PRIMARY KEY(tbl, key, col)) WITHOUT ROWID"),
+    # Which creation lives at a key now: what a foreign key value written at a site refers to.
+    f"CREATE INDEX IF NOT EXISTS {IDS}_at ON {IDS}(tbl, at_key)",
 ]
 
 
@@ -109,6 +111,8 @@ class SyncChange(NamedTuple):
     ctx: dict[str, int]
     sql: str | None
     counters: dict[str, int] | None = None     # counter column -> the origin's total delta on this row
+    # foreign key column -> the parent row it meant at the origin: its creation (hlc, origin, key)
+    refs: dict[str, tuple[int, str, Any]] | None = None
 
     @property
     def time(self) -> float:
@@ -177,12 +181,23 @@ def fresh_key(table: str, hlc: int, origin: str, keyb: bytes) -> int:
     return -1 - (int.from_bytes(h[:8], "big") >> 2)
 
 
-def with_key(v: Version, key_columns: Sequence[str], newk: int) -> Version:
-    if v.values is None or key_columns[0] not in v.columns:
+def with_values(v: Version, changed: Mapping[str, Any]) -> Version:
+    """A version with some columns set to new values (a row that moved, or whose reference did)."""
+    if v.values is None or not any(c in v.columns for c in changed):
         return v
-    vals = list(v.values)
-    vals[v.columns.index(key_columns[0])] = newk
-    return Version(v.hlc, v.origin, v.columns, tuple(vals))
+    return Version(v.hlc, v.origin, v.columns, tuple(changed.get(c, x) for c, x in zip(v.columns, v.values)))
+
+
+def pack_refs(refs: Mapping[str, Any] | None) -> bytes | None:
+    """A change's references (foreign key column -> the parent's creation: hlc, origin, key)."""
+    return None if not refs else msgpack.packb({c: [r[0], r[1], wire(r[2])] for c, r in refs.items()},
+                                               use_bin_type=True)
+
+
+def unpack_refs(blob: bytes | None) -> dict[str, tuple[int, str, Any]] | None:
+    if blob is None:
+        return None
+    return {c: (int(h), str(o), unwire(k)) for c, (h, o, k) in msgpack.unpackb(blob, raw=False).items()}
 
 
 def rekey_change(ch: SyncChange, newk: int) -> SyncChange:

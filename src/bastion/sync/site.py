@@ -145,13 +145,17 @@ def install(target: apsw.Connection | str | os.PathLike[str], site: str) -> dict
 
 
 def _upgrade(con: apsw.Connection) -> None:
-    """Tables and columns a file synced by an earlier version lacks (colliding inserts, counters)."""
-    for sql in TABLES_SQL[-2:]:
-        name = sql.split("EXISTS ", 1)[1].split("(", 1)[0]
-        if not capture.exists(con, name):
+    """Tables, columns and indexes a file synced by an earlier version lacks (colliding inserts,
+    counters, foreign keys that follow a moved row)."""
+    for sql in TABLES_SQL[-3:]:
+        kind = "index" if sql.startswith("CREATE INDEX") else "table"
+        name = sql.split("EXISTS ", 1)[1].split("(", 1)[0].split(" ", 1)[0]
+        if not capture.exists(con, name, kind):
             capture.own_ddl(con, sql)
-    if "counters" not in [r[1] for r in con.execute(f"PRAGMA table_info({LOG})")]:
-        capture.own_ddl(con, f"ALTER TABLE {LOG} ADD COLUMN counters BLOB")
+    have = [r[1] for r in con.execute(f"PRAGMA table_info({LOG})")]
+    for col in ("counters", "refs"):
+        if col not in have:
+            capture.own_ddl(con, f"ALTER TABLE {LOG} ADD COLUMN {col} BLOB")
 
 
 def _counter_spec(spec: Any) -> tuple[str, str]:
@@ -454,7 +458,8 @@ def to_wire(changes: Sequence[SyncChange]) -> dict[str, Any]:
             idx = shapes.setdefault((c.table, tuple(c.columns), tuple(c.key_columns)), len(shapes))
         rows.append([c.origin, c.oseq, c.hlc, c.op, idx, vals(c.key), vals(c.values),
                      None if c.base is None else list(c.base), dict(c.ctx), c.sql,
-                     None if not c.counters else dict(c.counters)])
+                     None if not c.counters else dict(c.counters),
+                     None if not c.refs else {k: [r[0], r[1], wire(r[2])] for k, r in c.refs.items()}])
     return {"format": FORMAT, "shapes": [[t, list(cs), list(ks)] for t, cs, ks in shapes], "changes": rows}
 
 
@@ -470,10 +475,13 @@ def from_wire(data: Mapping[str, Any]) -> list[SyncChange]:
     for origin, oseq, hlc, op, idx, key, values, base, ctx, sql, *rest in data["changes"]:
         t, cs, ks = shapes[idx] if idx is not None else (None, (), ())
         counters = rest[0] if rest else None
+        refs = rest[1] if len(rest) > 1 else None       # a site of an earlier version sends none
         out.append(SyncChange(origin, int(oseq), int(hlc), op, t, cs, ks, vals(key), vals(values),
                               None if base is None else (int(base[0]), str(base[1])),
                               {str(k): int(v) for k, v in (ctx or {}).items()}, sql,
-                              None if not counters else {str(k): int(v) for k, v in counters.items()}))
+                              None if not counters else {str(k): int(v) for k, v in counters.items()},
+                              None if not refs else {str(k): (int(h), str(o), unwire(v))
+                                                     for k, (h, o, v) in refs.items()}))
     return out
 
 

@@ -7,26 +7,20 @@ import time
 from typing import Any, Mapping, Sequence
 
 import apsw
-import msgpack
 
 from .. import capture
 from ..capture import RawText
 from ..errors import ChangesMissing, StateConflict, UsageError
 from ..sqlite.connect import one
-from .model import (ApplyResult, CONFLICTS, COUNTERS, FORMAT, IDS, LOG, META, OP_CODE, OP_DDL, OP_DELETE, OP_INSERT,
-                    OP_NAME, PEERS, READ_CHUNK, REKEY_POLICY, ROWS, SEEN, SHAPES, SyncChange, fresh_key, installed,
-                    is_covered, join, pack, pack_vv, rekey_change, total, unpack, unpack_vv, with_key)
+from .model import (ApplyResult, CONFLICTS, FORMAT, IDS, META, OP_CODE, OP_DDL, OP_DELETE, OP_INSERT,
+                    OP_NAME, PEERS, READ_CHUNK, REKEY_POLICY, SEEN, SHAPES, SyncChange, fresh_key, installed,
+                    is_covered, join, pack, rekey_change, total, unpack, unpack_refs, unpack_vv, with_values)
 from .policy import Policy, Version, same_row
+from . import refs as fkeys
+from .store import Store, _Row
 
 
-class _Row:
-    __slots__ = ("deleted", "hlc", "origin", "siblings", "vv")
-
-    def __init__(self, hlc: int, origin: str, deleted: bool, vv: dict[str, int], siblings: list[Version]) -> None:
-        self.hlc, self.origin, self.deleted, self.vv, self.siblings = hlc, origin, deleted, vv, siblings
-
-
-class SiteState:
+class SiteState(Store):
     """The sync state of one file, used inside one transaction of the caller."""
 
     def __init__(self, con: apsw.Connection) -> None:
@@ -35,6 +29,7 @@ class SiteState:
                                 hint="install it first (sync.install(target, site))")
         self.con = con
         self.cur = con.cursor()
+        self._init_store()
         meta = dict(con.execute(f"SELECT key, value FROM {META}").fetchall())
         self.site: str = meta["site"]
         if meta.get("format") != FORMAT:
@@ -47,6 +42,7 @@ class SiteState:
         self.shapes: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
         self.key_pos: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[int, ...]] = {}
         self.local_shapes: dict[str, capture.Shape | None] = {}
+        self.fk_cache: dict[str, list[fkeys.ForeignKey]] | None = None     # refs.foreign_keys()
         self.ingested_now = 0
         # Per table: its counter columns, and how concurrent inserts of one key are kept (configure()).
         self.counter_cols: dict[str, tuple[str, ...]] = {}
@@ -95,23 +91,6 @@ class SiteState:
 
     # rows -----------------------------------------------------------------------------------
 
-    def row(self, table: str, keyb: bytes) -> _Row | None:
-        got = self.cur.execute(f"SELECT hlc, origin, deleted, vv, siblings FROM {ROWS} WHERE tbl = ? AND key = ?",
-                               (table, keyb)).fetchall()
-        if not got:
-            return None
-        hlc, origin, deleted, vv, sib = got[0]
-        sibs = [] if sib is None else [Version(h, o, tuple(c), None if v is None else unpack(v))
-                                       for h, o, c, v in msgpack.unpackb(sib, raw=False)]
-        return _Row(hlc, origin, bool(deleted), unpack_vv(vv), sibs)
-
-    def put_row(self, table: str, keyb: bytes, r: _Row) -> None:
-        sib = None if not r.siblings else msgpack.packb(
-            [[s.hlc, s.origin, list(s.columns), pack(s.values)] for s in r.siblings], use_bin_type=True)
-        self.cur.execute(f"INSERT OR REPLACE INTO {ROWS}(tbl, key, hlc, origin, deleted, vv, siblings) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (table, keyb, r.hlc, r.origin, int(r.deleted),
-                                                          pack_vv(r.vv), sib))
-
     def read_current(self, table: str, key_columns: Sequence[str], key: Sequence[Any],
                      r: _Row) -> Version:
         """The row's current version with its values as the table holds them now."""
@@ -121,6 +100,12 @@ class SiteState:
         if shape is None:
             raise StateConflict(f"table {table!r} is not captured here", hint="check the schema of this site")
         cols = shape.columns
+        keyb = self.keyb(key)
+        p = self.pending(table, keyb)
+        if p is not None:
+            if p.values is None or tuple(p.columns) == tuple(cols):
+                return Version(r.hlc, r.origin, tuple(cols), p.values)
+            self.flush()
         where = " AND ".join(f"{capture.quote(n)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                              for n, v in zip(key_columns, key))
         params = [bytes(v) if type(v) is RawText else v for v in key]
@@ -146,47 +131,11 @@ class SiteState:
                     out.append(v)
                 vals = tuple(out)
         # A row the table lost behind capture's back (REPLACE on another UNIQUE column) counts as deleted.
-        return Version(r.hlc, r.origin, tuple(cols), None if vals is None else tuple(vals))
-
-    def write(self, table: str, key_columns: Sequence[str], key: Sequence[Any], v: Version) -> None:
-        """Make the table hold version ``v`` of the row (upsert of the whole row, or delete)."""
-        if v.values is None:
-            names, params = key_columns, key
-            marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture.delete_sql(table, names, marks)
-        else:
-            params = v.values
-            marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture.upsert_sql(table, v.columns, marks)
-        try:
-            self.cur.execute(sql, [bytes(x) if type(x) is RawText else x for x in params])
-        except apsw.SQLError as e:
-            raise StateConflict(f"cannot write a row of table {table!r}: {e}",
-                                hint="the sites' schemas differ; bring this site's schema in line") from e
+        got_v = Version(r.hlc, r.origin, tuple(cols), None if vals is None else tuple(vals))
+        self.was_read(table, keyb, got_v)
+        return got_v
 
     # the log ----------------------------------------------------------------------------------
-
-    def log(self, origin: str, oseq: int, hlc: int, op: int, sid: int | None, keyb: bytes | None,
-            vals: bytes | None, base: tuple[int, str] | None, ctx: Mapping[str, int] | None,
-            sql: str | None = None, counters: Mapping[str, int] | None = None) -> None:
-        self.cur.execute(f"INSERT INTO {LOG}(origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, "
-                         "sql, counters) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (origin, oseq, hlc, op, sid, keyb, vals, base[0] if base else None,
-                          base[1] if base else None, None if ctx is None else pack_vv(ctx), sql,
-                          pack_vv(counters) if counters else None))
-        s = self.seen.get(origin)
-        if s is None:
-            self.seen[origin] = [oseq, hlc, 0]
-        else:
-            s[0], s[1] = oseq, hlc
-        self.dirty.add(origin)
-
-    def flush_seen(self) -> None:
-        for o in self.dirty:
-            n, h, p = self.seen[o]
-            self.cur.execute(f"INSERT OR REPLACE INTO {SEEN}(origin, oseq, hlc, pruned) VALUES (?, ?, ?, ?)",
-                             (o, n, h, p))
-        self.dirty.clear()
 
     # ingest -----------------------------------------------------------------------------------
 
@@ -196,6 +145,7 @@ class SiteState:
         if one(con, "PRAGMA schema_version") != capture.meta(con, "schema_version"):
             capture.follow_schema(con, emit=True)       # log the application's DDL first, as read_changes does
             self.local_shapes.clear()
+            self.fk_cache = None
         n, last = con.execute(f"SELECT count(*), max(seq) FROM {capture.LOG} WHERE seq > ?",
                               (self.ingested,)).fetchall()[0]
         if not n:
@@ -215,7 +165,7 @@ class SiteState:
             read += len(batch)
         self.ingested = last                  # past the marks too
         self.cur.execute(f"INSERT OR REPLACE INTO {META}(key, value) VALUES ('ingested', ?)", (self.ingested,))
-        self.flush_seen()
+        self.flush()
         self.ingested_now += read
         return read
 
@@ -259,15 +209,26 @@ class SiteState:
             if r is None and op == OP_INSERT and self.rekeys(table, key):
                 self.cur.execute(f"INSERT OR IGNORE INTO {IDS}(tbl, key, hlc, origin, at_key) VALUES (?, ?, ?, ?, ?)",
                                  (table, keyb, hlc, self.site, keyb))
+                self.ids_changed(table, keyb)
             counters = self._count_local(table, sid, keyb, values, r is None)
-        self.log(self.site, self._next_oseq(), hlc, op, sid, keyb, pack(values), base, ctx, counters=counters)
+        shape = self.shape(sid)
+        refs = fkeys.refs_for(self, table, *((shape[1], values) if values is not None else (shape[2], key)))
+        self.log(self.site, self._next_oseq(), hlc, op, sid, keyb, pack(values), base, ctx, counters=counters,
+                 refs=refs)
         self.put_row(table, keyb, _Row(hlc, self.site, values is None, join(dict(ctx), {self.site: hlc}), []))
 
     # apply ------------------------------------------------------------------------------------
 
     def apply(self, batch: Sequence[SyncChange], policy: Policy, peer: str | None) -> ApplyResult:
-        res = ApplyResult(received=len(batch))
         self.ingest()          # a local change not read yet is the current version of its row
+        self.deferring = True
+        try:
+            return self._apply(batch, policy, peer)
+        finally:
+            self.deferring = False
+
+    def _apply(self, batch: Sequence[SyncChange], policy: Policy, peer: str | None) -> ApplyResult:
+        res = ApplyResult(received=len(batch))
         top = 0
         sent: dict[str, int] = {}
         for ch in batch:
@@ -298,11 +259,12 @@ class SiteState:
                 raise UsageError(f"change {ch.origin}:{ch.oseq} is malformed (op {ch.op!r})")
             merged = self._apply_row(ch, policy, res)
             sid = self.shape_id(ch.table, ch.columns, ch.key_columns)
-            self.log(ch.origin, ch.oseq, ch.hlc, OP_CODE[ch.op], sid, pack(ch.key),
-                     pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx, counters=ch.counters)
+            self.log(ch.origin, ch.oseq, ch.hlc, OP_CODE[ch.op], sid, self.keyb(ch.key),
+                     pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx, counters=ch.counters,
+                     refs=ch.refs)
             if merged is not None:
                 self._write_merged(self.routed, merged, top)
-        self.flush_seen()
+        self.flush()
         if top:
             raise_clock(self.con, top)
         if peer is not None and sent:
@@ -312,6 +274,7 @@ class SiteState:
 
     def _apply_ddl(self, ch: SyncChange) -> None:
         """Run DDL from another site, unless what it creates is already here (both sites ran it)."""
+        self.flush()
         self.cur.execute("SAVEPOINT bastion_sync_ddl")
         try:
             self.cur.execute(ch.sql or "")
@@ -326,6 +289,7 @@ class SiteState:
         self.cur.execute("RELEASE bastion_sync_ddl")
         capture.follow_schema(self.con, emit=False)      # our capture follows the new schema without logging it as local
         self.local_shapes.clear()
+        self.fk_cache = None
 
     def _apply_row(self, ch: SyncChange, policy: Policy, res: ApplyResult) -> dict[str, Any] | bool | None:
         """Apply one row change; returns a resolver's merged row (a dict, or False for a merged
@@ -333,8 +297,9 @@ class SiteState:
 
         First the row the change is about: a concurrent insert of a key another site also
         created goes to a key of its own, and a change made on a row that moved follows it
-        (:meth:`_route`). Then the version rules, then the counter columns."""
-        rch = self.routed = self._route(ch, res)
+        (:meth:`_route`), its references to rows that moved following them (refs.py). Then the
+        version rules, then the counter columns."""
+        rch = self.routed = self._route(fkeys.follow(self, ch), res)
         merged = self._apply_version(rch, policy, res)
         self._count_remote(rch)
         return merged
@@ -360,15 +325,15 @@ class SiteState:
         assert table is not None and ch.key is not None
         if not self.rekeys(table, ch.key):
             return ch
-        keyb = pack(ch.key)
+        keyb = self.keyb(ch.key)
         assert keyb is not None
-        ids = [(h, o, a) for h, o, a in self.cur.execute(
-            f"SELECT hlc, origin, at_key FROM {IDS} WHERE tbl = ? AND key = ?", (table, keyb))]
+        ids = self.ids_at(table, keyb)
         if ch.op == "insert" and ch.base is None:
             # A creation: its site had no version of this key, so every creation known here at this
             # key is concurrent with it. The earliest keeps the key, every other one moves.
             here = [(h, o) for h, o, a in ids if a == keyb]
             add = f"INSERT OR IGNORE INTO {IDS}(tbl, key, hlc, origin, at_key) VALUES (?, ?, ?, ?, ?)"
+            self.ids_changed(table, keyb)          # one is added below, whatever happens
             if not here:
                 self.cur.execute(add, (table, keyb, ch.hlc, ch.origin, keyb))
                 return ch
@@ -376,6 +341,7 @@ class SiteState:
             if (h, o) > (ch.hlc, ch.origin):
                 newk = fresh_key(table, h, o, keyb)
                 moved = self._move(table, ch.key_columns, ch.key, newk)
+                fkeys.move_children(self, table, ch.key[0], newk)
                 self.cur.execute(f"UPDATE {IDS} SET at_key = ? WHERE tbl = ? AND key = ? AND origin = ? AND hlc = ?",
                                  (pack((newk,)), table, keyb, o, h))
                 self.cur.execute(add, (table, keyb, ch.hlc, ch.origin, keyb))
@@ -403,20 +369,26 @@ class SiteState:
     def _move(self, table: str, key_columns: Sequence[str], key: Sequence[Any], newk: int) -> Version | None:
         """Move the row at ``key`` (table row, version state, counters) to ``newk``; returns its
         current version as it is now (at the new key)."""
-        keyb = pack(key)
-        r = self.row(table, keyb)       # type: ignore[arg-type]
-        if r is None:
+        if self.row(table, pack(key)) is None:      # type: ignore[arg-type]
             return None
-        cur = self.read_current(table, key_columns, key, r)
-        mv = with_key(cur, key_columns, newk)
+        return self.move_row(table, key_columns, key, (newk,))
+
+    def move_row(self, table: str, key_columns: Sequence[str], key: Sequence[Any], newkey: Sequence[Any]) -> Version:
+        """Move a row to another key: the table's row (if any), its version state and counters."""
+        keyb, newkb = pack(key), pack(newkey)
+        assert keyb is not None and newkb is not None
+        changed = {c: n for c, o, n in zip(key_columns, key, newkey) if not capture.same_values([o], [n])}
+        r = self.row(table, keyb)
+        cur = self.read_current(table, key_columns, key, r or _Row(0, "", False, {}, []))
+        mv = with_values(cur, changed)
         if not cur.deleted:
             self.write(table, key_columns, key, Version(0, "", (), None))
-            self.write(table, key_columns, (newk,), mv)
-        newkb = pack((newk,))
-        self.put_row(table, newkb, _Row(r.hlc, r.origin, r.deleted, r.vv,      # type: ignore[arg-type]
-                                        [with_key(v, key_columns, newk) for v in r.siblings]))
-        self.cur.execute(f"DELETE FROM {ROWS} WHERE tbl = ? AND key = ?", (table, keyb))
-        self.cur.execute(f"UPDATE {COUNTERS} SET key = ? WHERE tbl = ? AND key = ?", (newkb, table, keyb))
+            self.write(table, key_columns, newkey, mv)
+        if r is not None:
+            r.siblings = [with_values(v, changed) for v in r.siblings]
+            self.put_row(table, newkb, r)
+            self.del_row(table, keyb)
+        self.move_counters(table, self.counter_cols.get(table, ()), keyb, newkb)
         return mv
 
     def _record_rekey(self, table: str, ch: SyncChange, kept: Version, moved: Version, newk: int) -> None:
@@ -428,15 +400,6 @@ class SiteState:
                                           f"{ch.key[0] if ch.key else None} to {newk}", self.con.last_insert_rowid()))
 
     # -- counter columns --------------------------------------------------------------------------
-
-    def counter(self, table: str, keyb: bytes, col: str) -> list[Any] | None:
-        got = self.cur.execute(f"SELECT base, contrib FROM {COUNTERS} WHERE tbl = ? AND key = ? AND col = ?",
-                               (table, keyb, col)).fetchall()
-        return [got[0][0], unpack_vv(got[0][1])] if got else None
-
-    def put_counter(self, table: str, keyb: bytes, col: str, base: Any, contrib: Mapping[str, int]) -> None:
-        self.cur.execute(f"INSERT OR REPLACE INTO {COUNTERS}(tbl, key, col, base, contrib) VALUES (?, ?, ?, ?, ?)",
-                         (table, keyb, col, base, pack_vv(contrib)))
 
     def _count_local(self, table: str, sid: int, keyb: bytes, values: Sequence[Any],
                      creation: bool) -> dict[str, int] | None:
@@ -467,7 +430,7 @@ class SiteState:
         if not cols or table is None or ch.key is None:
             return
         shape = self.local_shape(table)
-        keyb = pack(ch.key)
+        keyb = self.keyb(ch.key)
         assert keyb is not None
         sets = []
         for col in cols:
@@ -482,7 +445,8 @@ class SiteState:
                     self.put_counter(table, keyb, col, st[0], st[1])
             if st is not None:
                 sets.append((col, total(*st)))
-        if sets:
+        if sets and not self.patch_pending(table, ch.key_columns, ch.key, keyb, dict(sets)):
+            self.table_changed(table, keyb)
             where = " AND ".join(f"{capture.quote(k)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                                  for k, v in zip(ch.key_columns, ch.key))
             self.cur.execute(f"UPDATE {capture.quote(table)} SET {', '.join(f'{capture.quote(c)} = ?' for c, _ in sets)} "
@@ -509,7 +473,7 @@ class SiteState:
     def _apply_version(self, ch: SyncChange, policy: Policy, res: ApplyResult) -> dict[str, Any] | bool | None:
         table = ch.table
         assert table is not None and ch.key is not None
-        keyb = pack(ch.key)
+        keyb = self.keyb(ch.key)
         assert keyb is not None
         r = self.row(table, keyb)
         x = Version(ch.hlc, ch.origin, ch.columns, ch.values if ch.op != "delete" else None)
@@ -577,6 +541,8 @@ class SiteState:
         """A resolver's new row: written through the triggers so capture logs it as a local
         change of this site, ordered after everything seen, then ingested at once."""
         assert ch.table is not None and ch.key is not None
+        self.flush()                # the batch's writes first: this one goes to the table now
+        self.deferring = False
         raise_clock(self.con, top)
         shape = self.local_shape(ch.table)
         trig = self.con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1)
@@ -590,6 +556,7 @@ class SiteState:
                 self.write(ch.table, ch.key_columns, ch.key, Version(0, "", cols, tuple(row[c] for c in cols)))
         finally:
             self.con.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, trig)
+            self.deferring = True
         self.ingest()
 
     def _record(self, table: str, ch: SyncChange, policy: Policy | None, outcome: str, local: Version,
@@ -614,16 +581,16 @@ class SiteState:
     # reading the log ----------------------------------------------------------------------------
 
     def decode(self, row: Sequence[Any]) -> SyncChange:
-        origin, oseq, hlc, op, sid, keyb, vals, bh, bo, ctx, sql, counters = row
+        origin, oseq, hlc, op, sid, keyb, vals, bh, bo, ctx, sql, counters, refs = row
         if op == OP_DDL:
             return SyncChange(origin, oseq, hlc, "ddl", None, (), (), None, None, None, {}, sql)
         table, cols, kcols = self.shape(sid)
         return SyncChange(origin, oseq, hlc, OP_NAME[op], table, cols, kcols, unpack(keyb), unpack(vals),
                           None if bh is None else (bh, bo), unpack_vv(ctx), None,
-                          unpack_vv(counters) if counters is not None else None)
+                          unpack_vv(counters) if counters is not None else None, unpack_refs(refs))
 
 
-LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters"
+LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters, refs"
 
 
 def raise_clock(con: apsw.Connection, hlc: int) -> None:
