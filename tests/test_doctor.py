@@ -42,8 +42,8 @@ def test_doctor_finds_problems_and_says_what_to_do(tmp_path: Path):
     token.chmod(0o644)                              # readable by others: a failure
     dead = free_port()
     cfg = write_config(tmp_path, free_port(), {"app": [str(db)]})
-    cfg.write_text(cfg.read_text() + 'replicate_to = "http://127.0.0.1:%d"\n\n[replication]\n'
-                   'peer_token_file = "%s"\n' % (dead, token))
+    cfg.write_text(cfg.read_text() + f'replicate_to = "http://127.0.0.1:{dead}"\n\n[replication]\n'
+                   f'peer_token_file = "{token}"\n')
     code, data = doctor(cfg)
     assert code == 2, data
     tok = by_check(data, "permissions of token file")[0]
@@ -130,5 +130,5 @@ def test_systemd_unit_is_hardened_and_valid(tmp_path: Path):
     p = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
     problems = [line for line in (p.stdout + p.stderr).splitlines()
-                if "bastion.service" in line and "Unknown" in line or "Failed to parse" in line]
+                if ("bastion.service" in line and "Unknown" in line) or "Failed to parse" in line]
     assert not problems, p.stdout + p.stderr

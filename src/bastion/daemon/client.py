@@ -49,7 +49,7 @@ class AdminClient(PeerClient):
         return super().transport_error(exc, path)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,  # type: ignore[override]
-                timeout: float | None | str = "default") -> Any:
+                timeout: float | str | None = "default") -> Any:
         try:
             headers = self._auth()
         except DaemonUnavailable as exc:
