@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import UnsafeName  # noqa: F401 - defined in errors.py
+from ..errors import UnsafeName  # defined in errors.py
 
 # What backups.py generates: 20261203T141507Z-1a2b3c. Older or hand-made ids may differ, so the
 # rule is the safe alphabet, not the exact shape.

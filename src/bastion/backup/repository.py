@@ -26,12 +26,13 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import zstandard
 
 from ..errors import BastionError, UsageError
-from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError  # noqa: F401 - defined in errors.py
+from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError  # defined in errors.py
 from .names import UnsafeName, backup_id as checked_id, file_name, file_names
 from .store import ObjectMissing, Store, _pid_alive, open_store
 
@@ -157,7 +158,7 @@ class Repository:
         self._local = threading.local()   # zstd contexts are not thread-safe: one per upload thread
 
     @classmethod
-    def open(cls, url: str, create: bool = False) -> "Repository":
+    def open(cls, url: str, create: bool = False) -> Repository:
         repo = cls(open_store(url))
         try:
             raw = repo.store.read(MARKER)
@@ -248,7 +249,7 @@ class Repository:
                 continue
             try:
                 info = json.loads(self.store.read(name))
-            except Exception:  # noqa: BLE001 - vanished or half-written: not a live lock
+            except Exception:  # vanished or half-written: not a live lock
                 continue
             dead = info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", 0)))
             if dead or time.time() - float(info.get("at", 0)) > stale_after:
