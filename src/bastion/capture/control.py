@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import apsw
 
@@ -181,14 +181,15 @@ def own_ddl(con: apsw.Connection, sql: str) -> None:
 
 
 def last_position(con: apsw.Connection) -> Position:
-    seq, hlc = con.execute(f"SELECT seq, hlc FROM {LOG} ORDER BY seq DESC LIMIT 1").fetchall()[0]
+    seq, hlc = cast(tuple[int, int],
+                    con.execute(f"SELECT seq, hlc FROM {LOG} ORDER BY seq DESC LIMIT 1").fetchall()[0])
     return Position(seq, hlc)
 
 
 def next_position(con: apsw.Connection) -> tuple[int, int]:
     """The next position and clock value (nothing taken yet: the caller inserts them)."""
-    seq, hlc = con.execute(f"SELECT seq + 1, max(hlc + 1, {NOW_MS_SQL} << {HLC_SHIFT}) FROM {LOG} "
-                           "ORDER BY seq DESC LIMIT 1").fetchall()[0]
+    seq, hlc = cast(tuple[int, int], con.execute(f"SELECT seq + 1, max(hlc + 1, {NOW_MS_SQL} << {HLC_SHIFT}) "
+                                                 f"FROM {LOG} ORDER BY seq DESC LIMIT 1").fetchall()[0])
     return seq, hlc
 
 

@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -178,7 +178,7 @@ class Receiver:
             if chunk == 0:
                 self._drop_partial(name)
                 cur = self._cuts[name] = {"id": cut, "next": 0, "files": set(),
-                                          "fh": open(self._cut_path(name), "wb")}
+                                          "fh": open(self._cut_path(name), "wb")}  # noqa: SIM115 - kept across chunks
             if cur is None or cur["id"] != cut or cur["next"] != chunk:
                 self._drop_partial(name)
                 raise StateConflict(f"replica {name}: chunk {chunk} of cut {cut} does not follow what was "
@@ -223,7 +223,8 @@ class Receiver:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
 
-    def seed_commit(self, primary_db: str, origin: str, seed_id: str, positions: list[dict[str, int]]) -> dict[str, Any]:
+    def seed_commit(self, primary_db: str, origin: str, seed_id: str,
+                    positions: list[dict[str, int]]) -> dict[str, Any]:
         """Every staged file is here: re-mark its capture as this copy's, then swap all files in."""
         name = self._local(primary_db, len(positions))
         db = self.replicas[name]
@@ -296,7 +297,7 @@ class Receiver:
             for f in files:
                 try:
                     f.protect()
-                except Exception:  # noqa: BLE001 - shown by status
+                except Exception:  # shown by status
                     pass
                 f.lock.release()
             resume()
@@ -343,7 +344,8 @@ class Receiver:
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
             out: dict[str, Any] = {"exists": True, "applied": None, "applied_at": None, "local_changes": None}
             if capture.APPLIED in names and origin:
-                row = con.execute(f"SELECT seq, at FROM {capture.APPLIED} WHERE origin = ?", (origin,)).fetchall()
+                row = cast(list[tuple[int, float]],
+                           con.execute(f"SELECT seq, at FROM {capture.APPLIED} WHERE origin = ?", (origin,)).fetchall())
                 if row:
                     out["applied"], out["applied_at"] = row[0][0], iso(row[0][1])
             if capture.LOG in names:
