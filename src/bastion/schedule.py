@@ -74,6 +74,7 @@ class Schedule:
         if self.every is not None:
             return t + self.every
         from croniter import croniter
+        assert self.cron is not None    # parse() sets one of every and cron
         base = dt.datetime.fromtimestamp(t, dt.UTC)
         return croniter(self.cron, base).get_next(dt.datetime).timestamp()
 

@@ -108,13 +108,13 @@ def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
         if not isinstance(chunks, list):
             bad(f"file {name}: chunk list is a {type(chunks).__name__}, not a list", name)
             chunks = []
-        total = 0
+        total: int | None = 0      # None: a chunk entry is not a [hash, size]
         for i, c in enumerate(chunks):
             if (not isinstance(c, list) or len(c) != 2 or not isinstance(c[0], str) or not HEX64.fullmatch(c[0])
                     or not _int(c[1]) or c[1] <= 0):
                 bad(f"file {name}: chunk entry #{i} {json.dumps(c)[:100]} is not [64-hex SHA-256, positive size]",
                     name, c[0] if isinstance(c, list) and c and isinstance(c[0], str) else None)
-                total = None  # type: ignore[assignment]
+                total = None
                 break
             total += c[1]
         chunks_total += len(chunks)

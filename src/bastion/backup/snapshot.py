@@ -162,7 +162,7 @@ def snapshot_in_child(repo_url: str, files: list[dict[str, str]], chunk_size: in
     other: list[str] = []
 
     def read_stderr() -> None:   # "progress DONE TOTAL" lines; anything else is kept for errors
-        for line in proc.stderr:  # type: ignore[union-attr]
+        for line in proc.stderr:  # type: ignore[union-attr]  # asserted above, not carried into a closure
             parts = line.split()
             if len(parts) == 3 and parts[0] == "progress" and progress:
                 progress(int(parts[1]), int(parts[2]))

@@ -86,7 +86,9 @@ def _sftp_classes() -> tuple[Any, Any]:
                 self.client.connect(self.host, **kw)
                 self.ftp = self.client.open_sftp()
                 # without this a server that stops answering would hang a backup forever
-                self.ftp.get_channel().settimeout(read_timeout)
+                channel = self.ftp.get_channel()
+                assert channel is not None      # an open SFTP session runs on its channel
+                channel.settimeout(read_timeout)
             except BaseException:
                 self.client.close()
                 raise
