@@ -97,7 +97,8 @@ def test_wheel_holds_the_package_and_the_entry_point(tmp_path: Path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         for mod in ("bastion/cli/__init__.py", "bastion/metrics.py", "bastion/notify.py", "bastion/drill.py",
-                    "bastion/doctor.py", "bastion/daemon/app.py", "bastion/backup/restore.py"):
+                    "bastion/doctor.py", "bastion/daemon/app.py", "bastion/backup/restore.py",
+                    "bastion/py.typed"):   # PEP 561: the annotations are part of the package
             assert mod in names, mod
         ep = next(n for n in names if n.endswith("entry_points.txt"))
         text = z.read(ep).decode()
