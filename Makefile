@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test sqla-suite bench docs clean
+.PHONY: setup demo lint test sqla-suite bench docs clean
 
 # SQLAlchemy's dialect compliance suite against a real daemon (about 3 minutes; docs/sql.md):
 # `make sqla-suite`, or SQLA_DB=--dburi=sqlite:///sqla_suite_sqlite.db for the sqlite file dialect.
@@ -26,7 +26,12 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m bastion.demo
 
-test: setup
+# ruff (rules in pyproject.toml) and mypy (its level there too: docs/design.md, "Checks of the source")
+lint: setup
+	$(BIN)/ruff check src tests bench sqla_suite
+	$(BIN)/mypy
+
+test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	cd sqla_suite && ../$(BIN)/python -m pytest -q test_suite.py $(SQLA_QUICK)
 
@@ -43,4 +48,4 @@ docs: setup
 	$(BIN)/python scripts/dashboard_shots.py docs/img
 
 clean:
-	rm -rf $(VENV) var bench/out
+	rm -rf $(VENV) var bench/out .mypy_cache .ruff_cache

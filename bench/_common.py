@@ -39,7 +39,7 @@ class Daemon(DaemonProc):
         super().__init__(config, port, data_dir or config.parent / "var", log=log or config.parent / "daemon.log",
                          log_level=None, env=ENV, one_log=True, python=PY)
 
-    def start(self, timeout: float = 60) -> "Daemon":
+    def start(self, timeout: float = 60) -> Daemon:
         super().start(timeout)
         return self
 
@@ -47,7 +47,8 @@ class Daemon(DaemonProc):
         super().stop(timeout)
 
 
-def run(cmd: list[str], timeout: float = 1800, check: bool = True, **kw: Any) -> tuple[float, subprocess.CompletedProcess]:
+def run(cmd: list[str], timeout: float = 1800, check: bool = True,
+        **kw: Any) -> tuple[float, subprocess.CompletedProcess]:
     """Run a command to completion, output captured; (wall seconds, result). Raises on a non-zero exit if check."""
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", ENV), check=False, **kw)

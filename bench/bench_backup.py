@@ -415,7 +415,8 @@ def report(res: dict[str, Any]) -> None:
     rs = mbps(res["restore"]["wall_s"])
     ok = lambda good: "met" if good else "MISS"   # noqa: E731
     rows: list[tuple[str, str, str, str, str]] = []
-    rows.append(("full backup / cp", f"{bk:.0f} MB/s", f"{cp:.0f} MB/s", f"{bk / cp:.3f}", f">=0.7 {ok(bk / cp >= 0.7)}"))
+    rows.append(("full backup / cp", f"{bk:.0f} MB/s", f"{cp:.0f} MB/s", f"{bk / cp:.3f}",
+                 f">=0.7 {ok(bk / cp >= 0.7)}"))
     rows.append(("full backup / (cp + sync)", f"{bk:.0f} MB/s", f"{cps:.0f} MB/s", f"{bk / cps:.3f}", "info"))
     rows.append(("full backup / sqlite3 .backup", f"{bk:.0f} MB/s", f"{sq:.0f} MB/s", f"{bk / sq:.3f}", "info"))
     rows.append(("restore / cp", f"{rs:.0f} MB/s", f"{cp:.0f} MB/s", f"{rs / cp:.3f}", f">=0.7 {ok(rs / cp >= 0.7)}"))
@@ -431,9 +432,11 @@ def report(res: dict[str, Any]) -> None:
     ls = res["litestream"]
     if ls.get("status") == "ok":
         rows.append(("full backup time / Litestream first snapshot", f"{fb['wall_s']:.1f} s",
-                     f"{ls['first_snapshot_s']:.1f} s", f"{fb['wall_s'] / ls['first_snapshot_s']:.3f}", "info (<1: Bastion faster)"))
+                     f"{ls['first_snapshot_s']:.1f} s", f"{fb['wall_s'] / ls['first_snapshot_s']:.3f}",
+                     "info (<1: Bastion faster)"))
         rows.append(("restore time / litestream restore", f"{res['restore']['wall_s']:.1f} s",
-                     f"{ls['restore_s']:.1f} s", f"{res['restore']['wall_s'] / ls['restore_s']:.3f}", "info (<1: Bastion faster)"))
+                     f"{ls['restore_s']:.1f} s", f"{res['restore']['wall_s'] / ls['restore_s']:.3f}",
+                     "info (<1: Bastion faster)"))
         rows.append(("restore time / (litestream restore + sync)", f"{res['restore']['wall_s']:.1f} s",
                      f"{ls['restore_sync_s']:.1f} s", f"{res['restore']['wall_s'] / ls['restore_sync_s']:.3f}", "info"))
     else:
@@ -449,13 +452,15 @@ def report(res: dict[str, Any]) -> None:
           f"{res['db']['rows']} rows of random 1-4 KiB blobs, WAL, warm page cache, {res['cpus']} CPUs, "
           f"load average {la0:.1f} at start, {la1:.1f} at end")
     if max(la0, la1) > (res["cpus"] or 1):
-        print(f"NOTE: the machine was busy with other work (load > {res['cpus']} CPUs): wall times and ratios are noisy")
+        print(f"NOTE: the machine was busy with other work (load > {res['cpus']} CPUs): "
+              "wall times and ratios are noisy")
     print(line(head))
     print(line(tuple("-" * x for x in w)))
     for r in rows:
         print(line(r))
     cpl = ", ".join(f"{c['cp_s']:.2f}/{c['cp_sync_s']:.2f}" for c in res["cp"])
-    print(f"\ncp runs (cp s / cp+sync s; medians used): {cpl}; sqlite3 .backup {res['sqlite3_backup']['seconds']:.2f} s")
+    print(f"\ncp runs (cp s / cp+sync s; medians used): {cpl}; "
+          f"sqlite3 .backup {res['sqlite3_backup']['seconds']:.2f} s")
     print("full backup runs (wall s): " + ", ".join(f"{x:.2f}" for x in fb["walls_s"])
           + "; restore runs (wall s): " + ", ".join(f"{x:.2f}" for x in res["restore"]["walls_s"])
           + f"; restored file identical to the source: {res['restore']['identical']}")

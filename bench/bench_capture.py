@@ -263,7 +263,7 @@ def main() -> int:
           f"{a['apply_rows_s']:>14,.0f}{'>= 50,000':>10}  {mark(a['apply_rows_s'] >= 50_000)}")
     print(f"{'   same, rows per CPU second of apply':<58}{a['apply_rows_per_cpu_s']:>14,.0f}")
     print(f"{'read + apply, rows/s':<58}{a['read_apply_rows_s']:>14,.0f}")
-    print(f"{'copy equal to source after apply':<58}{str(a['copy_equal']):>14}")
+    print(f"{'copy equal to source after apply':<58}{a['copy_equal']!s:>14}")
     print(f"wrote {OUT / 'capture.json'}")
     return 0 if a["copy_equal"] else 1
 

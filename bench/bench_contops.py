@@ -45,6 +45,7 @@ Prints one table and writes bench/out/contops.json. A goal missed is printed MIS
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -71,7 +72,7 @@ GOAL_STALL_MS = 20.0       # worst stall - hold, at most
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100): with few samples, a value that was measured."""
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
     return s[k]
 
 
@@ -133,7 +134,7 @@ class ContopsDaemon(Daemon):
         super().__init__(write_config(work, port, databases, extra='[contops]\ngate_timeout = "30s"\n'), port)
         self.http: Any = None
 
-    def start(self, timeout: float = 60) -> "ContopsDaemon":
+    def start(self, timeout: float = 60) -> ContopsDaemon:
         import httpx
         super().start(timeout)
         # One keep-alive client: the wall times measured are the daemon's, not TCP set-up.
@@ -181,7 +182,7 @@ class Bank:
         self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Bank":
+    def start(self) -> Bank:
         n = time.time_ns()
         self.stats = self.dir.parent / f"stats-{n}.json"
         ready = self.dir.parent / f"ready-{n}"
@@ -234,7 +235,7 @@ class InsertLoop:
         con.execute("CREATE TABLE log(id INTEGER PRIMARY KEY, at REAL NOT NULL, v BLOB)")
         con.close()
 
-    def start(self) -> "InsertLoop":
+    def start(self) -> InsertLoop:
         n = time.time_ns()
         self.stats = self.db.parent / f"stats-{n}.json"
         ready = self.db.parent / f"ready-{n}"
@@ -461,7 +462,7 @@ def measure_freeze(daemon: Daemon, bank_dir: Path, reps: int, hold: float, self_
     app = Bank(bank_dir, *extra).start()
     freezes = []
     try:
-        for i in range(reps):
+        for _i in range(reps):
             time.sleep(0.7)
             if not self_retry:   # the command a user would run around a snapshot
                 t0, t1, r = daemon.timed("freeze", "bank", "--json", "--", "sleep", str(hold))
@@ -487,7 +488,7 @@ def measure_freeze(daemon: Daemon, bank_dir: Path, reps: int, hold: float, self_
         if self_retry:
             # Each failed attempt returns at once, so no commit is slow: the stall is the gap
             # between two commits (its end: the start of the first commit after it).
-            gaps = [(b - a, a, b) for a, b in zip(starts, starts[1:]) if a < hi and b > lo]
+            gaps = [(b - a, a, b) for a, b in itertools.pairwise(starts) if a < hi and b > lo]
             worst, a, b = max(gaps) if gaps else (0.0, 0.0, 0.0)
             f["worst_stall_ms"] = worst * 1000
             f["waited_from_freeze_ms"] = (a - f["frozen_at"]) * 1000 if gaps else None

@@ -59,7 +59,7 @@ class Node(HealthProbes, Daemon):
                                       sections=sections), port, data / "var", log=work / f"{name}.log")
         self.name = name
 
-    def start(self, timeout: float = 0) -> "Node":
+    def start(self, timeout: float = 0) -> Node:
         return self.spawn()
 
     def stop(self, timeout: float = 20) -> None:
@@ -95,7 +95,7 @@ class Writers:
                 if "active" not in str(exc):
                     log(f"client {i}: {exc}")
                 time.sleep(0.01)
-            except Exception as exc:  # noqa: BLE001 - say it, do not die silently
+            except Exception as exc:  # say it, do not die silently
                 log(f"client {i}: {type(exc).__name__}: {exc}")
                 time.sleep(0.1)
             n += 1

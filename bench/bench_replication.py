@@ -141,7 +141,8 @@ class Poller(threading.Thread):
 
 def quantiles(values: list[float]) -> dict[str, float | None]:
     v = sorted(values)
-    q = lambda x: v[min(len(v) - 1, int(len(v) * x))] if v else None
+    def q(x: float) -> float | None:
+        return v[min(len(v) - 1, int(len(v) * x))] if v else None
     return {"p50": q(0.5), "p99": q(0.99), "max": v[-1] if v else None, "n": len(v)}
 
 
@@ -503,8 +504,9 @@ def report(res: dict[str, Any]) -> None:
     rows.append(["catch-up: changes/s (read+send+apply+prune)", str(cu["changes_per_s"])]
                 + ["" for _ in runs] + [f"{cu['changes']} changes in {cu['seconds']} s"])
     w = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) if i < len(r) - 1 else c
-                               for i, c in enumerate(r)).rstrip()
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) if i < len(r) - 1 else c
+                         for i, c in enumerate(r)).rstrip()
     print(line(head))
     print(line(["-" * x for x in w]))
     for r in rows:

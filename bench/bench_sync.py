@@ -213,7 +213,7 @@ class SiteDaemon(Daemon):
     def command(self) -> list[str]:
         return [*self.wrap, *super().command()]
 
-    def start(self, timeout: float = 30) -> "SiteDaemon":
+    def start(self, timeout: float = 30) -> SiteDaemon:
         try:
             return super().start(timeout)
         except RuntimeError as exc:
@@ -359,7 +359,7 @@ def relay_main(links: dict[str, list[int]]) -> None:
             for n in names.split(","):
                 getattr(relays[n], cmd)()
             print("ok", flush=True)
-        except Exception as exc:  # noqa: BLE001 - told to the bench, which stops
+        except Exception as exc:  # told to the bench, which stops
             print(f"error {type(exc).__name__}: {exc}", flush=True)
 
 

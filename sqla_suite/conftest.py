@@ -25,12 +25,12 @@ registry.register("bastion", "bastion.client.sqlalchemy", "BastionDialect")
 pytest.register_assert_rewrite("sqlalchemy.testing.assertions")
 
 from sqlalchemy.testing.plugin import pytestplugin as _sqla  # noqa: E402
-from sqlalchemy.testing.plugin.pytestplugin import *  # noqa: E402,F401,F403 - SQLAlchemy's plugin
+from sqlalchemy.testing.plugin.pytestplugin import *  # noqa: E402 - SQLAlchemy's plugin, after the setup above
 
 _DAEMON: dict = {}
 
 
-def _sqlite_schemas(dbapi_connection, record, proxy):  # noqa: ANN001 - SQLAlchemy's event signature
+def _sqlite_schemas(dbapi_connection, record, proxy):  # SQLAlchemy's event signature
     """The comparison run on ``sqlite:///``: SQLAlchemy's SQLite provisioning ATTACHes
     test_schema when a connection is made, but not test_schema_2, and its connections
     after a dispose do not always have it; attach what is missing at every checkout
@@ -69,7 +69,7 @@ def _start_daemon() -> str:
     cfg.write_text(f'[daemon]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{root / "var"}"\n\n'
                    f'[databases.suite]\nfiles = [{", ".join(repr(str(f)) for f in files)}]\n\n'
                    '[sql]\nidle_timeout = "60s"\nbusy_timeout = "20s"\nmax_transactions = 256\n')
-    log = open(root / "daemon.log", "w")
+    log = open(root / "daemon.log", "w")  # noqa: SIM115 - the daemon's output until the session ends
     proc = subprocess.Popen([sys.executable, "-m", "bastion", "serve", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _DAEMON.update(proc=proc, root=root, log=log)

@@ -1,3 +1,3 @@
 """SQLAlchemy's own dialect compliance suite, unchanged."""
 
-from sqlalchemy.testing.suite import *  # noqa: F401,F403
+from sqlalchemy.testing.suite import *

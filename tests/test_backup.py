@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 from support import DaemonProc, check_bank, dump, free_port, wait_for, write_config
@@ -55,7 +56,8 @@ def test_repository_from_url_alone_restores_on_a_fresh_machine(daemon, bank, tmp
     repo = tmp_path / "offsite"
     b = _backup(daemon, "--to", f"file://{repo}")
     # no config, no daemon: just the repository URL
-    import subprocess, sys
+    import subprocess
+    import sys
     out = tmp_path / "dr"
     p = subprocess.run([sys.executable, "-m", "bastion", "restore", b["backup"], "--from", f"file://{repo}",
                         "--to", str(out), "--json"], capture_output=True, text=True, cwd=tmp_path)
@@ -164,7 +166,9 @@ def test_prune_defers_chunk_deletion_while_a_backup_runs(daemon, bank):
 
 
 def test_kill9_during_backup_lists_nothing_partial(daemon, bank, tmp_path):
-    import subprocess, sys, time
+    import subprocess
+    import sys
+    import time
     con = sqlite3.connect(bank.bank)
     con.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, blob BLOB)")
     con.executemany("INSERT INTO big VALUES(?, randomblob(8000))", [(i,) for i in range(25000)])  # ~200 MB
@@ -207,7 +211,7 @@ def test_scheduled_backups_run_retain_and_failures_show(tmp_path, bank):
             d.cli("backups", "list", "--json").json["backups"]))
         job = d.cli("status", "--json").json["jobs"][0]
         assert job["job"] == "backup bank" and job["last_ok"] and job["failures"] == 0
-        import time; time.sleep(3)
+        time.sleep(3)
         assert len(d.cli("backups", "list", "--json").json["backups"]) <= 3   # retention keeps 2 (+1 racing)
         bank.stop()
     finally:
@@ -231,7 +235,7 @@ def test_restore_replace_puts_backup_back_in_place(daemon, bank, tmp_path):
     b = _backup(daemon)
     before = dump(bank.bank), dump(bank.audit)
     bank.start()
-    import time; time.sleep(0.5)
+    time.sleep(0.5)
     # the application still has the files open: refused, nothing changed
     r = daemon.cli("restore", b["backup"], "--replace")
     assert r.code == 2 and "open in" in r.err and "stop the application" in r.err

@@ -9,6 +9,7 @@ Copies are seeded with SQLite's backup API (a page copy), as a real seed would b
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import pickle
@@ -305,7 +306,7 @@ def test_positions_are_gap_free_ordered_and_clocked(tmp_path: Path) -> None:
     changes = cap.read_changes(a, start.seq, 10_000)
     assert [c.seq for c in changes] == list(range(start.seq + 1, start.seq + 801))
     hlcs = [c.hlc for c in changes]
-    assert all(x < y for x, y in zip(hlcs, hlcs[1:])), "hybrid clock must increase with position"
+    assert all(x < y for x, y in itertools.pairwise(hlcs)), "hybrid clock must increase with position"
     assert all(before_ms - 5_000 <= c.time * 1000 <= time.time() * 1000 + 5_000 for c in changes)
     assert {c.origin for c in changes} == {"A"}
     for w in (0, 1):   # each writer's commits appear in its own order
@@ -411,7 +412,7 @@ def test_applying_several_files_is_one_unit(tmp_path: Path, app: App) -> None:
     file rolls the first back), and the triggers stay off only while it applies."""
     src = [new_db(tmp_path / f"s{i}.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, v)") for i in range(2)]
     dst = [tmp_path / f"d{i}.db" for i in range(2)]
-    for s_, d in zip(src, dst):
+    for s_ in src:
         cap.install(s_, "A")
     starts = [seed(s_, d) for s_, d in zip(src, dst)]
     for s_ in src:
@@ -421,10 +422,9 @@ def test_applying_several_files_is_one_unit(tmp_path: Path, app: App) -> None:
     cons = [apsw.Connection(str(d)) for d in dst]
     try:
         before = [content(d) for d in dst]
-        with pytest.raises(StateConflict, match="missing"):
-            with cap.applying(cons, "A") as apply:
-                apply(0, ch[0])
-                apply(1, ch[1][5:])           # a gap in the second file
+        with pytest.raises(StateConflict, match="missing"), cap.applying(cons, "A") as apply:
+            apply(0, ch[0])
+            apply(1, ch[1][5:])           # a gap in the second file
         assert [content(d) for d in dst] == before          # the first file's batch rolled back too
         assert [c.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) for c in cons] == [1, 1]
         with cap.applying(cons, "A") as apply:
@@ -668,7 +668,7 @@ def operation(draw: Any) -> tuple[str, tuple]:
     cols = COLS[t]
 
     def val(col: str) -> Any:
-        if t == "w" and col in ("k1", "k2") or t in ("i", "u") and col == "id" or t == "u" and col == "u":
+        if (t == "w" and col in ("k1", "k2")) or (t in ("i", "u") and col == "id") or (t == "u" and col == "u"):
             return draw(small_keys if t == "w" else st.integers(-5, 5))
         if t == "c" and col in ("k1", "k2"):
             return draw(st.one_of(st.none(), small_keys))

@@ -95,7 +95,7 @@ class ShellApp:
                         "COMMIT;\n")
                 self._write("".join(batch))  # blocks when the shell is behind: back-pressure
                 self.sent += len(batch)
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+        except BaseException as exc:  # reported by stop()
             self.feed_error = exc
 
     def stop(self) -> str:

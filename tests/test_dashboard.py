@@ -22,7 +22,7 @@ from support import PY, DaemonProc, free_port, write_config
 from support.replication import Pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import dashboard_shots as shots  # noqa: E402
+import dashboard_shots as shots
 
 pytest.importorskip("playwright")
 
@@ -44,7 +44,8 @@ with con:
     conflict_log.record(con, table="notes", key_columns=["id"], key=[1], policy="failover", outcome="local",
                         local=(1 << 20, "n2", cols, [1, "kept", 1]), remote=(2 << 20, "n1", 7, cols, [1, value, 9]))
     conflict_log.record(con, table="notes", key_columns=["id"], key=[2], policy="failover", outcome="local",
-                        local=(1 << 20, "n2", cols, [2, "also kept", 2]), remote=(2 << 20, "n1", 8, cols, [2, "lost", 5]))
+                        local=(1 << 20, "n2", cols, [2, "also kept", 2]),
+                        remote=(2 << 20, "n1", 8, cols, [2, "lost", 5]))
 con.close()
 """
 

@@ -111,13 +111,13 @@ def test_type_codes_compare_by_sqlite_type_affinity(con, local):
     desc = con.execute("SELECT * FROM typed").description
     assert [d[0] for d in desc] == [d[0] for d in local.execute("SELECT * FROM typed").description]
     objects = {"TEXT": bc.STRING, "BLOB": bc.BINARY, "INTEGER": bc.NUMBER, "REAL": bc.NUMBER, "NUMERIC": bc.NUMBER}
-    for (name, code, *_), decltype in zip(desc, DECLTYPES):
+    for (_name, code, *_), decltype in zip(desc, DECLTYPES):
         assert code.upper() == decltype.upper()        # the type code is the declared type
         aff = _affinity_by_sqlite(local, decltype)
         assert bc.affinity(code) == aff, (decltype, aff)
         for obj in (bc.STRING, bc.BINARY, bc.NUMBER):
             assert (code == obj) == (obj is objects[aff]), (decltype, obj)
-            assert (obj == code) == (code == obj) and (obj != code) == (not code == obj)
+            assert (obj == code) == (code == obj) and (obj != code) == (not code == obj)  # noqa: SIM201 - the test: != is the negation of ==
         up = decltype.upper()
         assert (code == bc.DATETIME) == ("DATE" in up or "TIME" in up), decltype
         assert (code == bc.ROWID) == (up == "INTEGER"), decltype

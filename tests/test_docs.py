@@ -11,7 +11,7 @@ import subprocess
 import time
 import tomllib
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import click
 import pytest

@@ -42,8 +42,8 @@ def test_doctor_finds_problems_and_says_what_to_do(tmp_path: Path):
     token.chmod(0o644)                              # readable by others: a failure
     dead = free_port()
     cfg = write_config(tmp_path, free_port(), {"app": [str(db)]})
-    cfg.write_text(cfg.read_text() + 'replicate_to = "http://127.0.0.1:%d"\n\n[replication]\n'
-                   'peer_token_file = "%s"\n' % (dead, token))
+    cfg.write_text(cfg.read_text() + f'replicate_to = "http://127.0.0.1:{dead}"\n\n[replication]\n'
+                   f'peer_token_file = "{token}"\n')
     code, data = doctor(cfg)
     assert code == 2, data
     tok = by_check(data, "permissions of token file")[0]
@@ -97,7 +97,8 @@ def test_wheel_holds_the_package_and_the_entry_point(tmp_path: Path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         for mod in ("bastion/cli/__init__.py", "bastion/metrics.py", "bastion/notify.py", "bastion/drill.py",
-                    "bastion/doctor.py", "bastion/daemon/app.py", "bastion/backup/restore.py"):
+                    "bastion/doctor.py", "bastion/daemon/app.py", "bastion/backup/restore.py",
+                    "bastion/py.typed"):   # PEP 561: the annotations are part of the package
             assert mod in names, mod
         ep = next(n for n in names if n.endswith("entry_points.txt"))
         text = z.read(ep).decode()
@@ -130,5 +131,5 @@ def test_systemd_unit_is_hardened_and_valid(tmp_path: Path):
     p = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
     problems = [line for line in (p.stdout + p.stderr).splitlines()
-                if "bastion.service" in line and "Unknown" in line or "Failed to parse" in line]
+                if ("bastion.service" in line and "Unknown" in line) or "Failed to parse" in line]
     assert not problems, p.stdout + p.stderr

@@ -81,7 +81,7 @@ def test_group_commit_batches_are_counted(tmp_path, bank):
     d = DaemonProc(cfg, port, tmp_path / "var").start()
     try:
         hdr = {"Authorization": f"Bearer {d.token}"}
-        for i in range(4):
+        for _i in range(4):
             r = httpx.post(f"http://127.0.0.1:{port}/v1/sql/bank", headers=hdr, json={"statements": [
                 {"sql": "UPDATE meta SET value = value WHERE key = 'transfers'"}]})
             assert r.status_code == 200, r.text
@@ -109,7 +109,7 @@ def test_alert_rules_are_valid_and_use_exported_metrics():
     if promtool:
         p = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
         assert p.returncode == 0, p.stdout + p.stderr
-    import yaml   # noqa: PLC0415 - a test-only dependency (PyYAML comes with uvicorn[standard])
+    import yaml  # a test-only dependency (PyYAML comes with uvicorn[standard])
     doc = yaml.safe_load(text)
     rules = [r for g in doc["groups"] for r in g["rules"]]
     assert len(rules) >= 6 and all(r["alert"] and r["expr"] and r["annotations"]["summary"] for r in rules)

@@ -66,7 +66,7 @@ class NsNode(HealthProbes, NsDaemonProc):
         self.host = f"{sp.addr}:{port}"
         self.db = Path()                          # set by make_nodes, with data_dir
 
-    def start(self, timeout: float = 0) -> "NsNode":
+    def start(self, timeout: float = 0) -> NsNode:
         return self.spawn()
 
     def health_inside(self) -> dict:

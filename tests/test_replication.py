@@ -37,7 +37,7 @@ class InvariantWatch:
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "InvariantWatch":
+    def __enter__(self) -> InvariantWatch:
         self._t.start()
         return self
 
@@ -262,8 +262,8 @@ def test_backup_killed_between_the_commits_of_a_cut_redoes_it(pair, bank, monkey
     assert res["ok"], res
     assert 0 < res["transfers"] <= bank.transfers()
     # the copy is the primary as of that cut: audit rows are a prefix of the primary's
-    want = [t for t in user_rows(bank.audit) if t[0] == "audit"][0][1]
-    got = [t for t in user_rows(p.copy / "audit.db") if t[0] == "audit"][0][1]
+    want = next(t for t in user_rows(bank.audit) if t[0] == "audit")[1]
+    got = next(t for t in user_rows(p.copy / "audit.db") if t[0] == "audit")[1]
     assert got == want[:len(got)]
 
 

@@ -190,7 +190,7 @@ def test_crafted_manifests_write_nothing_outside_the_target(daemon, bank, tmp_pa
     (tmp_path / "outside").mkdir()
     failures = []
     for i, (form, edit) in enumerate(FORMS.items()):
-        bid = _forge(daemon, b["backup"], f"forged-{i}", lambda m: edit(m, tmp_path))
+        bid = _forge(daemon, b["backup"], f"forged-{i}", lambda m, edit=edit: edit(m, tmp_path))
         target = tmp_path / f"target-{i}"
         before = _tree(tmp_path, skip=target)
         r = daemon.cli("restore", bid, "--to", str(target))
@@ -324,7 +324,8 @@ def _ns_ok() -> str | None:
 
 def _in_small_fs(mnt: Path, size: str, *cmd: str) -> subprocess.CompletedProcess:
     """Run cmd with a tmpfs of `size` mounted on mnt, in a mount namespace of its own (gone with it)."""
-    script = f'mount -t tmpfs -o size={size},mode=0755 tmpfs "$1" && shift && "$@"; rc=$?; ls -A "{mnt}" > "{mnt}.after"; exit $rc'
+    script = (f'mount -t tmpfs -o size={size},mode=0755 tmpfs "$1" && shift && "$@"; rc=$?; '
+              f'ls -A "{mnt}" > "{mnt}.after"; exit $rc')
     return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(mnt), *cmd],
                           capture_output=True, text=True, timeout=120)
 

@@ -1,3 +1,5 @@
+import time
+
 from support import check_bank, sha256
 
 
@@ -11,7 +13,7 @@ def test_startbu_copy_endbu_while_app_writes(daemon, bank, tmp_path):
     (copy / "bank.db").write_bytes(bank.bank.read_bytes())
     (copy / "audit.db").write_bytes(bank.audit.read_bytes())
     n0 = bank.transfers()
-    import time; time.sleep(1)
+    time.sleep(1)
     assert bank.transfers() > n0, "the application must keep writing"
     assert (sha256(bank.bank), sha256(bank.audit)) == before
     r = daemon.cli("endbu", "bank", "--json")

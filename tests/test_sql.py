@@ -104,7 +104,7 @@ def test_transfers_from_many_clients_keep_the_invariant_beside_a_local_applicati
                     con.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amt, b))
                 done[0] += 1
             con.close()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
@@ -155,7 +155,7 @@ def test_roles_and_credentials(server):
     assert bob.execute("SELECT count(*) FROM accounts").fetchone() == (200,)
     with pytest.raises(bc.AccessDenied, match="read-only"):
         bob.execute("UPDATE accounts SET balance = 0")
-    with pytest.raises(bc.AccessDenied, match="read-only|readonly"):
+    with pytest.raises(bc.AccessDenied, match=r"read-only|readonly"):
         bob.execute("CREATE TABLE x(a)")
     with pytest.raises(bc.AccessDenied):
         bob.execute("PRAGMA query_only = 0")
@@ -186,12 +186,13 @@ def test_dangerous_statements_and_bad_requests_get_clear_errors(server, tmp_path
         with pytest.raises(bc.AccessDenied, match=what):
             con.execute(sql)
     assert not (tmp_path / "copy.db").exists()
-    assert sqlite3.connect(server.config.parent / "app" / "bank.db").execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    mode = sqlite3.connect(server.config.parent / "app" / "bank.db").execute("PRAGMA journal_mode").fetchone()
+    assert mode == ("wal",)
     with pytest.raises(bc.OperationalError, match="syntax error"):
         con.execute("SELEC 1")
     with pytest.raises(bc.OperationalError, match="no such table: nope"):
         con.execute("SELECT * FROM nope")
-    with pytest.raises(bc.ProgrammingError, match="bindings|parameter"):
+    with pytest.raises(bc.ProgrammingError, match=r"bindings|parameter"):
         con.execute("SELECT ?, ?", (1,))
     base = f"http://127.0.0.1:{server.port}/v1/sql/bank"
     auth = ("alice", ALICE_PW)

@@ -84,7 +84,7 @@ _HTTP = httpx.Client(timeout=60)      # one client: a new one per request costs 
 
 
 def sql(d: DaemonProc, who: str, *statements, path: str = "", **body) -> httpx.Response:
-    headers = USERS[who] if who in USERS else {"Authorization": f"Bearer {d.token}"}
+    headers = USERS.get(who, {"Authorization": f"Bearer {d.token}"})
     return _HTTP.post(f"http://127.0.0.1:{d.port}/v1/sql/shop{path}", headers=headers,
                       json={"statements": list(statements), **body})
 

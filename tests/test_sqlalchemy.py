@@ -96,9 +96,8 @@ def test_url_forms_entry_points_and_failover(server):
     e.dispose()
     # wrong credentials: SQLAlchemy's OperationalError around the driver's AccessDenied
     e = sa.create_engine(f"bastion://carol:nope@127.0.0.1:{server.port}/bank")
-    with pytest.raises(sa_exc.OperationalError, match="credentials") as ei:
-        with e.connect() as c:
-            c.execute(sa.text("SELECT 1"))
+    with pytest.raises(sa_exc.OperationalError, match="credentials") as ei, e.connect() as c:
+        c.execute(sa.text("SELECT 1"))
     assert isinstance(ei.value.orig, bc.AccessDenied)
     e.dispose()
 
@@ -204,10 +203,9 @@ def test_transactions_isolation_savepoints_and_autocommit(engine, server):
     count = sa.select(sa.func.count()).select_from(t)
     with engine.begin() as c:
         c.execute(t.insert().values(id=1, v="committed"))
-    with pytest.raises(ZeroDivisionError):
-        with engine.begin() as c:
-            c.execute(t.insert().values(id=2, v="rolled back"))
-            1 / 0
+    with pytest.raises(ZeroDivisionError), engine.begin() as c:
+        c.execute(t.insert().values(id=2, v="rolled back"))
+        raise ZeroDivisionError("an error inside the transaction rolls it back")
     other = engine.connect()
     assert other.scalar(count) == 1
     other.rollback()
@@ -231,10 +229,9 @@ def test_transactions_isolation_savepoints_and_autocommit(engine, server):
         sp.rollback()
         with c.begin_nested():
             c.execute(t.insert().values(id=11, v="inner, kept"))
-        with pytest.raises(sa_exc.IntegrityError):
-            with c.begin_nested():
-                c.execute(t.insert().values(id=12, v="ok"))
-                c.execute(t.insert().values(id=1, v="duplicate key"))
+        with pytest.raises(sa_exc.IntegrityError), c.begin_nested():
+            c.execute(t.insert().values(id=12, v="ok"))
+            c.execute(t.insert().values(id=1, v="duplicate key"))
         c.execute(t.insert().values(id=13, v="outer"))
     with engine.connect() as c:
         assert c.execute(sa.select(t.c.id).order_by(t.c.id)).scalars().all() == [1, 3, 11, 13]
@@ -259,9 +256,9 @@ def test_transactions_isolation_savepoints_and_autocommit(engine, server):
     ac.dispose()
     with engine.connect() as c:
         assert c.scalar(sa.select(t.c.v).where(t.c.id == 20)) is None
-    with pytest.raises(sa_exc.ArgumentError, match="READ UNCOMMITTED"):
-        with engine.execution_options(isolation_level="READ UNCOMMITTED").connect() as c:
-            c.execute(sa.text("SELECT 1"))
+    with (pytest.raises(sa_exc.ArgumentError, match="READ UNCOMMITTED"),
+          engine.execution_options(isolation_level="READ UNCOMMITTED").connect() as c):
+        c.execute(sa.text("SELECT 1"))
     md.drop_all(engine)
 
 
@@ -320,7 +317,7 @@ class Author(Base):
     id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
     email: orm.Mapped[str] = orm.mapped_column(sa.String(80), unique=True)
     joined: orm.Mapped[datetime.datetime] = orm.mapped_column(default=lambda: datetime.datetime(2024, 5, 1, 9, 30))
-    books: orm.Mapped[list["Book"]] = orm.relationship(back_populates="author", cascade="all, delete-orphan",
+    books: orm.Mapped[list[Book]] = orm.relationship(back_populates="author", cascade="all, delete-orphan",
                                                         order_by="Book.id")
 
 
@@ -332,7 +329,7 @@ class Book(Base):
     author_id: orm.Mapped[int] = orm.mapped_column(sa.ForeignKey("sa_author.id"))
     author: orm.Mapped[Author] = orm.relationship(back_populates="books")
     version: orm.Mapped[int] = orm.mapped_column(default=1)
-    __mapper_args__ = {"version_id_col": version}
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 - read once by SQLAlchemy's declarative mapping
 
 
 def test_orm_session_relationships_and_integrity_error(engine):
@@ -363,9 +360,8 @@ def test_orm_session_relationships_and_integrity_error(engine):
         s.rollback()
         # the session goes on after the rollback; a savepoint keeps the outer work
         s.add(Author(email="cy@example.org"))
-        with pytest.raises(sa_exc.IntegrityError):
-            with s.begin_nested():
-                s.add(Author(email="ann@example.org"))
+        with pytest.raises(sa_exc.IntegrityError), s.begin_nested():
+            s.add(Author(email="ann@example.org"))
         s.commit()
         assert s.scalar(sa.select(sa.func.count()).select_from(Author)) == 3
         s.delete(ann)                          # cascades to the books
@@ -475,9 +471,8 @@ def test_pool_drops_connections_after_idle_timeout_and_daemon_restart(tmp_path):
         c.execute(sa.text("INSERT INTO sa_r VALUES (3)"))
         d.kill9()
         # no node for longer than failover_timeout: the pool drops the connection
-        with pytest.raises(sa_exc.OperationalError, match="no active Bastion node") as ei:
-            with e.connect() as x:
-                x.execute(sa.text("SELECT 1"))
+        with pytest.raises(sa_exc.OperationalError, match="no active Bastion node") as ei, e.connect() as x:
+            x.execute(sa.text("SELECT 1"))
         assert ei.value.connection_invalidated
         # the transaction in flight: TransactionLost, never a replay
         with pytest.raises(sa_exc.OperationalError, match="lost during a transaction") as ei:

@@ -20,7 +20,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -145,7 +146,8 @@ def test_s3_endpoint_from_the_environment(s3_server, monkeypatch):
     s = open_store(f"s3://{bucket}/repo")
     s.write("manifests/x.json", b"{}")
     assert list(s.list("manifests")) == ["manifests/x.json"]
-    assert [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]] == ["repo/manifests/x.json"]
+    listed = s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert [o["Key"] for o in listed] == ["repo/manifests/x.json"]
     s.close()
 
 
@@ -449,7 +451,7 @@ def test_backup_while_writing_then_restore_from_url_alone(remote, daemon, bank, 
     }
     with ThreadPoolExecutor(len(runs)) as pool:
         done = dict(zip(runs, pool.map(lambda args: _cli(*args, cwd=fresh), runs.values())))
-    for name, (rc, out, err, _) in done.items():
+    for name, (rc, _out, err, _) in done.items():
         assert rc == 0, (name, err)
     listed = json.loads(done["list"][1])["backups"]
     assert [b["id"] for b in listed] == [first["backup"], second["backup"]]

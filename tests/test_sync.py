@@ -63,7 +63,7 @@ class Sites:
         for d in self.d.values():
             try:
                 d.stop()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
 

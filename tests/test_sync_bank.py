@@ -142,7 +142,7 @@ def test_bank_at_three_partitioned_sites_keeps_every_row_and_the_money(tmp_path:
         cut = True
         runs = {n: x.workload(SECONDS) for n, x in s.items()}
         for n, p in runs.items():
-            out, err = p.communicate(timeout=SECONDS + 120)
+            _out, err = p.communicate(timeout=SECONDS + 120)
             assert p.returncode == 0, f"workload at {n}: {err}"
         commits = {n: json.loads(x.stats.read_text())["commits"] for n, x in s.items()}
         written = {n: audit_rows(x) for n, x in s.items()}

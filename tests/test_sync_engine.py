@@ -614,7 +614,7 @@ def test_counter_columns_add_every_sites_delta(tmp_path: Path, app: App) -> None
     assert logged and all(x["key"] == {"id": 1} and x["policy"] == "lww" for x in logged)
     with pytest.raises(UsageError, match="no captured table"):
         sync.configure(a, counters=["accounts.nope"])
-    with pytest.raises(UsageError, match="table.column"):
+    with pytest.raises(UsageError, match=r"table\.column"):
         sync.configure(a, counters=["balance"])
 
 

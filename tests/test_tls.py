@@ -78,7 +78,7 @@ def test_cli_and_driver_trust_only_the_configured_ca(tmp_path, ca):
         assert cur.fetchall() == [("over tls",)]
         con.close()
         t0 = time.monotonic()
-        with pytest.raises(bastion.client.OperationalError, match="TLS with .* failed") as exc:
+        with pytest.raises(bastion.client.OperationalError, match=r"TLS with .* failed") as exc:
             bastion.client.connect(dsn, password=PW, failover_timeout=10).cursor().execute("SELECT 1")
         assert "ca=PATH" in str(exc.value) or "ca=PATH" in (getattr(exc.value, "hint", "") or "")
         assert time.monotonic() - t0 < 8            # said at once, not after the failover timeout

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .errors import BastionError  # noqa: E402
+from .errors import BastionError
 
 __all__ = ["BastionError", "__version__"]

@@ -28,7 +28,7 @@ class Targets:
     all: bool = False
 
     @classmethod
-    def of(cls, names: list[str] | None = None, all: bool = False) -> "Targets":
+    def of(cls, names: list[str] | None = None, all: bool = False) -> Targets:
         return cls(list(names or []), all)
 
 

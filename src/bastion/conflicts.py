@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import apsw
 import msgpack
@@ -165,9 +166,11 @@ def record_unshipped(con: apsw.Connection, origin: str, node: str, changes: Sequ
                 continue
             if c.op not in ("insert", "update", "delete"):
                 continue
+            assert c.table is not None, "a row change names its table"
             if c.op == "delete":
                 key = tuple(c.key or ())
             else:
+                assert c.values is not None, "an insert or update carries its new row"
                 key = tuple(c.values[c.columns.index(k)] for k in c.key_columns)
             cur = _current(con, c.table, c.columns, c.key_columns, key)
             record(con, table=c.table, key_columns=c.key_columns, key=key, policy="failover", outcome="local",

@@ -75,8 +75,9 @@ class ContinuousOperations:
                     f.release()
                 raise
             try:
-                entries = [{"path": f.path, "database": f.database, "stamp": f.stamp().to_dict(),
-                            "wal_bytes_start": f.wal_bytes()} for f in files]
+                entries: list[dict[str, Any]] = [
+                    {"path": f.path, "database": f.database, "stamp": f.stamp().to_dict(),
+                     "wal_bytes_start": f.wal_bytes()} for f in files]
             finally:
                 paused_for = paused.resume()
             started = paused.since
@@ -130,12 +131,12 @@ class ContinuousOperations:
                     raise StateConflict(f"{f.path}: not in continuous operations{extra}", path=f.path,
                                         hint="run `bastion startbu` before the copy and `bastion endbu` after; "
                                              "nothing was ended")
-            plan = []
+            plan: list[tuple[DatabaseFile, dict[str, Any], bool, str | None]] = []
             for f in files:
                 row = rows[f.path]
                 if row["status"] == st.ACTIVE and f.replaced():
                     # the copy tool read whatever file now has this name, not the one we held
-                    reason = "the file was replaced on disk during continuous operations"
+                    reason: str | None = "the file was replaced on disk during continuous operations"
                     self.state.set_file(row["session_id"], f.path, st.INTERRUPTED, reason=reason)
                     f.release()
                     plan.append((f, {**row, "status": st.INTERRUPTED}, False, reason))
@@ -297,7 +298,7 @@ class ContinuousOperations:
             for f in files:
                 try:
                     f.protect()
-                except Exception as exc:  # noqa: BLE001 - reported by status
+                except Exception as exc:  # reported by status
                     log.warning("%s: cannot protect again after recover: %s", f.path, exc)
         results = []
         for f in files:

@@ -308,8 +308,8 @@ class Demo:
         # where restore put the files (by their names in the backup; not assuming the layout)
         found = [p.parent for p in self.path("restored").rglob("bank.db") if (p.parent / "audit.db").exists()]
         if not found:
-            self.claim(False, "the restored copy holds bank.db and audit.db: it holds "
-                              f"{sorted(str(p.relative_to(self.path('restored'))) for p in self.path('restored').rglob('*'))}")
+            held = sorted(str(p.relative_to(self.path("restored"))) for p in self.path("restored").rglob("*"))
+            self.claim(False, f"the restored copy holds bank.db and audit.db: it holds {held}")
             raise Abort
         restored = os.path.relpath(found[0], self.run)
         res = self.check(restored)

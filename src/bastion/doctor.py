@@ -128,7 +128,7 @@ def run(config: Config) -> dict[str, Any]:
                 continue
             try:
                 mode = _journal_mode(f)
-            except Exception as exc:  # noqa: BLE001 - not a database, locked, unreadable: all worth saying
+            except Exception as exc:  # not a database, locked, unreadable: all worth saying
                 checks.append(_c(f"database {name}", "failed", f"{f}: cannot be read as SQLite: {exc}",
                                  "check the file and its permissions"))
                 continue
@@ -150,7 +150,7 @@ def run(config: Config) -> dict[str, Any]:
                 from .backup import Repository
                 Repository.open(url)
                 checks.append(_c(f"repository {url}", "ok", "reachable and readable"))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 checks.append(_c(f"repository {url}", "failed", f"{getattr(exc, 'message', exc)}",
                                  getattr(exc, "hint", None) or "check the URL, the credentials and the network"))
     seen_dirs = {os.path.dirname(f) for db in config.databases.values() for f in db.files} | {d}

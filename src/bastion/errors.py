@@ -50,7 +50,7 @@ EXIT_FAILED = 2
 EXIT_USAGE = 3
 
 
-_BY_NAME: dict[str, type["BastionError"]] = {}
+_BY_NAME: dict[str, type[BastionError]] = {}
 
 
 class BastionError(Exception):
@@ -82,7 +82,7 @@ class BastionError(Exception):
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BastionError":
+    def from_dict(cls, data: dict[str, Any]) -> BastionError:
         """Rebuild an error the daemon sent, keeping its type when we know it."""
         kind = _BY_NAME.get(str(data.get("type")), BastionError)
         err = kind(str(data.get("message", "unknown error")), hint=data.get("hint"),

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -111,7 +112,7 @@ class DaemonCollector(Collector):
                      self._sync, self._sql):
             try:
                 out.extend(part())
-            except Exception as exc:  # noqa: BLE001 - NotActive on a passive node, an unreachable repository...
+            except Exception as exc:  # NotActive on a passive node, an unreachable repository...
                 if type(exc).__name__ != "NotActive":
                     self.errors += 1
                     log.warning("metrics: %s: %s: %s", part.__name__, type(exc).__name__, exc)

@@ -26,7 +26,8 @@ import socket
 import threading
 import time
 from email.message import EmailMessage
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import httpx
 
@@ -152,7 +153,7 @@ def problems(daemon: Any, conf: NotifyConfig) -> dict[str, tuple[str, str, str]]
     for part in parts:
         try:
             part()
-        except Exception as exc:  # noqa: BLE001 - NotActive, an unreachable repository: the rest still counts
+        except Exception as exc:  # NotActive, an unreachable repository: the rest still counts
             log.debug("notify: %s: %s", part.__name__, exc)
     return out
 
@@ -259,7 +260,7 @@ class Notifier:
         while not self._stop.is_set():
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - the notifier must not die
+            except Exception:  # the notifier must not die
                 log.exception("notify")
             self._wake.wait(self.conf.interval if self.conf else 30.0)
             self._wake.clear()
@@ -273,9 +274,10 @@ class Notifier:
             if key not in known:
                 state.open_alert(key, kind, subject, text)
                 known[key] = {"key": key, "since": time.time(), "notified_at": None}
-            if known[key].get("notified_at") is None:        # not yet delivered: (re)try
-                if self._deliver("failing", key, kind, subject, text, known[key]["since"]):
-                    state.alert_notified(key)
+            # not yet delivered: (re)try
+            if known[key].get("notified_at") is None and self._deliver("failing", key, kind, subject, text,
+                                                                         known[key]["since"]):
+                state.alert_notified(key)
         for key, row in known.items():
             if key not in now_open:
                 if row.get("notified_at") is not None:

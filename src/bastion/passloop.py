@@ -29,7 +29,7 @@ class PassLoop:
     poll = 0.05
     max_backoff = 30.0     # seconds between attempts after failures in a row (doubling from 0.5 s)
 
-    def __init__(self, name: str, what: str, timing: "Timing", on_failure: Any, failure_env: dict[str, str]) -> None:
+    def __init__(self, name: str, what: str, timing: Timing, on_failure: Any, failure_env: dict[str, str]) -> None:
         self.name = name
         self.what = what                   # "replication of NAME to PEER": for logs
         self.timing = timing
@@ -119,7 +119,7 @@ class PassLoop:
                 result["exit_code"] = 0
                 if result.get("more"):
                     delay = 0
-            except Exception as exc:  # noqa: BLE001 - the loop never dies; status shows the error
+            except Exception as exc:  # the loop never dies; status shows the error
                 self._after_failure()
                 # error and state before the count: a status read in between must not show a
                 # failure count with the state of the pass before

@@ -60,7 +60,7 @@ class Schedule:
     cron: str | None = None
 
     @classmethod
-    def parse(cls, text: str, what: str = "schedule") -> "Schedule":
+    def parse(cls, text: str, what: str = "schedule") -> Schedule:
         t = str(text).strip()
         if t.lower().startswith("every "):
             return cls(t, every=parse_duration(t[6:], what))
@@ -74,7 +74,8 @@ class Schedule:
         if self.every is not None:
             return t + self.every
         from croniter import croniter
-        base = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+        assert self.cron is not None    # parse() sets one of every and cron
+        base = dt.datetime.fromtimestamp(t, dt.UTC)
         return croniter(self.cron, base).get_next(dt.datetime).timestamp()
 
     @property
@@ -82,7 +83,7 @@ class Schedule:
         """A rough period, to cap the retry back-off of a failed run."""
         if self.every is not None:
             return self.every
-        now = dt.datetime.now(dt.timezone.utc).timestamp()
+        now = dt.datetime.now(dt.UTC).timestamp()
         first = self.next_after(now)
         return max(1.0, self.next_after(first) - first)
 
@@ -95,7 +96,7 @@ class Timing:
     blackout: tuple[tuple[int, int], ...] = ()    # (start, end) in minutes of the local day
 
     @classmethod
-    def parse(cls, schedule: str, blackout: tuple[str, ...] = ()) -> "Timing":
+    def parse(cls, schedule: str, blackout: tuple[str, ...] = ()) -> Timing:
         windows = []
         for w in blackout:
             a, b = w.split("-")
@@ -107,11 +108,8 @@ class Timing:
     def in_blackout(self, now: dt.datetime | None = None) -> bool:
         now = now or dt.datetime.now()
         m = now.hour * 60 + now.minute
-        for start, end in self.blackout:
-            # a window may run past midnight ("23:00-01:00")
-            if (start <= m < end) if start <= end else (m >= start or m < end):
-                return True
-        return False
+        # a window may run past midnight ("23:00-01:00")
+        return any((start <= m < end) if start <= end else (m >= start or m < end) for start, end in self.blackout)
 
 
 def _minutes(hhmm: str) -> int:

@@ -66,7 +66,7 @@ def interactive(con: Connection, console: Console, errc: Console) -> int:
         except OSError:
             pass
     except ImportError:  # pragma: no cover - no readline on this platform
-        readline = None  # type: ignore[assignment]
+        readline = None  # type: ignore[assignment]  # the shell works without history
     buf: list[str] = []
     failures = 0
     try:

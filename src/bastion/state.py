@@ -13,7 +13,8 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, overload
+from collections.abc import Iterable
 
 import apsw
 from .sqlite import connect
@@ -72,6 +73,10 @@ DISCARDED = "discarded"        # recover --discard-changes put the file back at 
 OPEN_STATUSES = (ACTIVE, ROLLING_IN, INTERRUPTED, EXPIRED, TIMED_OUT)
 
 
+@overload
+def iso(t: float) -> str: ...
+@overload
+def iso(t: float | None) -> str | None: ...
 def iso(t: float | None) -> str | None:
     """Epoch seconds -> ISO 8601 UTC with milliseconds, as every Bastion output shows times."""
     if t is None:

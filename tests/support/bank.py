@@ -38,7 +38,7 @@ class App:
     def audit(self) -> Path:
         return self.dir / "audit.db"
 
-    def start(self, seconds: float = 120, *extra: str) -> "App":
+    def start(self, seconds: float = 120, *extra: str) -> App:
         self.stats_path = self.dir.parent / f"stats-{time.time_ns()}.json"
         ready = self.dir.parent / f"ready-{time.time_ns()}"
         self.proc = subprocess.Popen([PY, "-m", "bastion.workload", "run", str(self.dir), "--seconds", str(seconds),

@@ -28,7 +28,7 @@ class Node(DaemonProc):
                          one_log=True)
         self.name = name
 
-    def start(self, timeout: float = 0) -> "Node":
+    def start(self, timeout: float = 0) -> Node:
         return self.spawn()
 
     def health(self) -> dict:

@@ -103,7 +103,7 @@ class DaemonProc:
             return self.log
         return self.data_dir.parent / f"daemon-{time.time_ns()}.log"
 
-    def spawn(self) -> "DaemonProc":
+    def spawn(self) -> DaemonProc:
         """Start the process and return at once (a cluster node may not answer until it has a role)."""
         self.log = self.log_file()
         with open(self.log, "a") as logf:          # the child keeps its own descriptor
@@ -111,7 +111,7 @@ class DaemonProc:
                                          start_new_session=True, env=self.env)
         return self
 
-    def start(self, timeout: float = 20.0) -> "DaemonProc":
+    def start(self, timeout: float = 20.0) -> DaemonProc:
         """spawn(), then poll until GET /v1/status answers 200 (the daemon serves and its token is written)."""
         self.spawn()
         assert self.proc is not None and self.log is not None

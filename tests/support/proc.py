@@ -6,7 +6,8 @@ import inspect
 import socket
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 PY = sys.executable
 

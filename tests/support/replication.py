@@ -35,7 +35,7 @@ class Pair:
                                                   "replicate_schedule": schedule}}, extra=repl, db_text=primary_extra)
         self.primary = DaemonProc(cfg, pport, pdir / "var")
 
-    def start(self, backup: bool = True) -> "Pair":
+    def start(self, backup: bool = True) -> Pair:
         if backup:
             self.backup.start()
         self.primary.start()
@@ -45,7 +45,7 @@ class Pair:
         for d in (self.primary, self.backup):
             try:
                 d.stop()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
     def status(self, d: DaemonProc | None = None) -> dict:

@@ -105,7 +105,7 @@ class Sshd:
         """One line per SFTP request the server handled (open, fsync, close, posix-rename...)."""
         return self.dir / "sftp.log"
 
-    def setup(self) -> "Sshd":
+    def setup(self) -> Sshd:
         for name in ("host_key", "client_key", "other_key"):
             if not (self.dir / name).exists():
                 subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(self.dir / name)],
@@ -135,7 +135,7 @@ Subsystem sftp {SFTP_SERVER} -e -l VERBOSE 2>>{self.sftp_log}
 """)
         return self
 
-    def start(self) -> "Sshd":
+    def start(self) -> Sshd:
         _require(SSHD, "openssh-server")
         _require(SFTP_SERVER, "openssh-sftp-server")
         if os.geteuid() == 0:
@@ -241,7 +241,7 @@ class MotoS3:
     def log(self) -> Path:
         return self.dir / "moto.log"
 
-    def start(self) -> "MotoS3":
+    def start(self) -> MotoS3:
         try:
             import moto.server  # noqa: F401
             import boto3  # noqa: F401

@@ -18,7 +18,8 @@ def seed_file(db: Path) -> None:
     con = sqlite3.connect(db)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, photo BLOB)")
-    con.executemany("INSERT INTO items VALUES (?, ?, ?, ?)", [(i, f"item {i}", i, bytes([i]) * i) for i in range(1, 51)])
+    con.executemany("INSERT INTO items VALUES (?, ?, ?, ?)",
+                    [(i, f"item {i}", i, bytes([i]) * i) for i in range(1, 51)])
     con.commit()
     con.close()
 
@@ -55,7 +56,7 @@ class NsSite(NsDaemonProc):
         self.logs.append(self.dir / f"daemon-{len(self.logs)}.log")
         return self.logs[-1]
 
-    def start(self, timeout: float = 0) -> "NsSite":
+    def start(self, timeout: float = 0) -> NsSite:
         return self.spawn()
 
     def up(self) -> bool:

@@ -82,7 +82,7 @@ class Backups:
             pass
         except BastionError as exc:
             out["error"] = exc.message
-        except Exception as exc:  # noqa: BLE001 - status must answer whatever the repository does
+        except Exception as exc:  # status must answer whatever the repository does
             out["error"] = f"{url}: {exc}"
         self._latest[database] = (now, out)
         return out
@@ -271,7 +271,7 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
             for f in files:
                 try:
                     f.protect()
-                except Exception:  # noqa: BLE001 - shown by status
+                except Exception:  # shown by status
                     pass
                 finally:
                     f.lock.release()

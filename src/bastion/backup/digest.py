@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any
+from typing import Any, cast
 
 import apsw
 from ..sqlite import connect
@@ -32,13 +32,13 @@ def _feed(h: Any, value: Any) -> None:
 
 def table_digests(conn: apsw.Connection) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    tables = conn.execute(
+    tables = cast(list[tuple[str, str | None]], conn.execute(     # name TEXT, sql TEXT (NULL for some)
         "SELECT name, sql FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
-        "ORDER BY name").fetchall()
+        "ORDER BY name").fetchall())
     for name, sql in tables:
         if sql and sql.upper().startswith("CREATE VIRTUAL"):
             continue
-        without_rowid = bool(sql) and "WITHOUT ROWID" in sql.upper()
+        without_rowid = sql is not None and "WITHOUT ROWID" in sql.upper()
         order = "" if without_rowid else " ORDER BY rowid"   # WITHOUT ROWID scans in key order
         h = hashlib.sha256()
         rows = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import UnsafeName  # noqa: F401 - defined in errors.py
+from ..errors import UnsafeName  # defined in errors.py
 
 # What backups.py generates: 20261203T141507Z-1a2b3c. Older or hand-made ids may differ, so the
 # rule is the safe alphabet, not the exact shape.
@@ -53,7 +53,8 @@ def file_name(value: object) -> str:
         raise UnsafeName(f"file name {value!r} in a manifest {problem}; refused",
                          hint="the manifest was edited or damaged: run `bastion verify` on the backup, "
                               "and restore another one")
-    return value  # type: ignore[return-value]
+    assert isinstance(value, str)     # no problem found: it is text
+    return value
 
 
 def file_names(values: list[object]) -> list[str]:

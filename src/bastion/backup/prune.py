@@ -93,9 +93,13 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
     if policy.empty():
         raise UsageError("prune needs a policy: at least one of --keep-last, --keep-hourly, --keep-daily, "
                          "--keep-weekly, --keep-monthly", hint="nothing was removed")
-    manifests, damaged = [], []
+    manifests: list[dict[str, Any]] = []
+    damaged: list[dict[str, Any] | RepositoryError] = []
     for m in repo.manifests():
-        (damaged if isinstance(m, RepositoryError) or not _well_formed(m) else manifests).append(m)
+        if isinstance(m, RepositoryError) or not _well_formed(m):
+            damaged.append(m)
+        else:
+            manifests.append(m)
     if damaged:
         # A damaged manifest might reference chunks: deleting "unreferenced" chunks could finish it off.
         raise RepositoryError(f"{len(damaged)} manifest(s) in {repo.url} are damaged; prune removes nothing "
@@ -127,7 +131,7 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
         for d in unreferenced:
             try:
                 freed += len(repo.store.read(repo.chunk_name(d)))
-            except Exception:  # noqa: BLE001 - size is only reported
+            except Exception:  # size is only reported
                 pass
             if not dry_run:
                 repo.delete_chunk(d)

@@ -26,12 +26,13 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import zstandard
 
 from ..errors import BastionError, UsageError
-from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError  # noqa: F401 - defined in errors.py
+from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError
 from ..position import Instant
 from .names import UnsafeName, backup_id as checked_id, file_name, file_names
 from .store import ObjectMissing, Store, _pid_alive, open_store
@@ -114,13 +115,13 @@ def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
         if not isinstance(chunks, list):
             bad(f"file {name}: chunk list is a {type(chunks).__name__}, not a list", name)
             chunks = []
-        total = 0
+        total: int | None = 0      # None: a chunk entry is not a [hash, size]
         for i, c in enumerate(chunks):
             if (not isinstance(c, list) or len(c) != 2 or not isinstance(c[0], str) or not HEX64.fullmatch(c[0])
                     or not _int(c[1]) or c[1] <= 0):
                 bad(f"file {name}: chunk entry #{i} {json.dumps(c)[:100]} is not [64-hex SHA-256, positive size]",
                     name, c[0] if isinstance(c, list) and c and isinstance(c[0], str) else None)
-                total = None  # type: ignore[assignment]
+                total = None
                 break
             total += c[1]
         chunks_total += len(chunks)
@@ -164,7 +165,7 @@ class Repository:
         self._local = threading.local()   # zstd contexts are not thread-safe: one per upload thread
 
     @classmethod
-    def open(cls, url: str, create: bool = False) -> "Repository":
+    def open(cls, url: str, create: bool = False) -> Repository:
         repo = cls(open_store(url))
         try:
             raw = repo.store.read(MARKER)
@@ -255,7 +256,7 @@ class Repository:
                 continue
             try:
                 info = json.loads(self.store.read(name))
-            except Exception:  # noqa: BLE001 - vanished or half-written: not a live lock
+            except Exception:  # vanished or half-written: not a live lock
                 continue
             dead = info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", 0)))
             if dead or time.time() - float(info.get("at", 0)) > stale_after:

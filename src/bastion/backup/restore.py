@@ -15,12 +15,13 @@ import secrets
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import apsw
 
 from ..errors import BastionError, RecoveryRefused, UsageError
-from ..errors import RestoreFailed  # noqa: F401 - defined in errors.py
+from ..errors import RestoreFailed  # defined in errors.py
 from ..sqlite.exclusive import replace_in_child
 from . import names
 from .digest import table_digests
@@ -137,7 +138,7 @@ def _remove_dirs(created: list[str]) -> None:
             break
 
 
-def _space(exc: OSError, what: str, need: int, dest: str) -> BastionError:
+def _space(exc: OSError, what: str, need: int, dest: str) -> BastionError | OSError:
     try:
         free = _free_bytes(dest)
     except OSError:
@@ -197,7 +198,8 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                                   "while any process has them open; the old files are kept aside)")
         total = sum(f["size"] for f in files)
         if total > _free_bytes(real):
-            raise RestoreFailed(f"{real}: not enough space to restore backup {backup_id} ({', '.join(f['name'] for f in files)}): "
+            listed = ", ".join(f["name"] for f in files)
+            raise RestoreFailed(f"{real}: not enough space to restore backup {backup_id} ({listed}): "
                                 f"it needs {total} bytes, {_free_bytes(real)} bytes are free; nothing was restored",
                                 path=real, hint="free space there, or restore into a directory on another "
                                                 "filesystem (--to DIR)")

@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..errors import BastionError, from_os_error
 from .digest import file_digests
@@ -81,7 +82,7 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
     t0 = time.monotonic()
     added_bytes = 0
     new_chunks: list[str] = []
-    out_files = []
+    out_files: list[dict[str, Any]] = []
     # Content digests read the files through SQLite while the chunk loop reads them raw: a thread of
     # their own overlaps them (about 3 s per GB here) with hashing, compression and the store's fsyncs.
     with ThreadPoolExecutor(max_workers=1) as aux:
@@ -107,7 +108,7 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
                 chunks: list[list[Any]] = []
                 size = 0
                 with _Reading(path):
-                    fh = open(path, "rb")
+                    fh = open(path, "rb")  # noqa: SIM115 - closed by the `with fh` below
                 with fh:
                     with _Reading(path):
                         header = fh.read(100)
@@ -161,7 +162,7 @@ def snapshot_in_child(repo_url: str, files: list[dict[str, str]], chunk_size: in
     other: list[str] = []
 
     def read_stderr() -> None:   # "progress DONE TOTAL" lines; anything else is kept for errors
-        for line in proc.stderr:  # type: ignore[union-attr]
+        for line in proc.stderr:  # type: ignore[union-attr]  # asserted above, not carried into a closure
             parts = line.split()
             if len(parts) == 3 and parts[0] == "progress" and progress:
                 progress(int(parts[1]), int(parts[2]))
@@ -199,7 +200,7 @@ def _main() -> None:
     except OSError as exc:      # not from a file read nor a store call: say it all the same
         print(json.dumps({"error": from_os_error(exc, "backup reader").to_dict()}))
         sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - the daemon gets an error it can show, not a traceback
+    except Exception as exc:  # the daemon gets an error it can show, not a traceback
         print(json.dumps({"error": BastionError(f"the backup reader failed: {type(exc).__name__}: {exc}",
                                                 hint="see the daemon's log; please report this").to_dict()}))
         sys.exit(2)

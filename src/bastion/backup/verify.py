@@ -22,7 +22,8 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..errors import BastionError, UsageError
 from ..state import iso

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import apsw
 
@@ -56,7 +58,7 @@ def apply(target: apsw.Connection | str | os.PathLike, changes: Iterable[Change]
 
 
 def _check_order(batch: list[Change]) -> None:
-    for a, b in zip(batch, batch[1:]):
+    for a, b in itertools.pairwise(batch):
         if b.seq <= a.seq:
             raise UsageError(f"changes are out of order: position {b.seq} after {a.seq}",
                              hint="apply entries in the order read_changes returned them")
@@ -142,9 +144,12 @@ def _apply(con: apsw.Connection, batch: list[Change], origin: str) -> ApplyResul
     run: list[Sequence[Any]] = []
 
     def flush() -> None:
+        if not run:
+            return
+        assert run_sql is not None      # set with the first row of the run
         if len(run) == 1:
             cur.execute(run_sql, run[0])
-        elif run:
+        else:
             cur.executemany(run_sql, run)
         run.clear()
 
@@ -152,6 +157,7 @@ def _apply(con: apsw.Connection, batch: list[Change], origin: str) -> ApplyResul
     for c in todo:
         op = c.op
         if op == "insert" or op == "update" or op == "delete":
+            assert c.table is not None      # a row change names its table
             k = (c.table, id(c.columns), id(c.key_columns))
             got = sqls.get(k)
             if got is None:
@@ -159,14 +165,19 @@ def _apply(con: apsw.Connection, batch: list[Change], origin: str) -> ApplyResul
                                  delete_sql(c.table, c.key_columns, ["?"] * len(c.key_columns)),
                                  tuple(c.columns.index(n) for n in c.key_columns))
             steps: tuple[tuple[str, Sequence[Any], bool], ...]
+            # an insert carries the new row, a delete the old key, an update both
             if op == "insert":
+                assert c.values is not None
                 steps = ((got[0], c.values, False),)
             elif op == "delete":
+                assert c.key is not None
                 steps = ((got[1], c.key, True),)
-            elif same_values(c.key, [c.values[p] for p in got[2]]):
-                steps = ((got[0], c.values, False),)
-            else:   # the key moved: the row leaves its old place first
-                steps = ((got[1], c.key, True), (got[0], c.values, False))
+            else:
+                assert c.values is not None and c.key is not None
+                if same_values(c.key, [c.values[p] for p in got[2]]):
+                    steps = ((got[0], c.values, False),)
+                else:   # the key moved: the row leaves its old place first
+                    steps = ((got[1], c.key, True), (got[0], c.values, False))
             for sql, params, is_delete in steps:
                 if RawText in map(type, params):
                     # Text that is not valid UTF-8 goes in as bytes; CAST makes it text again, byte for byte.
@@ -185,6 +196,7 @@ def _apply(con: apsw.Connection, batch: list[Change], origin: str) -> ApplyResul
         elif op == "ddl":
             flush()
             run_sql = None
+            assert c.sql is not None        # a ddl change carries its statement
             cur.execute(c.sql)
             ddl += 1
         elif op == "reseed":

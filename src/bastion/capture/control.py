@@ -184,8 +184,8 @@ def last_position(con: apsw.Connection) -> Position:
 
 def next_position(con: apsw.Connection) -> tuple[int, int]:
     """The next position and clock value (nothing taken yet: the caller inserts them)."""
-    seq, hlc = con.execute(f"SELECT seq + 1, max(hlc + 1, {NOW_MS_SQL} << {HLC_SHIFT}) FROM {LOG} "
-                           "ORDER BY seq DESC LIMIT 1").fetchall()[0]
+    seq, hlc = cast(tuple[int, int], con.execute(f"SELECT seq + 1, max(hlc + 1, {NOW_MS_SQL} << {HLC_SHIFT}) "
+                                                 f"FROM {LOG} ORDER BY seq DESC LIMIT 1").fetchall()[0])
     return seq, hlc
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, cast
+from collections.abc import Sequence
 
 import apsw
 
@@ -109,18 +110,19 @@ def read_changes(target: apsw.Connection | str | os.PathLike, after: int = 0, li
 
 def read_entries(con: apsw.Connection, after: int, limit: int) -> list[Change]:
     origin = meta(con, "origin")
-    shapes = {tid: Shape.from_json(js) for tid, js in con.execute(f"SELECT id, shape FROM {TABLES}").fetchall()}
+    shapes = {tid: Shape.from_json(js)
+              for tid, js in cast(list[tuple[int, str]], con.execute(f"SELECT id, shape FROM {TABLES}").fetchall())}
     names = [f"c{i}" for i in range(log_width(con))]
     out = []
     for row in _fetch(con, names, after, limit):
         seq, hlc, op, tid = row[0], row[1], row[2], row[3]
-        if op == OP_INSERT or op == OP_UPDATE or op == OP_DELETE:
+        if op in (OP_INSERT, OP_UPDATE, OP_DELETE):
             s = shapes[tid]
             nv, nk = len(s.columns), len(s.key_columns)
             out.append(Change(seq, hlc, OP_NAME[op], s.name, s.columns,
                               tuple(row[4:4 + nv]) if op != OP_DELETE else None, s.key_columns,
                               tuple(row[4 + nv:4 + nv + nk]) if op != OP_INSERT else None, None, origin))
-        elif op == OP_DDL or op == OP_RESEED:
+        elif op in (OP_DDL, OP_RESEED):
             out.append(Change(seq, hlc, OP_NAME[op], None, (), None, (), None, row[4], origin))
     return out
 
@@ -215,8 +217,9 @@ def remove(target: apsw.Connection | str | os.PathLike, keep: Sequence[str] = ()
 
     ``keep``: tables to leave (a copy taking over keeps its conflict log)."""
     with connection(target) as con, transaction(con, write=True):
-        objs = con.execute("SELECT type, name FROM sqlite_schema WHERE substr(name, 1, 9) = ? "
-                           "AND type IN ('trigger', 'view', 'table') ORDER BY type = 'table'", (PREFIX,)).fetchall()
+        objs = cast(list[tuple[str, str]], con.execute(
+            "SELECT type, name FROM sqlite_schema WHERE substr(name, 1, 9) = ? "
+            "AND type IN ('trigger', 'view', 'table') ORDER BY type = 'table'", (PREFIX,)).fetchall())
         objs = [(k, n) for k, n in objs if n not in keep]
         for kind, name in objs:
             con.execute(f"DROP {kind.upper()} IF EXISTS main.{quote(name)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import apsw
 
@@ -32,12 +32,12 @@ class Shape:
                            "sql": self.sql})
 
     @classmethod
-    def from_json(cls, text: str) -> "Shape":
+    def from_json(cls, text: str) -> Shape:
         d = json.loads(text)
         return cls(d["name"], d["without_rowid"], tuple(d["columns"]), tuple(d["key_columns"]),
                    tuple(d["key_pos"]), d["xinfo"], d["sql"])
 
-    def same_structure(self, other: "Shape") -> bool:
+    def same_structure(self, other: Shape) -> bool:
         return (self.without_rowid, self.columns, self.key_columns, self.xinfo) == \
                (other.without_rowid, other.columns, other.key_columns, other.xinfo)
 
@@ -75,7 +75,8 @@ def user_tables(con: apsw.Connection) -> tuple[dict[str, Shape], dict[str, str]]
     """Capturable tables of the main schema, and the others with the reason."""
     shapes: dict[str, Shape] = {}
     other: dict[str, str] = {}
-    for name, kind, wr in con.execute("SELECT name, type, wr FROM pragma_table_list WHERE schema = 'main'").fetchall():
+    for name, kind, wr in cast(list[tuple[str, str, int]], con.execute(
+            "SELECT name, type, wr FROM pragma_table_list WHERE schema = 'main'").fetchall()):
         if name.startswith("sqlite_") or is_ours(name) or kind in ("view", "shadow"):
             continue
         if kind != "table":
@@ -213,10 +214,11 @@ def follow_schema(con: apsw.Connection, emit: bool) -> RefreshResult:
     old_objs = meta(con, "schema") or []
     now_objs = objects(con)
     shapes, res.uncaptured = user_tables(con)
-    triggers = dict(con.execute("SELECT name, tbl_name FROM sqlite_schema WHERE type = 'trigger' AND "
-                                "substr(name, 1, 9) = ?", (PREFIX,)).fetchall())
-    active = [(tid, name, Shape.from_json(js)) for tid, name, js in
-              con.execute(f"SELECT id, name, shape FROM {TABLES} WHERE active = 1 ORDER BY id").fetchall()]
+    triggers = dict(cast(list[tuple[str, str]], con.execute(
+        "SELECT name, tbl_name FROM sqlite_schema WHERE type = 'trigger' AND substr(name, 1, 9) = ?",
+        (PREFIX,)).fetchall()))
+    active = [(tid, name, Shape.from_json(js)) for tid, name, js in cast(list[tuple[int, str, str]],
+              con.execute(f"SELECT id, name, shape FROM {TABLES} WHERE active = 1 ORDER BY id").fetchall())]
 
     # Where is each captured table now? Our triggers follow a table through RENAME and go with DROP.
     moved: list[tuple[int, str, Shape, str]] = []
@@ -283,7 +285,7 @@ def follow_schema(con: apsw.Connection, emit: bool) -> RefreshResult:
                 and (tb in shapes or any(name == tb for _, name, _, _ in moved)):
             res.reseed.append(f"UNIQUE index {n!r} was dropped or changed: rows that break it may have been "
                               "written since")
-    for t, n, tb, sql in now_objs:
+    for t, n, _tb, sql in now_objs:
         if t != "table" and sql and old_other.get((t, n), (None, None))[1] != sql:
             create_other.append(sql)
     # Views and triggers first: they may name tables or columns that change below.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import apsw
 
@@ -23,7 +24,9 @@ _TOKEN = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\]|
 
 def split_top(text: str) -> list[str]:
     """Split SQL text on commas outside parentheses, quotes and comments."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for m in _TOKEN.finditer(text):
         t = m.group(0)
         if t == "(":
@@ -61,7 +64,7 @@ def bare_or_quoted(name: str) -> str:
 
 
 def is_unique_index(sql: str | None) -> bool:
-    return bool(sql) and re.match(r"\s*CREATE\s+UNIQUE\s", sql, re.I) is not None
+    return sql is not None and re.match(r"\s*CREATE\s+UNIQUE\s", sql, re.I) is not None
 
 
 def upsert_sql(table: str, columns: Sequence[str], marks: Sequence[str]) -> str:

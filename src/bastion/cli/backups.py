@@ -199,6 +199,7 @@ def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, r
                           f"{f['previous_kept_as']}")
         emit(res, as_json, human_replace)
         return
+    assert dest is not None   # exactly one of --to and --replace: checked above
     repo = _repo(conf, repo_url)
     with _progress(as_json, "restore") as bar:
         task = bar.add_task("restoring", total=None) if bar else None

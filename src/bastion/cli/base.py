@@ -8,7 +8,8 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -17,6 +18,9 @@ from .. import __version__
 from .. import config as cfg
 from ..daemon.client import AdminClient
 from ..errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from ..backup import Repository
 
 # Piped or redirected, rich would squeeze tables into 80 columns and cut paths with '…':
 # give them the room they need, so `bastion status | grep` sees whole paths.
@@ -96,7 +100,7 @@ def _client(conf: cfg.Config) -> AdminClient:
     return AdminClient(conf)
 
 
-def _spinner(as_json: bool, text: str):  # type: ignore[no-untyped-def]
+def _spinner(as_json: bool, text: str) -> AbstractContextManager[Any]:
     import contextlib
     if as_json or not err.is_terminal:
         return contextlib.nullcontext()
@@ -117,13 +121,13 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj = {"config": config_path}
 
 
-def _repo(conf: cfg.Config, url: str | None, database: str | None = None):  # type: ignore[no-untyped-def]
+def _repo(conf: cfg.Config, url: str | None, database: str | None = None) -> Repository:
     from ..backup import Repository
     from ..backup.backups import default_repository
     return Repository.open(url or default_repository(conf, database))
 
 
-def _backup_progress(as_json: bool):  # type: ignore[no-untyped-def]
+def _backup_progress(as_json: bool) -> AbstractContextManager[Any]:   # a rich Progress, or None
     """Per database under way: bytes as the daemon counts them ("3.0 MiB of 12.0 MiB"); while the
     total is unknown, a spinner and a pulsing bar with the bytes so far, never a made-up "0/?"."""
     import contextlib
@@ -142,7 +146,7 @@ def _backup_progress(as_json: bool):  # type: ignore[no-untyped-def]
                     console=err, transient=True)
 
 
-def _progress(as_json: bool, what: str):  # type: ignore[no-untyped-def]
+def _progress(as_json: bool, what: str) -> AbstractContextManager[Any]:   # a rich Progress, or None
     """A rich progress bar on a terminal (stderr); nothing otherwise."""
     import contextlib
 

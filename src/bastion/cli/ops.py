@@ -199,7 +199,7 @@ def exec_(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> No
             # The daemon is gone or refused: the holds may have died with it.
             raise BastionError(f"{exc.message}; the copy taken since startbu cannot be trusted",
                                hint=exc.hint) from None
-    result = {"startbu": start, "command": {"argv": command, "exit_code": rc, "error": error,
+    result: dict[str, Any] = {"startbu": start, "command": {"argv": command, "exit_code": rc, "error": error,
                                             "seconds": round(time.monotonic() - t0, 3)},
               "endbu": end}
     ok_cmd = rc == 0

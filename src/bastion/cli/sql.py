@@ -27,7 +27,8 @@ def sql(conf: cfg.Config, as_json: bool, database: str, commands: tuple[str, ...
     from .. import client
     from ..shell import interactive, run_one, show
     # this daemon first, then the other nodes of its cluster: the driver follows the active one
-    hosts = ",".join(dict.fromkeys([conf.base_url.split("://", 1)[1], *(conf.cluster.peers if conf.cluster else {}).values()]))
+    peers = conf.cluster.peers if conf.cluster else {}
+    hosts = ",".join(dict.fromkeys([conf.base_url.split("://", 1)[1], *peers.values()]))
     scheme = "bastions" if conf.tls_cert else "bastion"
     try:
         if dsn:

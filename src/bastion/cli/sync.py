@@ -50,7 +50,8 @@ def sync_run(conf: cfg.Config, as_json: bool, database: str, timeout: float) -> 
     data = _client(conf).request("POST", "/v1/sync/run", {"database": database, "timeout": timeout},
                                  timeout=timeout + 30)
     emit(data, as_json, lambda d: out.print(
-        f"{database}: sent {d.get('sent', 0)} changes" + (" (blackout window: nothing sent)" if d.get("blackout") else "")
+        f"{database}: sent {d.get('sent', 0)} changes"
+        + (" (blackout window: nothing sent)" if d.get("blackout") else "")
         + (f"; FAILED: {d['error']}" if d.get("error") else "")
         + ("".join(f"; {e}" for e in d.get("errors") or []))))
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from .connection import Connection, Cursor, connect, parse_dsn
 from .errors import (AccessDenied, DatabaseError, DataError, Error, IntegrityError, InterfaceError, InternalError,
-                     NotReplicated, NotSupportedError, OperationalError, OutcomeUnknown, ProgrammingError, TransactionLost, Warning)
+                     NotReplicated, NotSupportedError, OperationalError, OutcomeUnknown, ProgrammingError,
+                     TransactionLost, Warning)
 
 apilevel = "2.0"
 threadsafety = 1          # threads may share the module, not connections

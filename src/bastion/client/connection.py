@@ -16,7 +16,8 @@ import datetime
 import math
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..tls import trust
@@ -100,7 +101,7 @@ def _decode(v: Any) -> Any:
 class Cursor:
     arraysize = 1
 
-    def __init__(self, connection: "Connection") -> None:
+    def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.description: tuple | None = None
         self.rowcount = -1
@@ -125,7 +126,7 @@ class Cursor:
         if result.get("lastrowid") is not None:     # as sqlite3: only an INSERT changes it
             self.lastrowid = result["lastrowid"]
 
-    def execute(self, sql: str, parameters: Any = None) -> "Cursor":
+    def execute(self, sql: str, parameters: Any = None) -> Cursor:
         self._check()
         if not isinstance(sql, str):
             raise ProgrammingError("sql must be a string")
@@ -134,7 +135,7 @@ class Cursor:
         self._load(result)
         return self
 
-    def executemany(self, sql: str, seq_of_parameters: Any) -> "Cursor":
+    def executemany(self, sql: str, seq_of_parameters: Any) -> Cursor:
         self._check()
         many = [_encode_params(p) for p in seq_of_parameters]
         self.description, self._executed = None, sql
@@ -191,7 +192,7 @@ class Cursor:
     def setoutputsize(self, size: Any, column: Any = None) -> None:
         pass
 
-    def __enter__(self) -> "Cursor":
+    def __enter__(self) -> Cursor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -319,7 +320,7 @@ class Connection:
     def executemany(self, sql: str, seq_of_parameters: Any) -> Cursor:
         return self.cursor().executemany(sql, seq_of_parameters)
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:

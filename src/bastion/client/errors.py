@@ -8,7 +8,7 @@ from .. import errors as server
 from . import codes
 
 
-class Warning(Exception):  # noqa: A001 - the name PEP 249 requires
+class Warning(Exception):  # the name PEP 249 requires
     pass
 
 

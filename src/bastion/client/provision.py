@@ -8,21 +8,21 @@ from sqlalchemy.testing.provision import create_db, drop_db, generate_driver_url
 
 
 @generate_driver_url.for_db("bastion")
-def _driver_url(url, driver, query_str):      # noqa: ANN001
+def _driver_url(url, driver, query_str):
     # one driver, and "bastion+bastion" names no dialect: the URL as given
     return url if driver in (None, "bastion", "dbapi") and not query_str else None
 
 
 @create_db.for_db("bastion")
-def _create_db(cfg, eng, ident):      # noqa: ANN001 - SQLAlchemy's hook signature
+def _create_db(cfg, eng, ident):  # SQLAlchemy's hook signature
     pass      # the daemon serves its configured databases only
 
 
 @drop_db.for_db("bastion")
-def _drop_db(cfg, eng, ident):        # noqa: ANN001
+def _drop_db(cfg, eng, ident):
     pass
 
 
 @temp_table_keyword_args.for_db("bastion")
-def _temp_table_keyword_args(cfg, eng):       # noqa: ANN001
+def _temp_table_keyword_args(cfg, eng):
     return {"prefixes": ["TEMPORARY"]}

@@ -34,11 +34,14 @@ Options: ``token_file``, ``tls=1``, ``ca=PATH``, ``timeout``, ``failover_timeout
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy import exc, util
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import IsolationLevel
 
 _OPTIONS = {"host", "hosts", "token_file", "tls", "ca", "timeout", "failover_timeout"}
 _DEFAULT_PORT = 8750
@@ -141,10 +144,10 @@ class BastionDialect(SQLiteDialect):
         if not dbapi_connection.autocommit and not dbapi_connection.in_transaction:
             dbapi_connection.begin(lazy=True)
 
-    def get_isolation_level_values(self, dbapi_connection: Any) -> list[str]:
-        return list(self._isolation_lookup)
+    def get_isolation_level_values(self, dbapi_connection: Any) -> list[IsolationLevel]:
+        return ["SERIALIZABLE", "AUTOCOMMIT"]      # the keys of _isolation_lookup
 
-    def get_isolation_level(self, dbapi_connection: Any) -> str:
+    def get_isolation_level(self, dbapi_connection: Any) -> IsolationLevel:
         return "AUTOCOMMIT" if dbapi_connection.autocommit else "SERIALIZABLE"
 
     def set_isolation_level(self, dbapi_connection: Any, level: str) -> None:

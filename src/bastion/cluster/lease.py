@@ -18,7 +18,6 @@ import base64
 import fcntl
 import json
 import os
-import socket
 import time
 from typing import Any
 
@@ -41,7 +40,7 @@ class FileLease:
         self.node, self.ttl = node, ttl
         self.token: int | None = None
 
-    def _locked(self):  # type: ignore[no-untyped-def]
+    def _locked(self) -> int:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
@@ -135,7 +134,7 @@ class EtcdLease:
                 if r.status_code == 200:
                     return r.json()
                 last = LeaseUnavailable(f"etcd {ep}{path}: HTTP {r.status_code} {r.text[:200]}")
-            except (httpx.HTTPError, socket.error, ValueError) as exc:
+            except (OSError, httpx.HTTPError, ValueError) as exc:
                 last = exc
         raise LeaseUnavailable(f"etcd unreachable ({', '.join(self.endpoints)}): {last}")
 
@@ -148,7 +147,7 @@ class EtcdLease:
             value = json.loads(base64.b64decode(kvs[0]["value"]))
             if value.get("handoff_to") not in (None, self.node) or value.get("node") != "":
                 return None
-        lease = self._post("/v3/lease/grant", {"TTL": max(1, int(round(self.ttl)))})
+        lease = self._post("/v3/lease/grant", {"TTL": max(1, round(self.ttl))})
         lid = lease["ID"]
         cmp = [{"key": _b64(self.key), "target": "CREATE", "create_revision": "0"}]
         if kvs and json.loads(base64.b64decode(kvs[0]["value"])).get("node") == "":
@@ -177,7 +176,7 @@ class EtcdLease:
             return
         if handoff_to:
             # leave a record without a lease that only handoff_to may replace (expires on its own: TTL 3×)
-            lease = self._post("/v3/lease/grant", {"TTL": max(1, int(round(3 * self.ttl)))})
+            lease = self._post("/v3/lease/grant", {"TTL": max(1, round(3 * self.ttl))})
             self._post("/v3/kv/txn", {"compare": [], "success": [{"request_put": {
                 "key": _b64(self.key), "value": _b64(json.dumps({"node": "", "handoff_to": handoff_to})),
                 "lease": lease["ID"]}}]})

@@ -23,7 +23,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .. import hooks
 from ..config import Config
@@ -98,7 +99,7 @@ class ClusterNode:
         ask instead (drivers just try their next host)."""
         try:
             holder = (self.lease.holder() or {}).get("node")
-        except Exception:  # noqa: BLE001 - a hint must not turn one error into another
+        except Exception:  # a hint must not turn one error into another
             holder = None
         if not holder or holder == self.name:
             return "no node is active now: see `bastion cluster status`; drivers retry on their own"
@@ -128,7 +129,7 @@ class ClusterNode:
                 last = max(rec.last_apply.values(), default=None)
                 out = {"lag_seconds": None, "last_apply_age": None if last is None else round(now - last, 3),
                        "seeded": all(rec.state[n].get("origin") for n in rec.replicas)}
-        except Exception as exc:  # noqa: BLE001 - health must answer
+        except Exception as exc:  # health must answer
             out = {"lag_seconds": None, "error": str(exc)}
         self._lag_cache = (now, out)
         return out
@@ -136,6 +137,7 @@ class ClusterNode:
     _lag_cache: tuple[float, dict[str, Any]] | None = None
 
     def describe(self) -> dict[str, Any]:
+        assert self.config.cluster is not None      # a node's config has its [cluster] (__init__)
         try:
             holder = self.lease.holder()
         except LeaseUnavailable as exc:
@@ -202,7 +204,7 @@ class ClusterNode:
                         self._standby_step()
                     elif self.role == PASSIVE and time.monotonic() >= self._hold_off_until:
                         self._try_promote()
-            except Exception as exc:  # noqa: BLE001 - the loop must go on
+            except Exception as exc:  # the loop must go on
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("cluster loop")
 
@@ -254,7 +256,7 @@ class ClusterNode:
         if self.standby is not None:
             try:
                 self.standby.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("closing the standby daemon")
             self.standby = None
 
@@ -297,7 +299,7 @@ class ClusterNode:
                     self._take_data_dir()
                 self._mark_lock()
                 self.daemon = self.open_daemon(self.config)
-        except Exception as exc:  # noqa: BLE001 - give the lease back, stay passive
+        except Exception as exc:  # give the lease back, stay passive
             self.last_error = f"promotion failed: {exc}"
             log.error("node %s: promotion failed: %s", self.name, exc)
             self._demote(f"promotion failed: {exc}", release=True)
@@ -345,7 +347,7 @@ class ClusterNode:
         try:
             if self.daemon is not None:
                 self.daemon.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("closing the daemon")
         self.daemon = None
         if self._lock_fd is not None:

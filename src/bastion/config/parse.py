@@ -8,7 +8,8 @@ import os
 import re
 import socket
 import tomllib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from ..errors import ConfigError, UsageError
 from ..schedule import Schedule, check_pass_schedule, check_windows, parse_duration
@@ -361,10 +362,9 @@ def _replication(raw: dict[str, Any] | None, databases: dict[str, DatabaseConfig
                               hint="for example peer_token_file = \"/etc/bastion/peer.token\"")
         token = resolve(token)
     origin = raw.get("origin")
-    if origin is not None:
-        if not isinstance(origin, str) or not origin.strip():
-            raise ConfigError(f"{where} origin must be a non-empty name, got {origin!r}",
-                              hint="for example origin = \"site-a\"; the default is HOST:DATA_DIR")
+    if origin is not None and (not isinstance(origin, str) or not origin.strip()):
+        raise ConfigError(f"{where} origin must be a non-empty name, got {origin!r}",
+                          hint="for example origin = \"site-a\"; the default is HOST:DATA_DIR")
     ca = raw.get("peer_ca_file")
     if ca is not None:
         if not isinstance(ca, str) or not ca:

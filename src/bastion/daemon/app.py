@@ -292,7 +292,7 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
 
     @app.get("/v1/drills", summary="Recent recovery drills, newest first")
     def drills(database: str | None = None, limit: int = 10) -> dict[str, Any]:
-        return {"drills": daemon.state.drills(database, max(1, min(limit, 100)))}
+        return {"drills": daemon.state_store().drills(database, max(1, min(limit, 100)))}
 
     @app.post("/v1/freeze", summary="Freeze: hold every writer until thaw or timeout")
     def freeze(req: FreezeRequest) -> dict[str, Any]:
@@ -426,7 +426,7 @@ def _sync_routes(app: FastAPI, daemon: Any) -> None:
 
     @app.post("/v1/peer/sync/snapshot", summary="Peer: a consistent copy of one file, for a joining site",
               response_model=None, response_class=FileResponse)
-    def peer_sync_snapshot(req: SyncPeerRequest):  # type: ignore[no-untyped-def]
+    def peer_sync_snapshot(req: SyncPeerRequest) -> FileResponse:
         path = daemon.sync.snapshot(req.model_dump())
         return FileResponse(path, media_type="application/octet-stream",
                             background=BackgroundTask(os.remove, path))
@@ -523,7 +523,7 @@ def _replication_routes(app: FastAPI, daemon: Daemon, node: Any = None) -> None:
 
     from .. import capture
 
-    def rep():  # type: ignore[no-untyped-def]
+    def rep() -> Any:
         return daemon.replication    # looked up per request: a cluster node opens its Daemon later
 
     @app.get("/v1/replication/status", summary="Replication: positions shipped and applied, lag, last error")

@@ -48,8 +48,9 @@ class AdminClient(PeerClient):
             return DaemonUnavailable(f"the daemon on {self.config.base_url} did not answer {path} in time")
         return super().transport_error(exc, path)
 
+    # the admin API's own signature (a body, the config's timeout) where peer.Client takes **kw
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,  # type: ignore[override]
-                timeout: float | None | str = "default") -> Any:
+                timeout: float | str | None = "default") -> Any:
         try:
             headers = self._auth()
         except DaemonUnavailable as exc:

@@ -6,11 +6,13 @@ them directly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
@@ -24,6 +26,9 @@ from ..freeze import Freezer
 from ..state import StateStore, iso
 from .auth import ensure_token
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from ..sql.service import SQLService
 
 log = logging.getLogger("bastion.daemon")
 
@@ -62,7 +67,8 @@ def summary(files: list[Any]) -> str:
 
 
 class Daemon:
-    def __init__(self, config: Config, guard=None, renewed_after=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: Config, guard: Callable[[], None] | None = None,
+                 renewed_after: Callable[[float], bool] | None = None) -> None:
         self.config = config
         self.guard = guard          # cluster node: raises unless this node may acknowledge writes
         self.renewed_after = renewed_after   # cluster node: lease renewed by a request begun after t?
@@ -86,6 +92,12 @@ class Daemon:
         except BaseException:
             self._abort_open()      # a refused start keeps nothing open (server.py removes what it made)
             raise
+
+    def state_store(self) -> StateStore:
+        """The state store of an open daemon (operations need it; a closed daemon refuses them)."""
+        if self.state is None:
+            raise RuntimeError("daemon not open")
+        return self.state
 
     def _open_services(self, found: dict[str, Any]) -> None:
         assert self.state is not None
@@ -123,7 +135,7 @@ class Daemon:
                                 f"node {self.config.cluster.node} of cluster {self.config.cluster.name} "
                                 "became active (took the lease)")
 
-    def _sql_service(self):  # type: ignore[no-untyped-def]
+    def _sql_service(self) -> SQLService:
         from ..sql.service import Database, SQLService
         settings = self.config.sql
         dbs = {name: Database(name, list(d.files), d.durability, d.group_commit, settings, d.foreign_keys)
@@ -135,11 +147,11 @@ class Daemon:
         for name, db in self.config.databases.items():
             sched = db.schedule or b.schedule
             if sched:
-                self.scheduler.add(f"backup {name}", sched, lambda n=name: self._scheduled_backup(n))
+                self.scheduler.add(f"backup {name}", sched, functools.partial(self._scheduled_backup, name))
             if b.verify_schedule:
-                self.scheduler.add(f"verify {name}", b.verify_schedule, lambda n=name: self._scheduled_verify(n))
+                self.scheduler.add(f"verify {name}", b.verify_schedule, functools.partial(self._scheduled_verify, name))
             if b.drill_schedule:
-                self.scheduler.add(f"drill {name}", b.drill_schedule, lambda n=name: self.drill(n))
+                self.scheduler.add(f"drill {name}", b.drill_schedule, functools.partial(self.drill, name))
 
     def _scheduled_backup(self, name: str) -> dict[str, Any]:
         res = self.backup([name])
@@ -172,7 +184,7 @@ class Daemon:
             if part is not None:
                 try:
                     part.stop() if name != "sql" else part.close()
-                except Exception:  # noqa: BLE001 - the start's own error is the one to report
+                except Exception:  # the start's own error is the one to report
                     log.exception("closing %s after a refused start", name)
         if "catalog" in self.__dict__:
             self.catalog.close()
@@ -212,9 +224,9 @@ class Daemon:
                         if not f.protected or f.replaced():
                             try:
                                 f.protect()
-                            except Exception:  # noqa: BLE001 - kept in f.error, shown by status
+                            except Exception:  # kept in f.error, shown by status
                                 pass
-            except Exception:  # noqa: BLE001 - the sweeper must never die
+            except Exception:  # the sweeper must never die
                 log.exception("sweeper")
 
     # -- operations (thin over the library) --------------------------------
@@ -233,7 +245,7 @@ class Daemon:
     def endbu(self, names: list[str], all_: bool = False, wait: bool = True) -> dict[str, Any]:
         files = self.resolve(names, all_)
         if all_:  # --all ends whatever is open, not every known file
-            open_paths = {r["path"] for r in self.state.open_files("contops")}
+            open_paths = {r["path"] for r in self.state_store().open_files("contops")}
             files = [f for f in files if f.path in open_paths] or files
         return self.contops.end(files, wait)
 
@@ -256,7 +268,7 @@ class Daemon:
     def thaw(self, names: list[str], all_: bool = False) -> dict[str, Any]:
         files = self.resolve(names, all_)
         if all_:
-            open_paths = {r["path"] for r in self.state.open_files("freeze")}
+            open_paths = {r["path"] for r in self.state_store().open_files("freeze")}
             files = [f for f in files if f.path in open_paths] or files
         return self.freezer.thaw(files)
 
@@ -271,7 +283,7 @@ class Daemon:
     def drill(self, name: str, url: str | None = None) -> dict[str, Any]:
         from ..drill import run
         try:
-            return run(self.config, self.state, name, url)
+            return run(self.config, self.state_store(), name, url)
         finally:
             self.backups._latest.pop(name, None)    # the drill recorded a verification: status shows it now
 
@@ -302,6 +314,6 @@ class Daemon:
             "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
             "replication": self.replication.status()["databases"],
             "sync": self.sync.status()["databases"],
-            "drills": self.state.latest_drills(),
-            "alerts": sorted(self.state.alerts().values(), key=lambda a: a["since"]),
+            "drills": self.state_store().latest_drills(),
+            "alerts": sorted(self.state_store().alerts().values(), key=lambda a: a["since"]),
         }

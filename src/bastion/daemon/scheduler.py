@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..config import Config
 from ..schedule import Schedule
@@ -64,7 +65,7 @@ class Scheduler:
             result = job.run()
             if result.get("exit_code", 0) != 0:
                 raise RuntimeError(result.get("message") or f"finished with exit code {result['exit_code']}")
-        except Exception as exc:  # noqa: BLE001 - any failure is recorded and retried
+        except Exception as exc:  # any failure is recorded and retried
             saved = self.state.job(job.name) or {}
             failures = int(saved.get("failures") or 0) + 1
             delay = min(5.0 * 2 ** (failures - 1), max(1.0, job.schedule.interval_hint))

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
 
@@ -19,6 +19,8 @@ from .app import create_app
 from .core import Daemon, protection, summary
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from ..cluster.node import ClusterNode
 
 
@@ -95,7 +97,8 @@ def _bind(config: Config) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"cannot listen on {config.listen}: the address is already in use",
-                              hint="another daemon or program uses this port; set [daemon] listen in the config") from None
+                              hint="another daemon or program uses this port; "
+                                   "set [daemon] listen in the config") from None
         raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
     sock.listen(128)
     sock.set_inheritable(True)
@@ -171,7 +174,7 @@ def serve(config: Config, log_level: str = "info") -> None:
         print("bastion: stopped", file=sys.stderr, flush=True)
 
 
-def _uvicorn(config: Config, app: object) -> uvicorn.Server:
+def _uvicorn(config: Config, app: FastAPI) -> uvicorn.Server:
     # access_log off: request lines would carry transaction ids; credentials never travel in URLs
     # uvloop and httptools (uvicorn[standard]) roughly halve the cost of each request
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
@@ -182,10 +185,10 @@ def _uvicorn(config: Config, app: object) -> uvicorn.Server:
 class ActiveDaemon:
     """What the routes call on a cluster node: the open Daemon while the node is active."""
 
-    def __init__(self, node: "ClusterNode", token: str) -> None:
+    def __init__(self, node: ClusterNode, token: str) -> None:
         self._node, self.token, self.config = node, token, node.config
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Any:
         if name == "replication":      # peer requests: the active's shippers or a standby's receiver
             return self._node.replication()
         d = self._node.daemon
@@ -195,6 +198,7 @@ class ActiveDaemon:
 
 
 def _serve_cluster_node(config: Config) -> None:
+    assert config.cluster is not None     # serve() calls it for a config with a [cluster] section
     from ..cluster.node import ClusterNode
     from .auth import ensure_token
 
@@ -213,7 +217,8 @@ def _serve_cluster_node(config: Config) -> None:
     except BaseException:
         sock.close()
         raise
-    app = create_app(ActiveDaemon(node, token), node=node)
+    # the routes see the open Daemon through ActiveDaemon's __getattr__, hence the cast
+    app = create_app(cast(Daemon, ActiveDaemon(node, token)), node=node)
     _warn_plaintext(config)
     print(f"bastion: node {node.name} listening on {config.base_url} (config: {config.source}; data: "
           f"{config.data_dir}; lease: {config.cluster.lease}, ttl {node.ttl:g} s); passive until it "

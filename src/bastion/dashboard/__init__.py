@@ -36,7 +36,8 @@ def mount(app: FastAPI, daemon: Any, auth: Any, node: Any = None) -> LagHistory:
     """Add the dashboard routes to ``app``. ``auth`` is the API's Authenticator (same token, same users)."""
     import importlib.resources
 
-    env = Environment(loader=PackageLoader("bastion.dashboard", "templates"), autoescape=select_autoescape(default=True))
+    env = Environment(loader=PackageLoader("bastion.dashboard", "templates"),
+                      autoescape=select_autoescape(default=True))
     env.globals.update(line=svg.line, bars=svg.bars, human_bytes=svg.human_bytes)
     static = importlib.resources.files("bastion.dashboard") / "static"
     sessions = Sessions()
@@ -185,7 +186,7 @@ def mount(app: FastAPI, daemon: Any, auth: Any, node: Any = None) -> LagHistory:
                                           f.get("version") or None, file)
         except ValueError:
             return refused(400, "bad form: file must be a number")
-        except Exception as exc:  # noqa: BLE001 - the library's words on a page, not a JSON body
+        except Exception as exc:  # the library's words on a page, not a JSON body
             status = exc.http_status if isinstance(exc, BastionError) else 500
             return render("message.html", status=status, title="Not resolved", user=s.principal,
                           csrf=s.csrf, active="conflicts", message=views._err(exc))

@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 log = logging.getLogger("bastion.dashboard")
 
@@ -42,7 +43,7 @@ class LagHistory:
         while not self._stop.wait(self.interval):
             try:
                 self.sample()
-            except Exception:  # noqa: BLE001 - a graph must never take the daemon down
+            except Exception:  # a graph must never take the daemon down
                 log.debug("lag sample failed", exc_info=True)
 
     def add(self, key: tuple[str, str, str], value: float | None, at: float | None = None) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from html import escape
-from typing import Sequence
+from collections.abc import Sequence
 
 from markupsafe import Markup
 
@@ -43,7 +43,8 @@ def line(points: Sequence[tuple[float, float | None]], unit: str = "", width: in
 
     def xy(t: float, v: float) -> str:
         return f"{_num(pad_l + (t - t0) / span * w)},{_num(pad_t + h - v / top * h)}"
-    paths, cur = [], []
+    paths: list[list[str]] = []
+    cur: list[str] = []
     for t, v in points:
         if v is None:
             if cur:

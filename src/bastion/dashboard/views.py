@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..errors import BastionError
 from ..state import epoch, iso
@@ -26,7 +27,7 @@ def _err(exc: BaseException) -> str:
 def guarded(fn: Callable[[], Any], default: Any) -> tuple[Any, str | None]:
     try:
         return fn(), None
-    except Exception as exc:  # noqa: BLE001 - one section's failure is shown in that section
+    except Exception as exc:  # one section's failure is shown in that section
         return default, _err(exc)
 
 
@@ -88,7 +89,7 @@ def backups(daemon: Any, principal: Any) -> list[dict[str, Any]]:
             entry["problems"] = listed["problems"]
         except NoRepository:
             pass
-        except Exception as exc:  # noqa: BLE001 - a repository that cannot be read is shown as such
+        except Exception as exc:  # a repository that cannot be read is shown as such
             entry["error"] = _err(exc)
         for b in entry["backups"]:
             b["restore"] = restore_command(b["id"], name, url, url)
@@ -189,7 +190,8 @@ def events(daemon: Any, node: Any, limit: int = 50) -> list[dict[str, Any]]:
             err = j["last_error"]
             out.append({"at": epoch(j["last_run"]), "kind": "job", "level": "error" if err else "info",
                         "what": f"{j['job']}: {'failed' if err else 'ok'}", "detail": err or f"next {j['next_run']}"})
-    for st, kind in ((daemon.replication.status()["databases"], "replication"), (daemon.sync.status()["databases"], "sync")):
+    for st, kind in ((daemon.replication.status()["databases"], "replication"),
+                     (daemon.sync.status()["databases"], "sync")):
         for r in st:
             if r.get("last_error"):
                 out.append({"at": epoch(r["last_error_at"]), "kind": kind, "level": "error",
@@ -202,13 +204,15 @@ def events(daemon: Any, node: Any, limit: int = 50) -> list[dict[str, Any]]:
         for b in repo["backups"][:10]:
             out.append({"at": epoch(b["instant"]), "kind": "backup", "level": "info",
                         "what": f"{b['database']}: backup {b['id']}",
-                        "detail": f"{svg.human_bytes(b['logical_bytes'])}, {svg.human_bytes(b['stored_bytes_added'])} new"})
+                        "detail": f"{svg.human_bytes(b['logical_bytes'])}, "
+                                  f"{svg.human_bytes(b['stored_bytes_added'])} new"})
             v = b["verification"]["latest"]
             if v:
                 out.append({"at": epoch(v.get("at")), "kind": "verify", "level": "info" if v.get("ok") else "error",
                             "what": f"{b['database']}: {v.get('mode', '')} verify of {b['id']}",
                             "detail": "ok" if v.get("ok") else "FAILED: " + "; ".join(
-                                str(p.get("problem", p)) if isinstance(p, dict) else str(p) for p in v.get("problems") or [])})
+                                str(p.get("problem", p)) if isinstance(p, dict) else str(p)
+                                for p in v.get("problems") or [])})
     if node is not None:
         for e in node.events[-20:]:
             out.append({"at": e["at"], "kind": "cluster", "level": "info", "what": f"{node.name} {e['event']}",

@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -179,7 +179,7 @@ class Receiver:
             if chunk == 0:
                 self._drop_partial(name)
                 cur = self._cuts[name] = {"id": cut, "next": 0, "files": set(),
-                                          "fh": open(self._cut_path(name), "wb")}
+                                          "fh": open(self._cut_path(name), "wb")}  # noqa: SIM115 - kept across chunks
             if cur is None or cur["id"] != cut or cur["next"] != chunk:
                 self._drop_partial(name)
                 raise StateConflict(f"replica {name}: chunk {chunk} of cut {cut} does not follow what was "
@@ -301,7 +301,7 @@ class Receiver:
             for f in files:
                 try:
                     f.protect()
-                except Exception:  # noqa: BLE001 - shown by status
+                except Exception:  # shown by status
                     pass
                 f.lock.release()
             resume()
@@ -348,7 +348,8 @@ class Receiver:
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
             out: dict[str, Any] = {"exists": True, "applied": None, "applied_at": None, "local_changes": None}
             if capture.APPLIED in names and origin:
-                row = con.execute(f"SELECT seq, at FROM {capture.APPLIED} WHERE origin = ?", (origin,)).fetchall()
+                row = cast(list[tuple[int, float]],
+                           con.execute(f"SELECT seq, at FROM {capture.APPLIED} WHERE origin = ?", (origin,)).fetchall())
                 if row:
                     out["applied"], out["applied_at"] = row[0][0], iso(row[0][1])
             if capture.LOG in names:

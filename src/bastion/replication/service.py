@@ -7,7 +7,8 @@ import logging
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
 
 from ..errors import ConfigError, UnknownTarget, UsageError
 from .receiver import Receiver

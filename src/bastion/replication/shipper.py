@@ -20,7 +20,8 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import apsw
 

@@ -38,13 +38,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import apsw
 
 from ..errors import (BastionError, BusyError, FileProblem, PermissionDenied, SQLFailure, StateConflict,
                       TransactionGone, UnknownTarget, UsageError)
-from ..errors import ResultTooLarge  # noqa: F401 - defined in errors.py
+from ..errors import ResultTooLarge  # defined in errors.py
 from . import values
 from .committer import GroupCommitter
 from ..config import SQLSettings  # the [sql] section; importable from here too
@@ -68,19 +69,21 @@ _WRITE_ACTIONS = {
 # is refused: most pragmas change the process (heap limits) or stay set on a pooled
 # connection for the next user (cache_size, ignore_check_constraints, ...).
 # Queries of state, without an argument, for every role:
-_QUERY_PRAGMAS = frozenset("""
-    application_id auto_vacuum automatic_index busy_timeout cache_size cache_spill cell_size_check
-    checkpoint_fullfsync collation_list compile_options count_changes data_version database_list
-    defer_foreign_keys empty_result_callbacks encoding foreign_key_check foreign_keys freelist_count
-    full_column_names fullfsync function_list hard_heap_limit ignore_check_constraints integrity_check
-    journal_mode journal_size_limit legacy_alter_table locking_mode max_page_count mmap_size module_list
-    page_count page_size pragma_list query_only quick_check read_uncommitted recursive_triggers
-    reverse_unordered_selects schema_version secure_delete short_column_names soft_heap_limit synchronous
-    table_list temp_store threads trusted_schema user_version wal_autocheckpoint writable_schema
-    analysis_limit""".split())
+_QUERY_PRAGMAS = frozenset(["application_id", "auto_vacuum", "automatic_index", "busy_timeout", "cache_size",
+                            "cache_spill", "cell_size_check", "checkpoint_fullfsync", "collation_list",
+                            "compile_options", "count_changes", "data_version", "database_list", "defer_foreign_keys",
+                            "empty_result_callbacks", "encoding", "foreign_key_check", "foreign_keys", "freelist_count",
+                            "full_column_names", "fullfsync", "function_list", "hard_heap_limit",
+                            "ignore_check_constraints", "integrity_check", "journal_mode", "journal_size_limit",
+                            "legacy_alter_table", "locking_mode", "max_page_count", "mmap_size", "module_list",
+                            "page_count", "page_size", "pragma_list", "query_only", "quick_check", "read_uncommitted",
+                            "recursive_triggers", "reverse_unordered_selects", "schema_version", "secure_delete",
+                            "short_column_names", "soft_heap_limit", "synchronous", "table_list", "temp_store",
+                            "threads", "trusted_schema", "user_version", "wal_autocheckpoint", "writable_schema",
+                            "analysis_limit"])
 # Queries whose argument names a table or index (or a row limit), for every role:
-_INSPECT_PRAGMAS = frozenset("""foreign_key_check foreign_key_list index_info index_list index_xinfo
-    integrity_check quick_check table_info table_list table_xinfo""".split())
+_INSPECT_PRAGMAS = frozenset(["foreign_key_check", "foreign_key_list", "index_info", "index_list", "index_xinfo",
+                              "integrity_check", "quick_check", "table_info", "table_list", "table_xinfo"])
 # Settings that last only for the current transaction, or are written in it like any row:
 # read-write roles only (defer_foreign_keys is reset by SQLite at COMMIT/ROLLBACK).
 _WRITER_PRAGMAS = frozenset({"defer_foreign_keys", "user_version", "application_id"})
@@ -125,7 +128,7 @@ class Statement:
     many: list[Any] | None = None     # executemany: one parameter set per element
 
     @classmethod
-    def parse(cls, raw: Any, index: int) -> "Statement":
+    def parse(cls, raw: Any, index: int) -> Statement:
         where = f"statement {index + 1}"
         if isinstance(raw, str):
             return cls(raw)
@@ -146,7 +149,7 @@ class Statement:
 class Tx:
     """One transaction on one connection: the exec tracer and authorizer consult it."""
 
-    def __init__(self, db: "Database", conn: apsw.Connection, readonly: bool,
+    def __init__(self, db: Database, conn: apsw.Connection, readonly: bool,
                  cancel: threading.Event | None = None) -> None:
         self.db, self.conn, self.readonly = db, conn, readonly
         self.cancel = cancel           # set when the client is gone: the running statement stops
@@ -289,7 +292,7 @@ class Tx:
             raise UsageError(f"statement {i + 1}: {exc}", details=details) from None
         except BastionError:
             raise
-        except Exception as exc:    # noqa: BLE001 - never a 500 that leaves the transaction hanging
+        except Exception as exc:  # never a 500 that leaves the transaction hanging
             log.exception("statement %d failed unexpectedly", i + 1)
             raise UsageError(f"statement {i + 1} could not run: {type(exc).__name__}: {exc}",
                              details=details) from None
@@ -297,7 +300,7 @@ class Tx:
             self.text = None
             self.deadline = None
             cur.close()
-        desc = self.description or []
+        desc: list[tuple[str, str | None]] = self.description or []
         self.dirty = self.dirty or self.wrote
         # as Python's sqlite3: rowcount is the statement's own changes (not its triggers') for
         # INSERT/UPDATE/DELETE/REPLACE, else -1; lastrowid only after an INSERT that inserted
@@ -341,7 +344,9 @@ class Tx:
         is not run twice."""
         desc, sql = self.description or [], (self.prepared or "").rstrip().rstrip(";")
         cur.close(True)         # force: a tail after the statement (a comment) is no error
-        if self.wrote or not desc or not sql or _FIRST_WORD.match(sql).group(1).upper() not in (
+        first = _FIRST_WORD.match(sql)
+        assert first is not None    # every part of the pattern is optional: it always matches
+        if self.wrote or not desc or not sql or first.group(1).upper() not in (
                 "SELECT", "WITH", "VALUES"):
             raise SQLFailure(f"statement {i + 1}: a result value is TEXT that is not valid UTF-8", details=details,
                              hint="select it as CAST(column AS BLOB) to read its bytes")
@@ -443,7 +448,8 @@ class Tx:
                     try:
                         self.internal_exec("COMMIT")
                     except apsw.Error as exc:
-                        raise SQLFailure(f"commit failed: {exc}", details={"sqlite_error": type(exc).__name__})
+                        raise SQLFailure(f"commit failed: {exc}",
+                                         details={"sqlite_error": type(exc).__name__}) from exc
                     if self.holds_writer:
                         ticket = self.db.committer.committed()
                         if self.db.durability == REPLICATED:
@@ -562,15 +568,15 @@ class Database:
         out = []
         for schema, path in zip(self.schemas, self.paths):
             try:
-                cookie = conn.execute(f'PRAGMA "{schema}".schema_version').fetchone()[0]
+                cookie = connect.one(conn, f'PRAGMA "{schema}".schema_version')
                 seen = conn.execute(f'SELECT value FROM "{schema}"._bastion_meta '
                                     "WHERE key = 'schema_version'").fetchone()
                 if seen is None or seen[0] != cookie:
                     capture.refresh(path)
-                row = conn.execute(f'SELECT max(rowid) FROM "{schema}"._bastion_log').fetchone()
+                last = connect.one(conn, f'SELECT max(rowid) FROM "{schema}"._bastion_log')
             except apsw.SQLError:
                 return None         # capture not installed yet: nothing can be replicated
-            out.append(int(row[0] or 0))
+            out.append(int(last or 0))
         return Cut.of(out)
 
     def wait_replicated(self, positions: Cut | None) -> None:
@@ -616,7 +622,7 @@ class Database:
             conn.execute("ATTACH ? AS " + f'"{schema}"', (path,), can_cache=False)    # never a client's
         for schema in self.schemas:
             conn.execute(f'PRAGMA "{schema}".synchronous={sync}')
-            mode = conn.execute(f'PRAGMA "{schema}".journal_mode').fetchone()[0]
+            mode = connect.one(conn, f'PRAGMA "{schema}".journal_mode')
             if mode != "wal":
                 conn.close()
                 raise FileProblem(f"database {self.name}: schema {schema} is in {mode} mode, not WAL",
@@ -887,7 +893,7 @@ class SQLService:
                                < self.settings.idle_timeout else ")"))
                 log.warning("transaction %s of %s on %s rolled back: idle timeout", s.id, s.user, s.db.name)
                 expired.append(s.id)
-            except BaseException:  # noqa: BLE001 - the sweeper must go on
+            except BaseException:  # the sweeper must go on
                 log.exception("rolling back idle transaction %s", s.id)
             finally:
                 s.lock.release()
@@ -923,7 +929,7 @@ class SQLService:
         for s in sessions:
             try:
                 self._close(s, commit=False, why="the daemon stopped")
-            except BaseException:  # noqa: BLE001
+            except BaseException:
                 pass
         for d in self.databases.values():
             d.suspended = "the daemon is stopping"

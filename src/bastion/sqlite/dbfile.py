@@ -46,7 +46,7 @@ class FileStamp:
     ino: int
 
     @classmethod
-    def of(cls, path: str) -> "FileStamp":
+    def of(cls, path: str) -> FileStamp:
         st = os.stat(path)
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
@@ -85,7 +85,8 @@ def check_file(path: str) -> None:
         st = os.stat(path)
     except FileNotFoundError:
         raise FileProblem(f"{path}: no such file", path=path,
-                          hint="check the path; Bastion protects existing SQLite databases and never creates them") from None
+                          hint="check the path; Bastion protects existing SQLite databases and never creates them"
+                          ) from None
     except OSError as exc:
         raise FileProblem(f"{path}: cannot stat: {exc.strerror}", path=path) from None
     if not _stat.S_ISREG(st.st_mode):
@@ -149,7 +150,7 @@ class DatabaseFile:
             try:
                 conn.setbusytimeout(2000)
                 try:
-                    self.page_size = int(conn.execute("PRAGMA page_size").fetchall()[0][0])
+                    self.page_size = int(connect.one(conn, "PRAGMA page_size"))
                     conn.execute("PRAGMA schema_version").fetchall()
                 except apsw.NotADBError:
                     raise FileProblem(f"{self.path}: not a SQLite database", path=self.path,

@@ -17,7 +17,8 @@ for itself (:func:`local_report`, read-only); the site asked compares (:func:`co
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, cast
+from collections.abc import Mapping
 
 import apsw
 
@@ -72,9 +73,10 @@ def digest(path: str) -> dict[str, Any]:
         rows = 0
         con.execute("BEGIN")
         try:
-            for name, wr in con.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND "
-                                        "type = 'table' AND name NOT LIKE 'sqlite%' AND substr(name, 1, 9) != "
-                                        "'_bastion_' ORDER BY name").fetchall():
+            for name, wr in cast(list[tuple[str, int]], con.execute(
+                    "SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND "
+                    "type = 'table' AND name NOT LIKE 'sqlite%' AND substr(name, 1, 9) != "
+                    "'_bastion_' ORDER BY name").fetchall()):
                 cols = [r[0] for r in con.execute("SELECT name FROM pragma_table_xinfo(?)", (name,))]
                 q = capture.quote
                 sel = ", ".join(f"typeof({q(c)}), CAST({q(c)} AS BLOB)" for c in cols)
@@ -120,8 +122,8 @@ def compare(reports: Mapping[str, Mapping[str, Any]], invariants: Mapping[str, M
     converged = not problems
     if ok_sites:
         first = next(iter(ok_sites.values()))
-        for s, r in ok_sites.items():
-            for i, (a, b) in enumerate(zip(first["files"], r["files"])):
+        for r in ok_sites.values():
+            for a, b in zip(first["files"], r["files"]):
                 if a["vector"] != b["vector"] or a["sha256"] != b["sha256"]:
                     converged = False
         if not converged and not problems:

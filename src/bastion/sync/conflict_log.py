@@ -8,14 +8,15 @@ from typing import Any
 
 import apsw
 
-from ..conflicts import *  # noqa: F401,F403  (the old import path of the conflict log)
+from ..conflicts import *  # noqa: F403 - the old import path of the conflict log
 from ..conflicts import for_json, get, listing, merge, record, record_unshipped, rows  # noqa: F401
 from ..conflicts import resolve as resolve_plain
 from ..sqlite.connect import connection
 from . import site
 
 
-def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, action: str,
+# replaces the star-imported resolve on purpose: a sync site's reapply must enter its version state
+def resolve(target: apsw.Connection | str | os.PathLike[str], conflict_id: int, action: str,  # type: ignore[no-redef]
             by: str | None = None, version: str | None = None) -> dict[str, Any]:
     """``dismiss`` keeps the winner; ``reapply`` writes the losing version as a new local change."""
     with connection(target) as con:

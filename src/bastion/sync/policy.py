@@ -28,7 +28,8 @@ import importlib
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
 
 from ..errors import UsageError
 

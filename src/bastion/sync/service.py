@@ -24,7 +24,8 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 
 from ..errors import BastionError, ConfigError, StateConflict, UnknownTarget, UsageError

@@ -98,7 +98,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import apsw
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, cast
+from collections.abc import Mapping, Sequence
 
 import apsw
 
@@ -30,7 +31,7 @@ class SiteState(Store):
         self.con = con
         self.cur = con.cursor()
         self._init_store()
-        meta = dict(con.execute(f"SELECT key, value FROM {META}").fetchall())
+        meta = dict(cast(list[tuple[str, Any]], con.execute(f"SELECT key, value FROM {META}").fetchall()))
         self.site: str = meta["site"]
         if meta.get("format") != FORMAT:
             raise StateConflict(f"sync tables of format {meta.get('format')}, this Bastion knows {FORMAT}")
@@ -70,8 +71,8 @@ class SiteState(Store):
     def shape(self, sid: int) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         got = self.shapes.get(sid)
         if got is None:
-            t, c, k = self.con.execute(f"SELECT tbl, columns, key_columns FROM {SHAPES} WHERE id = ?",
-                                       (sid,)).fetchall()[0]
+            t, c, k = cast(tuple[str, str, str], self.con.execute(
+                f"SELECT tbl, columns, key_columns FROM {SHAPES} WHERE id = ?", (sid,)).fetchall()[0])
             got = self.shapes[sid] = (t, tuple(json.loads(c)), tuple(json.loads(k)))
             self.shape_ids[got] = sid
         return got
@@ -109,9 +110,10 @@ class SiteState(Store):
         where = " AND ".join(f"{capture.quote(n)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                              for n, v in zip(key_columns, key))
         params = [bytes(v) if type(v) is RawText else v for v in key]
-        try:
-            got = self.con.execute(f"SELECT {', '.join(map(capture.quote, cols))} FROM {capture.quote(table)} "
-                                   f"WHERE {where}", params).fetchall()
+        try:   # the row's values: any of SQLite's types
+            got: list[tuple[Any, ...]] = self.con.execute(
+                f"SELECT {', '.join(map(capture.quote, cols))} FROM {capture.quote(table)} "
+                f"WHERE {where}", params).fetchall()
             vals = got[0] if got else None
         except UnicodeDecodeError:
             # Text that is not valid UTF-8: read text as bytes and keep what does not decode as RawText.
@@ -146,10 +148,11 @@ class SiteState(Store):
             capture.follow_schema(con, emit=True)       # log the application's DDL first, as read_changes does
             self.local_shapes.clear()
             self.fk_cache = None
-        n, last = con.execute(f"SELECT count(*), max(seq) FROM {capture.LOG} WHERE seq > ?",
-                              (self.ingested,)).fetchall()[0]
+        n, last = cast("tuple[int, int | None]", con.execute(
+            f"SELECT count(*), max(seq) FROM {capture.LOG} WHERE seq > ?", (self.ingested,)).fetchall()[0])
         if not n:
             return 0
+        assert last is not None         # n entries: max(seq) is one of them
         if n != last - self.ingested:
             raise StateConflict(f"the change log of this file lost entries sync had not read yet "
                                 f"(after position {self.ingested}): something else pruned it",
@@ -287,7 +290,8 @@ class SiteState(Store):
             raise StateConflict(f"DDL from {ch.origin!r} failed here: {msg} ({ch.sql})",
                                 hint="bring this site's schema in line with the others, then sync again") from e
         self.cur.execute("RELEASE bastion_sync_ddl")
-        capture.follow_schema(self.con, emit=False)      # our capture follows the new schema without logging it as local
+        # our capture follows the new schema without logging it as local
+        capture.follow_schema(self.con, emit=False)
         self.local_shapes.clear()
         self.fk_cache = None
 
@@ -449,9 +453,9 @@ class SiteState(Store):
             self.table_changed(table, keyb)
             where = " AND ".join(f"{capture.quote(k)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
                                  for k, v in zip(ch.key_columns, ch.key))
-            self.cur.execute(f"UPDATE {capture.quote(table)} SET {', '.join(f'{capture.quote(c)} = ?' for c, _ in sets)} "
-                             f"WHERE {where}", [t for _, t in sets] + [bytes(v) if type(v) is RawText else v
-                                                                        for v in ch.key])
+            assignments = ", ".join(f"{capture.quote(c)} = ?" for c, _ in sets)
+            self.cur.execute(f"UPDATE {capture.quote(table)} SET {assignments} WHERE {where}",
+                             [t for _, t in sets] + [bytes(v) if type(v) is RawText else v for v in ch.key])
 
     def with_totals(self, table: str, key: Sequence[Any], row: dict[str, Any]) -> dict[str, Any]:
         """A row to write as a local change (a resolution), its counter columns at the group's total:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import random
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import parse_qsl, urlparse
 
 from ...errors import ObjectMissing, StoreError, StoreFull, StoreRefused, StoreUnreachable, UsageError  # noqa: F401 - the store errors live in errors.py; imported from here too
@@ -72,19 +73,30 @@ def _redact(url: str) -> str:
 
 
 class Store:
+    """The interface every store implements (file, sftp, s3). `list` is one of its methods, so
+    the annotations below name the builtin as builtins.list."""
     url: str
 
-    def read(self, name: str) -> bytes: ...
-    def write(self, name: str, data: bytes) -> None: ...
-    def exists(self, name: str) -> bool: ...
-    def list(self, prefix: str) -> Iterator[str]: ...
-    def delete(self, name: str) -> None: ...
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
 
-    def temporaries(self) -> list[str]:
+    def write(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> Iterator[str]:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def temporaries(self) -> builtins.list[str]:
         """Half-written objects left by a crash (only stores that write through temp names have any)."""
         return []
 
-    def removable_temporaries(self, safe_age: float = TMP_SAFE_AGE) -> list[str]:
+    def removable_temporaries(self, safe_age: float = TMP_SAFE_AGE) -> builtins.list[str]:
         """The temporaries no live process can still be writing (see _tmp_removable)."""
         return []
 

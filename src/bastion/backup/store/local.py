@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from ...fsutil import fsync_dir
 from .base import (

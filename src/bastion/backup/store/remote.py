@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import random
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl, urlparse
 
 from ...errors import UsageError
@@ -54,6 +56,7 @@ class RemoteStore(Store):
     scheme = ""
     options: tuple[str, ...] = ("connect_timeout", "read_timeout")
     per_thread = False    # one connection per thread (SSH) or one shared client (S3)
+    root: str             # the repository's path on the server: set by each subclass
 
     def __init__(self, url: str) -> None:
         check_url(url)
@@ -132,7 +135,7 @@ class RemoteStore(Store):
                 return out
             except (_Missing, StoreError, UsageError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - classified below: permanent ones raise
+            except Exception as exc:  # classified below: permanent ones raise
                 problem = self._classify(exc, what)
             self._drop()
             if i == attempts - 1:
@@ -183,10 +186,15 @@ class RemoteStore(Store):
             pass
 
     # primitives: raise _Missing when the object is not there
-    def _read(self, fs: Any, path: str) -> bytes: ...
+    def _read(self, fs: Any, path: str) -> bytes:
+        raise NotImplementedError
+
     def _write(self, fs: Any, path: str, data: bytes) -> None: ...
     def _stat(self, fs: Any, path: str) -> None: ...
-    def _find(self, fs: Any, path: str) -> list[str]: ...
+
+    def _find(self, fs: Any, path: str) -> builtins.list[str]:   # `list` here is the method above
+        raise NotImplementedError
+
     def _rm(self, fs: Any, path: str) -> None: ...
 
 
@@ -195,7 +203,7 @@ def _close_one(fs: Any) -> None:
         closer = getattr(fs, "_bastion_close", None)
         if closer:
             closer()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is gone either way
+    except Exception:  # closing a broken connection may fail; it is gone either way
         pass
 
 

@@ -28,7 +28,7 @@ from .remote import RemoteStore, _Missing
 # SFTP
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sftp_classes() -> tuple[Any, Any]:
     """fsspec's SFTP file system, with our own connect: known_hosts checking and time-outs."""
     try:
@@ -86,7 +86,9 @@ def _sftp_classes() -> tuple[Any, Any]:
                 self.client.connect(self.host, **kw)
                 self.ftp = self.client.open_sftp()
                 # without this a server that stops answering would hang a backup forever
-                self.ftp.get_channel().settimeout(read_timeout)
+                channel = self.ftp.get_channel()
+                assert channel is not None      # an open SFTP session runs on its channel
+                channel.settimeout(read_timeout)
             except BaseException:
                 self.client.close()
                 raise
@@ -227,7 +229,7 @@ class SftpStore(RemoteStore):
             if not isinstance(exc, TimeoutError) and transport is not None and transport.is_active():
                 try:        # the server refused something (disk full...): do not leave the temporary
                     fs.ftp.remove(tmp)
-                except Exception:  # noqa: BLE001 - prune removes temporaries anyway
+                except Exception:  # prune removes temporaries anyway
                     pass
             raise
 
