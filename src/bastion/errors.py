@@ -42,12 +42,23 @@ The exit codes follow BUTIL: 0 success, 1 partial, 2 failed, 3 usage.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_FAILED = 2
 EXIT_USAGE = 3
+
+
+class Outcome(enum.StrEnum):
+    """How an operation that did not raise went: library results carry this (as "outcome",
+    its value a plain string in JSON), never an exit code; the CLI alone maps it to one
+    (cli.base.exit_code_of: ok 0, partial 1, failed 2)."""
+
+    OK = "ok"
+    PARTIAL = "partial"      # done, but not all of it (some databases failing, not recorded...)
+    FAILED = "failed"        # ran to the end and found it did not work (problems found, no takeover)
 
 
 _BY_NAME: dict[str, type["BastionError"]] = {}

@@ -16,7 +16,7 @@ from rich.console import Console
 from .. import __version__
 from .. import config as cfg
 from ..daemon.client import AdminClient
-from ..errors import EXIT_OK
+from ..errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, Outcome
 
 # Piped or redirected, rich would squeeze tables into 80 columns and cut paths with '…':
 # give them the room they need, so `bastion status | grep` sees whole paths.
@@ -82,12 +82,25 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
     return value
 
 
+EXIT_OF = {Outcome.OK: EXIT_OK, Outcome.PARTIAL: EXIT_PARTIAL, Outcome.FAILED: EXIT_FAILED}
+
+
+def exit_code_of(data: dict[str, Any]) -> int:
+    """The exit code of a result: libraries (and the daemon's answers) give an "outcome";
+    a result without one (composed here, or from an earlier daemon) carries "exit_code"."""
+    if "outcome" in data:
+        return EXIT_OF[Outcome(data["outcome"])]
+    return int(data.get("exit_code", EXIT_OK))
+
+
 def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
+    code = exit_code_of(data)
+    if "outcome" in data:
+        data = {**data, "exit_code": code}  # --json has always carried it: the CLI fills it in
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
         human(data)
-    code = int(data.get("exit_code", EXIT_OK))
     if code:
         sys.exit(code)
 
