@@ -52,8 +52,8 @@ EXIT_USAGE = 3
 
 
 class Outcome(enum.StrEnum):
-    """How an operation that did not raise went: library results carry this (as "outcome",
-    its value a plain string in JSON), never an exit code; the CLI alone maps it to one
+    """How an operation that did not raise went: library results carry this under "verdict"
+    (a plain string in JSON), never an exit code; the CLI alone maps it to one
     (cli.base.exit_code_of: ok 0, partial 1, failed 2)."""
 
     OK = "ok"

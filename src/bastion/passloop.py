@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import BastionError
+from .errors import BastionError, Outcome
 
 if TYPE_CHECKING:
     from .schedule import Timing
@@ -116,7 +116,7 @@ class PassLoop:
                     finally:
                         self._after_pass()
                 self._progress()
-                result["exit_code"] = 0
+                result["verdict"] = Outcome.OK
                 if result.get("more"):
                     delay = 0
             except Exception as exc:  # noqa: BLE001 - the loop never dies; status shows the error
@@ -131,7 +131,7 @@ class PassLoop:
                 if self.failures == 1:
                     self._notify()
                 delay = min(self.max_backoff, 0.25 * 2 ** min(self.failures, 8))
-                result = {"database": self.name, "error": self.last_error, "exit_code": 2}
+                result = {"database": self.name, "error": self.last_error, "verdict": Outcome.FAILED}
             with self._cond:
                 self._last_result = result
                 self._served = serving

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import apsw
 
-from ..errors import BastionError, RecoveryRefused, UsageError
+from ..errors import BastionError, Outcome, RecoveryRefused, UsageError
 from ..errors import RestoreFailed  # noqa: F401 - defined in errors.py
 from ..sqlite.exclusive import replace_in_child
 from . import names
@@ -295,7 +295,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
     secs = time.monotonic() - t0
     return {"backup": backup_id, "database": m["database"], "instant": m["instant"], "to": real,
             "files": [{"path": t, "previous_kept_as": kept.get(t), **c} for t, c in zip(targets, results)],
-            "bytes": total, "seconds": round(secs, 3), "exit_code": 0}
+            "bytes": total, "seconds": round(secs, 3), "verdict": Outcome.OK}
 
 
 def _refusal(exc: RecoveryRefused, configured: dict[str, str], backup_id: str) -> RecoveryRefused:

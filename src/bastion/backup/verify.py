@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from ..errors import BastionError, UsageError
+from ..errors import BastionError, Outcome, UsageError
 from ..state import iso
 from .names import UnsafeName
 from .repository import DamagedManifest, Repository
@@ -148,7 +148,7 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
         e["problems"] = len(found[bid])
     result: dict[str, Any] = {"repository": repo.url, "mode": mode, "backups": list(entries.values()),
                               "problems": problems, "notes": notes, "ok": not problems,
-                              "exit_code": 0 if not problems else 2}
+                              "verdict": Outcome.FAILED if problems else Outcome.OK}
 
     # 5. record: verify never trusts a record, but `backups list` and `status` show the latest
     if record:
@@ -166,8 +166,8 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
         except (BastionError, OSError) as exc:
             result["recorded"] = False
             result["notes"].append(f"the outcome could not be recorded in the repository: {exc}")
-            if result["exit_code"] == 0:
-                result["exit_code"] = 1    # checked, but `backups list` will not show it
+            if result["verdict"] == Outcome.OK:
+                result["verdict"] = Outcome.PARTIAL    # checked, but `backups list` will not show it
     return result
 
 

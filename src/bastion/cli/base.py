@@ -86,17 +86,32 @@ EXIT_OF = {Outcome.OK: EXIT_OK, Outcome.PARTIAL: EXIT_PARTIAL, Outcome.FAILED: E
 
 
 def exit_code_of(data: dict[str, Any]) -> int:
-    """The exit code of a result: libraries (and the daemon's answers) give an "outcome";
-    a result without one (composed here, or from an earlier daemon) carries "exit_code"."""
-    if "outcome" in data:
-        return EXIT_OF[Outcome(data["outcome"])]
+    """The exit code of a result: libraries (and the daemon's answers) say how it went with a
+    "verdict" (errors.Outcome); a result without one (composed here) carries "exit_code"."""
+    if "verdict" in data:
+        verdict, err = Outcome(data["verdict"]), data.get("error")
+        if verdict == Outcome.FAILED and isinstance(err, dict) and isinstance(err.get("exit_code"), int):
+            return int(err["exit_code"])      # failed with an error (to_dict): the error's own code
+        return EXIT_OF[verdict]
     return int(data.get("exit_code", EXIT_OK))
 
 
+def with_exit_codes(data: Any) -> Any:
+    """``data`` with an "exit_code" beside every "verdict", nested results included (a result
+    per database): --json has always carried them, and only the CLI maps one to the other."""
+    if isinstance(data, list):
+        return [with_exit_codes(x) for x in data]
+    if not isinstance(data, dict):
+        return data
+    out = {k: with_exit_codes(v) for k, v in data.items()}
+    if "verdict" in out:
+        out["exit_code"] = exit_code_of(out)
+    return out
+
+
 def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
+    data = with_exit_codes(data)
     code = exit_code_of(data)
-    if "outcome" in data:
-        data = {**data, "exit_code": code}  # --json has always carried it: the CLI fills it in
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:

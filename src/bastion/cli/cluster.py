@@ -23,7 +23,7 @@ def cluster_status(conf: cfg.Config, as_json: bool) -> None:
     from ..cluster import control
     from ..daemon.auth import read_token
     res = control.status(conf, read_token(conf.token_file))
-    data = {**res.to_dict(), "outcome": res.outcome}
+    data = {**res.to_dict(), "verdict": res.outcome}
 
     def human(d: dict[str, Any]) -> None:
         t = Table("node", "address", "role", "writable", "fencing token", "error")
@@ -44,6 +44,6 @@ def cluster_switchover(conf: cfg.Config, as_json: bool, to: str | None, timeout:
     from ..cluster import control
     from ..daemon.auth import read_token
     res = control.switchover(conf, read_token(conf.token_file), to, timeout)
-    data = {**res.to_dict(), "outcome": res.outcome}
+    data = {**res.to_dict(), "verdict": res.outcome}
     emit(data, as_json, lambda d: out.print(f"switchover {d['from']} -> {d['to'] or 'NONE (no node took over)'} "
                                             f"in {d['seconds']:.2f} s"))
