@@ -208,7 +208,13 @@ class DamagedManifest(RepositoryError):
 
 
 class RestoreFailed(RepositoryError):
-    pass
+    """``details["file"]``: the backup's file (its name in the manifest) the restore stopped on,
+    when one file was at fault; read it as :attr:`file` (it survives HTTP, not the message)."""
+
+    @property
+    def file(self) -> str | None:
+        f = self.details.get("file")
+        return f if isinstance(f, str) else None
 
 
 class StoreError(BastionError):

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from ..errors import BastionError, Outcome, UsageError
+from ..errors import BastionError, Outcome, RestoreFailed, UsageError
 from ..state import iso
 from .names import UnsafeName
 from .repository import DamagedManifest, Repository
@@ -42,14 +42,10 @@ def _read(repo: Repository, digest: str) -> int | str:
 
 
 def _file_of(exc: BastionError, m: dict[str, Any]) -> str | None:
-    """Which file of ``m`` a restore error is about."""
-    if exc.details.get("file"):
-        return str(exc.details["file"])
-    for f in m["files"]:
-        if exc.message.startswith(f["name"] + ":") or f"file {f['name']}:" in exc.message \
-                or f" of {f['name']} " in exc.message:
-            return f["name"]
-    return None
+    """Which file of ``m`` a restore error is about: the one RestoreFailed names (never read from
+    the message's words), if ``m`` has it."""
+    name = exc.file if isinstance(exc, RestoreFailed) else None
+    return name if any(f["name"] == name for f in m["files"]) else None
 
 
 def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = False,
