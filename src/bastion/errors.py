@@ -14,6 +14,7 @@
      +-- NotConsistent           a copy taken under continuous operations or freeze cannot be trusted
      +-- RecoveryRefused         recover --discard-changes cannot prove it is safe
      +-- DaemonUnavailable       no daemon answers at the configured address
+ +-- ChildFailed             a child process doing file work died, or ran out of time and was killed
      +-- AuthError               the token or the user's credentials were missing or wrong
      +-- PermissionDenied        the user may not do that on that database (read-only role)
      +-- SQLFailure              a statement sent to the SQL server failed (details: SQLite's error)
@@ -142,6 +143,11 @@ class RecoveryRefused(BastionError):
 
 class DaemonUnavailable(BastionError):
     http_status = 503
+
+
+class ChildFailed(BastionError):
+    """A child process doing raw file work (sqlite.child) died without an answer or ran out of
+    time (then it was killed); ``details``: the task, its return code or the time limit."""
 
 
 class AuthError(BastionError):
