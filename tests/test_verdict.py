@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "bastion"
 EXIT_CODE_ALLOWED = {
     "errors.py", "hooks.py", "drill.py", "cluster/node.py", "daemon/app.py",
     # not converted yet
-    "contops.py", "freeze.py", "doctor.py", "sync/check.py", "sync/service.py", "replication/receiver.py",
+    "sync/check.py", "sync/service.py", "replication/receiver.py",
 }
 
 
