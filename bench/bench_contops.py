@@ -146,7 +146,7 @@ class ContopsDaemon(Daemon):
         r = self.http.post(path, json=body)
         wall = time.perf_counter() - t
         data = r.json()
-        if r.status_code != 200 or data.get("exit_code", 0) != 0:
+        if r.status_code != 200 or data.get("verdict", "ok") != "ok":
             raise RuntimeError(f"POST {path} {body}: {r.status_code} {json.dumps(data)[:2000]}")
         return wall, data
 

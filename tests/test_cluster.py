@@ -109,6 +109,43 @@ def test_planned_switchover_loses_no_commit(tmp_path, bank):
             n.stop()
 
 
+def test_switchover_to_a_name_that_is_no_node_is_refused_by_the_api_and_the_cli_alike(tmp_path, bank):
+    """The API and the CLI run one switchover (cluster.control): a target [cluster] peers does
+    not list is refused before anything changes. Straight to the API, the active node used to
+    hand the lease over to that name: reserved for nobody, no node was active for 3 TTLs."""
+    nodes = make_cluster(tmp_path, bank, 2, ("file",))
+    try:
+        for n in nodes:
+            n.start()
+        wait_for(lambda: len(active_of(nodes)) == 1, what="one active node")
+        (active,) = active_of(nodes)
+        other = next(n for n in nodes if n is not active)
+        auth = {"Authorization": f"Bearer {token_of(tmp_path)}"}
+        for bad in ("n9", active.name):
+            h = httpx.post(f"{active.url}/v1/cluster/switchover", json={"to": bad}, headers=auth, timeout=30)
+            assert h.status_code in (400, 409), h.text
+            assert h.json()["error"]["type"] == ("UsageError" if bad == "n9" else "StateConflict")
+            r = subprocess.run([PY, "-m", "bastion", "--config", str(other.config), "cluster", "switchover",
+                                "--to", bad, "--json"], capture_output=True, text=True, timeout=60)
+            assert r.returncode == (3 if bad == "n9" else 2) and bad in r.stderr, (r.returncode, r.stderr)
+        assert active_of(nodes) == [active]
+        st = httpx.get(f"{active.url}/v1/cluster/status", headers=auth, timeout=10).json()
+        assert st["role"] == "active" and st["clustered"] and st["token"]
+        assert st["lease"]["holder"]["node"] == active.name
+        # the route's answer is the node's half; the CLI waits for the new active and says how long it took
+        h = httpx.post(f"{active.url}/v1/cluster/switchover", json={"to": other.name}, headers=auth, timeout=60)
+        assert h.status_code == 200 and h.json() == {"from": active.name, "to": other.name, "exit_code": 0}, h.text
+        wait_for(lambda: active_of(nodes) == [other], what="the named node active")
+        r = subprocess.run([PY, "-m", "bastion", "--config", str(other.config), "cluster", "status", "--json"],
+                           capture_output=True, text=True, timeout=60)
+        d = json.loads(r.stdout)
+        assert r.returncode == 0 and d["active"] == [other.name] and d["exit_code"] == 0, r.stdout
+        assert {x["node"]: x["role"] for x in d["nodes"]} == {active.name: "passive", other.name: "active"}
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 # -- etcd ---------------------------------------------------------------------------------
 
 class Cut:

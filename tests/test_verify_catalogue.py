@@ -568,3 +568,25 @@ def test_empty_manifest_neither_verifies_nor_restores(daemon: DaemonProc, bank: 
     r = daemon.cli("restore", b, "--to", str(tmp_path / "e"), "--json")
     assert r.code == 2 and "no files" in r.err
     assert not (tmp_path / "e").exists() or not os.listdir(tmp_path / "e")
+
+
+def test_a_failed_restore_names_its_file_by_type_and_verify_reads_it(pristine: Pristine, tmp_path: Path) -> None:
+    """verify --full learns which file a restore stopped on from RestoreFailed.file (details,
+    kept across HTTP), not by matching the words of the message."""
+    from bastion.backup import Repository, restore, verify
+    from bastion.errors import BastionError, RestoreFailed
+    r = Repo(pristine, tmp_path / "repo")
+
+    def audit_changed(m: dict[str, Any]) -> None:
+        t = m["files"][1]["tables"]
+        t[sorted(t)[0]]["sha256"] = "0" * 64
+
+    r.edit(r.b2, audit_changed)
+    repo = Repository.open(r.url)
+    with pytest.raises(RestoreFailed) as info:
+        restore(repo, r.b2, str(tmp_path / "out"))
+    assert info.value.file == "audit.db"
+    back = BastionError.from_dict(info.value.to_dict())     # as the CLI gets it from the daemon
+    assert isinstance(back, RestoreFailed) and back.file == "audit.db"
+    res = verify(repo, [r.b2], full=True, record=False)
+    assert [(p["backup"], p["file"]) for p in res["problems"]] == [(r.b2, "audit.db")], res["problems"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from .catalog import Catalog
 from .config import Config
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RecoveryRefused, StateConflict
+from .errors import Outcome, RecoveryRefused, StateConflict
 from .sqlite import DatabaseFile, Retry, pause_writers
 from .sqlite import exclusive
 from . import state as st
@@ -96,7 +96,7 @@ class ContinuousOperations:
             "latency_ms": round((time.monotonic() - t0) * 1000, 3),
             "files": [{"path": e["path"], "database": e["database"], "main_bytes": e["stamp"]["size"],
                        "wal_bytes": e["wal_bytes_start"]} for e in entries],
-            "warnings": warnings, "exit_code": EXIT_OK,
+            "warnings": warnings, "verdict": Outcome.OK,
         }
 
     def _check_startable(self, files: list[DatabaseFile]) -> list[dict[str, Any]]:
@@ -163,8 +163,9 @@ class ContinuousOperations:
                        for f, row, consistent, reason in plan]
         consistent_all = all(r["consistent"] for r in results)
         complete_all = all(r.get("roll_in") in ("complete", "started") for r in results)
-        code = EXIT_OK if consistent_all and complete_all else (EXIT_PARTIAL if consistent_all else EXIT_FAILED)
-        return {"files": results, "consistent": consistent_all, "exit_code": code,
+        verdict = (Outcome.OK if consistent_all and complete_all else
+                   Outcome.PARTIAL if consistent_all else Outcome.FAILED)
+        return {"files": results, "consistent": consistent_all, "verdict": verdict,
                 "delta_bytes": sum(r.get("delta_bytes", 0) for r in results)}
 
     def _roll_in(self, f: DatabaseFile, row: dict[str, Any], consistent: bool, reason: str | None) -> dict[str, Any]:
@@ -254,7 +255,7 @@ class ContinuousOperations:
                     results.append({"path": f.path, "action": "rolled in", "session": row and row["session_id"],
                                     "delta_bytes": res["delta_bytes"], "complete": res["complete"]})
                 ok = all(r["complete"] for r in results)
-                return {"files": results, "exit_code": EXIT_OK if ok else EXIT_PARTIAL}
+                return {"files": results, "verdict": Outcome.OK if ok else Outcome.PARTIAL}
             return self._discard(files, rows)
 
     def _discard(self, files: list[DatabaseFile], rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -309,5 +310,5 @@ class ContinuousOperations:
                                 result=out["files"][f.path])
             results.append({"path": f.path, "action": "discarded", "session": row["session_id"],
                             "back_to": _iso(row["started_at"]), "quick_check": check, **out["files"][f.path]})
-        return {"files": results, "exit_code": EXIT_OK if all(r["quick_check"] == "ok" for r in results)
-                else EXIT_FAILED}
+        return {"files": results, "verdict": Outcome.OK if all(r["quick_check"] == "ok" for r in results)
+                else Outcome.FAILED}

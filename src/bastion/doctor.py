@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from .config import Config
+from .errors import Outcome
 
 FREE_FAIL, FREE_WARN = 5.0, 15.0      # percent free
 
@@ -176,7 +177,7 @@ def run(config: Config) -> dict[str, Any]:
             unique.append(c)
     failed = sum(c["status"] == "failed" for c in unique)
     warned = sum(c["status"] == "warning" for c in unique)
-    code = 2 if failed else (1 if warned else 0)
+    verdict = Outcome.FAILED if failed else (Outcome.PARTIAL if warned else Outcome.OK)
     summary = (f"{failed} failed, {warned} warning(s), {len(unique) - failed - warned} ok or unknown"
                if failed or warned else f"all {len(unique)} checks ok (or unknown)")
-    return {"checks": unique, "failed": failed, "warnings": warned, "summary": summary, "exit_code": code}
+    return {"checks": unique, "failed": failed, "warnings": warned, "summary": summary, "verdict": verdict}

@@ -29,7 +29,7 @@ import apsw
 
 from . import hooks
 from .config import Config
-from .errors import BastionError, UnknownTarget
+from .errors import BastionError, Outcome, UnknownTarget
 from .state import StateStore, iso
 from .sqlite import connect
 
@@ -136,7 +136,7 @@ def run(config: Config, state: StateStore, database: str, url: str | None = None
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = round(time.monotonic() - t0, 3)
-    result["exit_code"] = 0 if result["ok"] else 2
+    result["verdict"] = Outcome.OK if result["ok"] else Outcome.FAILED
     if not result["ok"]:
         result["message"] = f"drill of {database} failed at step '{result['step']}': {result['error']}"
         log.error("%s", result["message"])

@@ -14,6 +14,7 @@
      +-- NotConsistent           a copy taken under continuous operations or freeze cannot be trusted
      +-- RecoveryRefused         recover --discard-changes cannot prove it is safe
      +-- DaemonUnavailable       no daemon answers at the configured address
+ +-- ChildFailed             a child process doing file work died, or ran out of time and was killed
      +-- AuthError               the token or the user's credentials were missing or wrong
      +-- PermissionDenied        the user may not do that on that database (read-only role)
      +-- SQLFailure              a statement sent to the SQL server failed (details: SQLite's error)
@@ -42,12 +43,23 @@ The exit codes follow BUTIL: 0 success, 1 partial, 2 failed, 3 usage.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_FAILED = 2
 EXIT_USAGE = 3
+
+
+class Outcome(enum.StrEnum):
+    """How an operation that did not raise went: library results carry this under "verdict"
+    (a plain string in JSON), never an exit code; the CLI alone maps it to one
+    (cli.base.exit_code_of: ok 0, partial 1, failed 2)."""
+
+    OK = "ok"
+    PARTIAL = "partial"      # done, but not all of it (some databases failing, not recorded...)
+    FAILED = "failed"        # ran to the end and found it did not work (problems found, no takeover)
 
 
 _BY_NAME: dict[str, type[BastionError]] = {}
@@ -133,6 +145,11 @@ class DaemonUnavailable(BastionError):
     http_status = 503
 
 
+class ChildFailed(BastionError):
+    """A child process doing raw file work (sqlite.child) died without an answer or ran out of
+    time (then it was killed); ``details``: the task, its return code or the time limit."""
+
+
 class AuthError(BastionError):
     http_status = 401
 
@@ -197,7 +214,13 @@ class DamagedManifest(RepositoryError):
 
 
 class RestoreFailed(RepositoryError):
-    pass
+    """``details["file"]``: the backup's file (its name in the manifest) the restore stopped on,
+    when one file was at fault; read it as :attr:`file` (it survives HTTP, not the message)."""
+
+    @property
+    def file(self) -> str | None:
+        f = self.details.get("file")
+        return f if isinstance(f, str) else None
 
 
 class StoreError(BastionError):

@@ -17,7 +17,7 @@ from typing import Any
 
 from .catalog import Catalog
 from .config import Config
-from .errors import EXIT_FAILED, EXIT_OK, StateConflict, UsageError
+from .errors import Outcome, StateConflict, UsageError
 from .sqlite import DatabaseFile, pause_writers
 from . import state as st
 from .state import StateStore, iso as _iso
@@ -78,7 +78,7 @@ class Freezer:
                 "pause_ms": round((time.monotonic() - t_request) * 1000, 3),
                 "files": [{"path": f.path, "database": f.database, "main_file_complete": complete[f.path]}
                           for f in files],
-                "warnings": warnings, "exit_code": EXIT_OK}
+                "warnings": warnings, "verdict": Outcome.OK}
 
     def thaw(self, files: list[DatabaseFile]) -> dict[str, Any]:
         with self._mutex:
@@ -119,7 +119,7 @@ class Freezer:
                 if timer:
                     timer.cancel()
             ok = all(r["consistent"] for r in results)
-            return {"files": results, "consistent": ok, "exit_code": EXIT_OK if ok else EXIT_FAILED,
+            return {"files": results, "consistent": ok, "verdict": Outcome.OK if ok else Outcome.FAILED,
                     "hold_seconds": max((r.get("hold_seconds", 0.0) for r in results), default=0.0)}
 
     def _time_out(self, sid: str) -> None:

@@ -12,14 +12,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import BastionError
+from .errors import BastionError, Outcome
+from .state import iso
 
 if TYPE_CHECKING:
     from .schedule import Timing
 
 log = logging.getLogger("bastion.passloop")
+
+
+@dataclass(frozen=True)
+class LoopStatus:
+    """The part of a replicated or synced database's status that the loop keeps: its state,
+    the failure streak and when it last failed and worked (epoch seconds; ISO in to_dict)."""
+
+    state: str
+    failures: int
+    last_error: str | None
+    last_error_at: float | None
+    last_success_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys `replicate status` and `sync status` have always shown."""
+        return {"state": self.state, "last_error": self.last_error, "last_error_at": iso(self.last_error_at),
+                "failures": self.failures, "last_success_at": iso(self.last_success_at)}
 
 
 class PassLoop:
@@ -48,6 +67,10 @@ class PassLoop:
         self._last_result: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
         self.pass_lock = threading.Lock()  # held during a pass: a pause of the daemon takes it
+
+    def loop_status(self) -> LoopStatus:
+        # error and state before the count, as the loop writes them (see _loop)
+        return LoopStatus(self.state, self.failures, self.last_error, self.last_error_at, self.last_success_at)
 
     # -- to implement ---------------------------------------------------------------------
     def _cycle(self) -> dict[str, Any]:
@@ -116,7 +139,7 @@ class PassLoop:
                     finally:
                         self._after_pass()
                 self._progress()
-                result["exit_code"] = 0
+                result["verdict"] = Outcome.OK
                 if result.get("more"):
                     delay = 0
             except Exception as exc:  # the loop never dies; status shows the error
@@ -131,7 +154,7 @@ class PassLoop:
                 if self.failures == 1:
                     self._notify()
                 delay = min(self.max_backoff, 0.25 * 2 ** min(self.failures, 8))
-                result = {"database": self.name, "error": self.last_error, "exit_code": 2}
+                result = {"database": self.name, "error": self.last_error, "verdict": Outcome.FAILED}
             with self._cond:
                 self._last_result = result
                 self._served = serving

@@ -18,7 +18,7 @@ import apsw
 from ..catalog import Catalog
 from ..config import Config
 from ..contops import ContinuousOperations
-from ..errors import BastionError, NotConsistent, from_os_error
+from ..errors import BastionError, NotConsistent, Outcome, from_os_error
 from ..position import Instant
 from ..sqlite import DatabaseFile
 from ..state import iso
@@ -90,7 +90,7 @@ class Backups:
     def take_each(self, names: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
         """One backup per database named (or per configured database and protected file, for --all),
         each under its own name. One target: that backup's result (errors raise). Several: every
-        result or error, exit 0 if all succeeded, 1 if some did, 2 if none did."""
+        result or error; ok if all succeeded, partial if some did, failed if none did."""
         groups = self._groups(names, all_)     # unknown names: a usage error before anything is done
         if len(groups) == 1 and not all_:
             label, files = groups[0]
@@ -100,10 +100,10 @@ class Backups:
             try:
                 results.append(self.take(label, files, to))
             except BastionError as exc:
-                results.append({"database": label, "error": exc.to_dict(), "exit_code": exc.exit_code})
-        failed = [r for r in results if r["exit_code"] != 0]
-        code = 0 if not failed else (2 if len(failed) == len(results) else 1)
-        return {"backups": results, "failed": len(failed), "exit_code": code}
+                results.append({"database": label, "error": exc.to_dict(), "verdict": Outcome.FAILED})
+        failed = [r for r in results if r["verdict"] != Outcome.OK]
+        verdict = Outcome.OK if not failed else (Outcome.FAILED if len(failed) == len(results) else Outcome.PARTIAL)
+        return {"backups": results, "failed": len(failed), "verdict": verdict}
 
     def _groups(self, names: list[str], all_: bool) -> list[tuple[str, list[DatabaseFile]]]:
         from ..catalog import Targets
@@ -185,7 +185,7 @@ class Backups:
             "chunks_total": manifest["chunks_total"], "chunks_new": manifest["chunks_new"],
             "seconds": round(res["seconds"], 3), "writers_paused_ms": start["writers_paused_ms"],
             "verified": check["ok"], "verify_seconds": round(time.monotonic() - t0, 3),
-            "exit_code": 0 if check["ok"] else 2}
+            "verdict": Outcome.OK if check["ok"] else Outcome.FAILED}
         if not check["ok"]:
             out["problems"] = check["problems"]
             broken = sorted({p["backup"] for p in check["problems"]})
@@ -285,7 +285,7 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
             "quick_check": checks.get(t, "ok (not protected by this daemon)")} for t in targets]
     ok = all(c["quick_check"].startswith("ok") for c in out)
     return {"backup": backup_id, "instant": m["instant"], "replaced": out, "verified_before_swap": restored["files"],
-            "exit_code": 0 if ok else 2}
+            "verdict": Outcome.OK if ok else Outcome.FAILED}
 
 
 def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any]:
@@ -305,4 +305,4 @@ def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any
                      "verification": {k: ver[k] for k in ("latest", "quick", "full", "unreadable")}}))
     rows.sort(key=lambda r: r[0])
     return {"repository": repo.url, "backups": [r for _, r in rows], "problems": problems,
-            "exit_code": 2 if problems else 0}
+            "verdict": Outcome.FAILED if problems else Outcome.OK}

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import Outcome, UsageError
 from ..position import Instant
 from . import names
 from .repository import Repository, RepositoryError
@@ -123,7 +123,7 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
         if not dry_run and repo.live_locks("backup"):
             result.update(chunks_removed=0, bytes_freed=0,
                           chunk_cleanup="deferred: a backup is running; the next prune removes the chunks")
-            result["exit_code"] = 0
+            result["verdict"] = Outcome.OK
             return result
         # only names Bastion writes: a stray or hostile file under chunks/ is neither counted nor touched
         unreferenced = sorted(d for d in repo.chunk_digests() - referenced if _DIGEST.fullmatch(d))
@@ -142,7 +142,7 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
                 repo.store.delete(t)
         result.update(chunks_removed=len(unreferenced), bytes_freed=freed, temporaries_removed=len(temps),
                       chunk_cleanup="done" if not dry_run else "dry run")
-        result["exit_code"] = 0
+        result["verdict"] = Outcome.OK
         return result
     finally:
         if lock:

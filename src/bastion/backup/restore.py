@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import apsw
 
-from ..errors import BastionError, RecoveryRefused, UsageError
+from ..errors import BastionError, Outcome, RecoveryRefused, UsageError
 from ..errors import RestoreFailed  # defined in errors.py
 from ..sqlite.exclusive import replace_in_child
 from . import names
@@ -111,7 +111,8 @@ def _checked(backup_id: str, m: dict[str, Any]) -> list[dict[str, Any]]:
                 and all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and _HEX64.fullmatch(c[0])
                         and isinstance(c[1], int) and c[1] >= 0 for c in chunks)):
             raise RestoreFailed(f"backup {backup_id}: the manifest's entry for {f['name']!r} is damaged; refused",
-                                hint="run `bastion verify` on the backup, and restore another one")
+                                hint="run `bastion verify` on the backup, and restore another one",
+                                details={"file": f["name"]})
     return files
 
 
@@ -224,10 +225,11 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                     if isinstance(data, RepositoryError):
                         raise RestoreFailed(f"backup {backup_id}, file {f['name']}: {data.message}; nothing was "
                                             "restored", hint="run `bastion verify --all` to see every damaged "
-                                                             "backup; restore an older one") from None
+                                                             "backup; restore an older one",
+                                            details={"file": f["name"]}) from None
                     if len(data) != size:
                         raise RestoreFailed(f"chunk {digest[:16]} of {f['name']} has {len(data)} bytes, "
-                                            f"the manifest says {size}")
+                                            f"the manifest says {size}", details={"file": f["name"]})
                     whole.update(data)
                     view = memoryview(data)
                     try:
@@ -245,7 +247,8 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             syncs.append((synced, fd))
             if whole.hexdigest() != f["sha256"]:
                 synced.result()
-                raise RestoreFailed(f"{f['name']}: restored bytes do not match the manifest's SHA-256")
+                raise RestoreFailed(f"{f['name']}: restored bytes do not match the manifest's SHA-256",
+                                    details={"file": f["name"]})
             path = os.path.join(real, tmp)
             pending.append((f, target, synced, checks.submit(_integrity, path), checks.submit(_digests, path)))
         results = []
@@ -256,10 +259,12 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                 raise _space(exc, target, total, real) from None
             integrity, digests = integrity_fut.result(), digests_fut.result()
             if integrity != "ok":
-                raise RestoreFailed(f"{f['name']}: integrity_check failed on the restored file: {integrity[:500]}")
+                raise RestoreFailed(f"{f['name']}: integrity_check failed on the restored file: {integrity[:500]}",
+                                    details={"file": f["name"]})
             if digests != f["tables"]:
                 bad = sorted(t for t in set(digests) | set(f["tables"]) if digests.get(t) != f["tables"].get(t))
-                raise RestoreFailed(f"{f['name']}: content differs from the manifest in tables {', '.join(bad)}")
+                raise RestoreFailed(f"{f['name']}: content differs from the manifest in tables {', '.join(bad)}",
+                                    details={"file": f["name"]})
             results.append({"name": f["name"], "integrity": integrity, "tables": len(digests)})
         kept: dict[str, Any] = {}
         if created:
@@ -297,7 +302,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
     secs = time.monotonic() - t0
     return {"backup": backup_id, "database": m["database"], "instant": m["instant"], "to": real,
             "files": [{"path": t, "previous_kept_as": kept.get(t), **c} for t, c in zip(targets, results)],
-            "bytes": total, "seconds": round(secs, 3), "exit_code": 0}
+            "bytes": total, "seconds": round(secs, 3), "verdict": Outcome.OK}
 
 
 def _refusal(exc: RecoveryRefused, configured: dict[str, str], backup_id: str) -> RecoveryRefused:

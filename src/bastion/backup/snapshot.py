@@ -5,25 +5,22 @@ descriptor on a file drops every POSIX lock the process holds on it
 (DESIGN.md, pitfalls). So the bytes are read here, in a process of their own,
 while the daemon keeps the files in continuous operations: the main files do
 not change while we read them, and we open them through SQLite only as
-``immutable`` (main file alone, no locks) for the content digests.
-
-    python -m bastion.backup.snapshot < request.json > result.json
+``immutable`` (main file alone, no locks) for the content digests. The process is
+sqlite.child's, like every other piece of raw file work.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from collections.abc import Callable
 
-from ..errors import BastionError, from_os_error
+from ..errors import from_os_error
+from ..sqlite import child
 from .digest import file_digests
 from .repository import Repository
 from .store import StoreFull
@@ -151,61 +148,13 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
             "chunks_total": sum(len(f["chunks"]) for f in out_files), "seconds": time.monotonic() - t0}
 
 
+def _task(req: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
+    """In the child (sqlite.child): one snapshot, progress reported to the daemon."""
+    return snapshot(req["repo"], req["files"], int(req.get("chunk_size", DEFAULT_CHUNK)), int(req.get("jobs", 4)),
+                    progress)
+
+
 def snapshot_in_child(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
                       jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    request = json.dumps({"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs})
-    proc = subprocess.Popen([sys.executable, "-m", "bastion.backup.snapshot"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdin and proc.stdout and proc.stderr
-    proc.stdin.write(request)
-    proc.stdin.close()
-    other: list[str] = []
-
-    def read_stderr() -> None:   # "progress DONE TOTAL" lines; anything else is kept for errors
-        for line in proc.stderr:  # type: ignore[union-attr]  # asserted above, not carried into a closure
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == "progress" and progress:
-                progress(int(parts[1]), int(parts[2]))
-            elif not line.startswith("progress "):
-                other.append(line)
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    stdout = proc.stdout.read()
-    proc.wait()
-    reader.join(5)
-    if proc.returncode != 0:
-        try:
-            err = json.loads(stdout)["error"]
-        except (ValueError, KeyError, TypeError):
-            raise BastionError(f"the backup reader process failed (exit {proc.returncode}): "
-                               f"{''.join(other).strip()[-2000:]}") from None
-        raise BastionError.from_dict(err)
-    return json.loads(stdout)
-
-
-def _main() -> None:
-    req = json.load(sys.stdin)
-    last = [0.0]
-
-    def report(done: int, total: int) -> None:
-        if time.monotonic() - last[0] > 0.2 or done == total:
-            last[0] = time.monotonic()
-            print(f"progress {done} {total}", file=sys.stderr, flush=True)
-    try:
-        res = snapshot(req["repo"], req["files"], int(req.get("chunk_size", DEFAULT_CHUNK)),
-                       int(req.get("jobs", 4)), report)
-    except BastionError as exc:
-        print(json.dumps({"error": exc.to_dict()}))
-        sys.exit(2)
-    except OSError as exc:      # not from a file read nor a store call: say it all the same
-        print(json.dumps({"error": from_os_error(exc, "backup reader").to_dict()}))
-        sys.exit(2)
-    except Exception as exc:  # the daemon gets an error it can show, not a traceback
-        print(json.dumps({"error": BastionError(f"the backup reader failed: {type(exc).__name__}: {exc}",
-                                                hint="see the daemon's log; please report this").to_dict()}))
-        sys.exit(2)
-    print(json.dumps(res))
-
-
-if __name__ == "__main__":
-    _main()
+    return child.run(_task, {"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs},
+                     what="the backup reader", progress=progress)

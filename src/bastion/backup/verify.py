@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from collections.abc import Callable
 
-from ..errors import BastionError, UsageError
+from ..errors import BastionError, Outcome, RestoreFailed, UsageError
 from ..state import iso
 from .names import UnsafeName
 from .repository import DamagedManifest, Repository
@@ -43,14 +43,10 @@ def _read(repo: Repository, digest: str) -> int | str:
 
 
 def _file_of(exc: BastionError, m: dict[str, Any]) -> str | None:
-    """Which file of ``m`` a restore error is about."""
-    if exc.details.get("file"):
-        return str(exc.details["file"])
-    for f in m["files"]:
-        if exc.message.startswith(f["name"] + ":") or f"file {f['name']}:" in exc.message \
-                or f" of {f['name']} " in exc.message:
-            return f["name"]
-    return None
+    """Which file of ``m`` a restore error is about: the one RestoreFailed names (never read from
+    the message's words), if ``m`` has it."""
+    name = exc.file if isinstance(exc, RestoreFailed) else None
+    return name if any(f["name"] == name for f in m["files"]) else None
 
 
 def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = False,
@@ -149,7 +145,7 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
         e["problems"] = len(found[bid])
     result: dict[str, Any] = {"repository": repo.url, "mode": mode, "backups": list(entries.values()),
                               "problems": problems, "notes": notes, "ok": not problems,
-                              "exit_code": 0 if not problems else 2}
+                              "verdict": Outcome.FAILED if problems else Outcome.OK}
 
     # 5. record: verify never trusts a record, but `backups list` and `status` show the latest
     if record:
@@ -167,8 +163,8 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
         except (BastionError, OSError) as exc:
             result["recorded"] = False
             result["notes"].append(f"the outcome could not be recorded in the repository: {exc}")
-            if result["exit_code"] == 0:
-                result["exit_code"] = 1    # checked, but `backups list` will not show it
+            if result["verdict"] == Outcome.OK:
+                result["verdict"] = Outcome.PARTIAL    # checked, but `backups list` will not show it
     return result
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from .. import __version__
 from .. import config as cfg
 from ..daemon.client import AdminClient
-from ..errors import EXIT_OK
+from ..errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, Outcome
 
 if TYPE_CHECKING:
     from ..backup import Repository
@@ -86,12 +86,40 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) ->
     return value
 
 
+EXIT_OF = {Outcome.OK: EXIT_OK, Outcome.PARTIAL: EXIT_PARTIAL, Outcome.FAILED: EXIT_FAILED}
+
+
+def exit_code_of(data: dict[str, Any]) -> int:
+    """The exit code of a result: libraries (and the daemon's answers) say how it went with a
+    "verdict" (errors.Outcome); a result without one (composed here) carries "exit_code"."""
+    if "verdict" in data:
+        verdict, err = Outcome(data["verdict"]), data.get("error")
+        if verdict == Outcome.FAILED and isinstance(err, dict) and isinstance(err.get("exit_code"), int):
+            return int(err["exit_code"])      # failed with an error (to_dict): the error's own code
+        return EXIT_OF[verdict]
+    return int(data.get("exit_code", EXIT_OK))
+
+
+def with_exit_codes(data: Any) -> Any:
+    """``data`` with an "exit_code" beside every "verdict", nested results included (a result
+    per database): --json has always carried them, and only the CLI maps one to the other."""
+    if isinstance(data, list):
+        return [with_exit_codes(x) for x in data]
+    if not isinstance(data, dict):
+        return data
+    out = {k: with_exit_codes(v) for k, v in data.items()}
+    if "verdict" in out:
+        out["exit_code"] = exit_code_of(out)
+    return out
+
+
 def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
+    data = with_exit_codes(data)
+    code = exit_code_of(data)
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
         human(data)
-    code = int(data.get("exit_code", EXIT_OK))
     if code:
         sys.exit(code)
 

@@ -22,8 +22,8 @@ def cluster_status(conf: cfg.Config, as_json: bool) -> None:
     """Every node's role (from [cluster] peers), the lease holder and its fencing token."""
     from ..cluster import control
     from ..daemon.auth import read_token
-    data = control.status(conf, read_token(conf.token_file))
-    data["exit_code"] = 0 if len(data["active"]) == 1 else 1
+    res = control.status(conf, read_token(conf.token_file))
+    data = {**res.to_dict(), "verdict": res.outcome}
 
     def human(d: dict[str, Any]) -> None:
         t = Table("node", "address", "role", "writable", "fencing token", "error")
@@ -43,7 +43,7 @@ def cluster_switchover(conf: cfg.Config, as_json: bool, to: str | None, timeout:
     """Planned switchover: the active node stops, hands the lease over, and a passive one takes it."""
     from ..cluster import control
     from ..daemon.auth import read_token
-    data = control.switchover(conf, read_token(conf.token_file), to, timeout)
-    data["exit_code"] = 0 if data["to"] else 2
+    res = control.switchover(conf, read_token(conf.token_file), to, timeout)
+    data = {**res.to_dict(), "verdict": res.outcome}
     emit(data, as_json, lambda d: out.print(f"switchover {d['from']} -> {d['to'] or 'NONE (no node took over)'} "
                                             f"in {d['seconds']:.2f} s"))

@@ -22,6 +22,7 @@ from .base import (
     common,
     emit,
     err,
+    exit_code_of,
     out,
     targets_option,
 )
@@ -203,7 +204,7 @@ def exec_(conf: cfg.Config, as_json: bool, targets: list[str], all_: bool) -> No
                                             "seconds": round(time.monotonic() - t0, 3)},
               "endbu": end}
     ok_cmd = rc == 0
-    result["exit_code"] = EXIT_FAILED if not ok_cmd or not end["consistent"] else end["exit_code"]
+    result["exit_code"] = EXIT_FAILED if not ok_cmd or not end["consistent"] else exit_code_of(end)
 
     def human(d: dict[str, Any]) -> None:
         if error:

@@ -162,7 +162,8 @@ class ClusterNode:
             self._close_standby()
         self._hook_runner.shutdown(wait=True)      # on_demote runs before the process exits
 
-    def switchover(self, to: str | None) -> dict[str, Any]:
+    def switchover(self, to: str | None) -> None:
+        """Drain, demote and hand the lease over (to ``to``, checked by cluster.control.handover)."""
         if self.role != ACTIVE:
             raise NotActive(f"node {self.name} is {self.role}: only the active node can hand over")
         if to == self.name:
@@ -187,7 +188,6 @@ class ClusterNode:
                 self._hold_off_until = time.monotonic() + 3 * self.ttl
         finally:
             self._draining = False
-        return {"from": self.name, "to": to, "exit_code": 0}
 
     _draining = False
     _hold_off_until = 0.0

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from .. import __version__
+from ..cluster import control
 from ..errors import AuthError, BastionError, NotActive, UnknownTarget, UsageError, from_os_error
 from .auth import Authenticator
 from .core import Daemon
@@ -325,15 +326,14 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
 
     @app.get("/v1/cluster/status", summary="This node's role, the lease and recent events")
     def cluster_status() -> dict[str, Any]:
-        if node is None:
-            return {"node": None, "role": "active", "clustered": False}
-        return {**node.describe(), "clustered": True}
+        return control.node_status(node)
 
     @app.post("/v1/cluster/switchover", summary="Planned switchover: the active node hands the lease over")
     def cluster_switchover(req: SwitchoverRequest) -> dict[str, Any]:
         if node is None:
             raise UsageError("this daemon is not part of a cluster (no [cluster] section in its config)")
-        return node.switchover(req.to)
+        # "exit_code" stays in the answer for clients written against earlier versions
+        return {**control.handover(node, req.to).to_dict(), "exit_code": 0}
 
     # The SQL routes are served by app.sql_stack (bastion.sql.routes.SQLRoutes, on the SQL
     # service's own threads) before FastAPI sees the request; they are declared here too, with

@@ -22,6 +22,7 @@ from ..config import Config
 from ..backup import Repository, verify
 from ..backup.backups import Backups
 from ..contops import ContinuousOperations
+from ..errors import Outcome
 from ..freeze import Freezer
 from ..state import StateStore, iso
 from .auth import ensure_token
@@ -155,7 +156,7 @@ class Daemon:
 
     def _scheduled_backup(self, name: str) -> dict[str, Any]:
         res = self.backup([name])
-        if self.config.backups.keep and res["exit_code"] == 0:
+        if self.config.backups.keep and res["verdict"] == Outcome.OK:
             from ..backup.prune import Policy, prune
             policy = Policy(**self.config.backups.keep)
             pr = prune(Repository.open(res["repository"]), policy, database=name)
@@ -168,7 +169,7 @@ class Daemon:
         repo = Repository.open(default_repository(self.config, name), create=True)
         newest = [m for m in repo.manifests() if isinstance(m, dict) and m["database"] == name]
         if not newest:
-            return {"exit_code": 0, "message": "no backup yet"}
+            return {"verdict": Outcome.OK, "message": "no backup yet"}
         newest.sort(key=lambda m: m["instant_epoch"])
         res = verify(repo, [newest[-1]["id"]], full=True)
         if not res["ok"]:
@@ -237,7 +238,7 @@ class Daemon:
         files = self.resolve(names, all_)
         self.catalog.ensure_protected(files)
         return {"files": [{"path": f.path, "database": f.database, "journal_mode": f.journal_mode()}
-                          for f in files], "exit_code": 0}
+                          for f in files], "verdict": Outcome.OK}
 
     def startbu(self, names: list[str], all_: bool = False, max_duration: float | None = None) -> dict[str, Any]:
         return self.contops.start(self.resolve(names, all_), max_duration)

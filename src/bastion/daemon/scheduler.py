@@ -14,6 +14,7 @@ from typing import Any
 from collections.abc import Callable
 
 from ..config import Config
+from ..errors import Outcome
 from ..schedule import Schedule
 from ..state import StateStore, iso
 
@@ -63,8 +64,8 @@ class Scheduler:
         started = time.time()
         try:
             result = job.run()
-            if result.get("exit_code", 0) != 0:
-                raise RuntimeError(result.get("message") or f"finished with exit code {result['exit_code']}")
+            if result.get("verdict", Outcome.OK) != Outcome.OK:
+                raise RuntimeError(result.get("message") or f"finished: {result['verdict']}")
         except Exception as exc:  # any failure is recorded and retried
             saved = self.state.job(job.name) or {}
             failures = int(saved.get("failures") or 0) + 1

@@ -3,33 +3,36 @@
 The daemon puts the files in continuous operations (their main files stand still and
 hold every committed change, capture's log included), and a child process copies the
 main files into a staging directory: the daemon itself must never open(2) a file it
-holds SQLite locks on (DESIGN.md, pitfalls). The capture position of each copy is
-then read from the copy (opened immutable): that is where streaming resumes.
-
-    python -m bastion.replication.seed < [[src, dst], ...]
+holds SQLite locks on (DESIGN.md, pitfalls); it runs through sqlite.child. The capture
+position of each copy is then read from the copy (opened immutable): that is where
+streaming resumes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from typing import Any
 
-
 from .. import capture
+from ..errors import NotConsistent
 from ..fsutil import fsync_dir
-from ..errors import BastionError, NotConsistent
-from ..sqlite import connect
+from ..sqlite import child, connect
+
+
+def _copy(pairs: list[list[str]], progress: Any) -> None:
+    """In the child: each main file to ``dst`` (a temp name, fsync, rename, fsync of the directory)."""
+    for src, dst in pairs:
+        with open(src, "rb") as a, open(dst + ".part", "wb") as b:
+            shutil.copyfileobj(a, b, 1 << 20)
+            b.flush()
+            os.fsync(b.fileno())
+        os.rename(dst + ".part", dst)
+        fsync_dir(os.path.dirname(dst))
 
 
 def copy_in_child(pairs: list[tuple[str, str]]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "bastion.replication.seed"], input=json.dumps(pairs),
-                          capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise BastionError(f"the seed copy process failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    child.run(_copy, [[a, b] for a, b in pairs], what="the seed copy", timeout=3600)
 
 
 def staged_position(path: str) -> capture.Position:
@@ -59,16 +62,3 @@ def take(contops: Any, files: list[Any], staging: str) -> list[dict[str, Any]]:
         out.append({"staged": dst, "position": staged_position(dst)})
     return out
 
-
-def _main() -> None:
-    for src, dst in json.load(sys.stdin):
-        with open(src, "rb") as a, open(dst + ".part", "wb") as b:
-            shutil.copyfileobj(a, b, 1 << 20)
-            b.flush()
-            os.fsync(b.fileno())
-        os.rename(dst + ".part", dst)
-        fsync_dir(os.path.dirname(dst))
-
-
-if __name__ == "__main__":
-    _main()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterator
 
-from ..errors import ConfigError, UnknownTarget, UsageError
+from ..errors import ConfigError, Outcome, UnknownTarget, UsageError
 from .receiver import Receiver
 from .shipper import Shipper
 
@@ -108,7 +108,8 @@ class Replication:
                 raise UnknownTarget(f"database {name!r} neither replicates nor is a replica here",
                                     hint=self._known())
         failing = any(d.get("failures") for d in dbs) or any(d.get("divergence") for d in dbs)
-        return {"origin": self.origin, "databases": dbs, "exit_code": 1 if failing else 0}
+        return {"origin": self.origin, "databases": dbs,
+                "verdict": Outcome.PARTIAL if failing else Outcome.OK}
 
     def _known(self) -> str:
         names = sorted(self.shippers) + sorted(self.receiver.replicas)

@@ -367,10 +367,9 @@ class Shipper(PassLoop):
         lags = [f["lag_seconds"] for f in files if f["lag_seconds"] is not None]
         counts = [f["lag_changes"] for f in files if f["lag_changes"] is not None]
         return {"database": self.name, "role": "primary", "peer": self.peer, "origin": self.origin,
-                "schedule": self.db.replicate_schedule, "blackout": list(self.db.blackout), "state": self.state,
+                "schedule": self.db.replicate_schedule, "blackout": list(self.db.blackout),
                 "lag_changes": sum(counts) if counts else None, "lag_seconds": max(lags) if lags else None,
-                "last_error": self.last_error, "last_error_at": iso(self.last_error_at),
-                "failures": self.failures, "last_success_at": iso(self.last_success_at),
+                **self.loop_status().to_dict(),
                 "seeded_at": iso(self.seeded_at), "seeds": self.seeds,
                 "degraded": bool(self.db.standby_optional and self.standby_down()),
                 "degraded_commits": self.degraded_commits,

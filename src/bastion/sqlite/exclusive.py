@@ -1,6 +1,6 @@
 """Exclusive access to database files, proved with the locks SQLite itself uses.
 
-Runs in a child process (``python -m bastion.sqlite.exclusive``) because it opens
+Runs in a child process (sqlite.child, through ``*_in_child``) because it opens
 the files with open(2): in the daemon that would drop the daemon's own SQLite
 locks (DESIGN.md, pitfalls). A connection of any process holds a shared lock on
 the SHARED range of the database file while it reads, and a shared lock on the
@@ -12,17 +12,15 @@ so: a new connection cannot get its shared lock until we let go.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import stat
 import struct
-import subprocess
-import sys
 import time
 from typing import Any
 
-from ..errors import BastionError, RecoveryRefused
+from ..errors import RecoveryRefused
 from ..fsutil import fsync_dir
+from . import child
 
 PENDING = 0x40000000      # then RESERVED at +1 and the SHARED range of 510 bytes at +2
 SHARED_SIZE = 510
@@ -185,38 +183,30 @@ def replace(pairs: list[tuple[str, str]], keep_mode: bool = False) -> dict[str, 
             os.close(fd)
 
 
-def _child(op: str, payload: Any) -> dict[str, Any]:
-    # In a session of its own and with no time limit: once it has proved exclusive access it
-    # finishes its renames even if the restore that started it is killed (kill -9 included).
-    proc = subprocess.run([sys.executable, "-m", "bastion.sqlite.exclusive", op], input=json.dumps(payload),
-                          capture_output=True, text=True, start_new_session=True)
-    if proc.returncode != 0:
-        raise BastionError(f"{op} helper failed: {proc.stderr.strip()[-2000:]}")
-    out = json.loads(proc.stdout)
+def _granted(out: dict[str, Any]) -> dict[str, Any]:
+    """In the child: a refusal (another process has a file open) as the RecoveryRefused the caller gets."""
     if not out["ok"]:
         raise RecoveryRefused(out["error"], path=out.get("path"), hint=out.get("hint"),
                               details={"pid": out["pid"]} if out.get("pid") else None)
     return out
 
 
+def _replace_task(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+    return _granted(replace([(a, b) for a, b in req["pairs"]], bool(req.get("keep_mode"))))
+
+
+def _discard_task(req: list[list[Any]], progress: Any) -> dict[str, Any]:
+    return _granted(discard([(a, b) for a, b in req]))
+
+
+# In a session of its own (detach) and with no time limit: once it has proved exclusive access
+# the child finishes its renames even if the restore that started it is killed (kill -9 included).
+
 def replace_in_child(pairs: list[tuple[str, str]], keep_mode: bool = False) -> dict[str, Any]:
-    return _child("replace", {"pairs": [[a, b] for a, b in pairs], "keep_mode": keep_mode})
+    return child.run(_replace_task, {"pairs": [[a, b] for a, b in pairs], "keep_mode": keep_mode},
+                     what="the exclusive-access helper (replace)", detach=True)
 
 
 def discard_in_child(files: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
-    return _child("discard", [[p, s] for p, s in files])
-
-
-def _main() -> None:
-    op = sys.argv[1] if len(sys.argv) == 2 else ""
-    if op not in ("discard", "replace"):
-        sys.exit("usage: python -m bastion.sqlite.exclusive discard|replace < request.json")
-    req = json.load(sys.stdin)
-    if op == "discard":
-        print(json.dumps(discard([(a, b) for a, b in req])))
-    else:
-        print(json.dumps(replace([(a, b) for a, b in req["pairs"]], bool(req.get("keep_mode")))))
-
-
-if __name__ == "__main__":
-    _main()
+    return child.run(_discard_task, [[p, s] for p, s in files], what="the exclusive-access helper (discard)",
+                     detach=True)

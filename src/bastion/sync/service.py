@@ -349,10 +349,8 @@ class Syncer(PassLoop):
             files.append(f)
         return {"database": self.name, "group": self.group_name, "site": self.site,
                 "topology": self.group.topology, "neighbours": self.group.neighbours,
-                "policy": self.group.policy.rule, "schedule": self.group.schedule, "state": self.state,
-                "sent": self.sent, "joined_from": self.joined_from, "last_error": self.last_error,
-                "last_error_at": iso(self.last_error_at), "failures": self.failures,
-                "last_success_at": iso(self.last_success_at),
+                "policy": self.group.policy.rule, "schedule": self.group.schedule,
+                "sent": self.sent, "joined_from": self.joined_from, **self.loop_status().to_dict(),
                 "peers": {p: {**s, "last_ok_at": iso(s["last_ok_at"])} for p, s in self.peer_state.items()},
                 "files": files}
 
