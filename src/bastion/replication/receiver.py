@@ -54,6 +54,15 @@ class Receiver:
         self.last_apply: dict[str, float] = {}
         self._cuts: dict[str, dict[str, Any]] = {}    # the cut being received, per replica
         self.closed = False      # a cluster standby taking over: no more changes from the old primary
+        # A cut a crash left half-committed is applied again now, before this daemon answers
+        # anyone: the copy's files are at one instant again as soon as the daemon is back, not
+        # only when the primary next asks for positions (which redoes it too, if this fails).
+        for name in self.replicas:
+            if not self.promoted(name) and os.path.exists(self._cut_path(name) + ".ready"):
+                try:
+                    self._redo(name)
+                except Exception as exc:   # kept for the next try; the daemon still starts
+                    log.warning("replica %s: the interrupted cut could not be applied again yet: %s", name, exc)
 
     # -- state (a small JSON file per replica, written durably) -------------------
     def _state_path(self, name: str) -> str:
@@ -143,10 +152,8 @@ class Receiver:
         if os.path.exists(ready):
             origin = self.state[name].get("origin")
             log.warning("replica %s: applying again the cut of %s interrupted by a crash", name, origin)
-            try:
-                self._apply_file(name, ready, origin)
-            finally:
-                os.remove(ready)
+            self._apply_file(name, ready, origin)
+            os.remove(ready)       # only once applied: a failed redo is tried again, never dropped
 
     def _apply_file(self, name: str, path: str, origin: str | None) -> list[int | None]:
         files = self.replicas[name].files
