@@ -16,11 +16,9 @@ from bastion.errors import NoRepository
 SRC = Path(__file__).resolve().parent.parent / "src" / "bastion"
 
 # Outside cli/, "exit_code" may only be an error's own code, a command's (hooks, drill_command),
-# or an answer kept for older clients; the rest are results not converted yet (shrink this list).
+# or an answer kept for older clients.
 EXIT_CODE_ALLOWED = {
     "errors.py", "hooks.py", "drill.py", "cluster/node.py", "daemon/app.py",
-    # not converted yet
-    "sync/check.py", "sync/service.py", "replication/receiver.py",
 }
 
 

@@ -23,7 +23,7 @@ import msgpack
 
 from .. import capture
 from ..fsutil import durable_json, fsync_dir
-from ..errors import NotConsistent, ReseedNeeded, StateConflict, UnknownTarget, UsageError
+from ..errors import NotConsistent, Outcome, ReseedNeeded, StateConflict, UnknownTarget, UsageError
 from ..position import Cut
 from ..state import iso
 from ..sqlite import connect
@@ -320,7 +320,7 @@ class Receiver:
                                 hint="replicas: " + (", ".join(sorted(self.replicas)) or "none"))
         with self._locks[name]:
             if self.promoted(name):
-                return {"database": name, "promoted": True, "already": True, "exit_code": 0}
+                return {"database": name, "promoted": True, "already": True, "verdict": Outcome.OK}
             self._drop_partial(name)
             self._redo(name)          # a cut interrupted by a crash: every file at the same instant first
             removed = []
@@ -331,7 +331,7 @@ class Receiver:
             self._save(name)
             log.warning("replica %s promoted: it is now a normal writable database", name)
             return {"database": name, "promoted": True, "already": False, "capture_removed": removed,
-                    "exit_code": 0}
+                    "verdict": Outcome.OK}
 
     def status(self) -> list[dict[str, Any]]:
         out = []

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import apsw
 
 from .. import capture
-from ..errors import UsageError
+from ..errors import Outcome, UsageError
 from . import site
 from ..sqlite import connect
 
@@ -149,4 +149,4 @@ def compare(reports: Mapping[str, Mapping[str, Any]], invariants: Mapping[str, M
                    or ", ".join(f"{s} = {v!r}" for s, v in values.items()))
             problems.append(f"invariant {name} ({expect}) violated: {why}")
     return {"converged": converged, "invariants": results, "sites": dict(reports), "problems": problems,
-            "ok": not problems, "exit_code": 0 if not problems else 1}
+            "ok": not problems, "verdict": Outcome.OK if not problems else Outcome.PARTIAL}

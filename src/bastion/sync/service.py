@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator
 
 
-from ..errors import BastionError, ConfigError, StateConflict, UnknownTarget, UsageError
+from ..errors import BastionError, ConfigError, Outcome, StateConflict, UnknownTarget, UsageError
 from ..passloop import PassLoop
 from ..peer import PeerClient
 from ..position import Vector  # per origin, the highest change a site holds
@@ -413,7 +413,7 @@ class Sync:
     def status(self, name: str | None = None) -> dict[str, Any]:
         dbs = [self.get(name).status()] if name else [s.status() for s in self.syncers.values()]
         failing = any(d["failures"] for d in dbs)
-        return {"databases": dbs, "exit_code": 1 if failing else 0}
+        return {"databases": dbs, "verdict": Outcome.PARTIAL if failing else Outcome.OK}
 
     def snapshot(self, req: dict[str, Any]) -> str:
         """A consistent copy of one file for a joining site; returns the staged path (the caller
