@@ -249,6 +249,13 @@ def registry() -> dict[str, type[BastionError]]:
     return dict(_BY_NAME)
 
 
+def internal_error(exc: BaseException) -> BastionError:
+    """An exception no code path expected, as the error the daemon answers with (the traceback
+    goes to its log): one wording for the admin API and the SQL routes."""
+    return BastionError(f"internal error in the daemon: {type(exc).__name__}: {exc}",
+                        hint="see the daemon's log; please report this")
+
+
 def from_os_error(exc: OSError, doing: str) -> BastionError:
     """An OSError that reached the edge (daemon route, CLI) in words: what was being done, on
     which path, and what to do. ``doing`` says the side, e.g. "reading the database file"."""

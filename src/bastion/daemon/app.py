@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..cluster import control
-from ..errors import AuthError, BastionError, NotActive, UnknownTarget, UsageError, from_os_error
+from ..errors import AuthError, BastionError, NotActive, UnknownTarget, UsageError, from_os_error, internal_error
 from .auth import Authenticator
 from .core import Daemon
 
@@ -248,8 +248,7 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error_response(BastionError(f"internal error in the daemon: {type(exc).__name__}: {exc}",
-                                           hint="see the daemon's log; please report this"))
+        return error_response(internal_error(exc))
 
     @app.get("/metrics", summary="Prometheus metrics (text format; needs the admin token)")
     def metrics_route() -> Response:

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import BastionError, UsageError, from_os_error
+from ..errors import BastionError, UsageError, from_os_error, internal_error
 
 log = logging.getLogger("bastion.sql")
 
@@ -44,8 +44,7 @@ def error_body(exc: BaseException, where: str) -> tuple[int, bytes]:
         exc = from_os_error(exc, where)
     if not isinstance(exc, BastionError):
         log.error("unexpected error in %s", where, exc_info=exc)
-        exc = BastionError(f"internal error in the daemon: {type(exc).__name__}: {exc}",
-                           hint="see the daemon's log; please report this")
+        exc = internal_error(exc)
     return exc.http_status, _json({"error": exc.to_dict()})
 
 
