@@ -1048,6 +1048,13 @@ def bank(base: Path, net_kind: str, seconds: float, out: dict[str, Any]) -> None
         want = sum((Counter(bank_rows(base / n)[2]) for n in names), Counter())
         out["transfers"] = commits
         cpu0 = {n: cpu_seconds(d[n].pid) for n in names}
+
+        def sent() -> int:
+            st = [json.loads(subprocess.run([*net.wrap(n), PY, "-m", "bastion", "--config", str(d[n].config), "sync",
+                                             "status", "bank", "--json"], capture_output=True, text=True, timeout=60,
+                                            env=ENV, check=False).stdout)["databases"][0] for n in names]
+            return sum(v["sent"] for x in st for v in x["peers"].values())
+        sent0 = sent()
         log(f"bank: heal after {sum(commits.values()):,} transfers")
         for n in names:
             net.heal(n)
@@ -1058,6 +1065,8 @@ def bank(base: Path, net_kind: str, seconds: float, out: dict[str, Any]) -> None
                 and same_content(files[0::2]) and same_content(files[1::2])
         out["converged_s"] = round(wait_for(converged, 600, "the three sites converging", 0.05), 2)
         out["cpu_s"] = {n: round(cpu_seconds(d[n].pid) - cpu0[n], 2) for n in names}
+        # Each change must reach the two other sites once: more is changes sent twice (skipped there).
+        out["sent"], out["needed"] = sent() - sent0, 2 * 4 * sum(commits.values())
         lost = doubled = 0
         for n in names:
             acc, meta, audit = bank_rows(base / n)
@@ -1163,6 +1172,7 @@ def report(res: dict[str, Any]) -> None:
               f"{sum(bk['transfers'].values()):,} transfers: converged {t:.2f} s after the heal "
               f"({'ok' if t < 2 else 'MISS'}, goal < 2 s); daemons' CPU meanwhile "
               + ", ".join(f"{n} {c:.1f} s" for n, c in bk["cpu_s"].items())
+              + f"; changes sent {bk.get('sent', 0):,} for {bk.get('needed', 0):,} needed"
               + f"; audit rows lost {bk.get('lost_rows')}, doubled {bk.get('doubled_rows')}; money {bk.get('money')}")
     if res.get("error"):
         print(f"\nBROKEN: {res['error']}")

@@ -80,6 +80,9 @@ class Syncer(PassLoop):
         # one thread per neighbour: a silent one must not hold up the exchange with the others
         self._pool = ThreadPoolExecutor(max_workers=len(self.group.neighbours),
                                         thread_name_prefix=f"bastion-sync-{name}")
+        # the request of a push in flight, while its thread reads the next batch
+        self._posting = ThreadPoolExecutor(max_workers=len(self.group.neighbours),
+                                           thread_name_prefix=f"bastion-sync-{name}-post")
         n = len(self.db.files)
         self.their: dict[str, list[Vector | None]] = {p: [None] * n for p in self.group.neighbours}
         self.peer_state: dict[str, dict[str, Any]] = {p: {"sent": 0, "last_error": None, "last_ok_at": None}
@@ -87,6 +90,10 @@ class Syncer(PassLoop):
         self.sent = 0
         self.joined_from: str | None = None
         self._installed = False
+        # The last pass failed only because no neighbour answered (a partition): the files are as
+        # they were, so the next pass need not install again (that took the write lock from the
+        # applies of the first batches after the heal, holding up this site's own pushes).
+        self._unreachable = False
         self._last_prune = 0.0
         self.apply_lock = threading.Lock()      # batches from several neighbours: one at a time
         self._inflight: dict[str, Future[int]] = {}
@@ -105,11 +112,15 @@ class Syncer(PassLoop):
     def stop(self) -> None:
         super().stop()
         self._pool.shutdown(wait=True)
+        self._posting.shutdown(wait=True)
         for c in self._http.values():
             c.close()
         self._unwatch()
 
     def _after_failure(self) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            return
         self._installed = False
         self._unwatch()
 
@@ -163,6 +174,7 @@ class Syncer(PassLoop):
             for path in self.db.files:
                 site.prune(path, self.group.neighbours)
         if errors and len(errors) == len(self.group.neighbours):
+            self._unreachable = True
             raise BastionError(f"sync of {self.name}: no neighbour reachable: " + "; ".join(errors),
                                hint="changes stay here and go out when a neighbour answers")
         self.state = "in sync" if not errors else "partial (" + "; ".join(errors) + ")"
@@ -208,13 +220,22 @@ class Syncer(PassLoop):
         # this neighbour's thread (PEER_WAIT).
         vec = _their_vector(self._http[peer].post("/v1/peer/sync/vector", json=self._who(i), timeout=(15.0, 1.0)))
         total = 0
-        while not self._stop.is_set():
-            changes = site.changes_for(path, vec, BATCH)
-            if not changes:
-                break
-            res = self._http[peer].post("/v1/peer/sync/apply", msgpack={**self._who(i), "batch": site.to_wire(changes)})
-            vec = _their_vector(res)
+        # Pipelined: the next batch is read (from the vector the neighbour will have once it applied
+        # this one) while the neighbour applies this one; both sites work at once.
+        changes = site.changes_for(path, vec, BATCH)
+        while changes and not self._stop.is_set():
+            body = {**self._who(i), "batch": site.to_wire(changes)}
+            answer = self._posting.submit(self._http[peer].post, "/v1/peer/sync/apply", msgpack=body)
+            ahead = vec.join(_top(changes))
+            upcoming = site.changes_for(path, ahead, BATCH)
+            vec = _their_vector(answer.result())
             total += len(changes)
+            if vec.covers(ahead):
+                # what it holds beyond what it was sent (from other sites) is not sent again
+                changes = [c for c in upcoming if c.oseq > vec.seq(c.origin)] or \
+                    (site.changes_for(path, vec, BATCH) if upcoming else [])
+            else:           # it holds less than it was sent (cannot happen: a refused batch raises)
+                changes = site.changes_for(path, vec, BATCH)
         self.their[peer][i] = vec
         site.record_peer(path, peer, vec)
         self.peer_state[peer]["sent"] += total
@@ -360,6 +381,15 @@ def _their_vector(answer: Any) -> Vector:
     return Vector.from_json(answer.get("vector") if isinstance(answer, dict) else answer)
 
 
+def _top(changes: list[Any]) -> dict[str, int]:
+    """Per origin, the highest change of a batch."""
+    top: dict[str, int] = {}
+    for c in changes:
+        if top.get(c.origin, 0) < c.oseq:
+            top[c.origin] = c.oseq
+    return top
+
+
 def _lag(ours: dict[str, int], theirs: Vector | None) -> int | None:
     """Changes held here that the neighbour lacks, as far as its last known vector says."""
     return None if theirs is None else Vector(ours).lacking(theirs)
@@ -400,6 +430,8 @@ class Sync:
             yield
         finally:
             for s in held:
+                s._installed = False         # the files may have been replaced: install again
+                s._unwatch()
                 s.apply_lock.release()
                 s.pass_lock.release()
 
