@@ -16,7 +16,11 @@ from ..capture import RawText
 from .policy import Version
 
 
-FORMAT = 1
+FORMAT = 1          # of the sync tables
+# Of a batch on the wire. 1: every value as msgpack-ready lists; 2: each change's key, values, ctx,
+# counters and refs as the blobs the sync log holds (the sender does not decode them, the receiver
+# logs them as they came).
+WIRE_FORMAT = 2
 
 
 META = "_bastion_sync_meta"
@@ -114,6 +118,16 @@ class SyncChange(NamedTuple):
     counters: dict[str, int] | None = None     # counter column -> the origin's total delta on this row
     # foreign key column -> the parent row it meant at the origin: its creation (hlc, origin, key)
     refs: dict[str, tuple[int, str, Any]] | None = None
+    # key, values, ctx, counters and refs as the sync log holds them (msgpack), when read from a log
+    raw: tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None] | None = None
+
+    def blobs(self) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None]:
+        """key, values, ctx, counters, refs, packed as the sync log holds them."""
+        if self.raw is not None:
+            return self.raw
+        return (pack(self.key), pack(self.values if self.op != "delete" else None),
+                None if self.op == "ddl" else pack_vv(self.ctx),
+                pack_vv(self.counters) if self.counters else None, pack_refs(self.refs))
 
     @property
     def time(self) -> float:
@@ -154,7 +168,8 @@ def pack(values: Sequence[Any] | None) -> bytes | None:
 def unpack(blob: bytes | None) -> tuple[Any, ...] | None:
     if blob is None:
         return None
-    return tuple(unwire(v) for v in msgpack.unpackb(blob, raw=False))
+    vals = msgpack.unpackb(blob, raw=False)
+    return tuple(unwire(v) for v in vals) if list in map(type, vals) else tuple(vals)
 
 
 def pack_vv(vv: Mapping[str, int]) -> bytes:
@@ -205,7 +220,7 @@ def rekey_change(ch: SyncChange, newk: int) -> SyncChange:
     vals = ch.values
     if vals is not None:
         vals = tuple(newk if c == ch.key_columns[0] else v for c, v in zip(ch.columns, vals))
-    return ch._replace(key=(newk,), values=vals)
+    return ch._replace(key=(newk,), values=vals, raw=None)
 
 
 def join(vv: dict[str, int], other: Mapping[str, int]) -> dict[str, int]:

@@ -147,7 +147,7 @@ def follow(s: SiteState, ch: SyncChange) -> SyncChange:
                 moved = True
     if not moved:
         return ch
-    return ch._replace(key=tuple(key), values=None if vals is None else tuple(vals))
+    return ch._replace(key=tuple(key), values=None if vals is None else tuple(vals), raw=None)
 
 
 def _holds(v: Version, col: str, value: Any) -> bool:

@@ -222,20 +222,21 @@ class Syncer(PassLoop):
         total = 0
         # Pipelined: the next batch is read (from the vector the neighbour will have once it applied
         # this one) while the neighbour applies this one; both sites work at once.
-        changes = site.changes_for(path, vec, BATCH)
-        while changes and not self._stop.is_set():
-            body = {**self._who(i), "batch": site.to_wire(changes)}
-            answer = self._posting.submit(self._http[peer].post, "/v1/peer/sync/apply", msgpack=body)
-            ahead = vec.join(_top(changes))
-            upcoming = site.changes_for(path, ahead, BATCH)
+        batch = site.changes_for_wire(path, vec, BATCH)
+        while batch["changes"] and not self._stop.is_set():
+            answer = self._posting.submit(self._http[peer].post, "/v1/peer/sync/apply",
+                                          msgpack={**self._who(i), "batch": batch})
+            ahead = vec.join(_top(batch["changes"]))
+            upcoming = site.changes_for_wire(path, ahead, BATCH)
             vec = _their_vector(answer.result())
-            total += len(changes)
+            total += len(batch["changes"])
             if vec.covers(ahead):
                 # what it holds beyond what it was sent (from other sites) is not sent again
-                changes = [c for c in upcoming if c.oseq > vec.seq(c.origin)] or \
-                    (site.changes_for(path, vec, BATCH) if upcoming else [])
+                rows = [r for r in upcoming["changes"] if r[1] > vec.seq(r[0])]
+                batch = {**upcoming, "changes": rows} if rows or not upcoming["changes"] else \
+                    site.changes_for_wire(path, vec, BATCH)
             else:           # it holds less than it was sent (cannot happen: a refused batch raises)
-                changes = site.changes_for(path, vec, BATCH)
+                batch = site.changes_for_wire(path, vec, BATCH)
         self.their[peer][i] = vec
         site.record_peer(path, peer, vec)
         self.peer_state[peer]["sent"] += total
@@ -381,12 +382,12 @@ def _their_vector(answer: Any) -> Vector:
     return Vector.from_json(answer.get("vector") if isinstance(answer, dict) else answer)
 
 
-def _top(changes: list[Any]) -> dict[str, int]:
-    """Per origin, the highest change of a batch."""
+def _top(rows: list[list[Any]]) -> dict[str, int]:
+    """Per origin, the highest change of a batch (wire rows: origin, oseq, ...)."""
     top: dict[str, int] = {}
-    for c in changes:
-        if top.get(c.origin, 0) < c.oseq:
-            top[c.origin] = c.oseq
+    for r in rows:
+        if top.get(r[0], 0) < r[1]:
+            top[r[0]] = r[1]
     return top
 
 

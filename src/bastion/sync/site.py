@@ -109,8 +109,9 @@ from ..errors import StateConflict, UsageError
 from ..sqlite.connect import connection as _connection
 from ..sqlite.connect import one
 from ..sqlite.connect import transaction as _transaction
-from .model import (ApplyResult, CONFLICTS, COUNTERS, FORMAT, KEY_STRATEGIES, LOG, META, PEERS, SEEN, SyncChange,
-                    TABLES_SQL, installed, pack, pack_vv, unwire, wire)
+from .model import (ApplyResult, CONFLICTS, COUNTERS, FORMAT, KEY_STRATEGIES, LOG, META, OP_NAME, PEERS, SEEN,
+                    TABLES_SQL, WIRE_FORMAT, SyncChange, installed, pack, pack_vv, unpack, unpack_refs, unpack_vv,
+                    unwire)
 from .policy import Policy, Version
 from .state import LOG_COLS, SiteState
 
@@ -277,36 +278,58 @@ def vector(target: apsw.Connection | str | os.PathLike[str]) -> dict[str, int]:
 def changes_for(target: apsw.Connection | str | os.PathLike[str], their_vector: Mapping[str, int],
                 limit: int = 1000) -> list[SyncChange]:
     """The changes a peer with ``their_vector`` lacks, at most ``limit``, in the order to apply them."""
-    if limit <= 0:
-        return []
-    their = {str(o): int(n) for o, n in (their_vector or {}).items()}
     with _connection(target) as con:
         ingest(con)
         with _transaction(con, write=False):
             s = SiteState(con)
-            start = None
-            for origin, (oseq, _hlc, pruned) in s.seen.items():
-                have = their.get(origin, 0)
-                if have >= oseq:
-                    continue
-                if have < pruned:
-                    raise StateConflict(f"the peer needs changes of {origin!r} from {have + 1} on, but this site "
-                                        f"pruned them (up to {pruned}): it was not listed as a peer here",
-                                        hint="sync it from another site that still has them, or seed it again",
-                                        details={"origin": origin, "needed": have + 1, "pruned": pruned})
-                first = one(con, f"SELECT min(lseq) FROM {LOG} WHERE origin = ? AND oseq > ?",
-                                     (origin, have))
-                if first is not None and (start is None or first < start):
-                    start = first
-            if start is None:
-                return []
-            out: list[SyncChange] = []
-            for row in con.execute(f"SELECT {LOG_COLS} FROM {LOG} WHERE lseq >= ? ORDER BY lseq", (start,)):
-                if row[1] > their.get(row[0], 0):
-                    out.append(s.decode(row))
-                    if len(out) >= limit:
-                        break
-            return out
+            return [s.decode(row) for row in _lacking(con, s, their_vector, limit)]
+
+
+def changes_for_wire(target: apsw.Connection | str | os.PathLike[str], their_vector: Mapping[str, int],
+                     limit: int = 1000) -> dict[str, Any]:
+    """:func:`changes_for` as :func:`to_wire` puts it, without decoding the log's blobs."""
+    with _connection(target) as con:
+        ingest(con)
+        with _transaction(con, write=False):
+            s = SiteState(con)
+            shapes: dict[int, int] = {}
+            rows = []
+            for origin, oseq, hlc, op, sid, keyb, vals, bh, bo, ctx, sql, counters, refs in \
+                    _lacking(con, s, their_vector, limit):
+                idx = None if sid is None else shapes.setdefault(sid, len(shapes))
+                rows.append([origin, oseq, hlc, OP_NAME[op], idx, keyb, vals, None if bh is None else [bh, bo], ctx,
+                             sql, counters, refs])
+            return {"format": WIRE_FORMAT, "changes": rows,
+                    "shapes": [[t, list(cs), list(ks)] for t, cs, ks in (s.shape(sid) for sid in shapes)]}
+
+
+def _lacking(con: apsw.Connection, s: SiteState, their_vector: Mapping[str, int], limit: int) -> list[Any]:
+    """The log rows a peer with ``their_vector`` lacks, at most ``limit``, in the order to apply them."""
+    if limit <= 0:
+        return []
+    their = {str(o): int(n) for o, n in (their_vector or {}).items()}
+    start = None
+    for origin, (oseq, _hlc, pruned) in s.seen.items():
+        have = their.get(origin, 0)
+        if have >= oseq:
+            continue
+        if have < pruned:
+            raise StateConflict(f"the peer needs changes of {origin!r} from {have + 1} on, but this site "
+                                f"pruned them (up to {pruned}): it was not listed as a peer here",
+                                hint="sync it from another site that still has them, or seed it again",
+                                details={"origin": origin, "needed": have + 1, "pruned": pruned})
+        first = one(con, f"SELECT min(lseq) FROM {LOG} WHERE origin = ? AND oseq > ?", (origin, have))
+        if first is not None and (start is None or first < start):
+            start = first
+    if start is None:
+        return []
+    out: list[Any] = []
+    for row in con.execute(f"SELECT {LOG_COLS} FROM {LOG} WHERE lseq >= ? ORDER BY lseq", (start,)):
+        if row[1] > their.get(row[0], 0):
+            out.append(row)
+            if len(out) >= limit:
+                break
+    return out
 
 
 def apply(target: apsw.Connection | str | os.PathLike[str], changes: Iterable[SyncChange],
@@ -446,28 +469,28 @@ def status(target: apsw.Connection | str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def to_wire(changes: Sequence[SyncChange]) -> dict[str, Any]:
-    """Changes as lists, ints, floats, str, bytes and dicts (msgpack-ready), exact for every value:
-    text that is not valid UTF-8 travels as ``[bytes]``. Table shapes are sent once per batch."""
+    """Changes as lists, ints, str and bytes (msgpack-ready), exact for every value: per change its
+    key, values, ctx, counters and refs as the sync log holds them (msgpack blobs: read from a log,
+    they are not decoded and encoded again). Table shapes are sent once per batch. Each change is
+    ``[origin, oseq, ...]``: a sender may drop changes from the list."""
     shapes: dict[tuple[Any, ...], int] = {}
     rows = []
-
-    def vals(v: Sequence[Any] | None) -> list[Any] | None:
-        return None if v is None else [wire(x) for x in v]
     for c in changes:
         idx = None
         if c.table is not None:
             idx = shapes.setdefault((c.table, tuple(c.columns), tuple(c.key_columns)), len(shapes))
-        rows.append([c.origin, c.oseq, c.hlc, c.op, idx, vals(c.key), vals(c.values),
-                     None if c.base is None else list(c.base), dict(c.ctx), c.sql,
-                     None if not c.counters else dict(c.counters),
-                     None if not c.refs else {k: [r[0], r[1], wire(r[2])] for k, r in c.refs.items()}])
-    return {"format": FORMAT, "shapes": [[t, list(cs), list(ks)] for t, cs, ks in shapes], "changes": rows}
+        keyb, vals, ctx, counters, refs = c.blobs()
+        rows.append([c.origin, c.oseq, c.hlc, c.op, idx, keyb, vals, None if c.base is None else list(c.base),
+                     ctx, c.sql, counters, refs])
+    return {"format": WIRE_FORMAT, "shapes": [[t, list(cs), list(ks)] for t, cs, ks in shapes], "changes": rows}
 
 
 def from_wire(data: Mapping[str, Any]) -> list[SyncChange]:
+    if data.get("format") == WIRE_FORMAT:
+        return _from_blobs(data)
     if data.get("format") != FORMAT:
-        raise UsageError(f"sync changes of format {data.get('format')!r}; this Bastion reads {FORMAT}",
-                         hint="run the same Bastion version on every site of the group")
+        raise UsageError(f"sync changes of format {data.get('format')!r}; this Bastion reads {FORMAT} and "
+                         f"{WIRE_FORMAT}", hint="run the same Bastion version on every site of the group")
     shapes = [(t, tuple(cs), tuple(ks)) for t, cs, ks in data["shapes"]]
 
     def vals(v: Sequence[Any] | None) -> tuple[Any, ...] | None:
@@ -483,6 +506,23 @@ def from_wire(data: Mapping[str, Any]) -> list[SyncChange]:
                               None if not counters else {str(k): int(v) for k, v in counters.items()},
                               None if not refs else {str(k): (int(h), str(o), unwire(v))
                                                      for k, (h, o, v) in refs.items()}))
+    return out
+
+
+def _from_blobs(data: Mapping[str, Any]) -> list[SyncChange]:
+    """Changes of wire format 2: the log's blobs decoded, and kept to be logged here as they came."""
+    shapes = [(t, tuple(cs), tuple(ks)) for t, cs, ks in data["shapes"]]
+    out = []
+    for origin, oseq, hlc, op, idx, keyb, vals, base, ctx, sql, counters, refs in data["changes"]:
+        t, cs, ks = shapes[idx] if idx is not None else (None, (), ())
+        for b in (keyb, vals, ctx, counters, refs):
+            if b is not None and type(b) is not bytes:
+                raise UsageError(f"change {origin}:{oseq} is malformed (a {type(b).__name__} where bytes go)")
+        out.append(SyncChange(origin, int(oseq), int(hlc), op, t, cs, ks, unpack(keyb), unpack(vals),
+                              None if base is None else (int(base[0]), str(base[1])),
+                              {str(k): int(v) for k, v in unpack_vv(ctx).items()}, sql,
+                              None if counters is None else {str(k): int(v) for k, v in unpack_vv(counters).items()},
+                              unpack_refs(refs), (keyb, vals, ctx, counters, refs)))
     return out
 
 

@@ -44,6 +44,8 @@ class SiteState(Store):
         self.key_pos: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[int, ...]] = {}
         self.local_shapes: dict[str, capture.Shape | None] = {}
         self.fk_cache: dict[str, list[fkeys.ForeignKey]] | None = None     # refs.foreign_keys()
+        self._names_json: dict[Sequence[str], str] = {}
+        self._select_sql: dict[tuple[Any, ...], str] = {}
         self.ingested_now = 0
         # Per table: its counter columns, and how concurrent inserts of one key are kept (configure()).
         self.counter_cols: dict[str, tuple[str, ...]] = {}
@@ -107,13 +109,17 @@ class SiteState(Store):
             if p.values is None or tuple(p.columns) == tuple(cols):
                 return Version(r.hlc, r.origin, tuple(cols), p.values)
             self.flush()
-        where = " AND ".join(f"{capture.quote(n)} = {'CAST(? AS TEXT)' if type(v) is RawText else '?'}"
-                             for n, v in zip(key_columns, key))
+        raw = tuple(type(v) is RawText for v in key)
         params = [bytes(v) if type(v) is RawText else v for v in key]
+        where = " AND ".join(f"{capture.quote(n)} = {'CAST(? AS TEXT)' if r else '?'}"
+                             for n, r in zip(key_columns, raw))
+        sk = (table, cols, tuple(key_columns), raw)
+        sql = self._select_sql.get(sk)
+        if sql is None:
+            sql = self._select_sql[sk] = f"SELECT {', '.join(map(capture.quote, cols))} FROM {capture.quote(table)} " \
+                                         f"WHERE {where}"
         try:   # the row's values: any of SQLite's types
-            got: list[tuple[Any, ...]] = self.con.execute(
-                f"SELECT {', '.join(map(capture.quote, cols))} FROM {capture.quote(table)} "
-                f"WHERE {where}", params).fetchall()
+            got: list[tuple[Any, ...]] = self.cur.execute(sql, params).fetchall()
             vals = got[0] if got else None
         except UnicodeDecodeError:
             # Text that is not valid UTF-8: read text as bytes and keep what does not decode as RawText.
@@ -234,7 +240,8 @@ class SiteState(Store):
         res = ApplyResult(received=len(batch))
         top = 0
         sent: dict[str, int] = {}
-        for ch in batch:
+        later = self._replaced_in_batch(batch, policy)
+        for i, ch in enumerate(batch):
             if sent.get(ch.origin, 0) < ch.oseq:
                 sent[ch.origin] = ch.oseq
             s = self.seen.get(ch.origin)
@@ -260,11 +267,12 @@ class SiteState(Store):
                 continue
             if ch.op not in ("insert", "update", "delete") or ch.table is None or ch.key is None:
                 raise UsageError(f"change {ch.origin}:{ch.oseq} is malformed (op {ch.op!r})")
-            merged = self._apply_row(ch, policy, res)
-            sid = self.shape_id(ch.table, ch.columns, ch.key_columns)
-            self.log(ch.origin, ch.oseq, ch.hlc, OP_CODE[ch.op], sid, self.keyb(ch.key),
-                     pack(ch.values if ch.op != "delete" else None), ch.base, ch.ctx, counters=ch.counters,
-                     refs=ch.refs)
+            if i in later:
+                merged = None               # its own site's next change of the row, below, supersedes it
+                res.superseded += 1
+            else:
+                merged = self._apply_row(ch, policy, res)
+            self.log_change(ch, self.shape_id(ch.table, ch.columns, ch.key_columns))
             if merged is not None:
                 self._write_merged(self.routed, merged, top)
         self.flush()
@@ -274,6 +282,47 @@ class SiteState(Store):
             self.record_peer(peer, sent)
         res.vector = {o: s[0] for o, s in self.seen.items() if s[0] > 0}
         return res
+
+    def _replaced_in_batch(self, batch: Sequence[SyncChange], policy: Policy) -> set[int]:
+        """The changes of the batch that a later change of the same row in the batch, made by the same
+        site on top of them, supersedes: weighing only the later one leaves the row as weighing both
+        would (a row's state is the winner among the versions nothing seen supersedes, whatever the
+        order; a counter column carries the site's whole delta). A bank's batch changes the same few
+        rows over and over: most of its changes are skipped here (still logged, for forwarding).
+
+        Only plain changes: not a creation (it may collide with another site's), not a row that moved
+        or may move (ids recorded at its key, or a creation of it in the batch), none of a table with
+        foreign keys that follow rows, no DDL in the batch, and a policy that is an order (a
+        resolver's merge is a new local change)."""
+        if not policy.total or any(ch.op == "ddl" for ch in batch):
+            return set()
+        fks = fkeys.foreign_keys(self)
+        linked = set(fks) | {fk.parent for f in fks.values() for fk in f}
+        created = {(ch.table, pack(ch.key)) for ch in batch if ch.op == "insert" and ch.base is None}
+
+        def keyb(ch: SyncChange) -> bytes:
+            return (ch.raw[0] if ch.raw is not None else pack(ch.key)) or b""
+        nxt: dict[tuple[str, bytes, str], SyncChange] = {}
+        plain: dict[tuple[str, bytes], bool] = {}
+        out: set[int] = set()
+        for i in range(len(batch) - 1, -1, -1):
+            ch = batch[i]
+            if ch.table is None or ch.key is None or ch.refs or (ch.op == "insert" and ch.base is None):
+                continue
+            row = (ch.table, keyb(ch))
+            ok = plain.get(row)
+            if ok is None:
+                ok = plain[row] = ch.table not in linked and row not in created and \
+                    not (self.rekeys(ch.table, ch.key) and self.ids_at(*row))
+            if not ok:
+                continue
+            k = (*row, ch.origin)
+            after = nxt.get(k)
+            if after is not None and after.ctx.get(ch.origin, -1) >= ch.hlc \
+                    and (not ch.counters or ch.counters.keys() <= (after.counters or {}).keys()):
+                out.add(i)
+            nxt[k] = ch
+        return out
 
     def _apply_ddl(self, ch: SyncChange) -> None:
         """Run DDL from another site, unless what it creates is already here (both sites ran it)."""
@@ -398,10 +447,8 @@ class SiteState(Store):
     def _record_rekey(self, table: str, ch: SyncChange, kept: Version, moved: Version, newk: int) -> None:
         """Nothing to decide (both rows stay), but the site whose row moved should know: recorded
         as settled, with both rows (the moved one at its new key)."""
-        self._record(table, ch, None, "both", kept, moved)
-        self.cur.execute(f"UPDATE {CONFLICTS} SET resolved_at = at, resolved_by = 'bastion', resolution = ? "
-                         "WHERE id = ?", (f"both rows kept: the insert of {moved.origin} moved from key "
-                                          f"{ch.key[0] if ch.key else None} to {newk}", self.con.last_insert_rowid()))
+        self._record(table, ch, None, "both", kept, moved, f"both rows kept: the insert of {moved.origin} moved "
+                     f"from key {ch.key[0] if ch.key else None} to {newk}")
 
     # -- counter columns --------------------------------------------------------------------------
 
@@ -564,16 +611,26 @@ class SiteState(Store):
         self.ingest()
 
     def _record(self, table: str, ch: SyncChange, policy: Policy | None, outcome: str, local: Version,
-                remote: Version) -> None:
+                remote: Version, settled: str | None = None) -> None:
+        """Record a conflict (``settled``: recorded as resolved by Bastion, with that resolution)."""
+        now = time.time()
         self.cur.execute(
             f"INSERT INTO {CONFLICTS}(at, tbl, key, key_columns, policy, outcome, local_hlc, local_origin, "
-            "local_columns, local_values, remote_hlc, remote_origin, remote_oseq, remote_columns, remote_values) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), table, pack(ch.key), json.dumps(list(ch.key_columns)),
+            "local_columns, local_values, remote_hlc, remote_origin, remote_oseq, remote_columns, remote_values, "
+            "resolved_at, resolution, resolved_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (now, table, pack(ch.key), self._json(ch.key_columns),
              policy.describe() if policy is not None else REKEY_POLICY, outcome,
-             local.hlc, local.origin, None if local.deleted else json.dumps(list(local.columns)),
+             local.hlc, local.origin, None if local.deleted else self._json(local.columns),
              pack(local.values), remote.hlc, remote.origin, ch.oseq,
-             None if remote.deleted else json.dumps(list(remote.columns)), pack(remote.values)))
+             None if remote.deleted else self._json(remote.columns), pack(remote.values),
+             None if settled is None else now, settled, None if settled is None else "bastion"))
+
+    def _json(self, names: Sequence[str]) -> str:
+        """A list of column names as JSON (the same few lists, again and again)."""
+        got = self._names_json.get(names)
+        if got is None:
+            got = self._names_json[names] = json.dumps(list(names))
+        return got
 
     def record_peer(self, peer: str, vector: Mapping[str, int]) -> None:
         now = time.time()
@@ -591,7 +648,8 @@ class SiteState(Store):
         table, cols, kcols = self.shape(sid)
         return SyncChange(origin, oseq, hlc, OP_NAME[op], table, cols, kcols, unpack(keyb), unpack(vals),
                           None if bh is None else (bh, bo), unpack_vv(ctx), None,
-                          unpack_vv(counters) if counters is not None else None, unpack_refs(refs))
+                          unpack_vv(counters) if counters is not None else None, unpack_refs(refs),
+                          (keyb, vals, ctx, counters, refs))
 
 
 LOG_COLS = "origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters, refs"

@@ -21,7 +21,8 @@ import msgpack
 from .. import capture
 from ..capture import RawText
 from ..errors import StateConflict
-from .model import COUNTERS, IDS, LOG, ROWS, SEEN, pack, pack_refs, pack_vv, unpack, unpack_vv, with_values
+from .model import (COUNTERS, IDS, LOG, OP_CODE, ROWS, SEEN, SyncChange, pack, pack_refs, pack_vv, unpack, unpack_vv,
+                    with_values)
 from .policy import Version
 
 
@@ -199,6 +200,19 @@ class Store:
         else:
             s[0], s[1] = oseq, hlc
         self.dirty.add(origin)
+
+    def log_change(self, ch: SyncChange, sid: int) -> None:
+        """Log a row change received from another site, as its origin logged it."""
+        keyb, vals, ctx, counters, refs = ch.blobs()
+        self._log.append((ch.origin, ch.oseq, ch.hlc, OP_CODE[ch.op], sid, keyb, vals,
+                          ch.base[0] if ch.base else None, ch.base[1] if ch.base else None, ctx, None, counters,
+                          refs))
+        s = self.seen.get(ch.origin)
+        if s is None:
+            self.seen[ch.origin] = [ch.oseq, ch.hlc, 0]
+        else:
+            s[0], s[1] = ch.oseq, ch.hlc
+        self.dirty.add(ch.origin)
 
     def flush_seen(self) -> None:
         for o in self.dirty:
