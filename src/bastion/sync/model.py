@@ -162,7 +162,9 @@ def unwire(v: Any) -> Any:
 def pack(values: Sequence[Any] | None) -> bytes | None:
     if values is None:
         return None
-    return msgpack.packb([wire(v) for v in values], use_bin_type=True)
+    if RawText in map(type, values):
+        values = [wire(v) for v in values]
+    return msgpack.packb(values, use_bin_type=True)       # a tuple packs as a list does
 
 
 def unpack(blob: bytes | None) -> tuple[Any, ...] | None:

@@ -346,7 +346,7 @@ class Syncer(PassLoop):
     def apply(self, req: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         path = self._file(req)
         with self.apply_lock:
-            res = site.apply(path, site.from_wire(batch), self.group.policy, peer=req["site"])
+            res = site.apply(path, site.from_wire(batch, lazy=True), self.group.policy, peer=req["site"])
             vec = site.vector(path)
         if res.conflicts:
             log.warning("sync of %s from %s: %d conflict(s) recorded (bastion conflicts list %s)", self.name,

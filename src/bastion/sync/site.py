@@ -485,9 +485,11 @@ def to_wire(changes: Sequence[SyncChange]) -> dict[str, Any]:
     return {"format": WIRE_FORMAT, "shapes": [[t, list(cs), list(ks)] for t, cs, ks in shapes], "changes": rows}
 
 
-def from_wire(data: Mapping[str, Any]) -> list[SyncChange]:
+def from_wire(data: Mapping[str, Any], lazy: bool = False) -> list[SyncChange]:
+    """Changes from :func:`to_wire`. ``lazy`` (format 2): the values of a row change are left packed
+    (``values`` None, ``raw`` holds them) for :func:`apply`, which decodes only those it weighs."""
     if data.get("format") == WIRE_FORMAT:
-        return _from_blobs(data)
+        return _from_blobs(data, lazy)
     if data.get("format") != FORMAT:
         raise UsageError(f"sync changes of format {data.get('format')!r}; this Bastion reads {FORMAT} and "
                          f"{WIRE_FORMAT}", hint="run the same Bastion version on every site of the group")
@@ -509,7 +511,7 @@ def from_wire(data: Mapping[str, Any]) -> list[SyncChange]:
     return out
 
 
-def _from_blobs(data: Mapping[str, Any]) -> list[SyncChange]:
+def _from_blobs(data: Mapping[str, Any], lazy: bool) -> list[SyncChange]:
     """Changes of wire format 2: the log's blobs decoded, and kept to be logged here as they came."""
     shapes = [(t, tuple(cs), tuple(ks)) for t, cs, ks in data["shapes"]]
     out = []
@@ -518,7 +520,8 @@ def _from_blobs(data: Mapping[str, Any]) -> list[SyncChange]:
         for b in (keyb, vals, ctx, counters, refs):
             if b is not None and type(b) is not bytes:
                 raise UsageError(f"change {origin}:{oseq} is malformed (a {type(b).__name__} where bytes go)")
-        out.append(SyncChange(origin, int(oseq), int(hlc), op, t, cs, ks, unpack(keyb), unpack(vals),
+        out.append(SyncChange(origin, int(oseq), int(hlc), op, t, cs, ks, unpack(keyb),
+                              None if lazy else unpack(vals),
                               None if base is None else (int(base[0]), str(base[1])),
                               {str(k): int(v) for k, v in unpack_vv(ctx).items()}, sql,
                               None if counters is None else {str(k): int(v) for k, v in unpack_vv(counters).items()},

@@ -352,6 +352,8 @@ class SiteState(Store):
         created goes to a key of its own, and a change made on a row that moved follows it
         (:meth:`_route`), its references to rows that moved following them (refs.py). Then the
         version rules, then the counter columns."""
+        if ch.values is None and ch.op != "delete" and ch.raw is not None:
+            ch = ch._replace(values=unpack(ch.raw[1]))      # from_wire(lazy=True) left them packed
         rch = self.routed = self._route(fkeys.follow(self, ch), res)
         merged = self._apply_version(rch, policy, res)
         self._count_remote(rch)
