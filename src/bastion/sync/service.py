@@ -347,12 +347,11 @@ class Syncer(PassLoop):
         path = self._file(req)
         with self.apply_lock:
             res = site.apply(path, site.from_wire(batch, lazy=True), self.group.policy, peer=req["site"])
-            vec = site.vector(path)
         if res.conflicts:
             log.warning("sync of %s from %s: %d conflict(s) recorded (bastion conflicts list %s)", self.name,
                         req["site"], res.conflicts, self.name)
         self._wake.set()      # forward what arrived to the other neighbours soon
-        return {"database": self.name, "site": self.site, "vector": vec, **res.to_dict()}
+        return {"database": self.name, "site": self.site, **res.to_dict()}     # its vector: this file's now
 
     def status(self) -> dict[str, Any]:
         files = []

@@ -12,7 +12,7 @@ Writes to the application's tables are deferred only while a batch is applied
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import apsw
@@ -35,6 +35,12 @@ class _Row:
 
 _LOG_INSERT = (f"INSERT INTO {LOG}(origin, oseq, hlc, op, shape, key, vals, base_hlc, base_origin, ctx, sql, counters, "
                "refs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _decode_row(hlc: int, origin: str, deleted: int, vv: bytes, sib: bytes | None) -> _Row:
+    sibs = [] if sib is None else [Version(h, o, tuple(c), None if v is None else unpack(v))
+                                   for h, o, c, v in msgpack.unpackb(sib, raw=False)]
+    return _Row(hlc, origin, bool(deleted), unpack_vv(vv), sibs)
 
 
 class Store:
@@ -71,14 +77,33 @@ class Store:
             return self._rows[k]
         got = self.cur.execute(f"SELECT hlc, origin, deleted, vv, siblings FROM {ROWS} WHERE tbl = ? AND key = ?",
                                (table, keyb)).fetchall()
-        r = None
-        if got:
-            hlc, origin, deleted, vv, sib = got[0]
-            sibs = [] if sib is None else [Version(h, o, tuple(c), None if v is None else unpack(v))
-                                           for h, o, c, v in msgpack.unpackb(sib, raw=False)]
-            r = _Row(hlc, origin, bool(deleted), unpack_vv(vv), sibs)       # type: ignore[arg-type]
-        self._rows[k] = r
+        r = self._rows[k] = _decode_row(*got[0]) if got else None
         return r
+
+    def prefetch(self, keys: Iterable[tuple[str, bytes]]) -> None:
+        """Read the version state and the creations of many rows (a batch's) with a few queries, rather
+        than one query per row and table when each change asks."""
+        by_table: dict[str, list[bytes]] = {}
+        for t, kb in keys:
+            if (t, kb) not in self._rows:
+                by_table.setdefault(t, []).append(kb)
+        for t, kbs in by_table.items():
+            kbs = list(dict.fromkeys(kbs))
+            for i in range(0, len(kbs), 500):
+                part = kbs[i:i + 500]
+                marks = ", ".join("?" * len(part))
+                for kb in part:
+                    self._rows[(t, kb)] = None
+                for kb, *state in self.cur.execute(f"SELECT key, hlc, origin, deleted, vv, siblings FROM {ROWS} "
+                                                   f"WHERE tbl = ? AND key IN ({marks})", (t, *part)):
+                    self._rows[(t, bytes(kb))] = _decode_row(*state)
+                fresh = {kb for kb in part if (t, kb) not in self._ids}
+                for kb in fresh:
+                    self._ids[(t, kb)] = []
+                for kb, h, o, a in self.cur.execute(f"SELECT key, hlc, origin, at_key FROM {IDS} WHERE tbl = ? AND key "
+                                                    f"IN ({marks}) ORDER BY key, origin, hlc", (t, *part)):
+                    if bytes(kb) in fresh:
+                        self._ids[(t, bytes(kb))].append((h, o, a))
 
     def put_row(self, table: str, keyb: bytes, r: _Row) -> None:
         self._rows[(table, keyb)] = r
