@@ -62,6 +62,7 @@ class Store:
         self._read: dict[tuple[str, bytes], Version] = {}      # rows read from the tables in this batch
         self.deferring = False
         self._memo: tuple[Any, bytes] = ((), b"")
+        self._sql: dict[tuple[Any, ...], str] = {}
 
     def keyb(self, key: Sequence[Any]) -> bytes:
         """``pack(key)``, remembered for the last key asked (a change asks for its key several times)."""
@@ -196,19 +197,37 @@ class Store:
         self._read.pop((table, keyb), None)
 
     def _write_now(self, table: str, key_columns: Sequence[str], key: Sequence[Any], v: Version) -> None:
-        if v.values is None:
-            names, params = key_columns, key
-            marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture.delete_sql(table, names, marks)
-        else:
-            params = v.values
-            marks = ["CAST(? AS TEXT)" if type(x) is RawText else "?" for x in params]
-            sql = capture.upsert_sql(table, v.columns, marks)
-        try:
-            self.cur.execute(sql, [bytes(x) if type(x) is RawText else x for x in params])
-        except apsw.SQLError as e:
-            raise StateConflict(f"cannot write a row of table {table!r}: {e}",
-                                hint="the sites' schemas differ; bring this site's schema in line") from e
+        self._run_writes([self._statement(table, key_columns, key, v)])
+
+    def _statement(self, table: str, key_columns: Sequence[str], key: Sequence[Any],
+                   v: Version) -> tuple[str, str, list[Any]]:
+        """(table, SQL, parameters) writing version ``v`` of the row (its SQL text is built once)."""
+        params = key if v.values is None else v.values
+        raw = tuple(type(x) is RawText for x in params) if RawText in map(type, params) else ()
+        sk = (table, v.values is None, tuple(key_columns) if v.values is None else v.columns, raw)
+        sql = self._sql.get(sk)
+        if sql is None:
+            marks = ["CAST(? AS TEXT)" if r else "?" for r in raw] if raw else ["?"] * len(params)
+            sql = self._sql[sk] = capture.delete_sql(table, key_columns, marks) if v.values is None else \
+                capture.upsert_sql(table, v.columns, marks)
+        return table, sql, [bytes(x) if type(x) is RawText else x for x in params] if raw else list(params)
+
+    def _run_writes(self, writes: Sequence[tuple[str, str, list[Any]]]) -> None:
+        """Run the statements in order, each run of the same statement as one executemany."""
+        i = 0
+        while i < len(writes):
+            j = i + 1
+            while j < len(writes) and writes[j][1] == writes[i][1]:
+                j += 1
+            try:
+                if j == i + 1:
+                    self.cur.execute(writes[i][1], writes[i][2])
+                else:
+                    self.cur.executemany(writes[i][1], [w[2] for w in writes[i:j]])
+            except apsw.SQLError as e:
+                raise StateConflict(f"cannot write a row of table {writes[i][0]!r}: {e}",
+                                    hint="the sites' schemas differ; bring this site's schema in line") from e
+            i = j
 
     # the log ------------------------------------------------------------------------------------
 
@@ -250,8 +269,7 @@ class Store:
         """Write back everything held in memory (the transaction's tables are then current)."""
         pending, self._pending = self._pending, {}
         self._read.clear()
-        for table, kc, key, v in ((k[0], *p) for k, p in pending.items()):
-            self._write_now(table, kc, key, v)
+        self._run_writes([self._statement(k[0], *p) for k, p in pending.items()])
         if self._log:
             self.cur.executemany(_LOG_INSERT, self._log)
             self._log = []
