@@ -7,10 +7,11 @@ between sites (``changes_for`` on one side, ``apply`` on the other).
 
 from .policy import Choice, Policy, Version, load_resolver
 from .model import ApplyResult, SyncChange
-from .site import (adopt, apply, changes_for, configure, conflict, conflicts, from_wire, ingest, install, is_installed,
-                   prune, record_peer, resolve, site_of, status, to_wire, vector)
+from .site import (adopt, apply, changes_for, changes_for_wire, configure, conflict, conflicts, from_wire, ingest,
+                   install, is_installed, prune, record_peer, resolve, site_of, status, to_wire, vector)
 from .state import raise_clock
 
-__all__ = ["ApplyResult", "Choice", "Policy", "SyncChange", "Version", "adopt", "apply", "changes_for", "configure",
+__all__ = ["ApplyResult", "Choice", "Policy", "SyncChange", "Version", "adopt", "apply", "changes_for",
+           "changes_for_wire", "configure",
            "conflict", "conflicts", "from_wire", "ingest", "install", "is_installed", "load_resolver", "prune",
            "raise_clock", "record_peer", "resolve", "site_of", "status", "to_wire", "vector"]

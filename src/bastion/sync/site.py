@@ -44,6 +44,9 @@ snapshot). Capture's log is then pruned up to what was ingested.
 vector for their origin) in arrival order. A site logs a change only after everything
 it had seen when the change was made, so arrival order is causal, and a prefix of it
 (``limit``) keeps each origin contiguous and every change after its causes.
+:func:`changes_for_wire` returns the same as :func:`to_wire` puts it without decoding the
+log's blobs: a batch carries each change's key, values, ctx, counters and refs packed as
+its origin logged them, and the receiver logs them as they came.
 
 *Applying* (:func:`apply`) runs one ``BEGIN IMMEDIATE`` transaction with triggers and
 foreign keys off (nothing applied is captured again; the application's triggers and
@@ -65,6 +68,11 @@ changes, whatever the order, so sites converge for any policy that is an order (
 priority, update_delete). Comparing only the row's current version with the change's
 base is not enough beyond lww: a site that never saw a losing version may build on the
 winner, and the loser must then be weighed against that new version, not dropped.
+
+A change that a later change of the batch replaces (the same row, the same origin, made
+on top of it: its ctx covers it) is logged but not weighed: the set of versions nothing
+supersedes, hence the row, ends the same, and a counter column carries the origin's whole
+delta in the later change (only plain changes: see ``SiteState._replaced_in_batch``).
 
 Every change received is logged and counted in ``seen`` (losers too: other sites must
 get them). At the end of the batch, the clock of the file moves past the highest hlc
