@@ -241,7 +241,7 @@ class SiteState(Store):
         top = 0
         sent: dict[str, int] = {}
         later = self._replaced_in_batch(batch, policy)
-        self.prefetch((ch.table, ch.raw[0] if ch.raw is not None else self.keyb(ch.key))
+        self.prefetch((ch.table, (ch.raw[0] if ch.raw is not None else None) or self.keyb(ch.key))
                       for i, ch in enumerate(batch) if i not in later and ch.table is not None and ch.key is not None)
         for i, ch in enumerate(batch):
             if sent.get(ch.origin, 0) < ch.oseq:

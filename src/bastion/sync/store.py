@@ -37,7 +37,8 @@ _LOG_INSERT = (f"INSERT INTO {LOG}(origin, oseq, hlc, op, shape, key, vals, base
                "refs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-def _decode_row(hlc: int, origin: str, deleted: int, vv: bytes, sib: bytes | None) -> _Row:
+def _decode_row(hlc: Any, origin: Any, deleted: Any, vv: Any, sib: Any) -> _Row:
+    """A row of _bastion_sync_rows (hlc, origin, deleted, vv, siblings) as kept in memory."""
     sibs = [] if sib is None else [Version(h, o, tuple(c), None if v is None else unpack(v))
                                    for h, o, c, v in msgpack.unpackb(sib, raw=False)]
     return _Row(hlc, origin, bool(deleted), unpack_vv(vv), sibs)
