@@ -59,6 +59,8 @@ data; the others join by copying a's file (the daemon's own join).
    they collide and are re-keyed; ``accounts.balance`` and ``meta.value`` are counter columns).
    Then all links heal; polled every 50 ms: the time until the three sites hold the same vectors
    and the same rows in both files ("converged", goal < 2 s), the daemons' CPU seconds meanwhile,
+   the changes the daemons sent meanwhile (their per-neighbour counters) against the changes
+   needed (each change to the two other sites once: more is changes sent twice, skipped there),
    and then: audit rows lost or doubled at any site (goal 0), the total balance (goal: unchanged)
    and the transfer count equal to the audit rows, integrity_check. A lost row or money created
    is a failure (exit 1).
