@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator
 
 
-from ..errors import BastionError, ConfigError, Outcome, StateConflict, UnknownTarget, UsageError
+from ..errors import BastionError, ConfigError, DaemonUnavailable, Outcome, StateConflict, UnknownTarget, UsageError
 from ..passloop import PassLoop
 from ..peer import PeerClient
 from ..position import Vector  # per origin, the highest change a site holds
@@ -90,10 +90,12 @@ class Syncer(PassLoop):
         self.sent = 0
         self.joined_from: str | None = None
         self._installed = False
-        # The last pass failed only because no neighbour answered (a partition): the files are as
-        # they were, so the next pass need not install again (that took the write lock from the
-        # applies of the first batches after the heal, holding up this site's own pushes).
+        # The last pass failed only because no neighbour answered at all (a partition: transport
+        # errors only): the files are as they were, so the next pass need not install again (that
+        # took the write lock from the applies of the first batches after the heal, holding up this
+        # site's own pushes).
         self._unreachable = False
+        self._silent: set[str] = set()     # neighbours whose last push got no answer (transport)
         self._last_prune = 0.0
         self.apply_lock = threading.Lock()      # batches from several neighbours: one at a time
         self._inflight: dict[str, Future[int]] = {}
@@ -174,7 +176,7 @@ class Syncer(PassLoop):
             for path in self.db.files:
                 site.prune(path, self.group.neighbours)
         if errors and len(errors) == len(self.group.neighbours):
-            self._unreachable = True
+            self._unreachable = self._silent >= set(self.group.neighbours)
             raise BastionError(f"sync of {self.name}: no neighbour reachable: " + "; ".join(errors),
                                hint="changes stay here and go out when a neighbour answers")
         self.state = "in sync" if not errors else "partial (" + "; ".join(errors) + ")"
@@ -192,7 +194,12 @@ class Syncer(PassLoop):
             try:
                 sent += fut.result()
                 self.peer_state[peer].update(last_error=None, last_ok_at=time.time())
+                self._silent.discard(peer)
             except BastionError as exc:   # one neighbour down must not stop the others
+                if isinstance(exc, DaemonUnavailable):
+                    self._silent.add(peer)
+                else:
+                    self._silent.discard(peer)
                 if self.peer_state[peer]["last_error"] is None:
                     log.warning("sync of %s: neighbour %s fails: %s", self.name, peer, exc.message)
                 self.peer_state[peer]["last_error"] = exc.message
