@@ -300,10 +300,10 @@ class SiteState(Store):
             return set()
         fks = fkeys.foreign_keys(self)
         linked = set(fks) | {fk.parent for f in fks.values() for fk in f}
-        created = {(ch.table, pack(ch.key)) for ch in batch if ch.op == "insert" and ch.base is None}
 
         def keyb(ch: SyncChange) -> bytes:
             return (ch.raw[0] if ch.raw is not None else pack(ch.key)) or b""
+        created = {(ch.table, keyb(ch)) for ch in batch if ch.op == "insert" and ch.base is None}
         nxt: dict[tuple[str, bytes, str], SyncChange] = {}
         plain: dict[tuple[str, bytes], bool] = {}
         out: set[int] = set()
