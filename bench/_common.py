@@ -35,9 +35,10 @@ class Daemon(DaemonProc):
     """A bench's daemon: this checkout's code, the default log level (debug would cost time), output in
     one log (default: beside the config, daemon.log) for all its starts."""
 
-    def __init__(self, config: Path, port: int, data_dir: Path | None = None, log: Path | None = None) -> None:
+    def __init__(self, config: Path, port: int, data_dir: Path | None = None, log: Path | None = None,
+                 addr: str = "127.0.0.1") -> None:
         super().__init__(config, port, data_dir or config.parent / "var", log=log or config.parent / "daemon.log",
-                         log_level=None, env=ENV, one_log=True, python=PY)
+                         addr=addr, log_level=None, env=ENV, one_log=True, python=PY)
 
     def start(self, timeout: float = 60) -> Daemon:
         super().start(timeout)
