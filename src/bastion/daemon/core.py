@@ -21,6 +21,7 @@ from ..catalog import Catalog, Targets
 from ..config import Config
 from ..backup import Repository, verify
 from ..backup.backups import Backups
+from ..backup.manifest import Manifest
 from ..contops import ContinuousOperations
 from ..errors import Outcome
 from ..freeze import Freezer
@@ -167,11 +168,11 @@ class Daemon:
         """Full verify (restore, integrity_check, digests) of the database's newest backup."""
         from ..backup.backups import default_repository
         repo = Repository.open(default_repository(self.config, name), create=True)
-        newest = [m for m in repo.manifests() if isinstance(m, dict) and m["database"] == name]
+        newest = [m for m in repo.manifests() if isinstance(m, Manifest) and m.database == name]
         if not newest:
             return {"verdict": Outcome.OK, "message": "no backup yet"}
-        newest.sort(key=lambda m: m["instant_epoch"])
-        res = verify(repo, [newest[-1]["id"]], full=True)
+        newest.sort(key=lambda m: m.instant)
+        res = verify(repo, [newest[-1].id], full=True)
         if not res["ok"]:
             res["message"] = "; ".join(p["problem"] for p in res["problems"])
         return res
