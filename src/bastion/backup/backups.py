@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, TypedDict
 
 import apsw
 
@@ -47,25 +47,36 @@ def _names(files: list[DatabaseFile]) -> list[str]:
     return out
 
 
+class BackupLatest(TypedDict):
+    """A database's newest backup and its latest recorded verification (`bastion status`)."""
+    database: str
+    repository: str
+    backup: str | None
+    instant: str | None
+    verified: str | None          # describe_verification's line
+    verification: dict[str, Any] | None
+    error: str | None             # the repository could not be read
+
+
 class Backups:
     def __init__(self, config: Config, catalog: Catalog, contops: ContinuousOperations) -> None:
         self.config = config
         self.catalog = catalog
         self.contops = contops
         self.running: dict[str, dict[str, Any]] = {}   # label -> progress of a backup under way
-        self._latest: dict[str, tuple[float, dict[str, Any]]] = {}   # database -> (when read, summary)
+        self._latest: dict[str, tuple[float, BackupLatest]] = {}   # database -> (when read, summary)
 
     LATEST_TTL = 10.0   # status is polled; a remote repository is not read more often than this
 
-    def latest(self, database: str) -> dict[str, Any]:
+    def latest(self, database: str) -> BackupLatest:
         """The database's newest backup and its latest recorded verification, for `bastion status`."""
         now = time.monotonic()
         hit = self._latest.get(database)
         if hit and now - hit[0] < self.LATEST_TTL:
             return hit[1]
         url = default_repository(self.config, database)
-        out: dict[str, Any] = {"database": database, "repository": url, "backup": None, "instant": None,
-                               "verified": None, "verification": None, "error": None}
+        out: BackupLatest = {"database": database, "repository": url, "backup": None, "instant": None,
+                             "verified": None, "verification": None, "error": None}
         try:
             repo = Repository.open(url)
             # ids start with the instant: read manifests newest first until one is this database's
@@ -76,8 +87,8 @@ class Backups:
                     continue
                 if m.database == database:
                     ver = repo.verification(bid)
-                    out.update(backup=bid, instant=m.instant_text, verified=describe_verification(ver),
-                               verification=ver["latest"])
+                    out.update({"backup": bid, "instant": m.instant_text, "verified": describe_verification(ver),
+                                "verification": ver["latest"]})
                     break
         except NoRepository:
             pass
