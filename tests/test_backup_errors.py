@@ -369,8 +369,7 @@ def test_prune_on_a_hostile_repository_removes_nothing_and_says_why(daemon, bank
     assert r.code == 2 and "damaged" in r.err and "removes nothing" in r.err and "Traceback" not in r.err, r.err
     assert _files(root) == before
     # a stray file under chunks/ that is not a chunk name is never deleted by prune
-    m["files"][0]["chunks"] = json.loads(json.dumps(Repository.open(url).manifest(repo.backup_ids()[1])
-                                                    ["files"][0]["chunks"]))
+    m["files"][0]["chunks"] = Repository.open(url).manifest(repo.backup_ids()[1]).to_json()["files"][0]["chunks"]
     (root / "manifests" / f"{bid}.json").write_text(json.dumps(m))
     (root / "chunks" / "zz").mkdir()
     (root / "chunks" / "zz" / "notes.txt").write_text("mine")

@@ -25,9 +25,11 @@ from collections.abc import Callable
 
 import pytest
 
+from bastion.backup.manifest import Manifest
 from bastion.backup.repository import NoRepository, Repository
 from bastion.backup.store import ObjectMissing, StoreRefused, StoreUnreachable, open_store
 from bastion.errors import UsageError
+from bastion.position import Instant
 from support import check_bank, dump
 from support.servers import AWS_CLEARED, MotoS3, Sshd, closed_port
 
@@ -253,7 +255,8 @@ def test_sftp_write_is_fsynced_then_renamed_on_the_server(sshd_server, tmp_path)
     url = sshd_server.url(f"{tmp_path}/repo")
     repo = Repository.open(url, create=True)
     start = sshd_server.sftp_log.stat().st_size if sshd_server.sftp_log.exists() else 0
-    repo.put_manifest({"id": "m1", "files": []})
+    at = Instant(1_764_770_107.5)
+    repo.put_manifest(Manifest(1, "m1", "d", at, at.iso, (), 0))
     repo.store.close()
     final = f"{tmp_path}/repo/manifests/m1.json"
     lines = [ln for ln in sshd_server.sftp_log.read_bytes()[start:].decode(errors="replace").splitlines()

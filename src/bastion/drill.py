@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
@@ -33,6 +33,10 @@ from .errors import BastionError, Outcome, UnknownTarget
 from .state import StateStore, iso
 from .sqlite import connect
 
+if TYPE_CHECKING:
+    from .backup import Repository
+    from .backup.manifest import Manifest
+
 log = logging.getLogger("bastion.drill")
 
 
@@ -40,13 +44,13 @@ def latest_all(state: StateStore) -> dict[str, dict[str, Any]]:
     return state.latest_drills()
 
 
-def _newest(repo: Any, database: str) -> dict[str, Any] | None:
+def _newest(repo: Repository, database: str) -> Manifest | None:
     for bid in reversed(repo.backup_ids()):      # ids begin with the instant: newest last
         try:
             m = repo.manifest(bid)
         except BastionError:
             continue
-        if m["database"] == database:
+        if m.database == database:
             return m
     return None
 
@@ -98,14 +102,14 @@ def run(config: Config, state: StateStore, database: str, url: str | None = None
         m = _newest(repo, database)
         if m is None:
             raise BastionError(f"no backup of {database} in {url}", hint=f"take one: bastion backup {database}")
-        result.update(backup=m["id"], instant=m["instant"])
+        result.update(backup=m.id, instant=m.instant_text)
         result["step"] = "restore and verify (SHA-256, integrity_check, content digests)"
         try:
-            r = restore(repo, m["id"], scratch)
+            r = restore(repo, m.id, scratch)
         except BastionError as exc:
-            _record(repo, m["id"], False, exc.message)
+            _record(repo, m.id, False, exc.message)
             raise
-        _record(repo, m["id"], True, None)
+        _record(repo, m.id, True, None)
         result["restore_seconds"] = r["seconds"]
         paths = [f["path"] for f in r["files"]]
         if db.drill_check:
@@ -119,14 +123,14 @@ def run(config: Config, state: StateStore, database: str, url: str | None = None
         if db.drill_command:
             result["step"] = "application check (drill_command)"
             env = {"BASTION_DRILL_DATABASE": database, "BASTION_DRILL_DIR": scratch,
-                   "BASTION_DRILL_FILES": "\n".join(paths), "BASTION_DRILL_BACKUP": m["id"]}
+                   "BASTION_DRILL_FILES": "\n".join(paths), "BASTION_DRILL_BACKUP": m.id}
             res = hooks.run(db.drill_command, f"drill command of {database}", env=env, timeout=600)
             result["command"] = {"exit_code": res["exit_code"], "output": res["output"][-2000:]}
             if res["error"]:
                 raise BastionError(f"drill_command {res['error']}",
                                    hint="the command checks the restored copy in $BASTION_DRILL_DIR")
         result["rto_seconds"] = round(time.monotonic() - t0, 3)
-        result["rpo_seconds"] = round(max(0.0, time.time() - m["instant_epoch"]), 3)
+        result["rpo_seconds"] = round(max(0.0, time.time() - m.instant.epoch), 3)
         result.update(ok=True, step="done")
     except BastionError as exc:
         result["error"] = exc.message + (f" ({exc.hint})" if exc.hint else "")

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .errors import BastionError, Outcome
 from .state import iso
@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from .schedule import Timing
 
 log = logging.getLogger("bastion.passloop")
+
+
+class LoopFields(TypedDict):
+    """LoopStatus as the status pages show it (spread into a shipper's and a syncer's status)."""
+    state: str
+    last_error: str | None
+    last_error_at: str | None
+    failures: int
+    last_success_at: str | None
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,7 @@ class LoopStatus:
     last_error_at: float | None
     last_success_at: float | None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> LoopFields:
         """The keys `replicate status` and `sync status` have always shown."""
         return {"state": self.state, "last_error": self.last_error, "last_error_at": iso(self.last_error_at),
                 "failures": self.failures, "last_success_at": iso(self.last_success_at)}

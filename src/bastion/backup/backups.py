@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, TypedDict
 
 import apsw
 
@@ -23,7 +23,8 @@ from ..position import Instant
 from ..sqlite import DatabaseFile
 from ..state import iso
 from . import names
-from .repository import FORMAT, NoRepository, Repository, describe_verification
+from .manifest import FORMAT, Manifest
+from .repository import NoRepository, Repository, describe_verification
 from .snapshot import snapshot_in_child
 from .verify import verify
 
@@ -46,25 +47,36 @@ def _names(files: list[DatabaseFile]) -> list[str]:
     return out
 
 
+class BackupLatest(TypedDict):
+    """A database's newest backup and its latest recorded verification (`bastion status`)."""
+    database: str
+    repository: str
+    backup: str | None
+    instant: str | None
+    verified: str | None          # describe_verification's line
+    verification: dict[str, Any] | None
+    error: str | None             # the repository could not be read
+
+
 class Backups:
     def __init__(self, config: Config, catalog: Catalog, contops: ContinuousOperations) -> None:
         self.config = config
         self.catalog = catalog
         self.contops = contops
         self.running: dict[str, dict[str, Any]] = {}   # label -> progress of a backup under way
-        self._latest: dict[str, tuple[float, dict[str, Any]]] = {}   # database -> (when read, summary)
+        self._latest: dict[str, tuple[float, BackupLatest]] = {}   # database -> (when read, summary)
 
     LATEST_TTL = 10.0   # status is polled; a remote repository is not read more often than this
 
-    def latest(self, database: str) -> dict[str, Any]:
+    def latest(self, database: str) -> BackupLatest:
         """The database's newest backup and its latest recorded verification, for `bastion status`."""
         now = time.monotonic()
         hit = self._latest.get(database)
         if hit and now - hit[0] < self.LATEST_TTL:
             return hit[1]
         url = default_repository(self.config, database)
-        out: dict[str, Any] = {"database": database, "repository": url, "backup": None, "instant": None,
-                               "verified": None, "verification": None, "error": None}
+        out: BackupLatest = {"database": database, "repository": url, "backup": None, "instant": None,
+                             "verified": None, "verification": None, "error": None}
         try:
             repo = Repository.open(url)
             # ids start with the instant: read manifests newest first until one is this database's
@@ -73,10 +85,10 @@ class Backups:
                     m = repo.manifest(bid)
                 except BastionError:
                     continue
-                if m["database"] == database:
+                if m.database == database:
                     ver = repo.verification(bid)
-                    out.update(backup=bid, instant=m["instant"], verified=describe_verification(ver),
-                               verification=ver["latest"])
+                    out.update({"backup": bid, "instant": m.instant_text, "verified": describe_verification(ver),
+                                "verification": ver["latest"]})
                     break
         except NoRepository:
             pass
@@ -166,13 +178,13 @@ class Backups:
     def _finish(self, repo: Repository, label: str, start: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
         instant = Instant(start["started_at_epoch"])
         bid = f"{instant.stamp}-{uuid.uuid4().hex[:6]}"    # ids sort by the instant they start with
-        manifest = {
+        manifest = Manifest.from_json({   # checked as it will be read: never write one we would refuse
             "format": FORMAT, "id": bid, "database": label, **instant.to_json(),
             "sqlite_version": apsw.sqlite_lib_version(), "files": res["files"],
             "logical_bytes": sum(f["size"] for f in res["files"]),
             "stored_bytes_added": res["stored_bytes_added"], "chunks_total": res["chunks_total"],
             "chunks_new": res["chunks_new"], "read_seconds": round(res["seconds"], 3),
-        }
+        }, bid)
         repo.put_manifest(manifest)   # the backup exists from here on
         # Read back every chunk the backup references, the ones it reused as well as the ones it
         # wrote: a chunk already in the repository is trusted by name only when the snapshot
@@ -180,9 +192,9 @@ class Backups:
         t0 = time.monotonic()
         check = verify(repo, [bid])
         out: dict[str, Any] = {
-            "backup": bid, "database": label, "repository": repo.url, "instant": manifest["instant"],
-            "logical_bytes": manifest["logical_bytes"], "stored_bytes_added": manifest["stored_bytes_added"],
-            "chunks_total": manifest["chunks_total"], "chunks_new": manifest["chunks_new"],
+            "backup": bid, "database": label, "repository": repo.url, "instant": manifest.instant_text,
+            "logical_bytes": manifest.logical_bytes, "stored_bytes_added": manifest.stored_bytes_added,
+            "chunks_total": manifest.chunks_total, "chunks_new": manifest.chunks_new,
             "seconds": round(res["seconds"], 3), "writers_paused_ms": start["writers_paused_ms"],
             "verified": check["ok"], "verify_seconds": round(time.monotonic() - t0, 3),
             "verdict": Outcome.OK if check["ok"] else Outcome.FAILED}
@@ -199,17 +211,17 @@ class Backups:
         return out
 
 
-def _configured_targets(config: Config, catalog: Catalog, backup_id: str, m: dict[str, Any]) -> list[str]:
+def _configured_targets(config: Config, catalog: Catalog, backup_id: str, m: Manifest) -> list[str]:
     """The local files a backup goes back over: the files of the config's database the manifest
     names, matched by name. Never the manifest's own paths: a repository is untrusted input."""
     from .restore import RestoreFailed
-    label = m.get("database")
-    db = config.databases.get(label) if isinstance(label, str) else None
+    label = m.database
+    db = config.databases.get(label)
     if db is None:
         raise RestoreFailed(f"backup {backup_id} is of {label!r}, which is not a database of the config; "
                             "nothing was changed", hint="restore it into a directory with `bastion restore ID --to "
                                                         "DIR` and move the files yourself")
-    got = names.file_names([f.get("name") if isinstance(f, dict) else None for f in m["files"]])
+    got = names.file_names([f.name for f in m.files])
     want = _names([catalog.files.get(p) or DatabaseFile(p, db.name) for p in db.files])
     if len(got) != len(want):
         raise RestoreFailed(f"backup {backup_id} has {len(got)} file{'s' if len(got) != 1 else ''} "
@@ -252,10 +264,10 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
     pairs = []
     try:
         restored = restore(repo, backup_id, os.path.join(staging, "files"))
-        for f, target in zip(m["files"], targets):
+        for mf, target in zip(m.files, targets):
             staged = os.path.join(os.path.dirname(target),
                                   f".{os.path.basename(target)}.{secrets.token_hex(6)}.bastion-staged")
-            shutil.move(os.path.join(staging, "files", f["name"]), staged)
+            shutil.move(os.path.join(staging, "files", mf.name), staged)
             pairs.append((staged, target))
         files = [catalog.files[t] for t in targets if t in catalog.files]
         # the SQL server's connections go too (refused if a transaction is open); back after the swap
@@ -284,7 +296,7 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
     out = [{"path": t, "previous_kept_as": swapped["files"][t]["previous_kept_as"],
             "quick_check": checks.get(t, "ok (not protected by this daemon)")} for t in targets]
     ok = all(c["quick_check"].startswith("ok") for c in out)
-    return {"backup": backup_id, "instant": m["instant"], "replaced": out, "verified_before_swap": restored["files"],
+    return {"backup": backup_id, "instant": m.instant_text, "replaced": out, "verified_before_swap": restored["files"],
             "verdict": Outcome.OK if ok else Outcome.FAILED}
 
 
@@ -296,12 +308,12 @@ def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any
         if isinstance(m, Exception):
             problems.append(str(m))
             continue
-        if database and m["database"] != database:
+        if database and m.database != database:
             continue
-        ver = repo.verification(m["id"])
-        rows.append((Instant.from_json(m), {"id": m["id"], "database": m["database"], "instant": m["instant"],
-                     "logical_bytes": m["logical_bytes"], "stored_bytes_added": m.get("stored_bytes_added", 0),
-                     "files": [f["name"] for f in m["files"]], "verified": describe_verification(ver),
+        ver = repo.verification(m.id)
+        rows.append((m.instant, {"id": m.id, "database": m.database, "instant": m.instant_text,
+                     "logical_bytes": m.logical_bytes, "stored_bytes_added": m.stored_bytes_added or 0,
+                     "files": [f.name for f in m.files], "verified": describe_verification(ver),
                      "verification": {k: ver[k] for k in ("latest", "quick", "full", "unreadable")}}))
     rows.sort(key=lambda r: r[0])
     return {"repository": repo.url, "backups": [r for _, r in rows], "problems": problems,

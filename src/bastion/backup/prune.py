@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Outcome, UsageError
-from ..position import Instant
-from . import names
+from .manifest import Manifest
 from .repository import Repository, RepositoryError
 
 
@@ -45,58 +44,41 @@ _BUCKETS = {
 }
 
 
-def select(manifests: list[dict[str, Any]], policy: Policy) -> dict[str, list[str]]:
+def select(manifests: list[Manifest], policy: Policy) -> dict[str, list[str]]:
     """Which backup ids to keep, each with the rules that keep it (newest first per database)."""
     keep: dict[str, list[str]] = {}
-    by_db: dict[str, list[dict[str, Any]]] = {}
+    by_db: dict[str, list[Manifest]] = {}
     for m in manifests:
-        by_db.setdefault(m["database"], []).append(m)
+        by_db.setdefault(m.database, []).append(m)
     for ms in by_db.values():
-        ms.sort(key=lambda m: Instant.from_json(m), reverse=True)
+        ms.sort(key=lambda m: m.instant, reverse=True)
         for m in ms[:policy.last]:
-            keep.setdefault(m["id"], []).append("last")
+            keep.setdefault(m.id, []).append("last")
         for rule, bucket in _BUCKETS.items():
             n = getattr(policy, rule)
             seen: list[str] = []
             for m in ms:
-                b = bucket(Instant.from_json(m).epoch)
+                b = bucket(m.instant.epoch)
                 if b in seen:
                     continue
                 if len(seen) >= n:
                     break
                 seen.append(b)
-                keep.setdefault(m["id"], []).append(rule)
+                keep.setdefault(m.id, []).append(rule)
     return keep
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def _well_formed(m: dict[str, Any]) -> bool:
-    """Everything prune reads from a manifest has the shape Bastion writes; anything else counts as
-    damaged (a hand-edited manifest must not make prune crash, nor hide the chunks it names)."""
-    try:
-        names.backup_id(m["id"])
-        if not isinstance(m["database"], str):
-            return False
-        Instant.from_json(m)
-        for f in m["files"]:
-            for d, n in f["chunks"]:
-                if not isinstance(d, str) or not isinstance(n, int):
-                    return False
-        return True
-    except (KeyError, TypeError, ValueError, names.UnsafeName, UsageError):
-        return False
-
-
 def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     if policy.empty():
         raise UsageError("prune needs a policy: at least one of --keep-last, --keep-hourly, --keep-daily, "
                          "--keep-weekly, --keep-monthly", hint="nothing was removed")
-    manifests: list[dict[str, Any]] = []
-    damaged: list[dict[str, Any] | RepositoryError] = []
-    for m in repo.manifests():
-        if isinstance(m, RepositoryError) or not _well_formed(m):
+    manifests: list[Manifest] = []
+    damaged: list[RepositoryError] = []
+    for m in repo.manifests():     # a Manifest has the shape Bastion writes: its checks are Manifest.from_json's
+        if isinstance(m, RepositoryError):
             damaged.append(m)
         else:
             manifests.append(m)
@@ -104,22 +86,22 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
         # A damaged manifest might reference chunks: deleting "unreferenced" chunks could finish it off.
         raise RepositoryError(f"{len(damaged)} manifest(s) in {repo.url} are damaged; prune removes nothing "
                               "until they are dealt with", hint="run `bastion verify --all` to see which")
-    scope = [m for m in manifests if database is None or m["database"] == database]
+    scope = [m for m in manifests if database is None or m.database == database]
     keep = select(scope, policy)
-    forget = [m for m in scope if m["id"] not in keep]
-    remaining = [m for m in manifests if m["id"] in keep or (database is not None and m["database"] != database)]
-    referenced = {d for m in remaining for f in m["files"] for d, _ in f["chunks"]}
+    forget = [m for m in scope if m.id not in keep]
+    remaining = [m for m in manifests if m.id in keep or (database is not None and m.database != database)]
+    referenced = {d for m in remaining for d in m.digests()}
     result: dict[str, Any] = {
         "repository": repo.url, "policy": policy.to_dict(), "dry_run": dry_run,
-        "kept": [{"id": m["id"], "database": m["database"], "instant": m["instant"], "rules": keep[m["id"]]}
-                 for m in scope if m["id"] in keep],
-        "removed": [{"id": m["id"], "database": m["database"], "instant": m["instant"]} for m in forget],
+        "kept": [{"id": m.id, "database": m.database, "instant": m.instant_text, "rules": keep[m.id]}
+                 for m in scope if m.id in keep],
+        "removed": [{"id": m.id, "database": m.database, "instant": m.instant_text} for m in forget],
     }
     lock = None if dry_run else repo.lock("prune")
     try:
         if not dry_run:
             for m in forget:
-                repo.delete_manifest(m["id"])
+                repo.delete_manifest(m.id)
         if not dry_run and repo.live_locks("backup"):
             result.update(chunks_removed=0, bytes_freed=0,
                           chunk_cleanup="deferred: a backup is running; the next prune removes the chunks")

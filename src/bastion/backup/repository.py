@@ -10,18 +10,16 @@ Chunks are written once and never modified; every read re-hashes and refuses
 data that does not match its name.
 
 The repository is untrusted input (anyone who can write to the bucket or the
-directory can edit it): a manifest is used only after ``manifest_problems``
-found nothing wrong with its structure, so a damaged or hostile one is a named
-``DamagedManifest``, never a KeyError or TypeError further on.
+directory can edit it): a manifest is used only as a ``manifest.Manifest``, which
+is built only after its checks found nothing wrong with its structure, so a damaged
+or hostile one is a named ``DamagedManifest``, never a KeyError or TypeError further on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import socket
 import threading
 import time
@@ -33,129 +31,11 @@ import zstandard
 
 from ..errors import BastionError, UsageError
 from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError
-from ..position import Instant
-from .names import UnsafeName, backup_id as checked_id, file_name, file_names
+from .manifest import FORMAT, Manifest
+from .names import backup_id as checked_id
 from .store import ObjectMissing, Store, _pid_alive, open_store
 
-FORMAT = 1
 MARKER = "bastion-repo.json"
-
-
-HEX64 = re.compile(r"[0-9a-f]{64}")
-ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
-    """Everything structurally wrong with manifest ``m`` of ``backup_id``: [] when it is sound.
-
-    The one place that decides whether a manifest can be used; manifest() (hence verify,
-    list, prune and restore) refuses any manifest this finds fault with. What it cannot
-    see without the data (a wrong SHA-256 or table digest, chunks in the wrong order) is
-    left to full verify and restore, which recompute them."""
-    out: list[dict[str, Any]] = []
-
-    def bad(problem: str, file: str | None = None, chunk: str | None = None) -> None:
-        out.append({"file": file, "chunk": chunk, "problem": problem})
-
-    if not isinstance(m, dict):
-        bad(f"is a JSON {type(m).__name__}, not an object")
-        return out
-    if m.get("format") != FORMAT or not _int(m.get("format")):
-        bad(f"has format {m.get('format')!r}; this Bastion writes and reads format {FORMAT}")
-    if m.get("id") != backup_id:
-        bad(f"names itself {m.get('id')!r}, not {backup_id!r} as its object name says")
-    if not isinstance(m.get("database"), str) or not m["database"].strip():
-        bad(f"has no database name ({m.get('database')!r})")
-    text_ok = isinstance(m.get("instant"), str) and ISO.fullmatch(m["instant"]) is not None
-    if not text_ok:
-        bad(f"has no valid instant ({m.get('instant')!r})")
-    epoch = m.get("instant_epoch")
-    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not math.isfinite(epoch) or epoch <= 0:
-        bad(f"has no valid instant_epoch ({epoch!r})")
-    elif text_ok:
-        try:   # both well formed: they must name the same moment (list sorts by one, prune by the other)
-            Instant.from_json(m)
-        except UsageError as exc:
-            bad(exc.message)
-    files = m.get("files")
-    if not isinstance(files, list) or not files:
-        bad("has no files (an empty or missing file list restores nothing)" if not files
-            else f"has a file list that is a {type(files).__name__}")
-        return out
-    if not all(isinstance(f, dict) for f in files):
-        bad("has a file entry that is not an object")
-        return out
-    names = [f.get("name") for f in files]
-    unsafe = False
-    for n in names:
-        try:
-            file_name(n)
-        except UnsafeName as exc:
-            unsafe = True
-            bad(exc.message, n if isinstance(n, str) else None)
-    if not unsafe:
-        try:
-            file_names(names)
-        except UnsafeName as exc:   # the same name twice (or twice but for letter case)
-            folded = [n.casefold() for n in names]
-            bad(exc.message, next(n for n in names if folded.count(n.casefold()) > 1))
-    logical = 0
-    chunks_total = 0
-    for f in files:
-        name = f.get("name") if isinstance(f.get("name"), str) else repr(f.get("name"))
-        size = f.get("size")
-        if not _int(size) or size < 0:
-            bad(f"file {name}: size {size!r} is not a byte count", name)
-            size = None
-        chunks = f.get("chunks")
-        if not isinstance(chunks, list):
-            bad(f"file {name}: chunk list is a {type(chunks).__name__}, not a list", name)
-            chunks = []
-        total: int | None = 0      # None: a chunk entry is not a [hash, size]
-        for i, c in enumerate(chunks):
-            if (not isinstance(c, list) or len(c) != 2 or not isinstance(c[0], str) or not HEX64.fullmatch(c[0])
-                    or not _int(c[1]) or c[1] <= 0):
-                bad(f"file {name}: chunk entry #{i} {json.dumps(c)[:100]} is not [64-hex SHA-256, positive size]",
-                    name, c[0] if isinstance(c, list) and c and isinstance(c[0], str) else None)
-                total = None
-                break
-            total += c[1]
-        chunks_total += len(chunks)
-        if size is not None and total is not None and total != size:
-            bad(f"file {name}: size {size} differs from the sum of its chunk sizes ({total})", name)
-        if size is not None:
-            logical += size
-        if not isinstance(f.get("sha256"), str) or not HEX64.fullmatch(f["sha256"]):
-            bad(f"file {name}: sha256 {f.get('sha256')!r} is not a 64-hex SHA-256", name)
-        ps = f.get("page_size")
-        empty = size == 0
-        if not _int(ps) or not ((ps == 0 and empty) or (512 <= ps <= 65536 and ps & (ps - 1) == 0)):
-            bad(f"file {name}: page_size {ps!r} is not a SQLite page size (a power of two, 512 to 65536)", name)
-        elif size and size % ps:
-            bad(f"file {name}: size {size} is not a whole number of {ps}-byte pages", name)
-        tables = f.get("tables")
-        if not isinstance(tables, dict):
-            bad(f"file {name}: table digests are missing ({type(tables).__name__})", name)
-        else:
-            for t, d in tables.items():
-                if (not isinstance(d, dict) or not _int(d.get("rows")) or d["rows"] < 0
-                        or not isinstance(d.get("sha256"), str) or not HEX64.fullmatch(d["sha256"])):
-                    bad(f"file {name}: digest of table {t!r} is malformed ({json.dumps(d)[:100]})", name)
-        if not isinstance(f.get("path"), str) or not f["path"].startswith("/") or "\x00" in f["path"]:
-            # restore --replace puts the file back there
-            bad(f"file {name}: source path {f.get('path')!r} is not an absolute path", name)
-    if not _int(m.get("logical_bytes")) or m["logical_bytes"] != logical:
-        bad(f"logical_bytes {m.get('logical_bytes')!r} differs from the sum of its file sizes ({logical})")
-    if "chunks_total" in m and m["chunks_total"] != chunks_total:
-        bad(f"chunks_total {m['chunks_total']!r} differs from the number of chunks listed ({chunks_total})")
-    for key in ("stored_bytes_added", "chunks_new"):
-        if key in m and (not _int(m[key]) or m[key] < 0):
-            bad(f"{key} {m[key]!r} is not a count")
-    return out
 
 
 class Repository:
@@ -274,31 +154,18 @@ class Repository:
             time.sleep(0.2)
 
     # -- manifests ------------------------------------------------------------
-    def put_manifest(self, manifest: dict[str, Any]) -> None:
-        self.store.write(f"manifests/{manifest['id']}.json", json.dumps(manifest, indent=1).encode())
+    def put_manifest(self, manifest: Manifest) -> None:
+        self.store.write(f"manifests/{manifest.id}.json", json.dumps(manifest.to_json(), indent=1).encode())
 
-    def manifest(self, backup_id: str) -> dict[str, Any]:
-        """The manifest of ``backup_id``, structurally sound (manifest_problems) or DamagedManifest."""
+    def manifest(self, backup_id: str) -> Manifest:
+        """The manifest of ``backup_id``, structurally sound (Manifest.from_json) or DamagedManifest."""
         checked_id(backup_id)   # a name joined onto a path: never '../x' (UnsafeName)
         try:
             raw = self.store.read(f"manifests/{backup_id}.json")
         except ObjectMissing:
             raise UsageError(f"no backup {backup_id!r} in {self.url}",
                              hint="list backups with `bastion backups list`") from None
-        try:
-            m = json.loads(raw)
-        except ValueError:
-            m = None
-            problems = [{"file": None, "chunk": None, "problem": "is not valid JSON (truncated or overwritten)"}]
-        else:
-            problems = manifest_problems(m, backup_id)
-        if problems:
-            first = problems[0]["problem"]
-            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise DamagedManifest(f"the manifest of backup {backup_id} in {self.url} is damaged: {first}{more}",
-                                  details={"backup": backup_id, "problems": problems},
-                                  hint="run `bastion verify` on it to see every problem; restore another backup")
-        return m
+        return Manifest.from_bytes(raw, backup_id, where=self.url)
 
     # -- verification records: the latest quick and the latest full outcome of each backup ----------
     def verification(self, backup_id: str) -> dict[str, Any]:
@@ -348,7 +215,7 @@ class Repository:
     def backup_ids(self) -> list[str]:
         return sorted(n.rsplit("/", 1)[-1][:-5] for n in self.store.list("manifests") if n.endswith(".json"))
 
-    def manifests(self) -> Iterator[dict[str, Any] | RepositoryError]:
+    def manifests(self) -> Iterator[Manifest | RepositoryError]:
         """Every sound manifest, and a RepositoryError (naming the backup) for each damaged one."""
         for bid in self.backup_ids():
             try:

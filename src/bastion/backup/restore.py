@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import secrets
 import time
 from collections import deque
@@ -25,12 +24,12 @@ from ..errors import RestoreFailed  # defined in errors.py
 from ..sqlite.exclusive import replace_in_child
 from . import names
 from .digest import table_digests
+from .manifest import Chunk, digests_of
 from ..fsutil import fsync_dir  # noqa: F401  (its old home; kept for callers on other branches)
 from .repository import Repository, RepositoryError
 from ..sqlite import connect
 
 TMP_SUFFIX = ".bastion-restore-tmp"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _open_immutable(path: str) -> apsw.Connection:
@@ -70,7 +69,7 @@ def _fetch(repo: Repository, digest: str) -> bytes | RepositoryError:
 
 
 def _fetch_ahead(pool: ThreadPoolExecutor, repo: Repository,
-                 chunks: list[list[Any]]) -> Iterator[tuple[list[Any], bytes | RepositoryError]]:
+                 chunks: tuple[Chunk, ...]) -> Iterator[tuple[Chunk, bytes | RepositoryError]]:
     """Each chunk with its bytes (or the error reading it), in order, fetched by the pool ahead of use."""
     queue: deque[Future] = deque()
     ahead = iter(chunks)
@@ -98,22 +97,6 @@ def _free_bytes(path: str) -> int:
 def _tmp_name(name: str) -> str:
     """A temp name nobody can guess ahead (a link planted there would be refused anyway: O_EXCL|O_NOFOLLOW)."""
     return f".{name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
-
-
-def _checked(backup_id: str, m: dict[str, Any]) -> list[dict[str, Any]]:
-    """The manifest's files, each name and field checked: a repository is untrusted input."""
-    files = m["files"]
-    names.file_names([f.get("name") if isinstance(f, dict) else None for f in files])
-    for f in files:
-        chunks = f.get("chunks")
-        if not (isinstance(f.get("size"), int) and f["size"] >= 0 and isinstance(f.get("sha256"), str)
-                and isinstance(f.get("tables"), dict) and isinstance(chunks, list)
-                and all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and _HEX64.fullmatch(c[0])
-                        and isinstance(c[1], int) and c[1] >= 0 for c in chunks)):
-            raise RestoreFailed(f"backup {backup_id}: the manifest's entry for {f['name']!r} is damaged; refused",
-                                hint="run `bastion verify` on the backup, and restore another one",
-                                details={"file": f["name"]})
-    return files
 
 
 def _make_dirs(dest: str) -> list[str]:
@@ -158,8 +141,8 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
     ``configured`` maps the real paths of the local config's database files to their database
     names, so a refusal can say the files belong to a database the daemon protects."""
     names.backup_id(backup_id)
-    m = repo.manifest(backup_id)
-    files = _checked(backup_id, m)
+    m = repo.manifest(backup_id)     # every name and field checked: a repository is untrusted input
+    files = m.files
     dest = os.path.abspath(dest)
     if os.path.islink(dest):
         raise UsageError(f"{dest} is a symbolic link; refused, nothing was restored",
@@ -173,7 +156,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
     except OSError:
         _remove_dirs(created)
         raise
-    targets = [os.path.join(real, f["name"]) for f in files]
+    targets = [os.path.join(real, f.name) for f in files]
     tmps: list[str] = []           # names inside dest
     fetch = ThreadPoolExecutor(max_workers=FETCH_THREADS)
     checks = ThreadPoolExecutor(max_workers=3)
@@ -197,9 +180,9 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             raise UsageError(f"{existing[0]} already exists; nothing was restored",
                              hint="restore into an empty directory, or pass --force to replace the files (refused "
                                   "while any process has them open; the old files are kept aside)")
-        total = sum(f["size"] for f in files)
+        total = sum(f.size for f in files)
         if total > _free_bytes(real):
-            listed = ", ".join(f["name"] for f in files)
+            listed = ", ".join(f.name for f in files)
             raise RestoreFailed(f"{real}: not enough space to restore backup {backup_id} ({listed}): "
                                 f"it needs {total} bytes, {_free_bytes(real)} bytes are free; nothing was restored",
                                 path=real, hint="free space there, or restore into a directory on another "
@@ -211,7 +194,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
         # of the next file). Nothing gets a final name before every one of them has succeeded.
         pending = []
         for f, target in zip(files, targets):
-            tmp = _tmp_name(f["name"])
+            tmp = _tmp_name(f.name)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
             except FileExistsError:
@@ -221,15 +204,15 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             whole = hashlib.sha256()
             try:
                 os.fchmod(fd, 0o600)
-                for (digest, size), data in _fetch_ahead(fetch, repo, f["chunks"]):
+                for (digest, size), data in _fetch_ahead(fetch, repo, f.chunks):
                     if isinstance(data, RepositoryError):
-                        raise RestoreFailed(f"backup {backup_id}, file {f['name']}: {data.message}; nothing was "
+                        raise RestoreFailed(f"backup {backup_id}, file {f.name}: {data.message}; nothing was "
                                             "restored", hint="run `bastion verify --all` to see every damaged "
                                                              "backup; restore an older one",
-                                            details={"file": f["name"]}) from None
+                                            details={"file": f.name}) from None
                     if len(data) != size:
-                        raise RestoreFailed(f"chunk {digest[:16]} of {f['name']} has {len(data)} bytes, "
-                                            f"the manifest says {size}", details={"file": f["name"]})
+                        raise RestoreFailed(f"chunk {digest[:16]} of {f.name} has {len(data)} bytes, "
+                                            f"the manifest says {size}", details={"file": f.name})
                     whole.update(data)
                     view = memoryview(data)
                     try:
@@ -245,10 +228,10 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                 raise
             synced = checks.submit(_fsync_close, fd)
             syncs.append((synced, fd))
-            if whole.hexdigest() != f["sha256"]:
+            if whole.hexdigest() != f.sha256:
                 synced.result()
-                raise RestoreFailed(f"{f['name']}: restored bytes do not match the manifest's SHA-256",
-                                    details={"file": f["name"]})
+                raise RestoreFailed(f"{f.name}: restored bytes do not match the manifest's SHA-256",
+                                    details={"file": f.name})
             path = os.path.join(real, tmp)
             pending.append((f, target, synced, checks.submit(_integrity, path), checks.submit(_digests, path)))
         results = []
@@ -257,20 +240,20 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                 synced.result()
             except OSError as exc:
                 raise _space(exc, target, total, real) from None
-            integrity, digests = integrity_fut.result(), digests_fut.result()
+            integrity, digests = integrity_fut.result(), digests_of(digests_fut.result())
             if integrity != "ok":
-                raise RestoreFailed(f"{f['name']}: integrity_check failed on the restored file: {integrity[:500]}",
-                                    details={"file": f["name"]})
-            if digests != f["tables"]:
-                bad = sorted(t for t in set(digests) | set(f["tables"]) if digests.get(t) != f["tables"].get(t))
-                raise RestoreFailed(f"{f['name']}: content differs from the manifest in tables {', '.join(bad)}",
-                                    details={"file": f["name"]})
-            results.append({"name": f["name"], "integrity": integrity, "tables": len(digests)})
+                raise RestoreFailed(f"{f.name}: integrity_check failed on the restored file: {integrity[:500]}",
+                                    details={"file": f.name})
+            if digests != f.tables:
+                bad = sorted(t for t in set(digests) | set(f.tables) if digests.get(t) != f.tables.get(t))
+                raise RestoreFailed(f"{f.name}: content differs from the manifest in tables {', '.join(bad)}",
+                                    details={"file": f.name})
+            results.append({"name": f.name, "integrity": integrity, "tables": len(digests)})
         kept: dict[str, Any] = {}
         if created:
             # a directory this restore made: nobody else has files in it
             for tmp, f in zip(tmps, files):
-                os.rename(tmp, f["name"], src_dir_fd=dfd, dst_dir_fd=dfd)
+                os.rename(tmp, f.name, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
         else:
             # Proved exclusive with SQLite's own locks, held across the swap, old files and WAL kept aside;
@@ -300,7 +283,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
         checks.shutdown(wait=True, cancel_futures=True)
         os.close(dfd)
     secs = time.monotonic() - t0
-    return {"backup": backup_id, "database": m["database"], "instant": m["instant"], "to": real,
+    return {"backup": backup_id, "database": m.database, "instant": m.instant_text, "to": real,
             "files": [{"path": t, "previous_kept_as": kept.get(t), **c} for t, c in zip(targets, results)],
             "bytes": total, "seconds": round(secs, 3), "verdict": Outcome.OK}
 

@@ -1,6 +1,6 @@
 """Checking backups, and recording what was found.
 
-quick: each manifest's structure (repository.manifest_problems), then every chunk the
+quick: each manifest's structure (manifest.problems), then every chunk the
        backups reference read back, decompressed, re-hashed and measured against the
        size the manifest gives it. Each distinct chunk is read once per run, however
        many backups share it; nothing is remembered between runs, so a quick ok means
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from ..errors import BastionError, Outcome, RestoreFailed, UsageError
 from ..state import iso
 from .names import UnsafeName
+from .manifest import Manifest
 from .repository import DamagedManifest, Repository
 from .restore import restore
 
@@ -42,11 +43,11 @@ def _read(repo: Repository, digest: str) -> int | str:
         return exc.message
 
 
-def _file_of(exc: BastionError, m: dict[str, Any]) -> str | None:
+def _file_of(exc: BastionError, m: Manifest) -> str | None:
     """Which file of ``m`` a restore error is about: the one RestoreFailed names (never read from
     the message's words), if ``m`` has it."""
     name = exc.file if isinstance(exc, RestoreFailed) else None
-    return name if any(f["name"] == name for f in m["files"]) else None
+    return name if any(f.name == name for f in m.files) else None
 
 
 def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = False,
@@ -57,7 +58,7 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
     mode = "full" if full else "quick"
     found: dict[str, list[dict[str, Any]]] = {bid: [] for bid in ids}
     recordable: list[str] = []        # backups whose manifest object exists (sound or not)
-    manifests: dict[str, dict[str, Any]] = {}
+    manifests: dict[str, Manifest] = {}
     entries: dict[str, dict[str, Any]] = {}
 
     def problem(bid: str, text: str, file: str | None = None, chunk: str | None = None) -> None:
@@ -82,11 +83,11 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
     # 2. chunks: each distinct one read once, in parallel; then every reference checked against it
     refs: dict[str, list[tuple[str, str, int]]] = {}
     for bid, m in manifests.items():
-        for f in m["files"]:
-            for digest, size in f["chunks"]:
-                refs.setdefault(digest, []).append((bid, f["name"], size))
-        entries[bid].update(database=m["database"], instant=m["instant"],
-                            chunks_checked=sum(len(f["chunks"]) for f in m["files"]))
+        for f in m.files:
+            for digest, size in f.chunks:
+                refs.setdefault(digest, []).append((bid, f.name, size))
+        entries[bid].update(database=m.database, instant=m.instant_text,
+                            chunks_checked=sum(len(f.chunks) for f in m.files))
     state: dict[str, int | str] = {}
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         digests = list(refs)
@@ -130,12 +131,12 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
     breaks: dict[str, list[dict[str, Any]]] = {}
     if bad_chunks and not every:
         for other in repo.manifests():
-            if isinstance(other, BastionError) or other["id"] in found:
+            if isinstance(other, BastionError) or other.id in found:
                 continue
-            for f in other["files"]:
-                for digest in dict.fromkeys(d for d, _ in f["chunks"] if d in bad_chunks):
-                    breaks.setdefault(other["id"], []).append(
-                        {"backup": other["id"], "file": f["name"], "chunk": digest,
+            for f in other.files:
+                for digest in dict.fromkeys(d for d, _ in f.chunks if d in bad_chunks):
+                    breaks.setdefault(other.id, []).append(
+                        {"backup": other.id, "file": f.name, "chunk": digest,
                          "problem": f"{bad_chunks[digest]} (found while verifying {', '.join(ids)})"})
 
     notes = _notes(repo, manifests, ids) if every else []
@@ -171,10 +172,10 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
 _CHUNK_NAME = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{64})")
 
 
-def _notes(repo: Repository, manifests: dict[str, dict[str, Any]], ids: list[str]) -> list[str]:
+def _notes(repo: Repository, manifests: dict[str, Manifest], ids: list[str]) -> list[str]:
     """What --all sees that breaks no backup: objects nothing references, stray records."""
     notes = []
-    referenced = {d for m in manifests.values() for f in m["files"] for d, _ in f["chunks"]}
+    referenced = {d for m in manifests.values() for d in m.digests()}
     unreferenced, odd = [], []
     for name in repo.store.list("chunks"):
         mt = _CHUNK_NAME.fullmatch(name.replace("\\", "/"))

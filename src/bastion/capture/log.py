@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, cast
+from typing import Any, NotRequired, TypedDict, cast
 from collections.abc import Sequence
 
 import apsw
@@ -202,7 +202,17 @@ def from_wire(data: dict[str, Any]) -> list[Change]:
             for seq, hlc, op, i, v, k, sql in data["changes"]]
 
 
-def status(target: apsw.Connection | str | os.PathLike) -> dict[str, Any]:
+class LogStatus(TypedDict):
+    """What the capture log of a file holds; only ``installed`` when it has none."""
+    installed: bool
+    origin: NotRequired[str | None]
+    position: NotRequired[dict[str, int]]       # position.Position.to_json()
+    oldest_logged: NotRequired[int | None]
+    tables: NotRequired[list[str]]               # the tables it captures
+    schema_current: NotRequired[bool]
+
+
+def status(target: apsw.Connection | str | os.PathLike) -> LogStatus:
     with connection(target) as con, transaction(con, write=False):
         if not installed(con):
             return {"installed": False}

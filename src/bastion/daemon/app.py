@@ -16,7 +16,7 @@ from .. import __version__
 from ..cluster import control
 from ..errors import AuthError, BastionError, NotActive, UnknownTarget, UsageError, from_os_error, internal_error
 from .auth import Authenticator
-from .core import Daemon
+from .core import Daemon, DaemonStatus
 
 log = logging.getLogger("bastion.api")
 
@@ -254,8 +254,10 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/status", summary="Protected databases and files, continuous operations and freezes")
-    def status() -> dict[str, Any]:
+    # response_model: the typed dict goes out as is (a TypedDict model would have pydantic re-check it)
+    @app.get("/v1/status", response_model=dict[str, Any],
+             summary="Protected databases and files, continuous operations and freezes")
+    def status() -> DaemonStatus:
         return daemon.status()
 
     @app.post("/v1/protect", summary="Protect files now: switch them to WAL mode and keep them open")

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import apsw
 
@@ -20,7 +20,8 @@ from .. import __version__
 from ..catalog import Catalog, Targets
 from ..config import Config
 from ..backup import Repository, verify
-from ..backup.backups import Backups
+from ..backup.backups import BackupLatest, Backups
+from ..backup.manifest import Manifest
 from ..contops import ContinuousOperations
 from ..errors import Outcome
 from ..freeze import Freezer
@@ -29,6 +30,9 @@ from .auth import ensure_token
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
+    from ..replication.receiver import ReplicaStatus
+    from ..replication.shipper import PrimaryStatus
+    from ..sync.service import SyncerStatus
     from ..sql.service import SQLService
 
 log = logging.getLogger("bastion.daemon")
@@ -65,6 +69,56 @@ def summary(files: list[Any]) -> str:
         if states.get(state):
             text += f"; {state}: {', '.join(states[state])}"
     return text
+
+
+class FileStatus(TypedDict):
+    path: str
+    exists: bool
+    protected: bool
+    state: str                  # protected | missing | replaced | unprotected (protection())
+    hint: str | None
+    error: str | None
+    journal_mode: str | None
+    wal_bytes: int
+    delta_bytes: int | None     # WAL bytes the hold keeps out of the main file
+    main_bytes: int
+    contops: dict[str, Any] | None
+    frozen: dict[str, Any] | None
+
+
+class DatabaseStatus(TypedDict):
+    name: str
+    configured: bool            # false: protected files of no configured database, by path
+    files: list[FileStatus]
+
+
+class DaemonInfo(TypedDict):
+    version: str
+    pid: int
+    listen: str
+    config: str
+    data_dir: str
+    started_at: str
+    sqlite_version: str
+    interrupted_at_startup: list[dict[str, Any]]
+
+
+class SQLStatus(TypedDict):
+    databases: dict[str, Any]
+    open_transactions: list[dict[str, Any]]
+
+
+class DaemonStatus(TypedDict):
+    """`bastion status --json` and GET /v1/status: this dict as is (docs/api.md lists the keys)."""
+    daemon: DaemonInfo
+    databases: list[DatabaseStatus]
+    jobs: list[dict[str, Any]]
+    backups: list[BackupLatest]
+    sql: SQLStatus
+    replication: list[PrimaryStatus | ReplicaStatus]
+    sync: list[SyncerStatus]
+    drills: dict[str, dict[str, Any]]
+    alerts: list[dict[str, Any]]
 
 
 class Daemon:
@@ -167,11 +221,11 @@ class Daemon:
         """Full verify (restore, integrity_check, digests) of the database's newest backup."""
         from ..backup.backups import default_repository
         repo = Repository.open(default_repository(self.config, name), create=True)
-        newest = [m for m in repo.manifests() if isinstance(m, dict) and m["database"] == name]
+        newest = [m for m in repo.manifests() if isinstance(m, Manifest) and m.database == name]
         if not newest:
             return {"verdict": Outcome.OK, "message": "no backup yet"}
-        newest.sort(key=lambda m: m["instant_epoch"])
-        res = verify(repo, [newest[-1]["id"]], full=True)
+        newest.sort(key=lambda m: m.instant)
+        res = verify(repo, [newest[-1].id], full=True)
         if not res["ok"]:
             res["message"] = "; ".join(p["problem"] for p in res["problems"])
         return res
@@ -288,10 +342,10 @@ class Daemon:
         finally:
             self.backups._latest.pop(name, None)    # the drill recorded a verification: status shows it now
 
-    def status(self) -> dict[str, Any]:
-        dbs = []
+    def status(self) -> DaemonStatus:
+        dbs: list[DatabaseStatus] = []
         for name, files in sorted(self.catalog.database_names().items()):
-            out = []
+            out: list[FileStatus] = []
             for f in files:
                 exists = os.path.exists(f.path)
                 state, hint = protection(f)

@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, cast
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
@@ -33,6 +33,30 @@ log = logging.getLogger("bastion.replication.receiver")
 # changes waiting for a decision must survive a seed and a failover).
 KEEP = capture.NOT_CAPTURES
 _SEED_ID = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+class _Applied(TypedDict):
+    exists: bool
+    applied: int | None                 # the primary's capture seq this copy has applied
+    applied_at: NotRequired[str | None]
+    local_changes: NotRequired[int | None]   # writes made on the copy itself, not by apply
+
+
+class ReplicaFile(_Applied):
+    path: str
+
+
+class ReplicaStatus(TypedDict):
+    """`replicate status` of a replica this daemon keeps (GET /v1/replication/status, as is)."""
+    database: str
+    role: Literal["replica"]
+    replica_of: str | None
+    promoted: bool
+    primary_origin: str | None
+    seeded_at: str | None
+    last_apply_at: str | None
+    divergence: int
+    files: list[ReplicaFile]
 
 
 def _crash() -> None:
@@ -333,13 +357,13 @@ class Receiver:
             return {"database": name, "promoted": True, "already": False, "capture_removed": removed,
                     "verdict": Outcome.OK}
 
-    def status(self) -> list[dict[str, Any]]:
-        out = []
+    def status(self) -> list[ReplicaStatus]:
+        out: list[ReplicaStatus] = []
         for name, db in sorted(self.replicas.items()):
             st = self.state[name]
             files = []
             for path in db.files:
-                files.append({"path": path, **self._file_status(path, st.get("origin"))})
+                files.append(ReplicaFile(path=path, **self._file_status(path, st.get("origin"))))
             out.append({"database": name, "role": "replica", "replica_of": db.replica_of,
                         "promoted": bool(st.get("promoted")), "primary_origin": st.get("origin"),
                         "seeded_at": iso(st.get("seeded_at")), "last_apply_at": iso(self.last_apply.get(name)),
@@ -347,13 +371,13 @@ class Receiver:
         return out
 
     @staticmethod
-    def _file_status(path: str, origin: str | None) -> dict[str, Any]:
+    def _file_status(path: str, origin: str | None) -> _Applied:
         if not os.path.exists(path):
             return {"exists": False, "applied": None}
         con = connect.reader(path, busy_ms=connect.REPORT_BUSY_MS)
         try:
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-            out: dict[str, Any] = {"exists": True, "applied": None, "applied_at": None, "local_changes": None}
+            out: _Applied = {"exists": True, "applied": None, "applied_at": None, "local_changes": None}
             if capture.APPLIED in names and origin:
                 row = cast(list[tuple[int, float]],
                            con.execute(f"SELECT seq, at FROM {capture.APPLIED} WHERE origin = ?", (origin,)).fetchall())
@@ -361,7 +385,8 @@ class Receiver:
                     out["applied"], out["applied_at"] = row[0][0], iso(row[0][1])
             if capture.LOG in names:
                 # entries in the copy's own log: writes made on the copy, not by apply
-                out["local_changes"] = con.execute(f"SELECT count(*) FROM {capture.LOG} WHERE op != 0").fetchall()[0][0]
+                out["local_changes"] = cast(int, con.execute(f"SELECT count(*) FROM {capture.LOG} WHERE op != 0")
+                                            .fetchall()[0][0])
             return out
         finally:
             con.close()

@@ -7,12 +7,12 @@ import logging
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 from collections.abc import Callable, Iterator
 
 from ..errors import ConfigError, Outcome, UnknownTarget, UsageError
-from .receiver import Receiver
-from .shipper import Shipper
+from .receiver import Receiver, ReplicaStatus
+from .shipper import PrimaryStatus, Shipper
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -48,6 +48,13 @@ def read_peer_token(path: str) -> str:
         raise ConfigError(f"peer token file {path} holds less than 16 characters",
                           hint="use a long random secret, e.g. `openssl rand -hex 32`")
     return token
+
+
+class ReplicationStatus(TypedDict):
+    """`replicate status` (GET /v1/replication/status): the JSON is this dict as is."""
+    origin: str
+    databases: list[PrimaryStatus | ReplicaStatus]
+    verdict: Outcome
 
 
 class Replication:
@@ -100,8 +107,9 @@ class Replication:
             return False
         return hmac.compare_digest(header[7:].strip().encode(), self.peer_token.encode())
 
-    def status(self, name: str | None = None) -> dict[str, Any]:
-        dbs = [s.status() for s in self.shippers.values()] + self.receiver.status()
+    def status(self, name: str | None = None) -> ReplicationStatus:
+        dbs: list[PrimaryStatus | ReplicaStatus] = [s.status() for s in self.shippers.values()]
+        dbs += self.receiver.status()
         if name is not None:
             dbs = [d for d in dbs if d["database"] == name]
             if not dbs:

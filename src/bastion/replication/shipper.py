@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 from collections.abc import Iterator
 
 import apsw
@@ -348,12 +348,12 @@ class Shipper(PassLoop):
         log.info("seeded the replica of %s on %s at %s", self.name, self.peer, cut)
 
     # -- status ------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PrimaryStatus:
         files = []
         now = time.time()
         for i, path in enumerate(self.db.files):
             a = self.acked[i].seq if self.acked is not None else None
-            f: dict[str, Any] = {"path": path, "position": None, "shipped": self.shipped[i],
+            f: ShippedFile = {"path": path, "position": None, "shipped": self.shipped[i],
                                  "applied": a, "lag_changes": None, "lag_seconds": None}
             try:
                 if capture.is_installed(path):
@@ -364,8 +364,8 @@ class Shipper(PassLoop):
             except BastionError as exc:
                 f["error"] = exc.message
             files.append(f)
-        lags = [f["lag_seconds"] for f in files if f["lag_seconds"] is not None]
-        counts = [f["lag_changes"] for f in files if f["lag_changes"] is not None]
+        lags = [lag for f in files if (lag := f["lag_seconds"]) is not None]
+        counts = [n for f in files if (n := f["lag_changes"]) is not None]
         return {"database": self.name, "role": "primary", "peer": self.peer, "origin": self.origin,
                 "schedule": self.db.replicate_schedule, "blackout": list(self.db.blackout),
                 "lag_changes": sum(counts) if counts else None, "lag_seconds": max(lags) if lags else None,
@@ -374,6 +374,40 @@ class Shipper(PassLoop):
                 "degraded": bool(self.db.standby_optional and self.standby_down()),
                 "degraded_commits": self.degraded_commits,
                 "cut_pause_max_ms": round(self.cut_pause_max * 1000, 3), "files": files}
+
+
+class ShippedFile(TypedDict):
+    """One file of a primary: its capture position, what was shipped and what the replica applied."""
+    path: str
+    position: int | None
+    shipped: int | None
+    applied: int | None
+    lag_changes: int | None
+    lag_seconds: float | None
+    error: NotRequired[str]
+
+
+class PrimaryStatus(TypedDict):
+    """`replicate status` of a database this daemon ships (GET /v1/replication/status, as is)."""
+    database: str
+    role: Literal["primary"]
+    peer: str
+    origin: str
+    schedule: str
+    blackout: list[Any]
+    lag_changes: int | None
+    lag_seconds: float | None
+    state: str                      # the LoopFields (passloop), spread in
+    last_error: str | None
+    last_error_at: str | None
+    failures: int
+    last_success_at: str | None
+    seeded_at: str | None
+    seeds: int
+    degraded: bool
+    degraded_commits: int
+    cut_pause_max_ms: float
+    files: list[ShippedFile]
 
 
 def _chunks(fh: Any, size: int = 1 << 20) -> Any:

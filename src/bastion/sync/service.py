@@ -24,7 +24,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 from collections.abc import Iterator
 
 
@@ -360,15 +360,15 @@ class Syncer(PassLoop):
         self._wake.set()      # forward what arrived to the other neighbours soon
         return {"database": self.name, "site": self.site, **res.to_dict()}     # its vector: this file's now
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SyncerStatus:
         files = []
         for i, path in enumerate(self.db.files):
-            f: dict[str, Any] = {"path": path}
+            f: SyncedFile = {"path": path}
             try:
                 if os.path.exists(path) and site.is_installed(path):
                     st = site.status(path)
-                    f.update(vector=st["vector"], log_entries=st["log_entries"],
-                             unresolved_conflicts=st["unresolved_conflicts"])
+                    f.update({"vector": st["vector"], "log_entries": st["log_entries"],
+                              "unresolved_conflicts": st["unresolved_conflicts"]})
                     f["peers"] = {p: {"their_vector": (self.their[p][i] or Vector()).to_json() or None,
                                       "lag_changes": _lag(st.get("vector") or {}, self.their[p][i])}
                                   for p in self.group.neighbours}
@@ -379,8 +379,54 @@ class Syncer(PassLoop):
                 "topology": self.group.topology, "neighbours": self.group.neighbours,
                 "policy": self.group.policy.rule, "schedule": self.group.schedule,
                 "sent": self.sent, "joined_from": self.joined_from, **self.loop_status().to_dict(),
-                "peers": {p: {**s, "last_ok_at": iso(s["last_ok_at"])} for p, s in self.peer_state.items()},
+                "peers": {p: cast(PeerStatus, {**s, "last_ok_at": iso(s["last_ok_at"])})
+                          for p, s in self.peer_state.items()},
                 "files": files}
+
+
+class PeerFileStatus(TypedDict):
+    their_vector: dict[str, int] | None    # the neighbour's vector as last known here
+    lag_changes: int | None
+
+
+class SyncedFile(TypedDict):
+    path: str
+    vector: NotRequired[dict[str, int]]
+    log_entries: NotRequired[int]
+    unresolved_conflicts: NotRequired[int]
+    peers: NotRequired[dict[str, PeerFileStatus]]
+    error: NotRequired[str]
+
+
+class PeerStatus(TypedDict):
+    sent: int
+    last_error: str | None
+    last_ok_at: str | None
+
+
+class SyncerStatus(TypedDict):
+    """`sync status` of one synced database (GET /v1/sync/status, as is)."""
+    database: str
+    group: str
+    site: str
+    topology: str
+    neighbours: tuple[str, ...]
+    policy: str
+    schedule: str
+    sent: int
+    joined_from: str | None
+    state: str                      # the LoopFields (passloop), spread in
+    last_error: str | None
+    last_error_at: str | None
+    failures: int
+    last_success_at: str | None
+    peers: dict[str, PeerStatus]
+    files: list[SyncedFile]
+
+
+class SyncStatus(TypedDict):
+    databases: list[SyncerStatus]
+    verdict: Outcome
 
 
 def _their_vector(answer: Any) -> Vector:
@@ -449,7 +495,7 @@ class Sync:
                                 hint="synced databases: " + (", ".join(sorted(self.syncers)) or "none"))
         return s
 
-    def status(self, name: str | None = None) -> dict[str, Any]:
+    def status(self, name: str | None = None) -> SyncStatus:
         dbs = [self.get(name).status()] if name else [s.status() for s in self.syncers.values()]
         failing = any(d["failures"] for d in dbs)
         return {"databases": dbs, "verdict": Outcome.PARTIAL if failing else Outcome.OK}
