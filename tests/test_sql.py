@@ -360,13 +360,28 @@ def test_restore_replace_closes_and_reopens_the_servers_connections(server, tmp_
     assert r.code == 0, r.err
     bid = r.json["backup"]
     con.execute("INSERT INTO r VALUES (2)")       # an open transaction blocks the swap
-    r = server.cli("restore", bid, "--replace", "--json")
-    assert r.code == 2 and "open SQL transaction" in r.err, r.err
-    con.commit()
-    r = server.cli("restore", bid, "--replace", "--json")
-    assert r.code == 0, r.err
-    assert con.execute("SELECT a FROM r").fetchall() == [(1,)]
-    con.close()
+    # The module's server rolls back a transaction idle for 2 s, and a CLI run on a loaded machine
+    # can take longer than that: keep the transaction in use while the refused restore runs.
+    done = threading.Event()
+
+    def keep_busy() -> None:
+        while not done.wait(0.5):
+            con.execute("SELECT count(*) FROM r")
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        r = server.cli("restore", bid, "--replace", "--json")
+    finally:
+        done.set()
+        busy.join()
+    try:
+        assert r.code == 2 and "open SQL transaction" in r.err, r.err
+        con.commit()
+        r = server.cli("restore", bid, "--replace", "--json")
+        assert r.code == 0, r.err
+        assert con.execute("SELECT a FROM r").fetchall() == [(1,)]
+    finally:
+        con.close()
 
 
 def test_openapi_fuzzing_finds_no_server_error(server):
