@@ -54,6 +54,7 @@ class Workers:
 
     def __init__(self, threads: int) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._answers: dict[asyncio.AbstractEventLoop, _Answers] = {}
         self._threads = [threading.Thread(target=self._serve, name=f"bastion-sql-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
@@ -62,37 +63,58 @@ class Workers:
     def submit(self, fn: Callable[[list[Any]], Any]) -> asyncio.Future[tuple[int, bytes]]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        self._jobs.put((loop, fut, fn))
+        answers = self._answers.get(loop)
+        if answers is None:
+            answers = self._answers[loop] = _Answers(loop)
+        self._jobs.put((answers, fut, fn))
         return fut
 
     def _serve(self) -> None:
         while True:
-            loop, fut, fn = self._jobs.get()
+            answers, fut, fn = self._jobs.get()
             acks: list[Any] = []        # a durable commit: its answer leaves once its fsync is done
             try:
                 answer = 200, _json(fn(acks))       # the service drops a request whose client has gone
             except BaseException as exc:  # every failure is an answer; the thread goes on
                 answer = error_body(exc, "SQL request")
             if acks:    # this thread goes on to the next request meanwhile (committer.py)
-                _when_durable(acks[0], loop, fut, answer)
+                _when_durable(acks[0], answers, fut, answer)
             else:
-                loop.call_soon_threadsafe(_settle, fut, answer)
+                answers.put(fut, answer)
 
 
-def _when_durable(ack: Any, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[tuple[int, bytes]],
+class _Answers:
+    """Answers handed to the event loop by other threads: one wake-up of the loop for all
+    those ready at once (group commit makes several durable together)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[tuple[int, bytes]], tuple[int, bytes]]] = []
+
+    def put(self, fut: asyncio.Future[tuple[int, bytes]], answer: tuple[int, bytes]) -> None:
+        with self._lock:
+            self._ready.append((fut, answer))
+            if len(self._ready) > 1:
+                return          # a flush is already on its way
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for fut, answer in ready:
+            if not fut.done():
+                fut.set_result(answer)
+
+
+def _when_durable(ack: Any, answers: _Answers, fut: asyncio.Future[tuple[int, bytes]],
                   answer: tuple[int, bytes]) -> None:
-    """Settle fut with answer once the commit is durable (or with the reason it cannot be)."""
+    """Answer once the commit is durable (or with the reason it cannot be)."""
     committer, ticket = ack
 
     def done(err: str | None) -> None:
-        loop.call_soon_threadsafe(_settle, fut, answer if err is None else
-                                  error_body(committer.failure(err), "SQL commit"))
+        answers.put(fut, answer if err is None else error_body(committer.failure(err), "SQL commit"))
     committer.when_durable(ticket, done)
-
-
-def _settle(fut: asyncio.Future[tuple[int, bytes]], answer: tuple[int, bytes]) -> None:
-    if not fut.done():
-        fut.set_result(answer)
 
 
 def _flag(body: dict[str, Any], name: str, errors: list[str]) -> bool:

@@ -95,6 +95,7 @@ _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "
 _INTERNAL = f" -- bastion {secrets.token_hex(16)}"
 _NEEDS_TRANSACTION = "a write: it runs in a transaction"
 _READS = frozenset({"SELECT", "WITH", "VALUES"})
+POOL_IDLE = 30.0        # seconds an idle connection beyond [sql] pool_size is kept
 
 
 class _NeedsTransaction(Exception):
@@ -569,7 +570,8 @@ class Database:
         # replicated: set by the daemon once real-time backup runs; waits until the backup
         # server has applied every change up to the given capture positions (one per file)
         self.replicated_wait: Callable[[Cut], None] | None = None
-        self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
+        # idle connections per role, most recently used last, with when each came back
+        self._pools: dict[bool, list[tuple[apsw.Connection, float]]] = {True: [], False: []}
         self._pool_lock = threading.Lock()
         self.hooks: weakref.WeakKeyDictionary[apsw.Connection, _Hooks] = weakref.WeakKeyDictionary()
         self.suspended: str | None = None
@@ -664,7 +666,7 @@ class Database:
                 raise BusyError(f"database {self.name} is unavailable: {self.suspended}", hint="retry shortly")
             pool = self._pools[readonly]
             if pool:
-                return pool.pop()
+                return pool.pop()[0]
         return self._open(readonly)
 
     def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True, check_temp: bool = True) -> None:
@@ -675,15 +677,29 @@ class Database:
             except apsw.Error:
                 healthy = False
         with self._pool_lock:
+            # Up to one connection per worker thread stays: group commit answers in bursts, so
+            # bursts of requests hold more connections at once than pool_size; closing the
+            # extra ones at once would reopen them at the next burst. trim() closes those that
+            # stay idle.
             if healthy and not self.suspended and not conn.in_transaction \
-                    and len(self._pools[readonly]) < self.settings.pool_size:
-                self._pools[readonly].append(conn)
+                    and len(self._pools[readonly]) < max(self.settings.pool_size, self.settings.threads):
+                self._pools[readonly].append((conn, time.monotonic()))
                 return
         conn.close()
 
+    def trim(self, now: float, idle: float = POOL_IDLE) -> None:
+        """Close the idle connections beyond pool_size that nobody used for ``idle`` seconds."""
+        old: list[apsw.Connection] = []
+        with self._pool_lock:
+            for pool in self._pools.values():
+                while len(pool) > self.settings.pool_size and now - pool[0][1] > idle:
+                    old.append(pool.pop(0)[0])
+        for c in old:
+            c.close()
+
     def close_idle(self) -> None:
         with self._pool_lock:
-            conns = self._pools[True] + self._pools[False]
+            conns = [c for c, _ in self._pools[True] + self._pools[False]]
             self._pools = {True: [], False: []}
         for c in conns:
             c.close()
@@ -893,9 +909,12 @@ class SQLService:
 
     # -- upkeep -------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
-        """Roll back transactions idle past the timeout (called by the daemon every second)."""
+        """Roll back transactions idle past the timeout, close pooled connections idle too long
+        (called by the daemon every second)."""
         now = now or time.monotonic()
         expired = []
+        for d in self.databases.values():
+            d.trim(now)
         with self._lock:
             candidates = [s for s in self._sessions.values() if now - s.last_used > (
                 self.settings.writer_idle_timeout if s.tx.holds_writer else self.settings.idle_timeout)]
