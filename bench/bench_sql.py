@@ -1,6 +1,7 @@
 """SQL server benchmark (issues 6 and 16): the request path against its ceilings, side by side in one run.
 
-    .venv/bin/python bench/bench_sql.py [--seconds N] [--clients N] [--rounds N] [--before REV] [--quick]
+    .venv/bin/python bench/bench_sql.py [--seconds N] [--clients N] [--rounds N] [--before REV]
+                                        [--commits-before REV] [--only reads,commits,batch] [--quick]
 
 Starts its own daemons (temp dirs, free ports). Clients are the real DB-API driver in separate
 processes (up to 4 processes x clients/4 threads). Three ratios, each against a baseline run in
@@ -15,7 +16,8 @@ which a client process started late, as happens on a loaded machine, is left out
 * durable commits/s, 16 clients, one INSERT per request: ``durability = "durable"`` with group
   commit ÷ ``durability = "fast"`` on the same disk (commits acknowledged without waiting for an
   fsync: in WAL mode SQLite's synchronous=NORMAL syncs only at checkpoints, so for commits it is
-  synchronous=OFF). Goal >= 0.8.
+  synchronous=OFF). Goal >= 0.8. Printed beside it: commits per fsync and the daemon's CPU per
+  commit on each side; ``--commits-before REV`` runs the same windows on a daemon of REV too.
 * batch endpoint: rows/s inserted by one client with ``executemany`` (1,000 rows per request,
   one request = one atomic batch, durable). Goal >= 50,000.
 
@@ -139,6 +141,15 @@ def _listening(port: int) -> bool:
         return False
 
 
+def cpu_seconds(d: Daemon) -> float:
+    """The daemon process's CPU time so far (user + system), from /proc (0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()  # type: ignore[union-attr]
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def make_db(path: Path) -> None:
     import apsw
     con = apsw.Connection(str(path))
@@ -150,13 +161,13 @@ def make_db(path: Path) -> None:
     con.close()
 
 
-def before_tree(rev: str, work: Path) -> Path | None:
+def before_tree(rev: str, work: Path, name: str = "before") -> Path | None:
     """rev's src/ exported into work (its daemon and driver), or None if this checkout lacks rev."""
-    out = work / "before"
+    out = work / name
     out.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True)
     if archive.returncode != 0:
-        log(f"--before {rev}: not in this checkout ({archive.stderr.decode().strip()[:200]}); skipped")
+        log(f"--{name} {rev}: not in this checkout ({archive.stderr.decode().strip()[:200]}); skipped")
         return None
     subprocess.run(["tar", "x", "-C", str(out)], input=archive.stdout, check=True)
     return out / "src"
@@ -168,8 +179,14 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--before", default=BEFORE, help="git revision to compare reads with ('' to skip)")
+    ap.add_argument("--commits-before", default="", metavar="REV",
+                    help="also run the commit windows (durable and fast) on a daemon of REV, same run")
+    ap.add_argument("--only", default="reads,commits,batch", help="comma list of: reads, commits, batch")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    only = set(a.only.split(","))
+    if "reads" not in only:
+        a.before = ""
     if a.quick:
         a.seconds, a.rounds = 2.0, 1
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-sql-"))
@@ -191,33 +208,68 @@ def main() -> int:
             old_daemon = Daemon(write_config(work / "old", old_port, {"gc": [work / "old" / "gc.db"]}), old_port)
             old_daemon.env = {**os.environ, "PYTHONPATH": str(src)}
             old = (src, old_port)
-    res: dict = {"clients": a.clients, "seconds_per_window": a.seconds, "before": a.before if old else None}
+    cold = None         # --commits-before: (src, daemon)
+    if a.commits_before and "commits" in only:
+        src = before_tree(a.commits_before, work, "commits-before")
+        if src is not None:
+            d = work / "cold"
+            d.mkdir()
+            for name in ("gc", "fast"):
+                make_db(d / f"{name}.db")
+            cport = free_port()
+            cd = Daemon(write_config(d, cport, {"gc": [d / "gc.db"],
+                                                "fast": {"files": [d / "fast.db"], "durability": "fast"}}), cport)
+            cd.env = {**os.environ, "PYTHONPATH": str(src)}
+            cold = (src, cd)
+    res: dict = {"clients": a.clients, "seconds_per_window": a.seconds, "before": a.before if old else None,
+                 "commits_before": a.commits_before if cold else None}
+
+    def fsyncs(d: Daemon) -> int:
+        out = subprocess.run([PY, "-m", "bastion", "--config", str(d.config), "status", "--json"],
+                             capture_output=True, text=True, env=d.env)
+        return int(json.loads(out.stdout)["sql"]["databases"]["gc"]["fsyncs"])
     try:
         daemon.start(30)
         if old_daemon:
             old_daemon.start(30)
+        if cold:
+            cold[1].start(30)
         wait_for(lambda: _listening(bare_port), timeout=20)
         token = daemon.token
         reads: dict[str, list[float]] = {"bastion": [], "bare": [], "before": []}
-        commits: dict[str, list[float]] = {"gc": [], "fast": []}
-        batch = []
+        commits: dict[str, list[float]] = {"gc": [], "fast": [], "gc_before": [], "fast_before": []}
+        per_fsync: dict[str, list[float]] = {"gc": [], "gc_before": []}    # durable commits per fsync
+        cpu_ms: dict[str, list[float]] = {k: [] for k in commits}     # the daemon's CPU ms per commit
+        batch: list[float] = []
         for r in range(a.rounds):
-            log(f"round {r + 1}: point reads, one client: daemon, bare ASGI" + (", before" if old else ""))
-            reads["bastion"].append(load(f"bastion://127.0.0.1:{port}/gc", token, "read", 1, a.seconds))
-            reads["bare"].append(load(f"bastion://127.0.0.1:{bare_port}/gc", "x", "read", 1, a.seconds))
-            if old and old_daemon:
-                reads["before"].append(load(f"bastion://127.0.0.1:{old[1]}/gc", old_daemon.token, "read", 1,
-                                            a.seconds, src=old[0]))
-            for name in ("gc", "fast"):
-                log(f"round {r + 1}: commits, {a.clients} clients, {name}")
-                commits[name].append(load(f"bastion://127.0.0.1:{port}/{name}", token, "write", a.clients,
-                                          a.seconds))
-            log(f"round {r + 1}: batch inserts, one client, {BATCH_ROWS} rows per request")
-            batch.append(load(f"bastion://127.0.0.1:{port}/gc", token, "batch", 1, a.seconds))
-        res.update({"reads_per_s": reads, "commits_per_s": commits, "batch_rows_per_s": batch})
-        status = json.loads(subprocess.run([PY, "-m", "bastion", "--config", str(work / "bastion.toml"), "status",
-                                            "--json"], capture_output=True, text=True, env=ENV).stdout)
-        res["group_commit_fsyncs"] = status["sql"]["databases"]["gc"]["fsyncs"]
+            if "reads" in only:
+                log(f"round {r + 1}: point reads, one client: daemon, bare ASGI" + (", before" if old else ""))
+                reads["bastion"].append(load(f"bastion://127.0.0.1:{port}/gc", token, "read", 1, a.seconds))
+                reads["bare"].append(load(f"bastion://127.0.0.1:{bare_port}/gc", "x", "read", 1, a.seconds))
+                if old and old_daemon:
+                    reads["before"].append(load(f"bastion://127.0.0.1:{old[1]}/gc", old_daemon.token, "read", 1,
+                                                a.seconds, src=old[0]))
+            if "commits" in only:
+                sides = [("", daemon, ROOT / "src")] + ([("_before", cold[1], cold[0])] if cold else [])
+                for suffix, d, src in sides:
+                    for name in ("gc", "fast"):
+                        log(f"round {r + 1}: commits, {a.clients} clients, {name}{suffix}")
+                        f0 = fsyncs(d) if name == "gc" else 0
+                        c0 = cpu_seconds(d)
+                        rate = load(f"bastion://127.0.0.1:{d.port}/{name}", d.token, "write", a.clients,
+                                    a.seconds, src=src)
+                        commits[name + suffix].append(rate)
+                        cpu_ms[name + suffix].append((cpu_seconds(d) - c0) * 1000 / (rate * a.seconds))
+                        if name == "gc":
+                            # (the fsyncs of the clients' start and end too: a slight underestimate)
+                            n = fsyncs(d) - f0
+                            per_fsync[name + suffix].append(rate * a.seconds / n if n else float("nan"))
+            if "batch" in only:
+                log(f"round {r + 1}: batch inserts, one client, {BATCH_ROWS} rows per request")
+                batch.append(load(f"bastion://127.0.0.1:{port}/gc", token, "batch", 1, a.seconds))
+        res.update({"reads_per_s": reads, "commits_per_s": commits, "batch_rows_per_s": batch,
+                    "commits_per_fsync": per_fsync, "daemon_cpu_ms_per_commit": cpu_ms})
+        res["group_commit_fsyncs"] = fsyncs(daemon)
         fd = os.open(work / "fsync.probe", os.O_WRONLY | os.O_CREAT)       # this disk's fsync, for reading
         t0 = time.perf_counter()
         for _ in range(50):
@@ -229,6 +281,8 @@ def main() -> int:
         daemon.stop(30)
         if old_daemon:
             old_daemon.stop(30)
+        if cold:
+            cold[1].stop(30)
         os.killpg(bare.pid, 15)
         bare.wait(10)
     def median(v: list[float]) -> float | None:
@@ -236,7 +290,8 @@ def main() -> int:
         return statistics.median(v) if v else None
     med = {k: median(v) for k, v in
            {**{f"reads_{k}": v for k, v in reads.items()}, **{f"commits_{k}": v for k, v in commits.items()},
-            "batch": batch}.items()}
+            "batch": batch, **{f"per_fsync_{k}": v for k, v in per_fsync.items()},
+            **{f"cpu_ms_{k}": v for k, v in (cpu_ms if "commits" in only else {}).items()}}.items()}
     res["median"] = med
     def paired(a: list[float], b: list[float]) -> float | None:
         # the median of each round's ratio: both sides of a round ran minutes apart at most
@@ -244,6 +299,7 @@ def main() -> int:
     ratios = {"reads_over_bare": paired(reads["bastion"], reads["bare"]),
               "reads_over_before": paired(reads["bastion"], reads["before"]),
               "group_commit_over_fast": paired(commits["gc"], commits["fast"]),
+              "group_commit_over_fast_before": paired(commits["gc_before"], commits["fast_before"]),
               "batch_rows_per_s": med["batch"]}
     res["ratios"] = ratios
     OUT.mkdir(parents=True, exist_ok=True)
@@ -258,17 +314,30 @@ def main() -> int:
     print()
     print(f"SQL server benchmark ({a.rounds} rounds of {a.seconds:g} s windows, medians; disk fsync "
           f"{res['fsync_ms']:.2f} ms)")
-    print(f"  point reads/s, 1 client   daemon {med['reads_bastion']:>9,.0f}   bare ASGI {med['reads_bare']:>9,.0f}"
-          f"   ratio {f2(ratios['reads_over_bare'])} (goal >= 0.8) {verdict(ratios['reads_over_bare'], 0.8)}")
+    def n0(x: float | None, width: int) -> str:
+        return f"{'n/a':>{width}}" if x is None else f"{x:>{width},.0f}"
+    if "reads" in only:
+        print(f"  point reads/s, 1 client   daemon {n0(med['reads_bastion'], 9)}   bare ASGI "
+              f"{n0(med['reads_bare'], 9)}   ratio {f2(ratios['reads_over_bare'])} (goal >= 0.8) "
+              f"{verdict(ratios['reads_over_bare'], 0.8)}")
     if med["reads_before"]:
         print(f"                            before ({a.before}) {med['reads_before']:>9,.0f}"
               f"   ratio {f2(ratios['reads_over_before'])} (goal >= 3) {verdict(ratios['reads_over_before'], 3)}")
-    print(f"  commits/s, {a.clients} clients    durable+group commit {med['commits_gc']:>7,.0f}   fast (no fsync) "
-          f"{med['commits_fast']:>7,.0f}   ratio {f2(ratios['group_commit_over_fast'])} (goal >= 0.8) "
-          f"{verdict(ratios['group_commit_over_fast'], 0.8)}")
-    print(f"  batch inserts, 1 client   {med['batch']:>9,.0f} rows/s (goal >= 50,000) "
-          f"{verdict(med['batch'] and med['batch'] / 50_000, 1)}")
-    print(f"  fsyncs for all group-commit windows: {res['group_commit_fsyncs']}")
+    if "commits" in only:
+        print(f"  commits/s, {a.clients} clients    durable+group commit {n0(med['commits_gc'], 7)}   fast (no fsync) "
+              f"{n0(med['commits_fast'], 7)}   ratio {f2(ratios['group_commit_over_fast'])} (goal >= 0.8) "
+              f"{verdict(ratios['group_commit_over_fast'], 0.8)}   {f2(med['per_fsync_gc'])} commits per fsync")
+        print(f"      daemon CPU ms per commit: durable {f2(med['cpu_ms_gc'])}, fast {f2(med['cpu_ms_fast'])}")
+    if med["commits_gc_before"]:
+        print(f"      before ({a.commits_before})  durable+group commit {n0(med['commits_gc_before'], 7)}   fast "
+              f"(no fsync) {n0(med['commits_fast_before'], 7)}   ratio {f2(ratios['group_commit_over_fast_before'])}"
+              f"   {f2(med['per_fsync_gc_before'])} commits per fsync")
+        print(f"      daemon CPU ms per commit: durable {f2(med['cpu_ms_gc_before'])}, "
+              f"fast {f2(med['cpu_ms_fast_before'])}")
+    if "batch" in only:
+        print(f"  batch inserts, 1 client   {n0(med['batch'], 9)} rows/s (goal >= 50,000) "
+              f"{verdict(med['batch'] and med['batch'] / 50_000, 1)}")
+    print(f"  group-commit fsyncs in all: {res['group_commit_fsyncs']}")
     return 0
 
 

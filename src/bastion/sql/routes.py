@@ -54,30 +54,67 @@ class Workers:
 
     def __init__(self, threads: int) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._answers: dict[asyncio.AbstractEventLoop, _Answers] = {}
         self._threads = [threading.Thread(target=self._serve, name=f"bastion-sql-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
             t.start()
 
-    def submit(self, fn: Callable[[], Any]) -> asyncio.Future[tuple[int, bytes]]:
+    def submit(self, fn: Callable[[list[Any]], Any]) -> asyncio.Future[tuple[int, bytes]]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        self._jobs.put((loop, fut, fn))
+        answers = self._answers.get(loop)
+        if answers is None:
+            answers = self._answers[loop] = _Answers(loop)
+        self._jobs.put((answers, fut, fn))
         return fut
 
     def _serve(self) -> None:
         while True:
-            loop, fut, fn = self._jobs.get()
+            answers, fut, fn = self._jobs.get()
+            acks: list[Any] = []        # a durable commit: its answer leaves once its fsync is done
             try:
-                answer = 200, _json(fn())       # the service drops a request whose client has gone
+                answer = 200, _json(fn(acks))       # the service drops a request whose client has gone
             except BaseException as exc:  # every failure is an answer; the thread goes on
                 answer = error_body(exc, "SQL request")
-            loop.call_soon_threadsafe(_settle, fut, answer)
+            if acks:    # this thread goes on to the next request meanwhile (committer.py)
+                _when_durable(acks[0], answers, fut, answer)
+            else:
+                answers.put(fut, answer)
 
 
-def _settle(fut: asyncio.Future[tuple[int, bytes]], answer: tuple[int, bytes]) -> None:
-    if not fut.done():
-        fut.set_result(answer)
+class _Answers:
+    """Answers handed to the event loop by other threads: one wake-up of the loop for all
+    those ready at once (group commit makes several durable together)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[tuple[int, bytes]], tuple[int, bytes]]] = []
+
+    def put(self, fut: asyncio.Future[tuple[int, bytes]], answer: tuple[int, bytes]) -> None:
+        with self._lock:
+            self._ready.append((fut, answer))
+            if len(self._ready) > 1:
+                return          # a flush is already on its way
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for fut, answer in ready:
+            if not fut.done():
+                fut.set_result(answer)
+
+
+def _when_durable(ack: Any, answers: _Answers, fut: asyncio.Future[tuple[int, bytes]],
+                  answer: tuple[int, bytes]) -> None:
+    """Answer once the commit is durable (or with the reason it cannot be)."""
+    committer, ticket = ack
+
+    def done(err: str | None) -> None:
+        answers.put(fut, answer if err is None else error_body(committer.failure(err), "SQL commit"))
+    committer.when_durable(ticket, done)
 
 
 def _flag(body: dict[str, Any], name: str, errors: list[str]) -> bool:
@@ -150,7 +187,7 @@ class SQLRoutes:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _run(self, call: Callable[[], Any], cancel: threading.Event, receive: Any) -> tuple[int, bytes]:
+    async def _run(self, call: Callable[[list[Any]], Any], cancel: threading.Event, receive: Any) -> tuple[int, bytes]:
         fut = self.workers.submit(call)
         # the body is read: the next message is the client hanging up (or our answer sent)
         gone = asyncio.ensure_future(receive())
@@ -164,12 +201,13 @@ class SQLRoutes:
             gone.remove_done_callback(hung_up)
             gone.cancel()
 
-    def _call(self, parts: list[str], raw: bytes, principal: Any, cancel: threading.Event) -> Callable[[], Any]:
+    def _call(self, parts: list[str], raw: bytes, principal: Any,
+              cancel: threading.Event) -> Callable[[list[Any]], Any]:
         """The service call for this path and body; a body that does not fit is a UsageError (422)."""
         db, n = parts[0], len(parts)
         if n == 4:                      # commit / rollback: no body
             commit = parts[3] == "commit"
-            return lambda: self.service().finish(principal, parts[2], commit)
+            return lambda acks: self.service().finish(principal, parts[2], commit, acks=acks)
         errors: list[str] = []
         body: Any = {}
         if raw.strip():
@@ -191,7 +229,8 @@ class SQLRoutes:
             err.http_status = 422       # as the app's other invalid requests
             raise err
         if n == 1:
-            return lambda: self.service().execute(principal, db, statements, readonly, cancel=cancel)
+            return lambda acks: self.service().execute(principal, db, statements, readonly, cancel=cancel,
+                                                       acks=acks)
         if n == 2:
-            return lambda: self.service().begin(principal, db, statements, write, readonly, cancel=cancel)
-        return lambda: self.service().run_in(principal, parts[2], statements, db, cancel=cancel)
+            return lambda _: self.service().begin(principal, db, statements, write, readonly, cancel=cancel)
+        return lambda _: self.service().run_in(principal, parts[2], statements, db, cancel=cancel)

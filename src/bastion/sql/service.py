@@ -56,6 +56,8 @@ from ..sqlite import connect
 log = logging.getLogger("bastion.sql")
 
 DURABLE, FAST, REPLICATED = "durable", "fast", "replicated"
+# commits whose answer must wait for their fsync: (committer, ticket), see Tx.acknowledge
+Acks = list[tuple[GroupCommitter, int]]
 DURABILITIES = (DURABLE, FAST, REPLICATED)
 
 _WRITE_ACTIONS = {
@@ -93,6 +95,7 @@ _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "
 _INTERNAL = f" -- bastion {secrets.token_hex(16)}"
 _NEEDS_TRANSACTION = "a write: it runs in a transaction"
 _READS = frozenset({"SELECT", "WITH", "VALUES"})
+POOL_IDLE = 30.0        # seconds an idle connection beyond [sql] pool_size is kept
 
 
 class _NeedsTransaction(Exception):
@@ -166,6 +169,7 @@ class Tx:
         self.checked: str | None = None  # the statement text the tracer last checked
         self.autocommit = False        # a lone read in SQLite's autocommit: a write must not run here
         self.many: list[Any] | None = None   # executemany: [changes, last rowid, first set still to come]
+        self.pending: tuple[int, bool, Cut | None] | None = None   # a commit not yet acknowledged
         db.hooks[conn].tx = self       # the connection's tracer, authorizer ... now consult this Tx
 
     def _progress(self) -> bool:
@@ -436,7 +440,8 @@ class Tx:
                           hint=f"in: {st.sql.strip()[:200]}")
 
     def finish(self, commit: bool) -> None:
-        """COMMIT (then wait until durable) or ROLLBACK; the writer turn is given back either way."""
+        """COMMIT or ROLLBACK; the writer turn is given back either way. A commit is not
+        acknowledged yet: the caller gives the connection back, then calls acknowledge()."""
         ticket = None
         replicate = False
         positions: Cut | None = None
@@ -451,7 +456,7 @@ class Tx:
                         raise SQLFailure(f"commit failed: {exc}",
                                          details={"sqlite_error": type(exc).__name__}) from exc
                     if self.holds_writer:
-                        ticket = self.db.committer.committed()
+                        ticket = self.db.committer.committed()      # (its place in WAL order)
                         if self.db.durability == REPLICATED:
                             replicate = True
                             positions = self.db.log_positions(self.conn)
@@ -466,7 +471,22 @@ class Tx:
             if self.holds_writer:
                 self.holds_writer = False
                 self.db.give_writer()
-        if ticket is not None and self.db.wait_for_fsync:
+        self.pending = (ticket, replicate, positions) if ticket is not None else None
+
+    def acknowledge(self, acks: Acks | None = None) -> None:
+        """Return once the commit finish() made is as durable as the database promises. Called
+        after the connection went back to the pool: the wait for the fsync holds neither the
+        writer turn nor a connection, so the next writers commit meanwhile (their order is the
+        WAL's) and the next fsync covers them. With ``acks`` (the SQL routes), a commit that
+        waits only for its fsync is not waited for here: (committer, ticket) is added to acks,
+        and the caller must hold the answer back until the committer says it is durable."""
+        if self.pending is None:
+            return
+        (ticket, replicate, positions), self.pending = self.pending, None
+        if self.db.wait_for_fsync:
+            if acks is not None and not replicate:
+                acks.append((self.db.committer, ticket))
+                return
             self.db.committer.wait_durable(ticket)
         if replicate:       # None (capture not running yet) fails: never acknowledged as replicated
             self.db.wait_replicated(positions)
@@ -545,12 +565,13 @@ class Database:
         self.foreign_keys = foreign_keys
         self.durability, self.group_commit = durability, group_commit
         self._writer = threading.Lock()
-        self.committer = GroupCommitter(self.paths, busy=self._writer.locked)
+        self.committer = GroupCommitter(self.paths)
         self.wait_for_fsync = durability in (DURABLE, REPLICATED) and group_commit
         # replicated: set by the daemon once real-time backup runs; waits until the backup
         # server has applied every change up to the given capture positions (one per file)
         self.replicated_wait: Callable[[Cut], None] | None = None
-        self._pools: dict[bool, list[apsw.Connection]] = {True: [], False: []}
+        # idle connections per role, most recently used last, with when each came back
+        self._pools: dict[bool, list[tuple[apsw.Connection, float]]] = {True: [], False: []}
         self._pool_lock = threading.Lock()
         self.hooks: weakref.WeakKeyDictionary[apsw.Connection, _Hooks] = weakref.WeakKeyDictionary()
         self.suspended: str | None = None
@@ -645,7 +666,7 @@ class Database:
                 raise BusyError(f"database {self.name} is unavailable: {self.suspended}", hint="retry shortly")
             pool = self._pools[readonly]
             if pool:
-                return pool.pop()
+                return pool.pop()[0]
         return self._open(readonly)
 
     def release(self, conn: apsw.Connection, readonly: bool, healthy: bool = True, check_temp: bool = True) -> None:
@@ -656,15 +677,29 @@ class Database:
             except apsw.Error:
                 healthy = False
         with self._pool_lock:
+            # Up to one connection per worker thread stays: group commit answers in bursts, so
+            # bursts of requests hold more connections at once than pool_size; closing the
+            # extra ones at once would reopen them at the next burst. trim() closes those that
+            # stay idle.
             if healthy and not self.suspended and not conn.in_transaction \
-                    and len(self._pools[readonly]) < self.settings.pool_size:
-                self._pools[readonly].append(conn)
+                    and len(self._pools[readonly]) < max(self.settings.pool_size, self.settings.threads):
+                self._pools[readonly].append((conn, time.monotonic()))
                 return
         conn.close()
 
+    def trim(self, now: float, idle: float = POOL_IDLE) -> None:
+        """Close the idle connections beyond pool_size that nobody used for ``idle`` seconds."""
+        old: list[apsw.Connection] = []
+        with self._pool_lock:
+            for pool in self._pools.values():
+                while len(pool) > self.settings.pool_size and now - pool[0][1] > idle:
+                    old.append(pool.pop(0)[0])
+        for c in old:
+            c.close()
+
     def close_idle(self) -> None:
         with self._pool_lock:
-            conns = self._pools[True] + self._pools[False]
+            conns = [c for c, _ in self._pools[True] + self._pools[False]]
             self._pools = {True: [], False: []}
         for c in conns:
             c.close()
@@ -715,7 +750,7 @@ class SQLService:
 
     # -- batches ----------------------------------------------------------------------
     def execute(self, principal: Principal, name: str, statements: Any, readonly: bool = False,
-                cancel: threading.Event | None = None) -> dict[str, Any]:
+                cancel: threading.Event | None = None, acks: Acks | None = None) -> dict[str, Any]:
         stmts = self._parse(statements)
         _still_wanted(cancel)
         db, ro = self._database(principal, name, write=False)
@@ -745,8 +780,6 @@ class SQLService:
                 tx.internal_exec("BEGIN")
                 results = tx.run(stmts)
                 tx.finish(commit=True)
-                return {"database": name, "results": results, "retries": attempt,
-                        "seconds": round(time.perf_counter() - t0, 6)}
             except BusyError as exc:
                 tx.finish(commit=False)
                 # stale snapshot: nothing was acknowledged, the whole batch may run again
@@ -761,6 +794,9 @@ class SQLService:
                 raise
             finally:
                 db.release(conn, ro, healthy, check_temp=not clean)
+            tx.acknowledge(acks)        # committed: wait for durability holding no connection
+            return {"database": name, "results": results, "retries": attempt,
+                    "seconds": round(time.perf_counter() - t0, 6)}
         raise AssertionError("unreachable")
 
     # -- interactive transactions -------------------------------------------------------
@@ -852,14 +888,14 @@ class SQLService:
                 s.last_used = time.monotonic()
             return {"transaction": sid, "results": results}
 
-    def finish(self, principal: Principal, sid: str, commit: bool) -> dict[str, Any]:
+    def finish(self, principal: Principal, sid: str, commit: bool, acks: Acks | None = None) -> dict[str, Any]:
         s = self._session(principal, sid)
         with s.lock:
             self._session(principal, sid)
-            self._close(s, commit, "committed" if commit else "rolled back")
+            self._close(s, commit, "committed" if commit else "rolled back", acks)
         return {"transaction": sid, "committed": commit}
 
-    def _close(self, s: Session, commit: bool, why: str) -> None:
+    def _close(self, s: Session, commit: bool, why: str, acks: Acks | None = None) -> None:
         self._end(s, why)
         healthy = True
         try:
@@ -869,12 +905,16 @@ class SQLService:
             raise
         finally:
             s.db.release(s.tx.conn, s.readonly, healthy)
+        s.tx.acknowledge(acks)
 
     # -- upkeep -------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
-        """Roll back transactions idle past the timeout (called by the daemon every second)."""
+        """Roll back transactions idle past the timeout, close pooled connections idle too long
+        (called by the daemon every second)."""
         now = now or time.monotonic()
         expired = []
+        for d in self.databases.values():
+            d.trim(now)
         with self._lock:
             candidates = [s for s in self._sessions.values() if now - s.last_used > (
                 self.settings.writer_idle_timeout if s.tx.holds_writer else self.settings.idle_timeout)]
