@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import Outcome, UsageError
 from ..position import Instant
-from . import names
+from . import format2, names
 from .repository import Repository, RepositoryError
 
 
@@ -81,7 +81,7 @@ def _well_formed(m: dict[str, Any]) -> bool:
             return False
         Instant.from_json(m)
         for f in m["files"]:
-            for d, n in f["chunks"]:
+            for d, n in ([] if m.get("format") == 2 else f["chunks"]):   # format 2: manifest_problems checked
                 if not isinstance(d, str) or not isinstance(n, int):
                     return False
         return True
@@ -108,7 +108,7 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
     keep = select(scope, policy)
     forget = [m for m in scope if m["id"] not in keep]
     remaining = [m for m in manifests if m["id"] in keep or (database is not None and m["database"] != database)]
-    referenced = {d for m in remaining for f in m["files"] for d, _ in f["chunks"]}
+    referenced = {d for m in remaining for f in m["files"] for d, _ in f.get("chunks", [])}
     result: dict[str, Any] = {
         "repository": repo.url, "policy": policy.to_dict(), "dry_run": dry_run,
         "kept": [{"id": m["id"], "database": m["database"], "instant": m["instant"], "rules": keep[m["id"]]}
@@ -124,6 +124,14 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
             result.update(chunks_removed=0, bytes_freed=0,
                           chunk_cleanup="deferred: a backup is running; the next prune removes the chunks")
             result["verdict"] = Outcome.OK
+            return result
+        if repo.format == 2:     # packs nobody uses go, packs mostly unused are rewritten
+            result.update(format2.repack(repo, remaining, dry_run))
+            temps = repo.store.removable_temporaries()
+            if not dry_run:
+                for t in temps:
+                    repo.store.delete(t)
+            result.update(temporaries_removed=len(temps), verdict=Outcome.OK)
             return result
         # only names Bastion writes: a stray or hostile file under chunks/ is neither counted nor touched
         unreferenced = sorted(d for d in repo.chunk_digests() - referenced if _DIGEST.fullmatch(d))

@@ -38,6 +38,7 @@ from .names import UnsafeName, backup_id as checked_id, file_name, file_names
 from .store import ObjectMissing, Store, _pid_alive, open_store
 
 FORMAT = 1
+FORMATS = (1, 2)     # 2: page-level packs (pack.py, pages.py, format2.py); 1 stays readable and the default
 MARKER = "bastion-repo.json"
 
 
@@ -64,6 +65,9 @@ def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
     if not isinstance(m, dict):
         bad(f"is a JSON {type(m).__name__}, not an object")
         return out
+    if m.get("format") == 2 and _int(m.get("format")):
+        from .format2 import manifest_problems as format2_problems
+        return format2_problems(m, backup_id)
     if m.get("format") != FORMAT or not _int(m.get("format")):
         bad(f"has format {m.get('format')!r}; this Bastion writes and reads format {FORMAT}")
     if m.get("id") != backup_id:
@@ -162,10 +166,14 @@ class Repository:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.url = store.url
+        self.format = FORMAT
         self._local = threading.local()   # zstd contexts are not thread-safe: one per upload thread
 
     @classmethod
-    def open(cls, url: str, create: bool = False) -> Repository:
+    def open(cls, url: str, create: bool = False, format: int = FORMAT) -> Repository:
+        """``format``: what a repository created here is (one that exists keeps its own)."""
+        if format not in FORMATS:
+            raise UsageError(f"repository format {format!r} does not exist", hint="[backups] format = 1 or 2")
         repo = cls(open_store(url))
         try:
             raw = repo.store.read(MARKER)
@@ -179,7 +187,8 @@ class Repository:
             if not create:
                 raise NoRepository(f"{url} is not a Bastion backup repository (no {MARKER})",
                                  hint="check the URL; `bastion backup` creates the repository on first use") from None
-            repo.store.write(MARKER, json.dumps({"format": FORMAT, "created": time.time()}).encode())
+            repo.store.write(MARKER, json.dumps({"format": format, "created": time.time()}).encode())
+            repo.format = format
             return repo
         try:
             meta = json.loads(raw)
@@ -190,13 +199,15 @@ class Repository:
                                   path=f"{url}/{MARKER}",
                                   hint=f'if this is a Bastion repository, write {{"format": {FORMAT}}} into it, '
                                        "then run `bastion verify --all`")
-        if meta.get("format") != FORMAT:
-            raise UsageError(f"{url} has repository format {meta.get('format')!r}; this Bastion reads format "
-                             f"{FORMAT}", hint="use the Bastion version that wrote the repository")
+        if meta.get("format") not in FORMATS or not _int(meta.get("format")):
+            raise UsageError(f"{url} has repository format {meta.get('format')!r}; this Bastion reads formats "
+                             f"{', '.join(map(str, FORMATS))}",
+                             hint="use the Bastion version that wrote the repository")
+        repo.format = meta["format"]
         return repo
 
     def _has_content(self) -> bool:
-        for prefix in ("manifests", "chunks"):
+        for prefix in ("manifests", "chunks", "packs", "index"):
             for _ in self.store.list(prefix):
                 return True
         return False

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from ..errors import from_os_error
 from ..sqlite import child
+from . import pages
 from .digest import file_digests
 from .repository import Repository
 from .store import StoreFull
@@ -53,7 +54,8 @@ def _cleanup(repo: Repository) -> int:
 
 
 def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
-             jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             jobs: int = 4, progress: Callable[[int, int], None] | None = None,
+             database: str | None = None) -> dict[str, Any]:
     repo = Repository.open(repo_url, create=True)
     removed = _cleanup(repo)
     total = 0
@@ -62,7 +64,10 @@ def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAU
             total += os.stat(f["path"]).st_size
     stored = {"bytes": 0}     # raw bytes of new chunks stored so far: for the disk-full message
     try:
-        res = _copy(repo, files, chunk_size, jobs, progress, total, stored)
+        if repo.format == 2:     # page-level packs; `stored` only counts format-1 chunks
+            res = pages.snapshot(repo, files, database, progress, total)
+        else:
+            res = _copy(repo, files, chunk_size, jobs, progress, total, stored)
     except StoreFull as exc:
         got = stored["bytes"]
         raise StoreFull(f"{exc.message}; this backup of {total} bytes had stored {got} bytes of new data when "
@@ -151,10 +156,12 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
 def _task(req: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
     """In the child (sqlite.child): one snapshot, progress reported to the daemon."""
     return snapshot(req["repo"], req["files"], int(req.get("chunk_size", DEFAULT_CHUNK)), int(req.get("jobs", 4)),
-                    progress)
+                    progress, req.get("database"))
 
 
 def snapshot_in_child(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
-                      jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    return child.run(_task, {"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs},
-                     what="the backup reader", progress=progress)
+                      jobs: int = 4, progress: Callable[[int, int], None] | None = None,
+                      database: str | None = None) -> dict[str, Any]:
+    """``database``: the backup's label; a format-2 backup is incremental over that one's newest."""
+    return child.run(_task, {"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs,
+                             "database": database}, what="the backup reader", progress=progress)

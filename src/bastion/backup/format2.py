@@ -1,0 +1,297 @@
+"""Repository format 2 outside the backup itself: manifest checks, restore's page source,
+quick verify, prune's repack, and the repository summary (`bastion repo info`).
+
+A format-2 manifest names, per file, its size, page size, page count and the hash of its
+page map (a blob: the BLAKE3 of every page, in order). Everything it references is found
+through the pack indexes (pack.RepoIndex); see pages.py for how a backup writes them.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BastionError, RepositoryError, UsageError
+from ..position import Instant
+from .names import UnsafeName, file_name, file_names
+from .pack import DELTA, MAP, CorruptPack, Entry, MissingPack, PackReader, PackWriter, RepoIndex
+from .pack import index_name, pack_name, valid_id
+from .pages import FORMAT, HASH, load_map
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+RUN_BYTES = 2 << 20      # adjacent blobs read in one go by restore, at most
+RUN_AHEAD = 8            # runs decoded ahead of the writer, at most
+REPACK_UNUSED = 0.1      # a pack with more than this share of unused bytes is rewritten by prune
+
+
+def _hex64(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def manifest_problems(m: dict[str, Any], backup_id: str) -> list[dict[str, Any]]:
+    """repository.manifest_problems for a format-2 manifest: [] when it is sound."""
+    out: list[dict[str, Any]] = []
+
+    def bad(problem: str, file: str | None = None) -> None:
+        out.append({"file": file, "chunk": None, "problem": problem})
+
+    if m.get("id") != backup_id:
+        bad(f"names itself {m.get('id')!r}, not {backup_id!r} as its object name says")
+    if not isinstance(m.get("database"), str) or not m["database"].strip():
+        bad(f"has no database name ({m.get('database')!r})")
+    try:
+        Instant.from_json(m)
+        if not isinstance(m.get("instant"), str) or not math.isfinite(float(m.get("instant_epoch", "x"))):
+            raise ValueError
+    except (UsageError, ValueError, TypeError, KeyError):
+        bad(f"has no valid instant ({m.get('instant')!r}, {m.get('instant_epoch')!r})")
+    files = m.get("files")
+    if not isinstance(files, list) or not files or not all(isinstance(f, dict) for f in files):
+        bad("has no file list (or an entry that is not an object)")
+        return out
+    try:
+        for f in files:
+            file_name(f.get("name"))
+        file_names([f.get("name") for f in files])
+    except UnsafeName as exc:
+        bad(exc.message)
+        return out
+    logical = 0
+    for f in files:
+        name = f["name"]
+        size, ps, pages = f.get("size"), f.get("page_size"), f.get("pages")
+        if not _count(size) or not _count(pages) or not _count(ps):
+            bad(f"file {name}: size, page_size or pages is not a count ({size!r}, {ps!r}, {pages!r})", name)
+            continue
+        logical += size
+        if size and not (512 <= ps <= 65536 and ps & (ps - 1) == 0):
+            bad(f"file {name}: page_size {ps!r} is not a SQLite page size (a power of two, 512 to 65536)", name)
+        elif size and pages != -(-size // ps):
+            bad(f"file {name}: {pages} pages cannot hold {size} bytes of {ps}-byte pages", name)
+        elif not size and pages:
+            bad(f"file {name}: an empty file with {pages} pages", name)
+        if (f.get("map") is None) != (pages == 0) or (pages and not _hex64(f.get("map"))):
+            bad(f"file {name}: page map {f.get('map')!r} is not a 64-hex BLAKE3 (or null for no pages)", name)
+        if not isinstance(f.get("path"), str) or not f["path"].startswith("/") or "\x00" in f["path"]:
+            bad(f"file {name}: source path {f.get('path')!r} is not an absolute path", name)
+    if m.get("logical_bytes") != logical:
+        bad(f"logical_bytes {m.get('logical_bytes')!r} differs from the sum of its file sizes ({logical})")
+    if m.get("parent") is not None and not isinstance(m.get("parent"), str):
+        bad(f"parent {m.get('parent')!r} is not a backup id")
+    return out
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+_READERS: weakref.WeakKeyDictionary[Repository, PackReader] = weakref.WeakKeyDictionary()
+
+
+def reader_of(repo: Repository, fresh: bool = False) -> PackReader:
+    """The repository's pack reader, its index loaded once per Repository object."""
+    r = _READERS.get(repo)
+    if r is None or fresh:
+        r = _READERS[repo] = PackReader(repo.store, RepoIndex.load(repo.store))
+    return r
+
+
+Block = tuple[tuple[str, int], "bytes | RepositoryError"]
+
+
+def _decode_run(reader: PackReader, run: list[tuple[bytes, Entry | None]]) -> list[bytes | RepositoryError]:
+    first = run[0][1]
+    if first is None:
+        return [MissingPack(f"page {run[0][0].hex()[:16]} is in no pack index of {reader.store.url}")]
+    start = first.offset
+    try:
+        data = memoryview(reader.raw(first.pack, start, run[-1][1].offset + run[-1][1].length - start))  # type: ignore[union-attr]
+    except RepositoryError as exc:
+        return [exc] * len(run)
+    out: list[bytes | RepositoryError] = []
+    for h, e in run:
+        assert e is not None
+        try:
+            out.append(reader.decode(h, e, data[e.offset - start:e.offset - start + e.length]))
+        except RepositoryError as exc:
+            out.append(exc)
+    return out
+
+
+def blocks(repo: Repository, f: dict[str, Any], pool: ThreadPoolExecutor) -> Iterator[Block]:
+    """The pages of manifest file ``f`` in order, as restore's chunk loop takes them: ((hash, length),
+    bytes or the error reading it). Adjacent blobs are read in one go and decoded by ``pool`` ahead."""
+    reader = reader_of(repo)
+    try:
+        try:
+            hashes = load_map(reader, f)
+        except RepositoryError:
+            reader = reader_of(repo, fresh=True)    # written since this object loaded the index?
+            hashes = load_map(reader, f)
+    except RepositoryError as exc:
+        yield (f.get("map") or "", 0), exc
+        return
+    blobs = reader.index.blobs
+    runs: list[list[tuple[bytes, Entry | None]]] = []
+    for h in hashes:
+        e = blobs.get(h)
+        last = runs[-1][-1][1] if runs else None
+        if (e is not None and last is not None and last.pack == e.pack and last.offset + last.length == e.offset
+                and e.offset + e.length - runs[-1][0][1].offset <= RUN_BYTES):  # type: ignore[union-attr]
+            runs[-1].append((h, e))
+        else:
+            runs.append([(h, e)])
+    queue: deque[tuple[list[tuple[bytes, Entry | None]], Future[list[bytes | RepositoryError]]]] = deque()
+    todo = iter(runs)
+    while True:
+        while len(queue) < RUN_AHEAD:
+            run = next(todo, None)
+            if run is None:
+                break
+            queue.append((run, pool.submit(_decode_run, reader, run)))
+        if not queue:
+            return
+        run, fut = queue.popleft()
+        for (h, e), data in zip(run, fut.result()):
+            yield (h.hex(), e.size if e is not None else 0), data
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+def quick_problems(repo: Repository, manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Structure of format-2 backups: every page map readable and sound, every page and delta base in
+    an index, every pack they live in present. Reads the indexes and page maps, not the pages."""
+    problems: list[dict[str, Any]] = []
+    if not manifests:
+        return problems
+    index = RepoIndex.load(repo.store, strict=False)
+    reader = PackReader(repo.store, index)
+    present = {n.replace("\\", "/").rsplit("/", 1)[-1] for n in repo.store.list("packs")}
+    blobs = index.blobs
+    for bid, m in manifests.items():
+        for f in m["files"]:
+            if not f["pages"]:
+                continue
+            try:
+                hashes = load_map(reader, f)
+            except BastionError as exc:
+                e = blobs.get(bytes.fromhex(f["map"]))
+                problems.append({"backup": bid, "file": f["name"], "chunk": e.pack if e else None,
+                                 "problem": f"page map unreadable: {exc.message}"})
+                continue
+            lost = 0
+            packs_gone: set[str] = set()
+            for h in set(hashes):
+                e = blobs.get(h)
+                if e is not None and e.kind == DELTA:
+                    base = blobs.get(e.base or b"")
+                    if base is None:
+                        lost += 1
+                    elif base.pack not in present:
+                        packs_gone.add(base.pack)
+                if e is None or e.kind == MAP:
+                    lost += 1
+                elif e.pack not in present:
+                    packs_gone.add(e.pack)
+            for pid in sorted(packs_gone):
+                problems.append({"backup": bid, "file": f["name"], "chunk": pid,
+                                 "problem": f"pack {pid} is missing from {repo.url}"})
+            if lost:
+                damaged = f" (damaged index(es): {', '.join(sorted(index.damaged))})" if index.damaged else ""
+                problems.append({"backup": bid, "file": f["name"], "chunk": None,
+                                 "problem": f"{lost} page(s) are in no pack index{damaged}"})
+    return problems
+
+
+# -- prune: repack ------------------------------------------------------------------------------
+
+def live_blobs(reader: PackReader, manifests: list[dict[str, Any]]) -> set[bytes]:
+    """Every blob the backups need: page maps, their pages, and the bases of delta pages."""
+    live: set[bytes] = set()
+    for m in manifests:
+        for f in m["files"]:
+            if f["pages"]:
+                live.add(bytes.fromhex(f["map"]))
+                live.update(load_map(reader, f))    # an unreadable map stops prune: its pages are unknown
+    blobs = reader.index.blobs
+    live.update([e.base for h in live if (e := blobs.get(h)) is not None and e.base is not None])
+    return live
+
+
+def repack(repo: Repository, remaining: list[dict[str, Any]], dry_run: bool) -> dict[str, Any]:
+    """Delete packs no remaining backup uses, rewrite those mostly unused (restic-style). The caller
+    holds the prune lock and has seen no backup lock, so no backup can be adding references.
+
+    Order keeps the repository readable at every step: new packs and their indexes are written
+    first; then old indexes are deleted, then old packs (a crash leaves duplicates or an index-less
+    pack, which the next prune removes)."""
+    index = RepoIndex.load(repo.store)      # strict: a damaged index could hide blobs a backup needs
+    reader = PackReader(repo.store, index)
+    live = live_blobs(reader, [m for m in remaining if m.get("format") == FORMAT])
+    drop: list[str] = []
+    rewrite: list[str] = []
+    freed = 0
+    for pid, entries in index.by_pack.items():
+        size = index.packs[pid][0]
+        used = sum(e.length for h, e in entries if h in live and index.blobs[h] is e)
+        if not used:
+            drop.append(pid)
+            freed += size
+        elif size - used > REPACK_UNUSED * size:
+            rewrite.append(pid)
+            freed += size - used
+    orphans = [n for n in repo.store.list("packs")
+               if valid_id(pid := n.replace("\\", "/").rsplit("/", 1)[-1]) and pid not in index.packs]
+    out = {"packs_removed": len(drop) + len(orphans), "packs_rewritten": len(rewrite), "bytes_freed": freed,
+           "chunks_removed": sum(len(index.by_pack[p]) for p in drop), "chunk_cleanup": "dry run"}
+    if dry_run:
+        return out
+    if rewrite:
+        writer = PackWriter(repo.store, RepoIndex())
+        try:
+            for pid in rewrite:
+                for h, e in index.by_pack[pid]:
+                    if h in live and index.blobs[h] is e:
+                        writer.add(h, e.kind, reader.raw(pid, e.offset, e.length), e.size, e.base)
+            writer.finish()
+        except BaseException:
+            writer.abandon()
+            raise
+    for pid in drop + rewrite:
+        repo.store.delete(index_name(pid))
+    for pid in drop + rewrite:
+        repo.store.delete(pack_name(pid))
+    for name in orphans:
+        repo.store.delete(name)
+    out["chunk_cleanup"] = "done"
+    return out
+
+
+# -- summary ------------------------------------------------------------------------------------
+
+def info(repo: Repository) -> dict[str, Any]:
+    """Format, packs, stored bytes and what the backups would take without dedup and compression."""
+    index = RepoIndex.load(repo.store, strict=False)
+    stored = sum(size for size, _, _ in index.packs.values())
+    logical = 0
+    backups = 0
+    for m in repo.manifests():
+        if isinstance(m, BastionError):
+            continue
+        backups += 1
+        logical += m["logical_bytes"]
+    return {"repository": repo.url, "format": FORMAT, "backups": backups, "packs": len(index.packs),
+            "blobs": len(index.blobs), "stored_bytes": stored, "logical_bytes": logical,
+            "dedup_ratio": round(logical / stored, 2) if stored else None,
+            "damaged_indexes": sorted(index.damaged)}
+
+
+__all__ = ["HASH", "CorruptPack", "blocks", "info", "manifest_problems", "quick_problems", "repack"]
