@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BastionError, RepositoryError, UsageError
 from ..position import Instant
 from .names import UnsafeName, file_name, file_names
-from .pack import DELTA, MAP, CorruptPack, Entry, MissingPack, PackReader, PackWriter, RepoIndex
+from .pack import DELTA, MAP, CorruptPack, Entry, PackReader, PackWriter, RepoIndex
 from .pack import index_name, pack_name, valid_id
 from .pages import FORMAT, HASH, load_map
 
@@ -100,7 +100,8 @@ def reader_of(repo: Repository, fresh: bool = False) -> PackReader:
     """The repository's pack reader, its index loaded once per Repository object."""
     r = _READERS.get(repo)
     if r is None or fresh:
-        r = _READERS[repo] = PackReader(repo.store, RepoIndex.load(repo.store))
+        # not strict: one damaged index must not stop the restore of a backup that needs none of its blobs
+        r = _READERS[repo] = PackReader(repo.store, RepoIndex.load(repo.store, strict=False))
     return r
 
 
@@ -109,8 +110,11 @@ Block = tuple[tuple[str, int], "bytes | RepositoryError"]
 
 def _decode_run(reader: PackReader, run: list[tuple[bytes, Entry | None]]) -> list[bytes | RepositoryError]:
     first = run[0][1]
-    if first is None:
-        return [MissingPack(f"page {run[0][0].hex()[:16]} is in no pack index of {reader.store.url}")]
+    if first is None:       # in no index: get() says so (naming any damaged index)
+        try:
+            return [reader.get(run[0][0])]
+        except RepositoryError as exc:
+            return [exc]
     start = first.offset
     try:
         data = memoryview(reader.raw(first.pack, start, run[-1][1].offset + run[-1][1].length - start))  # type: ignore[union-attr]
@@ -129,8 +133,8 @@ def _decode_run(reader: PackReader, run: list[tuple[bytes, Entry | None]]) -> li
 def blocks(repo: Repository, f: dict[str, Any], pool: ThreadPoolExecutor) -> Iterator[Block]:
     """The pages of manifest file ``f`` in order, as restore's chunk loop takes them: ((hash, length),
     bytes or the error reading it). Adjacent blobs are read in one go and decoded by ``pool`` ahead."""
-    reader = reader_of(repo)
     try:
+        reader = reader_of(repo)
         try:
             hashes = load_map(reader, f)
         except RepositoryError:

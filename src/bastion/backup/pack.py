@@ -296,7 +296,8 @@ class PackReader:
     def get(self, h: bytes, depth: int = 0) -> bytes:
         e = self.index.blobs.get(h)
         if e is None:
-            raise MissingChunk(f"blob {h.hex()[:16]} is in no pack index of {self.store.url}")
+            damaged = f" (damaged index(es): {', '.join(sorted(self.index.damaged))})" if self.index.damaged else ""
+            raise MissingChunk(f"blob {h.hex()[:16]} is in no pack index of {self.store.url}{damaged}")
         if depth and e.kind == DELTA:      # deltas are only ever taken against whole pages
             raise CorruptPack(f"blob {h.hex()[:16]} is a delta used as the base of another delta",
                               path=pack_name(e.pack))

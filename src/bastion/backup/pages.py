@@ -122,7 +122,8 @@ class _Run:
 
     def __init__(self, repo: Repository, database: str | None, progress: Callable[[int, int], None] | None,
                  total: int) -> None:
-        self.index = RepoIndex.load(repo.store)
+        # a damaged index hides its blobs: pages found in none are stored again (verify names the index)
+        self.index = RepoIndex.load(repo.store, strict=False)
         self.reader = PackReader(repo.store, self.index)
         self.parent = parent_backup(repo, database)
         self.parent_maps: dict[str, list[bytes]] = {}
