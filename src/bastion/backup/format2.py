@@ -230,6 +230,12 @@ def live_blobs(reader: PackReader, manifests: list[dict[str, Any]]) -> set[bytes
     return live
 
 
+def check_prunable(repo: Repository, remaining: list[dict[str, Any]]) -> None:
+    """Raise (before prune removes anything) if what the remaining backups need cannot be known."""
+    live_blobs(PackReader(repo.store, RepoIndex.load(repo.store)), [m for m in remaining
+                                                                     if m.get("format") == FORMAT])
+
+
 def repack(repo: Repository, remaining: list[dict[str, Any]], dry_run: bool) -> dict[str, Any]:
     """Delete packs no remaining backup uses, rewrite those mostly unused (restic-style). The caller
     holds the prune lock and has seen no backup lock, so no backup can be adding references.

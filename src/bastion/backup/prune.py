@@ -115,6 +115,8 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
                  for m in scope if m["id"] in keep],
         "removed": [{"id": m["id"], "database": m["database"], "instant": m["instant"]} for m in forget],
     }
+    if repo.format == 2:
+        format2.check_prunable(repo, remaining)    # a damaged index or page map: nothing is removed
     lock = None if dry_run else repo.lock("prune")
     try:
         if not dry_run:
