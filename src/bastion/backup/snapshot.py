@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,8 @@ def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAU
                         f"the device filled, so up to {max(total - got, 0)} more bytes (before compression) "
                         "are needed", hint=exc.hint, details={"bytes_stored": got, "bytes_total": total}) from None
     res["temporaries_removed"] = removed
+    # the reader's peak memory, kept in the manifest for benchmarks and capacity planning (Linux: KiB)
+    res.setdefault("extra", {})["reader_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return res
 
 
