@@ -20,8 +20,7 @@ import struct
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
 import zstandard
@@ -69,8 +68,8 @@ def valid_id(pack_id: object) -> bool:
     return isinstance(pack_id, str) and len(pack_id) == 32 and set(pack_id) <= _ID_HEX
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """Where a blob is and how it decodes (a tuple: one per distinct page, so cheap to make and keep)."""
     pack: str
     offset: int
     length: int
