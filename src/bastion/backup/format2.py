@@ -215,6 +215,20 @@ def quick_problems(repo: Repository, manifests: dict[str, dict[str, Any]]) -> li
     return problems
 
 
+def notes(repo: Repository) -> list[str]:
+    """What `verify --all` sees in a format-2 repository that breaks no backup by itself."""
+    index = RepoIndex.load(repo.store, strict=False)
+    packs = {n.replace("\\", "/").rsplit("/", 1)[-1] for n in repo.store.list("packs")}
+    out = []
+    orphans = sorted(p for p in packs if valid_id(p) and p not in index.packs and p not in index.damaged)
+    if orphans:
+        out.append(f"{len(orphans)} pack(s) without an index (left by an interrupted backup or prune; "
+                   f"`bastion prune` removes them): {', '.join(orphans[:5])}" + (" ..." if len(orphans) > 5 else ""))
+    for pid, why in sorted(index.damaged.items()):
+        out.append(f"pack index {pid} is damaged: {why}")
+    return out
+
+
 # -- prune: repack ------------------------------------------------------------------------------
 
 def live_blobs(reader: PackReader, manifests: list[dict[str, Any]]) -> set[bytes]:

@@ -7,6 +7,9 @@ while the daemon keeps the files in continuous operations: the main files do
 not change while we read them, and we open them through SQLite only as
 ``immutable`` (main file alone, no locks) for the content digests. The process is
 sqlite.child's, like every other piece of raw file work.
+
+A format-2 repository is written page by page instead (pages.py): no chunks, no content
+digests on this path.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ _CHUNK_NAME = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{64})")
 
 def _notes(repo: Repository, manifests: dict[str, dict[str, Any]], ids: list[str]) -> list[str]:
     """What --all sees that breaks no backup: objects nothing references, stray records."""
-    notes = []
+    notes = format2.notes(repo) if repo.format == 2 else []
     referenced = {d for m in manifests.values() for f in m["files"] for d, _ in f.get("chunks", [])}
     unreferenced, odd = [], []
     for name in repo.store.list("chunks"):
