@@ -217,6 +217,31 @@ def test_hostile_manifest_fields_are_a_damaged_manifest(setup, field, value):
     _restore_fails(repo, m2, tmp / "x", "damaged")
 
 
+def test_manifest_size_off_within_the_last_page_is_refused_by_restore(setup):
+    """Structurally sound (the page count still fits), but the pages say otherwise."""
+    tmp, _db, repo, _m1, m2 = setup
+    path = Path(repo.store.root) / "manifests" / f"{m2['id']}.json"
+    m = json.loads(path.read_text())
+    m["files"][0]["size"] -= 100
+    m["logical_bytes"] -= 100
+    path.write_text(json.dumps(m))
+    _restore_fails(repo, m2, tmp / "x", "make")
+
+
+def test_page_map_larger_than_any_page_round_trips(tmp_path):
+    """A 4 KiB-page file over 128 MiB has a page map over 1 MiB: an index must accept it."""
+    import blake3
+
+    from bastion.backup.pack import MAP, PackReader, PackWriter
+    store = LocalStore(str(tmp_path / "r"))
+    raw = os.urandom(32 * 70000)
+    h = blake3.blake3(raw).digest()
+    w = PackWriter(store, RepoIndex())
+    w.add(h, MAP, zstandard.ZstdCompressor().compress(raw), len(raw))
+    w.finish()
+    assert PackReader(store, RepoIndex.load(store)).get(h) == raw
+
+
 def test_encode_decode_index_round_trip():
     from bastion.backup.pack import ZSTD, Entry
     ents = [(bytes([i]) * 32, Entry("ab" * 16, 4 + 10 * i, 10, ZSTD, 4096, None)) for i in range(5)]

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BastionError, RepositoryError, UsageError
+from ..errors import BastionError, DamagedManifest, RepositoryError, UsageError
 from ..position import Instant
 from .names import UnsafeName, file_name, file_names
 from .pack import DELTA, MAP, CorruptPack, Entry, PackReader, PackWriter, RepoIndex
@@ -155,6 +155,7 @@ def blocks(repo: Repository, f: dict[str, Any], pool: ThreadPoolExecutor) -> Ite
             runs.append([(h, e)])
     queue: deque[tuple[list[tuple[bytes, Entry | None]], Future[list[bytes | RepositoryError]]]] = deque()
     todo = iter(runs)
+    total = 0
     while True:
         while len(queue) < RUN_AHEAD:
             run = next(todo, None)
@@ -162,10 +163,14 @@ def blocks(repo: Repository, f: dict[str, Any], pool: ThreadPoolExecutor) -> Ite
                 break
             queue.append((run, pool.submit(_decode_run, reader, run)))
         if not queue:
-            return
+            break
         run, fut = queue.popleft()
         for (h, e), data in zip(run, fut.result()):
+            total += e.size if e is not None else 0
             yield (h.hex(), e.size if e is not None else 0), data
+    if total != f["size"]:      # the pages are the backed-up ones (hashed); the manifest's size is not
+        yield ("", 0), DamagedManifest(f"the pages of {f['name']} make {total} bytes, the manifest says "
+                                       f"{f['size']}")
 
 
 # -- verify -------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from .store import ObjectMissing, Store
 PACK_MAGIC = b"BPK2"
 INDEX_MAGIC = b"BIX2"
 PACK_TARGET = 16 << 20          # a pack is written once it holds this much
-MAX_BLOB = 1 << 20              # no page (65536) or page map blob comes near; larger is hostile
+MAX_PAGE_BLOB = 65536 + 1024   # a page (at most 65536 bytes) as stored: raw, or zstd of it with its frame
+MAX_MAP = 1 << 32               # a page map: 32 bytes a page (a 4 KiB-page file of 512 GiB has 128 MiB)
 RAW, ZSTD, DELTA, MAP = 0, 1, 2, 3   # how a blob's bytes decode; MAP: a zstd page map
 KINDS = (RAW, ZSTD, DELTA, MAP)
 _REC = struct.Struct(">32sIIBI32s")  # hash, offset, length, kind, decoded length, delta base (zeros: none)
@@ -105,10 +106,13 @@ def decode_index(pack_id: str, data: bytes) -> tuple[int, bytes, list[tuple[byte
     for h, off, length, kind, dsize, base in _REC.iter_unpack(memoryview(body)[_HEAD.size:]):
         if kind not in KINDS:
             raise bad(f"blob {h.hex()[:16]} has unknown kind {kind}")
-        if off < len(PACK_MAGIC) or length <= 0 or length > MAX_BLOB or off + length > size:
+        if off < len(PACK_MAGIC) or length <= 0 or off + length > size:
             raise bad(f"blob {h.hex()[:16]} at {off}+{length} lies outside the pack's {size} bytes")
-        if not 0 < dsize <= MAX_BLOB or (kind == RAW and dsize != length):
-            raise bad(f"blob {h.hex()[:16]} decodes to {dsize} bytes, impossible for its kind {kind}")
+        if kind == MAP:
+            if dsize % 32 or not 0 < dsize < MAX_MAP:
+                raise bad(f"page map {h.hex()[:16]} decodes to {dsize} bytes, not a whole number of page hashes")
+        elif length > MAX_PAGE_BLOB or not 0 < dsize <= 65536 or (kind == RAW and dsize != length):
+            raise bad(f"blob {h.hex()[:16]} of kind {kind} is {length} bytes decoding to {dsize}: not a page")
         if (kind == DELTA) != (base != NO_BASE):
             raise bad(f"blob {h.hex()[:16]} of kind {kind} has {'no' if kind == DELTA else 'a'} delta base")
         out.append((h, Entry(pack_id, off, length, kind, dsize, base if kind == DELTA else None)))
