@@ -66,7 +66,7 @@ def manifest_problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
         bad(f"is a JSON {type(m).__name__}, not an object")
         return out
     if m.get("format") == 2 and _int(m.get("format")):
-        from .format2 import manifest_problems as format2_problems
+        from .manifest2 import manifest_problems as format2_problems
         return format2_problems(m, backup_id)
     if m.get("format") != FORMAT or not _int(m.get("format")):
         bad(f"has format {m.get('format')!r}; this Bastion writes and reads format {FORMAT}")
