@@ -22,6 +22,13 @@ And `bastion verify --full` time, for information. --repeat N times N full backu
 ones into fresh repositories) and N restores and uses the medians: the machine is shared, so
 single wall times are noisy; the load average at start and end is printed for that reason.
 
+--format2 instead runs the repository-format comparison of issue 15, side by side in one run on
+the same files (warm cache), for two databases: rows of random 1-4 KiB blobs and rows of ~100 B:
+full backup MB/s / cp, / sqlite3 .backup and / format 1 (each into a fresh repository, --rounds
+rounds, medians, format 1 and 2 alternating which goes first); restore / (cp + sync); the
+incremental after updating 1% of random rows as a fraction of the full; the backup reader's peak
+RSS. Writes bench/out/backup_format2.json.
+
 Prints one table (a missed goal says MISS) and writes bench/out/backup.json. Page cache is warm for every
 copy (the file was just written; 1 GB fits in RAM); every write side is either
 fsynced by the tool itself (Bastion, sqlite3 .backup) or shown with and without a
@@ -186,6 +193,158 @@ class ChunkReplay:
         return res
 
 
+# -- repository format 2 against format 1 (--format2) ---------------------------------------
+
+def build_small_rows(path: Path, target: int) -> dict[str, Any]:
+    """Rows of 80-120 random bytes (a typical OLTP row), same schema as build_db, then WAL mode."""
+    t = time.perf_counter()
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA page_size=4096")
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+    n = 0
+    batch = 100_000
+    while path.stat().st_size < target:
+        con.execute("BEGIN")
+        con.execute("WITH RECURSIVE c(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM c WHERE i < ?) "
+                    "INSERT INTO items SELECT i, randomblob(80 + abs(random()) % 41) FROM c", (n + 1, n + batch))
+        con.execute("COMMIT")
+        n += batch
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    sync()
+    return {"rows": n, "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t, 2)}
+
+
+def _manifest(url: str, bid: str) -> dict[str, Any]:
+    return json.loads(Path(url[len("file://"):], "manifests", f"{bid}.json").read_text())
+
+
+def _fresh_repo(url: str, fmt: int) -> None:
+    from bastion.backup.repository import Repository
+    Repository.open(url, create=True, format=fmt)
+
+
+def format2_run(work: Path, size_mb: int, rounds: int) -> dict[str, Any]:
+    """Format 1 and format 2 side by side on the same files; see the module docstring."""
+    builds = {"1-4 KiB rows": build_db, "~100 B rows": build_small_rows}
+    dbs: dict[str, Path] = {}
+    out: dict[str, Any] = {}
+    for i, (kind, build) in enumerate(builds.items()):
+        dbs[kind] = work / f"db{i}" / "bench.db"
+        dbs[kind].parent.mkdir()
+        log(f"building a {size_mb} MB database of {kind}")
+        out[kind] = {"db": build(dbs[kind], size_mb * MB)}
+    port = free_port()
+    names = {kind: f"db{i}" for i, kind in enumerate(dbs)}
+    cfg = write_config(work, port, {names[k]: [p] for k, p in dbs.items()}, extra='[contops]\ngate_timeout = "30s"\n')
+    daemon = Daemon(cfg, port).start()
+    scratch = work / "scratch"
+    scratch.mkdir()
+    try:
+        for kind, db in dbs.items():
+            name, size = names[kind], db.stat().st_size
+            r: dict[str, Any] = {"bytes": size, "cp": [], "sqlite3": [], "full": {1: [], 2: []},
+                                 "restore": {1: [], 2: []}, "stored": {}, "rss_kb": {}}
+            kept: dict[int, str] = {}
+            for rnd in range(rounds):
+                r["cp"].append(time_cp(db, scratch / "cp.db"))
+                if shutil.which("sqlite3"):
+                    r["sqlite3"].append(time_sqlite_backup(db, scratch / "sq.db")["seconds"])
+                for fmt in ((1, 2) if rnd % 2 == 0 else (2, 1)):
+                    url = f"file://{work / f'repo-{name}-f{fmt}-{rnd}'}"
+                    _fresh_repo(url, fmt)
+                    log(f"{kind}, round {rnd + 1}: format {fmt} full backup")
+                    secs, p = run([PY, "-m", "bastion", "--config", str(cfg), "backup", name, "--to", url, "--json"])
+                    b = json.loads(p.stdout)
+                    assert b["verified"], b
+                    r["full"][fmt].append(secs)
+                    r["stored"][fmt] = b["stored_bytes_added"]
+                    r["rss_kb"][fmt] = _manifest(url, b["backup"]).get("reader_peak_rss_kb")
+                    dest = scratch / "restored"
+                    secs, _ = run([PY, "-m", "bastion", "restore", b["backup"], "--from", url, "--to", str(dest),
+                                   "--json"])
+                    secs += sync()
+                    r["restore"][fmt].append(secs)
+                    assert file_sha256(dest / "bench.db") == file_sha256(db)     # untimed
+                    rm(dest)
+                    if rnd == rounds - 1:
+                        kept[fmt] = url
+                    else:
+                        rm(Path(url[len("file://"):]))
+            n1 = max(1, out[kind]["db"]["rows"] // 100)
+            log(f"{kind}: update {n1} random rows, incremental backups")
+            update_rows(db, random.Random(7).sample(range(1, out[kind]["db"]["rows"] + 1), n1))
+            r["incremental"] = {}
+            for fmt, url in kept.items():
+                secs, p = run([PY, "-m", "bastion", "--config", str(cfg), "backup", name, "--to", url, "--json"])
+                b = json.loads(p.stdout)
+                r["incremental"][fmt] = {"stored_bytes_added": b["stored_bytes_added"], "wall_s": secs,
+                                         "ratio": b["stored_bytes_added"] / r["stored"][fmt]}
+                rm(Path(url[len("file://"):]))
+            out[kind]["runs"] = r
+    finally:
+        daemon.stop()
+    return out
+
+
+def format2_report(res: dict[str, Any]) -> None:
+    med = statistics.median
+    print(f"Repository format 2 vs format 1, {res['size_mb']} MB databases, {res['rounds']} round(s), warm page "
+          f"cache, {res['cpus']} CPUs, load average {res['loadavg_start'][0]:.1f} at start, "
+          f"{res['loadavg_end'][0]:.1f} at end")
+    head = ("measure", *res["kinds"])
+    rows: list[tuple[str, ...]] = []
+
+    def row(label: str, f: Any) -> None:
+        rows.append((label, *(f(res["results"][k]["runs"]) for k in res["kinds"])))
+    mbps = lambda r, s: r["bytes"] / MB / s   # noqa: E731
+    cp = lambda r: med(c["cp_s"] for c in r["cp"])   # noqa: E731
+    cps = lambda r: med(c["cp_sync_s"] for c in r["cp"])   # noqa: E731
+    row("format 2 full backup MB/s", lambda r: f"{mbps(r, med(r['full'][2])):.0f}")
+    row("format 1 full backup MB/s", lambda r: f"{mbps(r, med(r['full'][1])):.0f}")
+    row("cp MB/s", lambda r: f"{mbps(r, cp(r)):.0f}")
+    row("format 2 full / cp", lambda r: f"{cp(r) / med(r['full'][2]):.3f}")
+    row("format 2 full / (cp + sync)", lambda r: f"{cps(r) / med(r['full'][2]):.3f}")
+    row("format 2 full / sqlite3 .backup",
+        lambda r: f"{med(r['sqlite3']) / med(r['full'][2]):.3f}" if r["sqlite3"] else "no sqlite3")
+    row("format 2 full / format 1 full", lambda r: f"{med(r['full'][1]) / med(r['full'][2]):.2f}")
+    row("format 2 stored / format 1 stored (full)", lambda r: f"{r['stored'][2] / r['stored'][1]:.3f}")
+    row("incremental 1% random rows / full, format 2", lambda r: f"{r['incremental'][2]['ratio']:.4f}")
+    row("incremental 1% random rows / full, format 1", lambda r: f"{r['incremental'][1]['ratio']:.4f}")
+    row("format 2 restore / (cp + sync)", lambda r: f"{cps(r) / med(r['restore'][2]):.3f}")
+    row("format 1 restore / (cp + sync)", lambda r: f"{cps(r) / med(r['restore'][1]):.3f}")
+    row("backup reader peak RSS MB, format 2", lambda r: f"{(r['rss_kb'][2] or 0) / 1024:.0f}")
+    row("backup reader peak RSS MB, format 1", lambda r: f"{(r['rss_kb'][1] or 0) / 1024:.0f}")
+    w = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
+    line = lambda x: "  ".join(c.ljust(w[i]) for i, c in enumerate(x)).rstrip()   # noqa: E731
+    print(line(head))
+    print(line(tuple("-" * x for x in w)))
+    for x in rows:
+        print(line(x))
+    print("(full backup and restore: wall time of the CLI command, medians; restore includes its fsync, "
+          "integrity_check and, for format 1, the content digests; + a `sync` after it)")
+
+
+def format2_main(args: argparse.Namespace) -> int:
+    size_mb = args.size_mb or (100 if args.quick else 500)
+    work = Path(tempfile.mkdtemp(prefix="bastion-bench-format2-"))
+    res: dict[str, Any] = {"size_mb": size_mb, "rounds": args.rounds, "cpus": os.cpu_count(),
+                           "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        res["results"] = format2_run(work, size_mb, args.rounds)
+        res["kinds"] = list(res["results"])
+    finally:
+        res["loadavg_end"] = os.getloadavg()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "backup_format2.json").write_text(json.dumps(res, indent=1, default=str))
+    format2_report(res)
+    return 0
+
+
 # -- Litestream -------------------------------------------------------------------------------
 
 def run_litestream(binary: str, db: Path, work: Path) -> dict[str, Any]:
@@ -242,7 +401,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (printed)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="full backups and restores to time (extra ones into fresh repositories); medians are used")
+    ap.add_argument("--format2", action="store_true",
+                    help="compare repository formats 1 and 2 instead (1-4 KiB and ~100 B rows; 500 MB each)")
+    ap.add_argument("--rounds", type=int, default=3, help="--format2: full backups and restores per format")
     args = ap.parse_args()
+    if args.format2:
+        return format2_main(args)
     size_mb = args.size_mb or (200 if args.quick else 1000)
     mode = "quick" if args.quick and not args.size_mb else ("full" if not args.size_mb else f"custom {size_mb} MB")
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-backup-"))

@@ -147,7 +147,8 @@ class Backups:
 
     def _take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
         url = to or default_repository(self.config, label)
-        repo = Repository.open(url, create=True)   # refuse an incompatible repository before starting
+        # refuse an incompatible repository before starting; a new one is of the configured format
+        repo = Repository.open(url, create=True, format=self.config.backups.format)
         lock = repo.lock("backup")
         try:
             repo.wait_for_no_prune()
@@ -160,7 +161,7 @@ class Backups:
             progress["phase"] = "copying"
             try:
                 res = snapshot_in_child(url, [{"path": f.path, "name": n} for f, n in zip(files, _names(files))],
-                                        progress=lambda d, t: progress.update(done=d, total=t))
+                                        progress=lambda d, t: progress.update(done=d, total=t), database=label)
                 progress["phase"] = "ending continuous operations"
             finally:
                 end = self.contops.end(files)
@@ -179,11 +180,11 @@ class Backups:
         instant = Instant(start["started_at_epoch"])
         bid = f"{instant.stamp}-{uuid.uuid4().hex[:6]}"    # ids sort by the instant they start with
         manifest = Manifest.from_json({   # checked as it will be read: never write one we would refuse
-            "format": FORMAT, "id": bid, "database": label, **instant.to_json(),
+            "format": res.get("format", FORMAT), "id": bid, "database": label, **instant.to_json(),
             "sqlite_version": apsw.sqlite_lib_version(), "files": res["files"],
             "logical_bytes": sum(f["size"] for f in res["files"]),
             "stored_bytes_added": res["stored_bytes_added"], "chunks_total": res["chunks_total"],
-            "chunks_new": res["chunks_new"], "read_seconds": round(res["seconds"], 3),
+            "chunks_new": res["chunks_new"], "read_seconds": round(res["seconds"], 3), **res.get("extra", {}),
         }, bid)
         repo.put_manifest(manifest)   # the backup exists from here on
         # Read back every chunk the backup references, the ones it reused as well as the ones it

@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 
 from ..errors import DamagedManifest, UsageError
 from ..position import Instant
+from .manifest2 import manifest_problems as format2_problems
 from .names import UnsafeName, file_name, file_names
 
-FORMAT = 1   # the manifest format this Bastion writes and reads (the repository marker's too)
+FORMAT = 1   # the format a new repository gets unless the config asks for another
+FORMATS = (1, 2)   # what this Bastion reads and writes; 2: page-level packs (format2.py, manifest2.py)
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -63,22 +65,29 @@ def digests_of(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, TableDigest
 
 @dataclass(frozen=True)
 class ManifestFile:
-    """One database file of a backup."""
+    """One database file of a backup. Format 1 describes it by chunks, a whole-file SHA-256 and
+    per-table digests; format 2 by its page count and the BLAKE3 of its page map (the rest is None/empty)."""
     path: str          # where it was: restore --replace puts it back there (never trusted for that alone)
     name: str          # its name inside the backup (a checked single component, unique)
     size: int
     page_size: int     # 0 for an empty file
-    sha256: str
-    chunks: tuple[Chunk, ...]
-    tables: Mapping[str, TableDigest]
+    sha256: str | None = None                       # format 1
+    chunks: tuple[Chunk, ...] = ()                  # format 1
+    tables: Mapping[str, TableDigest] | None = None  # format 1 (format 2 keeps digests off the backup's path)
+    pages: int | None = None                        # format 2
+    map: str | None = None                          # format 2: None for a file of no pages
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "name": self.name, "size": self.size, "page_size": self.page_size,
-                "sha256": self.sha256, "chunks": [[c.digest, c.size] for c in self.chunks],
-                "tables": {t: d.to_json() for t, d in self.tables.items()}}
+        head = {"path": self.path, "name": self.name, "size": self.size, "page_size": self.page_size}
+        if self.pages is not None:
+            return {**head, "pages": self.pages, "map": self.map}
+        return {**head, "sha256": self.sha256, "chunks": [[c.digest, c.size] for c in self.chunks],
+                "tables": {t: d.to_json() for t, d in (self.tables or {}).items()}}
 
     @classmethod
-    def _of(cls, f: Mapping[str, Any]) -> ManifestFile:   # only after problems() found nothing
+    def _of(cls, f: Mapping[str, Any], format: int) -> ManifestFile:   # only after problems() found nothing
+        if format == 2:
+            return cls(f["path"], f["name"], f["size"], f["page_size"], pages=f["pages"], map=f["map"])
         return cls(f["path"], f["name"], f["size"], f["page_size"], f["sha256"],
                    tuple(Chunk(d, n) for d, n in f["chunks"]), digests_of(f["tables"]))
 
@@ -122,7 +131,7 @@ class Manifest:
         if found:
             raise damaged(backup_id, found, where)
         return cls(obj["format"], obj["id"], obj["database"], Instant.from_json(obj), obj["instant"],
-                   tuple(ManifestFile._of(f) for f in obj["files"]), obj["logical_bytes"],
+                   tuple(ManifestFile._of(f, obj["format"]) for f in obj["files"]), obj["logical_bytes"],
                    obj.get("stored_bytes_added"), obj.get("chunks_total"), obj.get("chunks_new"),
                    {k: v for k, v in obj.items() if k not in _TYPED})
 
@@ -165,8 +174,11 @@ def problems(m: Any, backup_id: str) -> list[dict[str, Any]]:
     if not isinstance(m, dict):
         bad(f"is a JSON {type(m).__name__}, not an object")
         return out
+    if m.get("format") == 2 and _int(m.get("format")):
+        return format2_problems(m, backup_id)
     if m.get("format") != FORMAT or not _int(m.get("format")):
-        bad(f"has format {m.get('format')!r}; this Bastion writes and reads format {FORMAT}")
+        bad(f"has format {m.get('format')!r}; this Bastion writes and reads formats "
+            f"{' and '.join(map(str, FORMATS))}")
     if m.get("id") != backup_id:
         bad(f"names itself {m.get('id')!r}, not {backup_id!r} as its object name says")
     if not isinstance(m.get("database"), str) or not m["database"].strip():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Outcome, UsageError
+from . import format2
 from .manifest import Manifest
 from .repository import Repository, RepositoryError
 
@@ -97,6 +98,8 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
                  for m in scope if m.id in keep],
         "removed": [{"id": m.id, "database": m.database, "instant": m.instant_text} for m in forget],
     }
+    if repo.format == 2:
+        format2.check_prunable(repo, remaining)    # a damaged index or page map: nothing is removed
     lock = None if dry_run else repo.lock("prune")
     try:
         if not dry_run:
@@ -106,6 +109,14 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
             result.update(chunks_removed=0, bytes_freed=0,
                           chunk_cleanup="deferred: a backup is running; the next prune removes the chunks")
             result["verdict"] = Outcome.OK
+            return result
+        if repo.format == 2:     # packs nobody uses go, packs mostly unused are rewritten
+            result.update(format2.repack(repo, remaining, dry_run))
+            temps = repo.store.removable_temporaries()
+            if not dry_run:
+                for t in temps:
+                    repo.store.delete(t)
+            result.update(temporaries_removed=len(temps), verdict=Outcome.OK)
             return result
         # only names Bastion writes: a stray or hostile file under chunks/ is neither counted nor touched
         unreferenced = sorted(d for d in repo.chunk_digests() - referenced if _DIGEST.fullmatch(d))

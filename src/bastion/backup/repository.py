@@ -31,21 +31,29 @@ import zstandard
 
 from ..errors import BastionError, UsageError
 from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError
-from .manifest import FORMAT, Manifest
+from .manifest import FORMAT, FORMATS, Manifest
 from .names import backup_id as checked_id
 from .store import ObjectMissing, Store, _pid_alive, open_store
 
 MARKER = "bastion-repo.json"
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class Repository:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.url = store.url
+        self.format = FORMAT
         self._local = threading.local()   # zstd contexts are not thread-safe: one per upload thread
 
     @classmethod
-    def open(cls, url: str, create: bool = False) -> Repository:
+    def open(cls, url: str, create: bool = False, format: int = FORMAT) -> Repository:
+        """``format``: what a repository created here is (one that exists keeps its own)."""
+        if format not in FORMATS:
+            raise UsageError(f"repository format {format!r} does not exist", hint="[backups] format = 1 or 2")
         repo = cls(open_store(url))
         try:
             raw = repo.store.read(MARKER)
@@ -59,7 +67,8 @@ class Repository:
             if not create:
                 raise NoRepository(f"{url} is not a Bastion backup repository (no {MARKER})",
                                  hint="check the URL; `bastion backup` creates the repository on first use") from None
-            repo.store.write(MARKER, json.dumps({"format": FORMAT, "created": time.time()}).encode())
+            repo.store.write(MARKER, json.dumps({"format": format, "created": time.time()}).encode())
+            repo.format = format
             return repo
         try:
             meta = json.loads(raw)
@@ -70,13 +79,15 @@ class Repository:
                                   path=f"{url}/{MARKER}",
                                   hint=f'if this is a Bastion repository, write {{"format": {FORMAT}}} into it, '
                                        "then run `bastion verify --all`")
-        if meta.get("format") != FORMAT:
-            raise UsageError(f"{url} has repository format {meta.get('format')!r}; this Bastion reads format "
-                             f"{FORMAT}", hint="use the Bastion version that wrote the repository")
+        if meta.get("format") not in FORMATS or not _int(meta.get("format")):
+            raise UsageError(f"{url} has repository format {meta.get('format')!r}; this Bastion reads formats "
+                             f"{', '.join(map(str, FORMATS))}",
+                             hint="use the Bastion version that wrote the repository")
+        repo.format = meta["format"]
         return repo
 
     def _has_content(self) -> bool:
-        for prefix in ("manifests", "chunks"):
+        for prefix in ("manifests", "chunks", "packs", "index"):
             for _ in self.store.list(prefix):
                 return True
         return False

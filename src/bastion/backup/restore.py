@@ -23,6 +23,7 @@ from ..errors import BastionError, Outcome, RecoveryRefused, UsageError
 from ..errors import RestoreFailed  # defined in errors.py
 from ..sqlite.exclusive import replace_in_child
 from . import names
+from . import format2
 from .digest import table_digests
 from .manifest import Chunk, digests_of
 from ..fsutil import fsync_dir  # noqa: F401  (its old home; kept for callers on other branches)
@@ -204,7 +205,9 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             whole = hashlib.sha256()
             try:
                 os.fchmod(fd, 0o600)
-                for (digest, size), data in _fetch_ahead(fetch, repo, f.chunks):
+                source = (format2.blocks(repo, f, fetch) if m.format == 2     # pages, each hash checked
+                          else _fetch_ahead(fetch, repo, f.chunks))
+                for (digest, size), data in source:
                     if isinstance(data, RepositoryError):
                         raise RestoreFailed(f"backup {backup_id}, file {f.name}: {data.message}; nothing was "
                                             "restored", hint="run `bastion verify --all` to see every damaged "
@@ -228,23 +231,26 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
                 raise
             synced = checks.submit(_fsync_close, fd)
             syncs.append((synced, fd))
-            if whole.hexdigest() != f.sha256:
+            if f.sha256 is not None and whole.hexdigest() != f.sha256:
                 synced.result()
                 raise RestoreFailed(f"{f.name}: restored bytes do not match the manifest's SHA-256",
                                     details={"file": f.name})
             path = os.path.join(real, tmp)
-            pending.append((f, target, synced, checks.submit(_integrity, path), checks.submit(_digests, path)))
+            # format 2 has no table digests (kept off the backup's path): its pages' hashes were checked
+            digests_fut = checks.submit(_digests, path) if f.tables is not None else None
+            pending.append((f, target, synced, checks.submit(_integrity, path), digests_fut))
         results = []
         for f, target, synced, integrity_fut, digests_fut in pending:
             try:
                 synced.result()
             except OSError as exc:
                 raise _space(exc, target, total, real) from None
-            integrity, digests = integrity_fut.result(), digests_of(digests_fut.result())
+            integrity = integrity_fut.result()
+            digests = digests_of(digests_fut.result()) if digests_fut else {}
             if integrity != "ok":
                 raise RestoreFailed(f"{f.name}: integrity_check failed on the restored file: {integrity[:500]}",
                                     details={"file": f.name})
-            if digests != f.tables:
+            if f.tables is not None and digests != f.tables:
                 bad = sorted(t for t in set(digests) | set(f.tables) if digests.get(t) != f.tables.get(t))
                 raise RestoreFailed(f"{f.name}: content differs from the manifest in tables {', '.join(bad)}",
                                     details={"file": f.name})

@@ -7,12 +7,16 @@ while the daemon keeps the files in continuous operations: the main files do
 not change while we read them, and we open them through SQLite only as
 ``immutable`` (main file alone, no locks) for the content digests. The process is
 sqlite.child's, like every other piece of raw file work.
+
+A format-2 repository is written page by page instead (pages.py): no chunks, no content
+digests on this path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 from ..errors import from_os_error
 from ..sqlite import child
+from . import pages
 from .digest import file_digests
 from .repository import Repository
 from .store import StoreFull
@@ -53,7 +58,8 @@ def _cleanup(repo: Repository) -> int:
 
 
 def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
-             jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             jobs: int = 4, progress: Callable[[int, int], None] | None = None,
+             database: str | None = None) -> dict[str, Any]:
     repo = Repository.open(repo_url, create=True)
     removed = _cleanup(repo)
     total = 0
@@ -62,13 +68,18 @@ def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAU
             total += os.stat(f["path"]).st_size
     stored = {"bytes": 0}     # raw bytes of new chunks stored so far: for the disk-full message
     try:
-        res = _copy(repo, files, chunk_size, jobs, progress, total, stored)
+        if repo.format == 2:     # page-level packs; `stored` only counts format-1 chunks
+            res = pages.snapshot(repo, files, database, progress, total)
+        else:
+            res = _copy(repo, files, chunk_size, jobs, progress, total, stored)
     except StoreFull as exc:
         got = stored["bytes"]
         raise StoreFull(f"{exc.message}; this backup of {total} bytes had stored {got} bytes of new data when "
                         f"the device filled, so up to {max(total - got, 0)} more bytes (before compression) "
                         "are needed", hint=exc.hint, details={"bytes_stored": got, "bytes_total": total}) from None
     res["temporaries_removed"] = removed
+    # the reader's peak memory, kept in the manifest for benchmarks and capacity planning (Linux: KiB)
+    res.setdefault("extra", {})["reader_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return res
 
 
@@ -151,10 +162,12 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
 def _task(req: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
     """In the child (sqlite.child): one snapshot, progress reported to the daemon."""
     return snapshot(req["repo"], req["files"], int(req.get("chunk_size", DEFAULT_CHUNK)), int(req.get("jobs", 4)),
-                    progress)
+                    progress, req.get("database"))
 
 
 def snapshot_in_child(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
-                      jobs: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    return child.run(_task, {"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs},
-                     what="the backup reader", progress=progress)
+                      jobs: int = 4, progress: Callable[[int, int], None] | None = None,
+                      database: str | None = None) -> dict[str, Any]:
+    """``database``: the backup's label; a format-2 backup is incremental over that one's newest."""
+    return child.run(_task, {"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs,
+                             "database": database}, what="the backup reader", progress=progress)

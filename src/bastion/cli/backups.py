@@ -136,6 +136,16 @@ def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url
     emit(data, as_json, human)
 
 
+@backups.command("info")
+@click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
+@common
+def backups_info(conf: cfg.Config, as_json: bool, repo_url: str | None) -> None:
+    """The repository: format, packs or chunks, stored bytes, logical bytes of its backups, dedup ratio."""
+    from ..backup.info import repository_info
+    emit(repository_info(_repo(conf, repo_url)), as_json,
+         lambda d: out.print("\n".join(f"{k}: {v}" for k, v in d.items() if k != "verdict")))
+
+
 @cli.command()
 @click.argument("backup_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every backup in the repository.")

@@ -49,6 +49,7 @@ class BackupConfig:
     verify_schedule: str | None = None   # full verify of each database's newest backup
     keep: dict[str, int] = field(default_factory=dict)   # retention applied after scheduled backups
     drill_schedule: str | None = None    # recovery drill of each database's newest backup (bastion.drill)
+    format: int = 1                      # of a repository created by a backup: 1 (chunks) or 2 (page packs)
 
 
 Command = str | tuple[str, ...]     # a hook: a string runs through the shell, a list is argv (bastion.hooks)

@@ -29,7 +29,7 @@ _KNOWN: dict[str, set[str] | None] = {
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
-                "keep_weekly", "keep_monthly", "drill_schedule"},
+                "keep_weekly", "keep_monthly", "drill_schedule", "format"},
     "databases": None,
     "replication": {"peer_token_file", "origin", "peer_ca_file"},
     "sync": {"site"},
@@ -240,8 +240,12 @@ def _backups(b: dict[str, Any], base: str, source: str) -> BackupConfig:
             if not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < 0:
                 raise ConfigError(f"{source}: [backups] {key} must be a whole number >= 0, got {b[key]!r}")
             keep[key[5:]] = b[key]
+    fmt = b.get("format", 1)
+    if fmt not in (1, 2) or isinstance(fmt, bool):
+        raise ConfigError(f"{source}: [backups] format must be 1 or 2, got {fmt!r}",
+                          hint="2 (page-level packs) applies to repositories created from now on; 1 is the default")
     return BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
-                        b.get("verify_schedule"), keep, b.get("drill_schedule"))
+                        b.get("verify_schedule"), keep, b.get("drill_schedule"), fmt)
 
 
 # -- [databases.NAME] ------------------------------------------------------------------------

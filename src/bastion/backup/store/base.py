@@ -80,6 +80,11 @@ class Store:
     def read(self, name: str) -> bytes:
         raise NotImplementedError
 
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of an object (fewer at its end); stores that cannot read
+        part of an object read it whole (format-2 readers then keep a few whole packs)."""
+        return self.read(name)[offset:offset + length]
+
     def write(self, name: str, data: bytes) -> None:
         raise NotImplementedError
 

@@ -67,6 +67,20 @@ class LocalStore(Store):
         except OSError as exc:
             raise _os_error(exc, f"reading {name} from", self.url, where=self.root) from None
 
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._p(name), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.url}/{name}: missing") from None
+        except OSError as exc:
+            raise _os_error(exc, f"reading {name} from", self.url, where=self.root) from None
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise _os_error(exc, f"reading {name} from", self.url, where=self.root) from None
+        finally:
+            os.close(fd)
+
     def _makedirs(self, d: str) -> None:
         """Create ``d`` and its missing parents 0700 (os.makedirs gives the parents the umask's mode)."""
         if os.path.isdir(d):

@@ -158,6 +158,12 @@ class RemoteStore(Store):
         except _Missing:
             raise ObjectMissing(f"{self.url}/{name}: missing") from None
 
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            return self._call(f"reading {name} from", lambda fs: self._read_range(fs, self._p(name), offset, length))
+        except _Missing:
+            raise ObjectMissing(f"{self.url}/{name}: missing") from None
+
     def write(self, name: str, data: bytes) -> None:
         self._call(f"writing {name} to", lambda fs: self._write(fs, self._p(name), data))
 
@@ -188,6 +194,9 @@ class RemoteStore(Store):
     # primitives: raise _Missing when the object is not there
     def _read(self, fs: Any, path: str) -> bytes:
         raise NotImplementedError
+
+    def _read_range(self, fs: Any, path: str, offset: int, length: int) -> bytes:
+        return self._read(fs, path)[offset:offset + length]
 
     def _write(self, fs: Any, path: str, data: bytes) -> None: ...
     def _stat(self, fs: Any, path: str) -> None: ...

@@ -197,6 +197,14 @@ class SftpStore(RemoteStore):
         except FileNotFoundError:
             raise _Missing() from None
 
+    def _read_range(self, fs: Any, path: str, offset: int, length: int) -> bytes:
+        try:
+            with fs.ftp.open(path, "rb") as fh:
+                fh.seek(offset)
+                return bytes(fh.read(length))
+        except FileNotFoundError:
+            raise _Missing() from None
+
     def _mkdirs(self, fs: Any, d: str) -> None:
         if d in self._dirs or d in ("", "/"):
             return
