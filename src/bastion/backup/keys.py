@@ -126,10 +126,11 @@ def _configured(url: str) -> tuple[str, str, str] | None:
     conf = _CTX.config
     if conf is None:
         return None
-    from .backups import default_repository
     for db in conf.databases.values():
         pf, kf = getattr(db, "passphrase_file", None), getattr(db, "key_file", None)
-        if (pf or kf) and _norm(default_repository(conf, db.name)) == _norm(url):
+        # the database's repository, as backups.default_repository says (not imported: a cycle)
+        own = db.repository or conf.backups.repository or "file://" + os.path.join(conf.data_dir, "backups")
+        if (pf or kf) and _norm(own) == _norm(url):
             return ("passphrase", pf, f"[databases.{db.name}] passphrase_file") if pf else \
                 ("key_file", str(kf), f"[databases.{db.name}] key_file")
     pf, kf = getattr(conf.backups, "passphrase_file", None), getattr(conf.backups, "key_file", None)
