@@ -397,3 +397,37 @@ def test_encrypted_repository_over_sftp(tmp_path, bank, sshd_server):
     for name, body in _files(root).items():
         assert MARK.encode() not in body and str(bank.bank).encode() not in body, name
     shutil.rmtree(root)
+
+
+def test_per_database_secret_and_a_clear_repository_side_by_side(tmp_path, bank):
+    """[databases.NAME] passphrase_file applies to that database's repository only; another
+    database's repository, with no secret configured, stays in clear and keeps working."""
+    pw = tmp_path / "bank.pass"
+    pw.write_text("per-database passphrase\n")
+    enc_repo, clear_repo = tmp_path / "bank-repo", tmp_path / "shared-repo"
+    port = free_port()
+    cfg = write_config(tmp_path, port, {
+        "bank": {"files": [str(bank.bank)], "repository": f"file://{enc_repo}", "passphrase_file": str(pw)},
+        "audit": [str(bank.audit)]}, sections={"backups": {"repository": f"file://{clear_repo}"}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_REPO_")}
+    d = DaemonProc(cfg, port, tmp_path / "var", env=env).start()
+    try:
+        for name in ("bank", "audit"):
+            r = _cli("--config", str(cfg), "backup", name, "--json", cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+    finally:
+        d.stop()
+    assert "encryption" in json.loads((enc_repo / "bastion-repo.json").read_text())
+    assert "encryption" not in json.loads((clear_repo / "bastion-repo.json").read_text())
+    for name, repo in (("bank", enc_repo), ("audit", clear_repo)):
+        r = _cli("--config", str(cfg), "backups", "list", name, "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        bid = json.loads(r.stdout)["backups"][0]["id"]
+        out = tmp_path / f"restored-{name}"
+        r = _cli("--config", str(cfg), "restore", bid, "--to", str(out), "--from", f"file://{repo}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        src = bank.bank if name == "bank" else bank.audit
+        assert dump(out / src.name) == dump(src)
+    # the bank's repository without the config: refused, and the message names no secret
+    r = _cli("backups", "list", "--repo", f"file://{enc_repo}", cwd=tmp_path)
+    assert r.returncode == 3 and "no passphrase or key file" in r.stderr and "per-database" not in r.stderr

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KeyRequired, NoRepository, RepositoryError, UsageError, WrongKey
@@ -115,10 +116,13 @@ def generate_key_file(path: str) -> None:
 
 
 def _norm(url: str) -> str:
-    url = url.rstrip("/")
+    """One spelling per local directory (a path, file:///x, file:///x/); remote URLs as written."""
     if "://" not in url:
         return "file://" + os.path.abspath(url)
-    return url
+    parsed = urlparse(url)
+    if parsed.scheme.lower() == "file":
+        return "file://" + os.path.abspath(unquote(parsed.path))
+    return url.rstrip("/")
 
 
 def _configured(url: str) -> tuple[str, str, str] | None:
