@@ -428,6 +428,7 @@ def test_per_database_secret_and_a_clear_repository_side_by_side(tmp_path, bank)
         assert r.returncode == 0, r.stderr
         src = bank.bank if name == "bank" else bank.audit
         assert dump(out / src.name) == dump(src)
-    # the bank's repository without the config: refused, and the message names no secret
-    r = _cli("backups", "list", "--repo", f"file://{enc_repo}", cwd=tmp_path)
+    # the bank's repository without the config (./bastion.toml would be read: another directory)
+    (tmp_path / "elsewhere").mkdir()
+    r = _cli("backups", "list", "--repo", f"file://{enc_repo}", cwd=tmp_path / "elsewhere")
     assert r.returncode == 3 and "no passphrase or key file" in r.stderr and "per-database" not in r.stderr
