@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -372,9 +371,26 @@ def test_kill9_during_key_changes_always_leaves_a_working_slot(tmp_path, bank):
     assert dump(out / "bank.db") == dump(bank.bank)
 
 
-def test_encrypted_repository_over_sftp(tmp_path, bank, sshd_server):
-    root = tmp_path / "sftp-repo"
-    url = sshd_server.url(str(root))
+@pytest.mark.parametrize("kind", ["sftp", "s3"])
+def test_encrypted_repository_over_sftp_and_s3(tmp_path, bank, request, monkeypatch, kind):
+    if kind == "sftp":
+        srv = request.getfixturevalue("sshd_server")
+        root = tmp_path / "sftp-repo"
+        url = srv.url(str(root))
+
+        def objects() -> dict[str, bytes]:
+            return _files(root)
+    else:
+        s3 = request.getfixturevalue("s3_server")
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)      # the CLI and the daemon inherit them
+        bucket = s3.create_bucket(f"bastion-enc-{os.getpid()}-{random.randrange(1 << 30)}")
+        url = s3.url(bucket, "repo")
+
+        def objects() -> dict[str, bytes]:
+            c = s3.client()
+            keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket).get("Contents", [])]
+            return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
     pw = tmp_path / "pw"
     pw.write_text(PASS)
     _mark_rows(bank.bank)
@@ -394,9 +410,12 @@ def test_encrypted_repository_over_sftp(tmp_path, bank, sshd_server):
     r = _cli("--config", str(cfg), "restore", b["backup"], "--to", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert dump(out / "bank.db") == dump(bank.bank)
-    for name, body in _files(root).items():
+    objs = objects()
+    assert any("chunks/" in n for n in objs) and any(n.endswith("bastion-repo.json") for n in objs)
+    for name, body in objs.items():
         assert MARK.encode() not in body and str(bank.bank).encode() not in body, name
-    shutil.rmtree(root)
+    r = _cli("verify", "--all", "--repo", url, "--passphrase-file", str(tmp_path / "nope"), cwd=tmp_path / "var")
+    assert r.returncode == 3 and "cannot read the passphrase file" in r.stderr, r.stderr
 
 
 def test_per_database_secret_and_a_clear_repository_side_by_side(tmp_path, bank):
@@ -432,3 +451,42 @@ def test_per_database_secret_and_a_clear_repository_side_by_side(tmp_path, bank)
     (tmp_path / "elsewhere").mkdir()
     r = _cli("backups", "list", "--repo", f"file://{enc_repo}", cwd=tmp_path / "elsewhere")
     assert r.returncode == 3 and "no passphrase or key file" in r.stderr and "per-database" not in r.stderr
+
+
+def _on_terminal(args: list[str], answers: list[str], cwd: Path) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal, typing each answer when a prompt ends with ': '."""
+    import pty
+    e = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_REPO_")}
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(cwd)
+        os.execve(PY, [PY, "-m", "bastion", *args], e)
+    seen, pending = b"", list(answers)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if pending and seen.endswith(b": "):      # a prompt waiting (getpass echoes no answer)
+            os.write(fd, pending.pop(0).encode() + b"\n")
+    else:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
+def test_the_cli_asks_for_passphrases_on_a_terminal(tmp_path):
+    url = f"file://{tmp_path / 'repo'}"
+    code, text = _on_terminal(["repo", "init", url, "--encrypt"], ["typed secret 1", "typed secret 2"], tmp_path)
+    assert code == 3 and "differ" in text and not (tmp_path / "repo").exists(), text
+    code, text = _on_terminal(["repo", "init", url, "--encrypt"], ["typed secret", "typed secret"], tmp_path)
+    assert code == 0 and "encrypted" in text, text
+    code, text = _on_terminal(["backups", "list", "--repo", url], ["typed secret"], tmp_path)
+    assert code == 0 and "passphrase of" in text, text
+    code, text = _on_terminal(["backups", "list", "--repo", url], ["mistyped"], tmp_path)
+    assert code == 3 and "opens none of the key slots" in text and "mistyped" not in text.split("passphrase of")[-1]

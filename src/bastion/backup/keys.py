@@ -304,7 +304,9 @@ def init(url: str, encrypt: bool) -> dict[str, Any]:
     if store.exists(MARKER) or any(True for p in ("manifests", "chunks", "keys") for _ in store.list(p)):
         raise UsageError(f"{store.url} already holds a repository (or backups); nothing was changed",
                          hint="choose an empty directory or prefix")
-    secret = resolve(url)
+    secret = resolve(url, prompt=False)
+    if encrypt and secret is None and _CTX.prompt and sys.stdin.isatty():
+        secret = prompt_new_passphrase(url)     # typed twice: a typo here would lock every backup out
     if encrypt and secret is None:
         raise KeyRequired(f"--encrypt: no passphrase or key file was given for {store.url}; nothing was written",
                           hint=HOW)
