@@ -490,3 +490,35 @@ def test_the_cli_asks_for_passphrases_on_a_terminal(tmp_path):
     assert code == 0 and "passphrase of" in text, text
     code, text = _on_terminal(["backups", "list", "--repo", url], ["mistyped"], tmp_path)
     assert code == 3 and "opens none of the key slots" in text and "mistyped" not in text.split("passphrase of")[-1]
+
+
+def test_scheduled_backups_and_verify_go_into_the_encrypted_repository(tmp_path, bank):
+    """The daemon's own schedule (no CLI involved) backs up into the encrypted repository with the
+    configured secret, and keeps doing so after the passphrase of its slot is changed in the config."""
+    from support import wait_for
+    pw = tmp_path / "pw"
+    pw.write_text(PASS)
+    repo = tmp_path / "repo"
+    port = free_port()
+    cfg = write_config(tmp_path, port, {"bank": [str(bank.bank), str(bank.audit)]},
+                       sections={"backups": {"repository": f"file://{repo}", "passphrase_file": str(pw),
+                                             "schedule": "every 2s"}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_REPO_")}
+    d = DaemonProc(cfg, port, tmp_path / "var", env=env).start()
+    try:
+        wait_for(lambda: len(list((repo / "manifests").glob("*.json"))) >= 1 if repo.exists() else False, 60,
+                 "a scheduled backup")
+        # the passphrase changes: slot rotated with the CLI, then the file the daemon reads
+        new = tmp_path / "new"
+        new.write_text("the new passphrase")
+        r = _cli("repo", "key", "passwd", "--repo", f"file://{repo}", "--passphrase-file", str(pw),
+                 "--new-passphrase-file", str(new), cwd=tmp_path / "var")
+        assert r.returncode == 0, r.stderr
+        pw.write_text("the new passphrase")
+        n = len(list((repo / "manifests").glob("*.json")))
+        wait_for(lambda: len(list((repo / "manifests").glob("*.json"))) > n + 1, 60, "scheduled backups after passwd")
+    finally:
+        d.stop()
+    assert "encryption" in json.loads((repo / "bastion-repo.json").read_text())
+    r = _cli("verify", "--all", "--repo", f"file://{repo}", "--passphrase-file", str(pw), "--json", cwd=tmp_path)
+    assert r.returncode == 0 and all(b["ok"] for b in json.loads(r.stdout)["backups"]), r.stdout + r.stderr
