@@ -304,6 +304,8 @@ def init(url: str, encrypt: bool) -> dict[str, Any]:
     if store.exists(MARKER) or any(True for p in ("manifests", "chunks", "keys") for _ in store.list(p)):
         raise UsageError(f"{store.url} already holds a repository (or backups); nothing was changed",
                          hint="choose an empty directory or prefix")
+    if _CTX.key_file and not os.path.exists(_CTX.key_file):
+        generate_key_file(_CTX.key_file)        # `repo init --key-file NEW`: the key is made here
     secret = resolve(url, prompt=False)
     if encrypt and secret is None and _CTX.prompt and sys.stdin.isatty():
         secret = prompt_new_passphrase(url)     # typed twice: a typo here would lock every backup out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -74,9 +73,6 @@ def repo_init(conf: cfg.Config, as_json: bool, url: str, encrypt: bool) -> None:
     from ..backup import keys
     from ..backup.store import check_url
     check_url(url)
-    key_file = keys._CTX.key_file
-    if key_file and not os.path.exists(key_file):
-        keys.generate_key_file(key_file)
     emit(keys.init(url, encrypt), as_json, _show_slots)
 
 
