@@ -522,3 +522,31 @@ def test_scheduled_backups_and_verify_go_into_the_encrypted_repository(tmp_path,
     assert "encryption" in json.loads((repo / "bastion-repo.json").read_text())
     r = _cli("verify", "--all", "--repo", f"file://{repo}", "--passphrase-file", str(pw), "--json", cwd=tmp_path)
     assert r.returncode == 0 and all(b["ok"] for b in json.loads(r.stdout)["backups"]), r.stdout + r.stderr
+
+
+def test_an_edited_marker_does_not_cut_the_repository_off_from_its_key(tmp_path, monkeypatch):
+    """The marker is in clear: its repository id edited, the slots (which carry the id,
+    authenticated) still open, and the objects sealed under the true id still read."""
+    from bastion.backup import keys
+    from bastion.backup.repository import Repository
+    pw = tmp_path / "pw"
+    pw.write_text(PASS)
+    url = f"file://{tmp_path / 'repo'}"
+    keys.configure(passphrase_file=str(pw))
+    try:
+        keys.init(url, True)
+        repo = Repository.open(url)
+        cid, _ = repo.put_chunk(b"some page content " * 100)
+        marker = tmp_path / "repo" / "bastion-repo.json"
+        m = json.loads(marker.read_text())
+        m["encryption"]["repository_id"] = "0" * 32
+        marker.write_text(json.dumps(m))
+        assert Repository.open(url).get_chunk(cid) == b"some page content " * 100
+        assert keys.add_slot(url, keys.Secret("passphrase", b"second", "test"))["added"]
+        keys.configure()
+        for var in (keys.ENV_PASSPHRASE, keys.ENV_PASSPHRASE_FILE, keys.ENV_KEY_FILE):
+            monkeypatch.delenv(var, raising=False)
+        with pytest.raises(keys.KeyRequired):
+            Repository.open(url)
+    finally:
+        keys.configure()

@@ -142,7 +142,10 @@ def make_slot(keys: RepoKeys, secret: Secret, scrypt: dict[str, int] | None = No
     nonce = os.urandom(NONCE)
     wrapped = AESGCM(_wrap_key(secret, kdf)).encrypt(nonce, keys.data + keys.name,
                                                      _slot_aad(keys.repository_id, slot_id, secret.kind, kdf))
-    body = {"id": slot_id, "kind": secret.kind, "kdf": kdf, "cipher": CIPHER, "nonce": _b64(nonce),
+    # the repository id rides in the slot too (authenticated: it is in the associated data), so a
+    # lost or edited marker cannot cut the repository off from its key
+    body = {"id": slot_id, "repository_id": keys.repository_id, "kind": secret.kind, "kdf": kdf, "cipher": CIPHER,
+            "nonce": _b64(nonce),
             "wrapped": _b64(wrapped), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return slot_name(slot_id), json.dumps(body, indent=1).encode()
 
@@ -162,11 +165,14 @@ def parse_slot(raw: bytes) -> dict[str, Any]:
 
 def open_slot(raw: bytes, secret: Secret, repository_id: str) -> RepoKeys | None:
     """The repository key if ``secret`` opens this slot; None if it does not (wrong secret, a slot
-    of the other kind, or a damaged slot: they cannot be told apart, by design of AEAD)."""
+    of the other kind, or a damaged slot: they cannot be told apart, by design of AEAD). The slot's
+    own repository id is used when it has one: it opens only if that id is the true one."""
     try:
         d = parse_slot(raw)
         if d["kind"] != secret.kind:
             return None
+        own = d.get("repository_id")
+        repository_id = own if isinstance(own, str) else repository_id
         key = _wrap_key(secret, d["kdf"])
         plain = AESGCM(key).decrypt(_unb64(d["nonce"]), _unb64(d["wrapped"]),
                                     _slot_aad(repository_id, d["id"], d["kind"], d["kdf"]))
