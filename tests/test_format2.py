@@ -102,7 +102,7 @@ def test_format2_incremental_after_one_percent_random_rows(d2, bank, tmp_path, s
     # a third backup with nothing changed stores next to nothing
     same = _backup(d2)
     assert same["stored_bytes_added"] < 0.02 * full["stored_bytes_added"]
-    info = d2.cli("backups", "info", "--json")
+    info = d2.cli("repo", "info", "--json")
     assert info.code == 0, info.err
     assert info.json["format"] == 2 and info.json["backups"] == 3 and info.json["packs"] >= 1
     assert info.json["dedup_ratio"] > 2     # three backups of nearly the same pages, stored about once

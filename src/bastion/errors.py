@@ -5,6 +5,8 @@
      |    +-- ConfigError        the config file is invalid
      |    +-- UnknownTarget      a database name or file that Bastion does not know
      |    +-- NoRepository       the URL holds no backup repository (yet)
+     |    +-- KeyRequired        the repository is encrypted and no passphrase or key file was given
+     |    +-- WrongKey           no key slot of the repository opens with the secret given
      |    +-- ResultTooLarge     a SQL result is larger than the server sends (HTTP 413)
      +-- FileProblem             a database file is missing, not SQLite, or cannot be put in WAL mode
      +-- StateConflict           the file is in the wrong state (already in continuous operations, not frozen...)
@@ -27,6 +29,7 @@
      |    +-- MissingChunk       a chunk a manifest names is not in the repository
      |    +-- DamagedManifest    a backup's manifest is unreadable or names bad chunks
      |    +-- RestoreFailed      a restore stopped; nothing was put in place
+     |    +-- TamperedObject     an object of an encrypted repository fails authentication
      +-- StoreError              a storage operation (file, sftp, s3) failed after its retries
           +-- ObjectMissing      the object is not there
           +-- StoreUnreachable   transient trouble (connection, time-out) outlasted every retry
@@ -179,6 +182,14 @@ class NoRepository(UsageError):
     """The URL holds no repository (yet)."""
 
 
+class KeyRequired(UsageError):
+    """The repository is encrypted and no passphrase or key file was supplied (nothing was written)."""
+
+
+class WrongKey(UsageError):
+    """No key slot opens with the passphrase or key file supplied (nothing was written)."""
+
+
 class ResultTooLarge(UsageError):
     http_status = 413
 
@@ -221,6 +232,11 @@ class RestoreFailed(RepositoryError):
     def file(self) -> str | None:
         f = self.details.get("file")
         return f if isinstance(f, str) else None
+
+
+class TamperedObject(RepositoryError):
+    """An object of an encrypted repository fails authentication: edited, truncated, or moved
+    from another name. The repository reports it as the object's own error (CorruptChunk...)."""
 
 
 class StoreError(BastionError):

@@ -161,7 +161,8 @@ class Backups:
             progress["phase"] = "copying"
             try:
                 res = snapshot_in_child(url, [{"path": f.path, "name": n} for f, n in zip(files, _names(files))],
-                                        progress=lambda d, t: progress.update(done=d, total=t), database=label)
+                                        progress=lambda d, t: progress.update(done=d, total=t), database=label,
+                                        keys=repo.keys)
                 progress["phase"] = "ending continuous operations"
             finally:
                 end = self.contops.end(files)

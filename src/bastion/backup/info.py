@@ -25,5 +25,6 @@ def repository_info(repo: Repository) -> dict[str, Any]:
         out = {"repository": repo.url, "format": 1, "backups": backups,
                "chunks": sum(1 for _ in repo.store.list("chunks")), "stored_bytes": stored,
                "logical_bytes": logical, "dedup_ratio": round(logical / stored, 2) if stored else None}
+    out["encrypted"] = repo.keys is not None     # the cipher and key slots: `bastion repo key list`
     out["verdict"] = Outcome.FAILED if out.get("damaged_indexes") else Outcome.OK
     return out

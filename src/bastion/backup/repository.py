@@ -5,6 +5,11 @@ Layout under the repository root::
     bastion-repo.json              format version (checked on every open)
     chunks/ab/ab12...ef            zstd-compressed chunk, named by the SHA-256 of its raw bytes
     manifests/<backup id>.json     one per backup, written last: a backup exists once its manifest does
+    keys/<slot id>.json            encrypted repositories only: the repository key, wrapped (keys.py)
+
+An encrypted repository (the marker says so) reads and writes every other object
+through a SealedStore (AES-256-GCM, the object's name as associated data) and
+names chunks by HMAC-SHA256 under its name key instead of SHA-256 (``chunk_id``).
 
 Chunks are written once and never modified; every read re-hashes and refuses
 data that does not match its name.
@@ -30,10 +35,13 @@ from collections.abc import Iterator
 import zstandard
 
 from ..errors import BastionError, UsageError
-from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError
-from .manifest import FORMAT, FORMATS, Manifest
+from ..errors import CorruptChunk, DamagedManifest, MissingChunk, NoRepository, RepositoryError, TamperedObject
+from . import keys as keymod
+from .crypto import RepoKeys
+from .manifest import FORMAT, FORMATS, Manifest, damaged
 from .names import backup_id as checked_id
 from .store import ObjectMissing, Store, _pid_alive, open_store
+from .store.sealed import SealedStore
 
 MARKER = "bastion-repo.json"
 
@@ -47,11 +55,19 @@ class Repository:
         self.store = store
         self.url = store.url
         self.format = FORMAT
+        self.keys: RepoKeys | None = None   # an encrypted repository's, once unlocked
         self._local = threading.local()   # zstd contexts are not thread-safe: one per upload thread
 
+    def _seal(self, keys: RepoKeys) -> None:
+        self.keys = keys
+        self.store = SealedStore(self.store, keys)
+
     @classmethod
-    def open(cls, url: str, create: bool = False, format: int = FORMAT) -> Repository:
-        """``format``: what a repository created here is (one that exists keeps its own)."""
+    def open(cls, url: str, create: bool = False, format: int = FORMAT, *, keys: RepoKeys | None = None) -> Repository:
+        """The repository at ``url``. ``format``: what a repository created here is (one that exists
+        keeps its own). An encrypted one is unlocked with ``keys`` (the backup reader child gets them
+        from the daemon) or the secret keys.resolve finds (KeyRequired, WrongKey); ``create`` makes a
+        missing one, encrypted when a secret is supplied."""
         if format not in FORMATS:
             raise UsageError(f"repository format {format!r} does not exist", hint="[backups] format = 1 or 2")
         repo = cls(open_store(url))
@@ -67,7 +83,11 @@ class Repository:
             if not create:
                 raise NoRepository(f"{url} is not a Bastion backup repository (no {MARKER})",
                                  hint="check the URL; `bastion backup` creates the repository on first use") from None
-            repo.store.write(MARKER, json.dumps({"format": format, "created": time.time()}).encode())
+            secret = keymod.resolve(url, prompt=False)
+            if secret is not None:
+                repo._seal(keymod.create(repo.store, secret, format))
+            else:
+                repo.store.write(MARKER, json.dumps({"format": format, "created": time.time()}).encode())
             repo.format = format
             return repo
         try:
@@ -84,7 +104,21 @@ class Repository:
                              f"{', '.join(map(str, FORMATS))}",
                              hint="use the Bastion version that wrote the repository")
         repo.format = meta["format"]
+        enc = keymod.encryption_of(meta, repo.url)
+        if enc is not None:
+            repo._seal(keys if keys and keys.repository_id == enc["repository_id"] else keymod.unlock(repo.store, enc))
+        elif (given := keymod.explicit_source(url)) is not None:
+            # a marker in clear where a key was configured: refuse rather than trust a repository an
+            # attacker could have swapped for one in clear (see docs/design.md, Repository encryption)
+            raise UsageError(f"{url} is not encrypted, but a secret is supplied for it ({given})",
+                             hint="remove that setting or option for this repository; if it was created "
+                                  "encrypted, its marker was replaced: do not trust its backups")
         return repo
+
+    def chunk_id(self, data: bytes) -> str:
+        """The name of a chunk holding ``data``: its SHA-256, or in an encrypted repository its
+        HMAC-SHA256 under the name key (names then say nothing about the content)."""
+        return self.keys.chunk_id(data) if self.keys else hashlib.sha256(data).hexdigest()
 
     def _has_content(self) -> bool:
         for prefix in ("manifests", "chunks", "packs", "index"):
@@ -101,8 +135,8 @@ class Repository:
         return {name.rsplit("/", 1)[-1] for name in self.store.list("chunks")}
 
     def put_chunk(self, data: bytes, digest: str | None = None) -> tuple[str, int]:
-        """Store ``data`` under its SHA-256; returns (digest, stored bytes)."""
-        digest = digest or hashlib.sha256(data).hexdigest()
+        """Store ``data`` under its chunk_id; returns (digest, stored bytes)."""
+        digest = digest or self.chunk_id(data)
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=3)
@@ -115,11 +149,14 @@ class Repository:
             packed = self.store.read(self.chunk_name(digest))
         except ObjectMissing:
             raise MissingChunk(f"chunk {digest[:16]} is missing from {self.url}") from None
+        except TamperedObject as exc:
+            raise CorruptChunk(f"chunk {digest[:16]} in {self.url} fails authentication: {exc.message}",
+                               path=exc.path) from None
         try:
             data = zstandard.ZstdDecompressor().decompress(packed)
         except zstandard.ZstdError as exc:
             raise CorruptChunk(f"chunk {digest[:16]} in {self.url} cannot be decompressed: {exc}") from None
-        if hashlib.sha256(data).hexdigest() != digest:
+        if self.chunk_id(data) != digest:
             raise CorruptChunk(f"chunk {digest[:16]} in {self.url} does not match its hash")
         return data
 
@@ -176,6 +213,9 @@ class Repository:
         except ObjectMissing:
             raise UsageError(f"no backup {backup_id!r} in {self.url}",
                              hint="list backups with `bastion backups list`") from None
+        except TamperedObject:
+            raise damaged(backup_id, [{"file": None, "chunk": None, "problem": "fails authentication (edited, "
+                                       "truncated or moved from another name)"}], self.url) from None
         return Manifest.from_bytes(raw, backup_id, where=self.url)
 
     # -- verification records: the latest quick and the latest full outcome of each backup ----------
@@ -188,6 +228,9 @@ class Repository:
         try:
             data = json.loads(self.store.read(f"verified/{backup_id}.json"))
         except ObjectMissing:
+            return out
+        except TamperedObject:
+            out["unreadable"] = "fails authentication"
             return out
         except (ValueError, UnicodeDecodeError):
             out["unreadable"] = "not JSON"

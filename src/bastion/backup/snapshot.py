@@ -27,6 +27,7 @@ from ..errors import from_os_error
 from ..sqlite import child
 from . import pages
 from .digest import file_digests
+from .crypto import RepoKeys
 from .repository import Repository
 from .store import StoreFull
 
@@ -59,8 +60,10 @@ def _cleanup(repo: Repository) -> int:
 
 def snapshot(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
              jobs: int = 4, progress: Callable[[int, int], None] | None = None,
-             database: str | None = None) -> dict[str, Any]:
-    repo = Repository.open(repo_url, create=True)
+             database: str | None = None, keys: dict[str, str] | None = None) -> dict[str, Any]:
+    # keys: an encrypted repository's, unlocked by the daemon (RepoKeys.to_wire), so the child
+    # needs neither the config nor the secret
+    repo = Repository.open(repo_url, create=True, keys=RepoKeys.from_wire(keys) if keys else None)
     removed = _cleanup(repo)
     total = 0
     for f in files:
@@ -133,7 +136,7 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
                         if progress:
                             progress(done, total)
                         whole.update(data)
-                        digest = hashlib.sha256(data).hexdigest()
+                        digest = repo.chunk_id(data)   # keyed in an encrypted repository
                         chunks.append([digest, len(data)])
                         if digest not in known:
                             known.add(digest)
@@ -162,12 +165,14 @@ def _copy(repo: Repository, files: list[dict[str, str]], chunk_size: int, jobs: 
 def _task(req: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
     """In the child (sqlite.child): one snapshot, progress reported to the daemon."""
     return snapshot(req["repo"], req["files"], int(req.get("chunk_size", DEFAULT_CHUNK)), int(req.get("jobs", 4)),
-                    progress, req.get("database"))
+                    progress, req.get("database"), req.get("keys"))
 
 
 def snapshot_in_child(repo_url: str, files: list[dict[str, str]], chunk_size: int = DEFAULT_CHUNK,
                       jobs: int = 4, progress: Callable[[int, int], None] | None = None,
-                      database: str | None = None) -> dict[str, Any]:
-    """``database``: the backup's label; a format-2 backup is incremental over that one's newest."""
+                      database: str | None = None, keys: RepoKeys | None = None) -> dict[str, Any]:
+    """``database``: the backup's label; a format-2 backup is incremental over that one's newest.
+    The keys travel on the child's stdin pipe, never in its argv or environment."""
     return child.run(_task, {"repo": repo_url, "files": files, "chunk_size": chunk_size, "jobs": jobs,
-                             "database": database}, what="the backup reader", progress=progress)
+                             "database": database, "keys": keys.to_wire() if keys else None},
+                     what="the backup reader", progress=progress)

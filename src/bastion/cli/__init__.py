@@ -14,7 +14,7 @@ import sys
 import click
 
 from ..errors import EXIT_FAILED, EXIT_USAGE, BastionError
-from . import backups, cluster, ops, replicate, sql, sync  # noqa: F401 - they register their commands
+from . import backups, cluster, ops, replicate, repo, sql, sync  # noqa: F401 - they register their commands
 from .base import _TAIL, _fmt_bytes, cli, err
 
 __all__ = ["_fmt_bytes", "cli", "main"]

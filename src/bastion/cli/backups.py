@@ -23,6 +23,7 @@ from .base import (
     emit,
     err,
     out,
+    secret_options,
     targets_option,
 )
 
@@ -113,6 +114,7 @@ def backups() -> None:
 @click.argument("database", required=False)
 @click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
 @common
+@secret_options
 def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url: str | None) -> None:
     """List backups: id, database, instant, logical size, bytes added, verified state."""
     from ..backup.backups import default_repository, list_backups
@@ -136,22 +138,13 @@ def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url
     emit(data, as_json, human)
 
 
-@backups.command("info")
-@click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
-@common
-def backups_info(conf: cfg.Config, as_json: bool, repo_url: str | None) -> None:
-    """The repository: format, packs or chunks, stored bytes, logical bytes of its backups, dedup ratio."""
-    from ..backup.info import repository_info
-    emit(repository_info(_repo(conf, repo_url)), as_json,
-         lambda d: out.print("\n".join(f"{k}: {v}" for k, v in d.items() if k != "verdict")))
-
-
 @cli.command()
 @click.argument("backup_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every backup in the repository.")
 @click.option("--full", is_flag=True, help="Also restore into scratch space, integrity_check, compare digests.")
 @click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
 @common
+@secret_options
 def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: bool, full: bool,
            repo_url: str | None) -> None:
     """Verify backups: manifests checked, every chunk read back and re-hashed; --full restores and checks them.
@@ -188,6 +181,7 @@ def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: b
               help="Replace existing files in the directory (refused while any process has them open; the old "
                    "files and their WAL are kept aside).")
 @common
+@secret_options
 def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, replace: bool,
             repo_url: str | None, force: bool) -> None:
     """Restore a backup into a directory (temp names, fsync, integrity_check, digests, then rename)."""
@@ -237,6 +231,7 @@ def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, r
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
 @common
+@secret_options
 def prune(conf: cfg.Config, as_json: bool, keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int,
           keep_monthly: int, database: str | None, dry_run: bool, repo_url: str | None) -> None:
     """Remove backups by retention policy, then the chunks nothing references (safe during a backup)."""

@@ -51,6 +51,26 @@ def common(f: Callable[..., Any]) -> Callable[..., Any]:
         ctx = click.get_current_context()
         path = config_path or (ctx.obj or {}).get("config")
         conf = cfg.load(path)
+        from ..backup import keys
+        keys.configure(conf)    # encrypted repositories this command opens: their secret from the config
+        return f(conf, as_json, *args, **kw)
+    return wrapper
+
+
+def secret_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--passphrase-file / --key-file: the secret of an encrypted repository the command reads itself
+    (before the config and the environment); on a terminal, a prompt when none is found. Goes below
+    @common."""
+    @click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+                  help="Key file of an encrypted repository.")
+    @click.option("--passphrase-file", type=click.Path(dir_okay=False), default=None,
+                  help="File holding the passphrase of an encrypted repository.")
+    @functools.wraps(f)
+    def wrapper(conf: cfg.Config, as_json: bool, *args: Any, passphrase_file: str | None, key_file: str | None,
+                **kw: Any) -> Any:
+        from ..backup import keys
+        keys.configure(conf, passphrase_file=passphrase_file, key_file=key_file,
+                       prompt=not as_json and sys.stdin.isatty() and err.is_terminal)
         return f(conf, as_json, *args, **kw)
     return wrapper
 

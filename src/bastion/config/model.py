@@ -40,6 +40,9 @@ class DatabaseConfig:
     # recovery drills (bastion.drill): SQL assertions each returning a true first value, and/or a command
     drill_check: tuple[str, ...] = ()
     drill_command: str | tuple[str, ...] | None = None
+    # an encrypted repository's secret (backup.keys): paths, read when needed; override [backups]
+    passphrase_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class BackupConfig:
     keep: dict[str, int] = field(default_factory=dict)   # retention applied after scheduled backups
     drill_schedule: str | None = None    # recovery drill of each database's newest backup (bastion.drill)
     format: int = 1                      # of a repository created by a backup: 1 (chunks) or 2 (page packs)
+    passphrase_file: str | None = None   # encrypted repositories' secret (backup.keys): a path, never the secret
+    key_file: str | None = None
 
 
 Command = str | tuple[str, ...]     # a hook: a string runs through the shell, a list is argv (bastion.hooks)

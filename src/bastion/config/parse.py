@@ -29,7 +29,7 @@ _KNOWN: dict[str, set[str] | None] = {
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
-                "keep_weekly", "keep_monthly", "drill_schedule", "format"},
+                "keep_weekly", "keep_monthly", "drill_schedule", "format", "passphrase_file", "key_file"},
     "databases": None,
     "replication": {"peer_token_file", "origin", "peer_ca_file"},
     "sync": {"site"},
@@ -40,7 +40,7 @@ _KNOWN: dict[str, set[str] | None] = {
 }
 _DATABASE_KEYS = ("files", "repository", "schedule", "durability", "group_commit", "foreign_keys", "sync_group",
                   "drill_check", "drill_command", "replicate_to", "replicate_schedule", "blackout", "on_failure",
-                  "replica_of")
+                  "replica_of", "passphrase_file", "key_file")
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
                     "blackout", "on_failure", "counters", "keys", "invariants"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -245,7 +245,22 @@ def _backups(b: dict[str, Any], base: str, source: str) -> BackupConfig:
         raise ConfigError(f"{source}: [backups] format must be 1 or 2, got {fmt!r}",
                           hint="2 (page-level packs) applies to repositories created from now on; 1 is the default")
     return BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
-                        b.get("verify_schedule"), keep, b.get("drill_schedule"), fmt)
+                        b.get("verify_schedule"), keep, b.get("drill_schedule"), fmt,
+                        **_key_paths(b, f"{source}: [backups]", base))
+
+
+def _key_paths(spec: dict[str, Any], where: str, base: str) -> dict[str, Any]:
+    """passphrase_file / key_file of an encrypted repository: paths only (backup.keys reads them)."""
+    out: dict[str, Any] = {}
+    for key in ("passphrase_file", "key_file"):
+        v = spec.get(key)
+        if v is not None and not (isinstance(v, str) and v):
+            raise ConfigError(f"{where} {key} must be a path, got {v!r}",
+                              hint=f'for example {key} = "/etc/bastion/repo.{key[:-5]}" (never the secret itself)')
+        out[key] = os.path.abspath(os.path.join(base, os.path.expanduser(v))) if v else None
+    if out["passphrase_file"] and out["key_file"]:
+        raise ConfigError(f"{where} sets both passphrase_file and key_file", hint="a repository is opened with one")
+    return out
 
 
 # -- [databases.NAME] ------------------------------------------------------------------------
@@ -309,7 +324,7 @@ def _database(name: str, spec: Any, source: str, base: str, resolve: Callable[[s
                           hint="define the group: [sync_groups.NAME] sites = { site = \"http://host:port\" }")
     db = DatabaseConfig(name, tuple(files), _repo_url(spec.get("repository"), base, source, name), sched,
                         durability, group_commit, foreign_keys, **_replication_keys(spec, where),
-                        sync_group=group, **_drill_keys(spec, where))
+                        sync_group=group, **_drill_keys(spec, where), **_key_paths(spec, where, base))
     if group is not None and (db.replicate_to or db.replica_of):
         raise ConfigError(f"{where} is in a sync group: it cannot also replicate_to or be "
                           "a replica_of", hint="sync already keeps a copy on every site of the group")

@@ -139,6 +139,8 @@ class Daemon:
         if self.state is not None:
             raise RuntimeError("daemon already open")
         os.makedirs(self.config.data_dir, exist_ok=True)
+        from ..backup import keys
+        keys.configure(self.config)     # where encrypted repositories' secrets come from (never a prompt)
         self.token = ensure_token(self.config.token_file)
         self.state = StateStore(self.config.data_dir)
         found = self.state.begin_run(os.getpid())
