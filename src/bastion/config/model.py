@@ -40,6 +40,10 @@ class DatabaseConfig:
     # recovery drills (bastion.drill): SQL assertions each returning a true first value, and/or a command
     drill_check: tuple[str, ...] = ()
     drill_command: str | tuple[str, ...] | None = None
+    # WAL archive for point-in-time restore (bastion.backup.archive); None: [backups]' value
+    archive: bool | None = None
+    archive_interval: float | None = None
+    archive_retention: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class BackupConfig:
     verify_schedule: str | None = None   # full verify of each database's newest backup
     keep: dict[str, int] = field(default_factory=dict)   # retention applied after scheduled backups
     drill_schedule: str | None = None    # recovery drill of each database's newest backup (bastion.drill)
+    archive: bool = False                # archive committed WAL frames between backups (point-in-time restore)
+    archive_interval: float = 1.0        # seconds between archive segments: the archive's RPO
+    archive_retention: float = 7 * 86400.0   # segments older than this that no kept backup needs are pruned
 
 
 Command = str | tuple[str, ...]     # a hook: a string runs through the shell, a list is argv (bastion.hooks)

@@ -29,7 +29,7 @@ _KNOWN: dict[str, set[str] | None] = {
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
-                "keep_weekly", "keep_monthly", "drill_schedule"},
+                "keep_weekly", "keep_monthly", "drill_schedule", "archive", "archive_interval", "archive_retention"},
     "databases": None,
     "replication": {"peer_token_file", "origin", "peer_ca_file"},
     "sync": {"site"},
@@ -40,7 +40,7 @@ _KNOWN: dict[str, set[str] | None] = {
 }
 _DATABASE_KEYS = ("files", "repository", "schedule", "durability", "group_commit", "foreign_keys", "sync_group",
                   "drill_check", "drill_command", "replicate_to", "replicate_schedule", "blackout", "on_failure",
-                  "replica_of")
+                  "replica_of", "archive", "archive_interval", "archive_retention")
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
                     "blackout", "on_failure", "counters", "keys", "invariants"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -241,7 +241,24 @@ def _backups(b: dict[str, Any], base: str, source: str) -> BackupConfig:
                 raise ConfigError(f"{source}: [backups] {key} must be a whole number >= 0, got {b[key]!r}")
             keep[key[5:]] = b[key]
     return BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
-                        b.get("verify_schedule"), keep, b.get("drill_schedule"))
+                        b.get("verify_schedule"), keep, b.get("drill_schedule"),
+                        **_archive_keys(b, f"{source}: [backups]", {"archive": False, "archive_interval": "1s",
+                                                                     "archive_retention": "7d"}))
+
+
+def _archive_keys(spec: dict[str, Any], where: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """archive (true/false), archive_interval and archive_retention (durations), checked."""
+    out: dict[str, Any] = {}
+    arch = spec.get("archive", defaults.get("archive"))
+    if arch is not None and not isinstance(arch, bool):
+        raise ConfigError(f"{where} archive must be true or false, got {arch!r}")
+    out["archive"] = arch
+    for key in ("archive_interval", "archive_retention"):
+        raw = spec.get(key, defaults.get(key))
+        out[key] = None if raw is None else parse_duration(raw, f"{where} {key}")
+        if out[key] is not None and out[key] <= 0:
+            raise ConfigError(f"{where} {key} must be longer than 0")
+    return out
 
 
 # -- [databases.NAME] ------------------------------------------------------------------------
@@ -305,7 +322,7 @@ def _database(name: str, spec: Any, source: str, base: str, resolve: Callable[[s
                           hint="define the group: [sync_groups.NAME] sites = { site = \"http://host:port\" }")
     db = DatabaseConfig(name, tuple(files), _repo_url(spec.get("repository"), base, source, name), sched,
                         durability, group_commit, foreign_keys, **_replication_keys(spec, where),
-                        sync_group=group, **_drill_keys(spec, where))
+                        sync_group=group, **_drill_keys(spec, where), **_archive_keys(spec, where, {}))
     if group is not None and (db.replicate_to or db.replica_of):
         raise ConfigError(f"{where} is in a sync group: it cannot also replicate_to or be "
                           "a replica_of", hint="sync already keeps a copy on every site of the group")
