@@ -94,7 +94,7 @@ def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_ever
             _check(tmp_path / f"r{i}", k)
         # the last archived commit is reachable
         last_k = commits[-1][0]
-        r = _restore_at(d, tmp_path / "last", "--at", f"{rng[0]['to']:.6f}")
+        r = _restore_at(d, tmp_path / "last", "--at", repr(rng[0]["to"]))
         assert r.code == 0, r.err
         _check(tmp_path / "last", last_k)
         # outside the range: a clear error naming the range
@@ -122,12 +122,12 @@ def test_kill9_during_archive_lists_no_partial_segment_and_restore_works(tmp_pat
     assert segs
     for s in segs:                      # every listed segment is whole (temporaries are not listed)
         from bastion.backup import segment as sg
-        sg.decode(s.name, s.read_bytes())
+        sg.decode(str(s), s.read_bytes())
     d2 = DaemonProc(d.config, d.port, d.data_dir).start()
     try:
         rng = json.loads(d2.cli("backups", "archive", "app", "--json").out)["ranges"]
         to = rng[0]["to"]
-        r = _restore_at(d2, tmp_path / "r", "--at", f"{to:.6f}")
+        r = _restore_at(d2, tmp_path / "r", "--at", repr(to))
         assert r.code == 0, r.err
         k = max(k for k, t in _commits(log) if t <= to)
         con = sqlite3.connect(tmp_path / "r" / "app.db")
@@ -145,20 +145,21 @@ def test_damaged_segment_is_a_named_error(tmp_path):
     d, db = _setup(tmp_path)
     try:
         log = tmp_path / "commits.log"
-        app = _run_app(db, log, 1.5)
+        app = _run_app(db, log, 4)
         time.sleep(0.3)
         assert d.cli("backup", "app", "--json").code == 0
         app.wait(60)
         time.sleep(1.0)
+        to = json.loads(d.cli("backups", "archive", "app", "--json").out)["ranges"][0]["to"]
         segs = _segments(tmp_path)
-        assert segs
-        victim = segs[-1]
+        assert len(segs) > 2
+        victim = segs[-2]
         data = bytearray(victim.read_bytes())
         data[len(data) // 2] ^= 0xFF
         victim.write_bytes(bytes(data))
-        r = _restore_at(d, tmp_path / "r", "--at", f"{time.time():.3f}")
+        r = _restore_at(d, tmp_path / "r", "--at", repr(to))
         assert r.code != 0
-        assert victim.name in r.err and "damaged" in r.err
+        assert victim.name in r.err and "damaged" in r.err, r.err
         assert not (tmp_path / "r" / "app.db").exists()
     finally:
         d.stop()
@@ -181,9 +182,11 @@ def test_archive_catches_up_after_daemon_restart(tmp_path):
     try:
         app = _run_app(db, log, 1.0)
         app.wait(60)
-        wait_for(lambda: json.loads(d.cli("backups", "archive", "app", "--json").out)["ranges"][0]["to"]
-                 >= _commits(log)[-1][1], timeout=10)
-        r = _restore_at(d, tmp_path / "r", "--at", f"{_commits(log)[-1][1] + 0.5:.6f}")
+        last = _commits(log)[-1]
+        rng = wait_for(lambda: [r for r in json.loads(d.cli("backups", "archive", "app", "--json").out)["ranges"]
+                                if r["to"] >= last[1] - 0.005], timeout=10)
+        assert rng[0]["gap"] is None
+        r = _restore_at(d, tmp_path / "r", "--at", repr(rng[0]["to"]))
         assert r.code == 0, r.err
         _check(tmp_path / "r", _commits(log)[-1][0])
     finally:
