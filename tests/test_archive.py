@@ -3,6 +3,7 @@ archives; restores at instants picked in the application's pauses give exactly w
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sqlite3
@@ -48,7 +49,7 @@ def _pauses(commits: list[tuple[int, float]], after: float, before: float) -> li
     """Instants in the middle of the application's pauses (>= 0.2 s without a commit), with the number
     of transactions committed by then: there the content at the instant is beyond doubt."""
     out = []
-    for (k, t), (_, t2) in zip(commits, commits[1:]):
+    for (k, t), (_, t2) in itertools.pairwise(commits):
         if t2 - t >= 0.2 and after < t and t2 < before:
             out.append(((t + t2) / 2, k))
     return out

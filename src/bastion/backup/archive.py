@@ -207,7 +207,11 @@ class FileArchiver:
         """W held for the block (True), or not obtained within ``wait`` (False): a writer or a freeze has it."""
         assert self._w is not None
         deadline = time.monotonic() + wait
-        self._w.set_busy_handler(lambda _n: (time.sleep(0.0005), time.monotonic() < deadline)[1])
+
+        def busy(_n: int) -> bool:
+            time.sleep(0.0005)
+            return time.monotonic() < deadline
+        self._w.set_busy_handler(busy)
         try:
             self._w.execute("BEGIN IMMEDIATE")
         except apsw.BusyError:
@@ -473,7 +477,9 @@ class FileArchiver:
                 self.pending.pop(0)
                 continue
             header = {"format": 1, "database": self.database, "file": self.name, "generation": self.generation,
-                      "seq": p.seq, "wal_seq": sg.wal_header(p.wal_header)["seq"], "start": p.start, "end": p.end, "page_size": self.page_size,
+                      "seq": p.seq,
+                      "wal_seq": sg.wal_header(p.wal_header)["seq"], "start": p.start, "end": p.end,
+                      "page_size": self.page_size,
                       "commits": p.commits,
                       "until": self.polled_at if len(self.pending) == 1 else p.commits[-1][2]}
             name = sg.segment_name(self.prefix, self.generation, p.seq, p.start, p.end)
