@@ -106,6 +106,7 @@ class FileArchiver:
         self.started_reason = ""
         self.last_segment: str | None = None
         self.last_flush = 0.0
+        self.busy_since = 0.0                               # the checkpoint lock was busy since then
         self.polled_at = 0.0                                # the archive had every commit as of then
         self.last_error: str | None = None
         self.lags: list[float] = []          # seconds from a commit seen to its segment durable
@@ -158,14 +159,18 @@ class FileArchiver:
             self._r = self._r2 = self._w = self._c = None
 
     def _loop(self) -> None:
-        last_flush = time.monotonic()
+        last_advance = time.monotonic()
         while not self._stop.wait(self.watch):
             try:
                 with self.lock:
                     self.handover()
-                    if time.monotonic() - last_flush >= self.interval:
-                        last_flush = time.monotonic()
+                    # a segment once the oldest unarchived commit is 4/5 of the interval old: with the
+                    # write itself, every commit is durable in the archive within the interval (the RPO)
+                    oldest = self.pending[0].commits[0][2] if self.pending and self.pending[0].commits else None
+                    if oldest is not None and time.time() - oldest >= 0.8 * self.interval:
                         self.flush()
+                    if time.monotonic() - last_advance >= self.interval:
+                        last_advance = time.monotonic()
                         self.advance()
                 self.last_error = None
             except Exception as exc:  # the loop never dies; status shows the error
@@ -309,9 +314,15 @@ class FileArchiver:
         try:
             mx = self._c.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)[0]
         except apsw.BusyError:
-            # Another process checkpoints: maybe a RESTART/TRUNCATE that waits for our R to move
-            # while it holds the write lock. Find the end as SQLite's recovery does instead.
+            # Another process checkpoints. Usually an automatic checkpoint, over in milliseconds:
+            # look again. If it lasts, maybe a RESTART/TRUNCATE that waits for our R to move while
+            # it holds the write lock: find the end as SQLite's recovery does instead (slower).
+            self.busy_since = self.busy_since or time.monotonic()
+            if time.monotonic() - self.busy_since < 0.05:
+                return None
             mx = -1
+        else:
+            self.busy_since = 0.0
         # The commits below were visible before this; and, as of it, nothing past mx was committed
         # (to the few microseconds since mx was read: commit times are precise to the watch anyway).
         seen = time.time()
@@ -364,7 +375,7 @@ class FileArchiver:
             if len(prev) < sg.FRAME_HEADER:
                 return self.next - 1
             s0, s1 = struct.unpack(">2I", prev[16:24])
-        data = self._read(sg.WAL_HEADER + (self.next - 1) * fsz, 1 << 22)
+        data = self._read(sg.WAL_HEADER + (self.next - 1) * fsz, 256 * fsz)     # the rest at the next look
         end = self.next - 1
         for i in range(len(data) // fsz):
             off = i * fsz
