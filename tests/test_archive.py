@@ -192,3 +192,51 @@ def test_archive_catches_up_after_daemon_restart(tmp_path):
         _check(tmp_path / "r", _commits(log)[-1][0])
     finally:
         d.stop()
+
+
+def test_retention_keeps_what_a_kept_backup_needs(tmp_path):
+    """Segments older than the retention go, unless a kept backup (and a later instant) needs them;
+    once that backup is pruned, they go too, and its instants are no longer offered."""
+    from bastion.backup.pitr import prune_archive
+    from bastion.backup.repository import Repository
+    d, db = _setup(tmp_path, interval="0.2s")
+    log = tmp_path / "commits.log"
+    try:
+        ids = []
+        for _ in range(2):
+            app = _run_app(db, log, 1.5)
+            time.sleep(0.7)
+            b = d.cli("backup", "app", "--json")
+            assert b.code == 0 and b.json["archive_base"] is True, b.err
+            ids.append(b.json["backup"])
+            app.wait(60)
+        time.sleep(0.8)
+        repo = Repository.open(f"file://{tmp_path / 'var' / 'backups'}")
+        before = _segments(tmp_path)
+        rng = json.loads(d.cli("backups", "archive", "app", "--json").out)["ranges"]
+        assert [r["backup"] for r in rng] == ids
+        # a week's retention: nothing is old enough
+        assert prune_archive(repo, "app", "app.db", 7 * 86400)["segments_removed"] == 0
+        # no retention at all: only what the first backup and later instants need stays
+        gone = prune_archive(repo, "app", "app.db", 0)["segments_removed"]
+        after = _segments(tmp_path)
+        assert len(after) == len(before) - gone
+        for i, r in enumerate(rng):
+            mid = (r["from"] + r["to"]) / 2
+            res = _restore_at(d, tmp_path / f"a{i}", "--at", repr(mid))
+            assert res.code == 0, res.err
+            k = max(k for k, t in _commits(log) if t <= mid - 0.02)
+            got = sqlite3.connect(tmp_path / f"a{i}" / "app.db").execute("SELECT v FROM meta").fetchone()[0]
+            assert k <= got <= max(k for k, t in _commits(log) if t <= mid + 0.02)
+        # the first backup pruned: what only it needed goes, and its range is no longer offered
+        assert d.cli("prune", "--keep-last", "1").code == 0
+        gone2 = prune_archive(repo, "app", "app.db", 0)["segments_removed"]
+        assert gone2 > 0
+        rng2 = json.loads(d.cli("backups", "archive", "app", "--json").out)["ranges"]
+        assert [r["backup"] for r in rng2] == ids[1:]
+        res = _restore_at(d, tmp_path / "b", "--at", repr((rng[0]["from"] + rng[0]["to"]) / 2))
+        assert res.code != 0 and "before the first backup" in res.err
+        res = _restore_at(d, tmp_path / "c", "--at", repr(rng2[0]["to"]))
+        assert res.code == 0, res.err
+    finally:
+        d.stop()

@@ -76,5 +76,26 @@ def main() -> None:
     con.close()
 
 
+def serve() -> None:
+    """Driven line by line on stdin (for the state machine): ``w N`` commits N transactions and
+    answers ``k time`` of the last; ``c MODE`` runs wal_checkpoint(MODE) and answers its row."""
+    path = sys.argv[2]
+    con = sqlite3.connect(path, isolation_level=None, timeout=30)
+    con.execute("PRAGMA busy_timeout=30000")
+    k = con.execute("SELECT v FROM meta WHERE k='txn'").fetchone()[0]
+    for line in sys.stdin:
+        cmd, arg = line.split()
+        if cmd == "w":
+            for _ in range(int(arg)):
+                k += 1
+                con.execute("BEGIN IMMEDIATE")
+                apply(con, k)
+                con.execute("COMMIT")
+            print(k, f"{time.time():.6f}", flush=True)
+        else:
+            print(*con.execute(f"PRAGMA wal_checkpoint({arg})").fetchone(), flush=True)
+    con.close()
+
+
 if __name__ == "__main__":
-    main()
+    serve() if sys.argv[1] == "serve" else main()

@@ -319,6 +319,7 @@ class Daemon:
             "databases": dbs,
             "jobs": self.scheduler.describe(),
             "backups": [self.backups.latest(name) for name in sorted(self.config.databases)],
+            "archive": self.archive.status(),
             "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
             "replication": self.replication.status()["databases"],
             "sync": self.sync.status()["databases"],
