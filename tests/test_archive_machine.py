@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from support import PY, DaemonProc, free_port, wait_for, write_config
 from support import pitr_app
 
@@ -37,7 +37,8 @@ class Archive(RuleBasedStateMachine):
                                     stdout=subprocess.PIPE, text=True)
         self.commits: list[tuple[float, int]] = [(time.time(), 0)]   # (time, transactions committed by then)
         self.quiet: list[tuple[float, int]] = []     # instants between bursts, with the count then
-        self.based = False
+        self.base_at = 0.0
+        self.backups = 0
         self.n = 0
 
     def _ask(self, line: str) -> str:
@@ -46,7 +47,20 @@ class Archive(RuleBasedStateMachine):
         self.app.stdin.flush()
         return self.app.stdout.readline().strip()
 
-    @rule(n=st.integers(1, 200))
+    @rule(action=st.sampled_from(["write", "write", "write", "checkpoint", "backup", "restore"]),
+          n=st.integers(1, 200), mode=st.sampled_from(["PASSIVE", "RESTART", "TRUNCATE"]),
+          pick=st.randoms(use_true_random=False))
+    def step(self, action: str, n: int, mode: str, pick: random.Random) -> None:
+        """One rule drawing the action (hypothesis favoured one rule per run when they were apart)."""
+        if action == "backup" and self.backups < 2 and self.commits[-1][1]:
+            self.backup()
+        elif action == "restore" and self._usable():
+            self.restore(pick)
+        elif action == "checkpoint":
+            self.app_checkpoint(mode)
+        else:
+            self.write(n)
+
     def write(self, n: int) -> None:
         before = time.time()
         k, t = self._ask(f"w {n}").split()
@@ -55,27 +69,25 @@ class Archive(RuleBasedStateMachine):
         self.commits.append((float(t), int(k)))
         time.sleep(0.12)
 
-    @rule(mode=st.sampled_from(["PASSIVE", "RESTART", "TRUNCATE"]))
     def app_checkpoint(self, mode: str) -> None:
         self._ask(f"c {mode}")
 
-    @rule()
     def backup(self) -> None:
+        self.backups += 1
         r = self.daemon.cli("backup", "app", "--json")
         assert r.code == 0, r.err
         assert r.json["archive_base"] is True
-        self.based = True
+        self.base_at = self.base_at or time.time()
         time.sleep(0.12)
 
-    @precondition(lambda self: self.based)
-    @rule(pick=st.randoms(use_true_random=False))
+    def _usable(self) -> list[tuple[float, int]]:
+        return [(t, k) for t, k in self.quiet if self.base_at and t > self.base_at]
+
     def restore(self, pick: random.Random) -> None:
+        self._restore(*pick.choice(self._usable()))
+
+    def _restore(self, at: float, k: int) -> None:
         repo = Repository.open(f"file://{self.dir / 'var' / 'backups'}")
-        rng = ranges(repo, "app")
-        usable = [(t, k) for t, k in self.quiet if any(r["from"] + 0.02 < t for r in rng)]
-        if not usable:
-            return
-        at, k = pick.choice(usable)
         wait_for(lambda: any(r["from"] <= at <= r["to"] for r in ranges(repo, "app")), timeout=10)
         self.n += 1
         dest = self.dir / f"r{self.n}"
@@ -93,14 +105,17 @@ class Archive(RuleBasedStateMachine):
         assert self.app.poll() is None
 
     def teardown(self) -> None:
-        if self.app.poll() is None:
-            self.app.stdin.close()   # type: ignore[union-attr]
-            self.app.wait(30)
+        if self._usable() and not self.n:    # every example restores at least once
+            self._restore(*self._usable()[-1])
+        assert self.app.stdin and self.app.stdout
+        self.app.stdin.close()
+        self.app.wait(30)
+        self.app.stdout.close()
         self.daemon.stop()
 
 
 def test_archive_state_machine(tmp_path):
     Archive.base_dir = tmp_path
-    run = settings(max_examples=3, stateful_step_count=10, deadline=None,
-                   suppress_health_check=list(HealthCheck))(Archive.TestCase)
-    run().runTest()
+    Archive.TestCase.settings = settings(max_examples=4, stateful_step_count=14, deadline=None,
+                                         suppress_health_check=list(HealthCheck))
+    Archive.TestCase().runTest()
