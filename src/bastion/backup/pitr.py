@@ -332,21 +332,26 @@ def prune_archive(repo: Repository, database: str, file: str, keep_seconds: floa
         if pos:
             need[pos["generation"]] = min(need.get(pos["generation"], 1 << 62), pos["seq"])
     removed = 0
+    if repo.live_locks("backup"):
+        # a backup under way becomes a base only after its manifest: what it will need is not known yet
+        return {"database": database, "file": file, "segments_removed": 0, "deferred": "a backup is running"}
     refs = sorted(r for r in map(sg.parse_name, repo.store.list(sg.stream(database, file))) if r)
+    done: set[str] = set()           # generations whose next segment is newer than the cutoff
     for r in refs:
         gen = r.generation
-        if True:
-            if gen in need and r.seq >= need[gen]:
-                continue
-            try:
-                h = _load(repo, r).header
-                newest = float(h.get("until") or h["commits"][-1][2])
-            except BastionError:
-                # damaged and needed by no backup: its generation's start is the age it has for sure
-                newest = calendar.timegm(time.strptime(r.generation[:16], "%Y%m%dT%H%M%SZ"))
-            if newest < cutoff:
-                repo.store.delete(r.name)
-                removed += 1
+        if gen in done or (gen in need and r.seq >= need[gen]):
+            continue
+        try:
+            h = _load(repo, r).header
+            newest = float(h.get("until") or h["commits"][-1][2])
+        except BastionError:
+            # damaged and needed by no backup: its generation's start is the age it has for sure
+            newest = calendar.timegm(time.strptime(r.generation[:16], "%Y%m%dT%H%M%SZ"))
+        if newest >= cutoff:
+            done.add(gen)            # segments of a generation only get newer: stop reading it
+            continue
+        repo.store.delete(r.name)
+        removed += 1
     have = set(repo.backup_ids())
     for name in list(repo.store.list(f"{BASES}/{names.file_name(database)}")):
         bid = name.rsplit("/", 1)[-1][:-5]
