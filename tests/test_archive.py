@@ -75,11 +75,14 @@ def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_ever
     d, db = _setup(tmp_path)
     try:
         log = tmp_path / "commits.log"
-        app = _run_app(db, log, 7.0, ckpt_every)
-        time.sleep(2.0)
-        b = d.cli("backup", "app", "--json")
+        app = _run_app(db, log, 2.5, ckpt_every)
+        time.sleep(1.0)
+        b = d.cli("backup", "app", "--json")     # while the application writes
         assert b.code == 0, b.err
         assert b.json["archive_base"] is True
+        app.wait(60)
+        assert app.returncode == 0
+        app = _run_app(db, log, 4.0, ckpt_every)    # and after: pauses to restore at, whatever the load
         app.wait(60)
         assert app.returncode == 0
         time.sleep(1.0)                 # a few archive intervals: the last commits reach the archive

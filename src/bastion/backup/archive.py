@@ -318,7 +318,7 @@ class FileArchiver:
             # look again. If it lasts, maybe a RESTART/TRUNCATE that waits for our R to move while
             # it holds the write lock: find the end as SQLite's recovery does instead (slower).
             self.busy_since = self.busy_since or time.monotonic()
-            if time.monotonic() - self.busy_since < 0.05:
+            if time.monotonic() - self.busy_since < self.watch:
                 return None
             mx = -1
         else:
