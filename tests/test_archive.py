@@ -96,6 +96,10 @@ def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_ever
             r = _restore_at(d, tmp_path / f"r{i}", "--at", f"{at:.6f}")
             assert r.code == 0, r.err
             _check(tmp_path / f"r{i}", k)
+        # the position a restore reports gives the same content through --at-position
+        r = _restore_at(d, tmp_path / "pos", "--at-position", r.json["files"][0]["position"])
+        assert r.code == 0, r.err
+        _check(tmp_path / "pos", k)
         # the last archived commit is reachable
         last_k = commits[-1][0]
         r = _restore_at(d, tmp_path / "last", "--at", repr(rng[0]["to"]))
