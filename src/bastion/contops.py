@@ -33,6 +33,7 @@ class ContinuousOperations:
         self.catalog = catalog
         self.state = state
         self._mutex = threading.RLock()
+        self.archive: Any = None      # the daemon's WAL archive (backup.archive.Archive), if any
 
     # -- startbu --------------------------------------------------------------
     def start(self, files: list[DatabaseFile], max_duration: float | None = None) -> dict[str, Any]:
@@ -41,6 +42,7 @@ class ContinuousOperations:
             stale = self._check_startable(files)
             self.catalog.ensure_protected(files)
             held: list[DatabaseFile] = []
+            positions: dict[str, dict[str, Any]] = {}
 
             def step() -> None:
                 # Under the pause: pin the snapshot, then every frame must reach the main
@@ -53,6 +55,11 @@ class ContinuousOperations:
                 for f in files:
                     f.hold()
                     held.append(f)
+                # the WAL archive reads to the end and lets its checkpoint hold go meanwhile
+                got, resume = self.archive.pause_for_contops([f.path for f in files]) if self.archive \
+                    else ({}, lambda: None)
+                positions.clear()
+                positions.update(got)
                 try:
                     for f in files:
                         res = f.checkpoint()
@@ -67,6 +74,8 @@ class ContinuousOperations:
                         f.release()
                     held.clear()
                     raise
+                finally:
+                    resume()
 
             try:
                 paused = pause_writers(files, self.config.gate_timeout, step)
@@ -96,7 +105,7 @@ class ContinuousOperations:
             "latency_ms": round((time.monotonic() - t0) * 1000, 3),
             "files": [{"path": e["path"], "database": e["database"], "main_bytes": e["stamp"]["size"],
                        "wal_bytes": e["wal_bytes_start"]} for e in entries],
-            "warnings": warnings, "verdict": Outcome.OK,
+            "warnings": warnings, "verdict": Outcome.OK, "archive": positions,
         }
 
     def _check_startable(self, files: list[DatabaseFile]) -> list[dict[str, Any]]:

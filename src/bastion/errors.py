@@ -224,6 +224,11 @@ class DamagedManifest(RepositoryError):
     """details: backup, and problems: [{"file", "chunk", "problem"}] (every one found, not just the first)."""
 
 
+class DamagedSegment(RepositoryError):
+    """A WAL archive segment that cannot be read, fails its hash, or breaks the WAL checksum chain
+    (``details["segment"]``: its object name)."""
+
+
 class RestoreFailed(RepositoryError):
     """``details["file"]``: the backup's file (its name in the manifest) the restore stopped on,
     when one file was at fault; read it as :attr:`file` (it survives HTTP, not the message)."""

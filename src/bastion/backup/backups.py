@@ -65,6 +65,7 @@ class Backups:
         self.contops = contops
         self.running: dict[str, dict[str, Any]] = {}   # label -> progress of a backup under way
         self._latest: dict[str, tuple[float, BackupLatest]] = {}   # database -> (when read, summary)
+        self.archive: Any = None     # the WAL archive (backup.archive.Archive): backups become its bases
 
     LATEST_TTL = 10.0   # status is polled; a remote repository is not read more often than this
 
@@ -172,6 +173,9 @@ class Backups:
             progress["phase"] = "verifying"
             out = self._finish(repo, label, start, res)
             out["temporaries_removed"] = res.get("temporaries_removed", 0)
+            if self.archive is not None and start.get("archive") and out["verdict"] == Outcome.OK:
+                out["archive_base"] = self.archive.record_base(repo, label, out["backup"],
+                                                               start["started_at_epoch"], start["archive"])
             return out
         finally:
             self.running.pop(label, None)

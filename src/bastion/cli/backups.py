@@ -138,6 +138,26 @@ def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url
     emit(data, as_json, human)
 
 
+@backups.command("archive")
+@click.argument("database")
+@click.option("--repo", "repo_url", default=None, help="Repository URL (default file://<data_dir>/backups).")
+@common
+def backups_archive(conf: cfg.Config, as_json: bool, database: str, repo_url: str | None) -> None:
+    """The instants `restore DB --at` can reach: per backup taken while the WAL archive ran."""
+    from ..backup.pitr import ranges
+    rng = ranges(_repo(conf, repo_url, database), database)
+    data = {"database": database, "ranges": rng, "verdict": "ok"}
+
+    def human(d: dict[str, Any]) -> None:
+        if not d["ranges"]:
+            out.print(f"no backup of {database} was taken while the WAL archive ran: nothing to restore a "
+                      "point in time from")
+        for r in d["ranges"]:
+            out.print(f"{r['from_iso']} .. {r['to_iso']}  (backup {r['backup']}, generation {r['generation']})"
+                      + (f"  stops at a gap: {r['gap']}" if r["gap"] else ""))
+    emit(data, as_json, human)
+
+
 @cli.command()
 @click.argument("backup_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every backup in the repository.")
@@ -180,13 +200,23 @@ def verify(conf: cfg.Config, as_json: bool, backup_ids: tuple[str, ...], all_: b
 @click.option("--force", is_flag=True,
               help="Replace existing files in the directory (refused while any process has them open; the old "
                    "files and their WAL are kept aside).")
+@click.option("--at", "at", default=None,
+              help='Point-in-time restore of database BACKUP_ID as of this instant ("2026-12-03 14:05:07", UTC '
+                   "unless an offset is given): a backup plus the WAL archive.")
+@click.option("--at-position", "at_position", default=None, help="Point-in-time restore up to GEN:SEQ:FRAME.")
 @common
 @secret_options
 def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, replace: bool,
-            repo_url: str | None, force: bool) -> None:
-    """Restore a backup into a directory (temp names, fsync, integrity_check, digests, then rename)."""
+            repo_url: str | None, force: bool, at: str | None, at_position: str | None) -> None:
+    """Restore a backup into a directory (temp names, fsync, integrity_check, digests, then rename).
+
+    With --at (or --at-position) BACKUP_ID names a database: the newest backup before the instant is
+    restored and the archived WAL applied up to the last commit at or before it."""
     from ..backup import names
     from ..backup import restore as run
+    if at is not None or at_position is not None:
+        _restore_at(conf, as_json, backup_id, dest, replace, repo_url, force, at, at_position)
+        return
     if (dest is None) == (not replace):
         raise UsageError("give exactly one of --to DIR or --replace", hint="bastion restore ID --to DIR")
     try:
@@ -217,6 +247,28 @@ def restore(conf: cfg.Config, as_json: bool, backup_id: str, dest: str | None, r
                       + (f"; previous file kept as {f['previous_kept_as']}" if f.get("previous_kept_as") else ""))
         out.print(f"restored backup {d['backup']} of {d['database']} (instant {d['instant']}): "
                   f"{_fmt_bytes(d['bytes'])} in {d['seconds']:.2f} s")
+    emit(data, as_json, human)
+
+
+def _restore_at(conf: cfg.Config, as_json: bool, database: str, dest: str | None, replace: bool,
+                repo_url: str | None, force: bool, at: str | None, at_position: str | None) -> None:
+    from ..backup.pitr import parse_instant, parse_position, restore_at
+    if dest is None or replace or force:
+        raise UsageError("a point-in-time restore goes into a new directory: give --to DIR (not --replace or "
+                         "--force)", hint=f'bastion restore {database} --at "2026-12-03 14:05:07" --to DIR')
+    if (at is None) == (at_position is None):
+        raise UsageError("give one of --at and --at-position")
+    with _spinner(as_json, "restoring to a point in time..."):
+        data = restore_at(_repo(conf, repo_url, database), database, dest,
+                          at=parse_instant(at) if at is not None else None,
+                          position=parse_position(at_position) if at_position is not None else None)
+
+    def human(d: dict[str, Any]) -> None:
+        for f in d["files"]:
+            out.print(f"  {f['name']}: position {f['position']} (commit seen {f['commit_seen_at'] or 'at the backup'}),"
+                      f" {f['frames_applied']} frames applied, integrity {f['integrity']}")
+        out.print(f"restored {d['database']} as of {d['at'] or 'the position'} from backup {d['base']} "
+                  f"into {d['to']} in {d['seconds']:.2f} s")
     emit(data, as_json, human)
 
 

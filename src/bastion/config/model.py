@@ -43,6 +43,10 @@ class DatabaseConfig:
     # an encrypted repository's secret (backup.keys): paths, read when needed; override [backups]
     passphrase_file: str | None = None
     key_file: str | None = None
+    # WAL archive for point-in-time restore (bastion.backup.archive); None: [backups]' value
+    archive: bool | None = None
+    archive_interval: float | None = None
+    archive_retention: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class BackupConfig:
     format: int = 1                      # of a repository created by a backup: 1 (chunks) or 2 (page packs)
     passphrase_file: str | None = None   # encrypted repositories' secret (backup.keys): a path, never the secret
     key_file: str | None = None
+    archive: bool = False                # archive committed WAL frames between backups (point-in-time restore)
+    archive_interval: float = 1.0        # seconds between archive segments: the archive's RPO
+    archive_retention: float = 7 * 86400.0   # segments older than this that no kept backup needs are pruned
 
 
 Command = str | tuple[str, ...]     # a hook: a string runs through the shell, a list is argv (bastion.hooks)

@@ -29,7 +29,8 @@ _KNOWN: dict[str, set[str] | None] = {
     "contops": {"max_duration", "gate_timeout", "rollin_timeout"},
     "freeze": {"timeout"},
     "backups": {"repository", "schedule", "verify_schedule", "keep_last", "keep_hourly", "keep_daily",
-                "keep_weekly", "keep_monthly", "drill_schedule", "format", "passphrase_file", "key_file"},
+                "keep_weekly", "keep_monthly", "drill_schedule", "format", "passphrase_file", "key_file",
+                "archive", "archive_interval", "archive_retention"},
     "databases": None,
     "replication": {"peer_token_file", "origin", "peer_ca_file"},
     "sync": {"site"},
@@ -40,7 +41,7 @@ _KNOWN: dict[str, set[str] | None] = {
 }
 _DATABASE_KEYS = ("files", "repository", "schedule", "durability", "group_commit", "foreign_keys", "sync_group",
                   "drill_check", "drill_command", "replicate_to", "replicate_schedule", "blackout", "on_failure",
-                  "replica_of", "passphrase_file", "key_file")
+                  "replica_of", "passphrase_file", "key_file", "archive", "archive_interval", "archive_retention")
 _SYNC_GROUP_KEYS = {"sites", "topology", "hub", "policy", "priority", "update_delete", "resolver", "schedule",
                     "blackout", "on_failure", "counters", "keys", "invariants"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -246,7 +247,9 @@ def _backups(b: dict[str, Any], base: str, source: str) -> BackupConfig:
                           hint="2 (page-level packs) applies to repositories created from now on; 1 is the default")
     return BackupConfig(_repo_url(b.get("repository"), base, source, None), b.get("schedule"),
                         b.get("verify_schedule"), keep, b.get("drill_schedule"), fmt,
-                        **_key_paths(b, f"{source}: [backups]", base))
+                        **_key_paths(b, f"{source}: [backups]", base),
+                        **_archive_keys(b, f"{source}: [backups]", {"archive": False, "archive_interval": "1s",
+                                                                     "archive_retention": "7d"}))
 
 
 def _key_paths(spec: dict[str, Any], where: str, base: str) -> dict[str, Any]:
@@ -260,6 +263,21 @@ def _key_paths(spec: dict[str, Any], where: str, base: str) -> dict[str, Any]:
         out[key] = os.path.abspath(os.path.join(base, os.path.expanduser(v))) if v else None
     if out["passphrase_file"] and out["key_file"]:
         raise ConfigError(f"{where} sets both passphrase_file and key_file", hint="a repository is opened with one")
+    return out
+
+
+def _archive_keys(spec: dict[str, Any], where: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """archive (true/false), archive_interval and archive_retention (durations), checked."""
+    out: dict[str, Any] = {}
+    arch = spec.get("archive", defaults.get("archive"))
+    if arch is not None and not isinstance(arch, bool):
+        raise ConfigError(f"{where} archive must be true or false, got {arch!r}")
+    out["archive"] = arch
+    for key in ("archive_interval", "archive_retention"):
+        raw = spec.get(key, defaults.get(key))
+        out[key] = None if raw is None else parse_duration(raw, f"{where} {key}")
+        if out[key] is not None and out[key] <= 0:
+            raise ConfigError(f"{where} {key} must be longer than 0")
     return out
 
 
@@ -324,7 +342,8 @@ def _database(name: str, spec: Any, source: str, base: str, resolve: Callable[[s
                           hint="define the group: [sync_groups.NAME] sites = { site = \"http://host:port\" }")
     db = DatabaseConfig(name, tuple(files), _repo_url(spec.get("repository"), base, source, name), sched,
                         durability, group_commit, foreign_keys, **_replication_keys(spec, where),
-                        sync_group=group, **_drill_keys(spec, where), **_key_paths(spec, where, base))
+                        sync_group=group, **_drill_keys(spec, where), **_key_paths(spec, where, base),
+                        **_archive_keys(spec, where, {}))
     if group is not None and (db.replicate_to or db.replica_of):
         raise ConfigError(f"{where} is in a sync group: it cannot also replicate_to or be "
                           "a replica_of", hint="sync already keeps a copy on every site of the group")

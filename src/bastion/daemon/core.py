@@ -119,6 +119,7 @@ class DaemonStatus(TypedDict):
     sync: list[SyncerStatus]
     drills: dict[str, dict[str, Any]]
     alerts: list[dict[str, Any]]
+    archive: list[dict[str, Any]]     # the WAL archivers (backup.archive.Archive.status)
 
 
 class Daemon:
@@ -163,6 +164,9 @@ class Daemon:
         self.contops = ContinuousOperations(self.config, self.catalog, self.state)
         self.freezer = Freezer(self.config, self.catalog, self.state)
         self.backups = Backups(self.config, self.catalog, self.contops)
+        from ..backup.archive import Archive
+        self.archive = Archive(self.config, self.catalog)     # issue 15: WAL archive between backups
+        self.contops.archive = self.backups.archive = self.archive
         self.scheduler = Scheduler(self.config, self.state)
         self.sql = self._sql_service()
         from ..replication import Replication
@@ -182,6 +186,7 @@ class Daemon:
         self._sweeper = threading.Thread(target=self._sweep, name="bastion-sweeper", daemon=True)
         self._sweeper.start()
         self.scheduler.start()
+        self.archive.start()
         self.replication.start()
         self.sync.start()
         from ..notify import Notifier
@@ -236,7 +241,7 @@ class Daemon:
         self._stop.set()
         if self._sweeper:
             self._sweeper.join(timeout=5)
-        for name in ("notifier", "sync", "replication", "scheduler", "sql"):
+        for name in ("notifier", "sync", "replication", "archive", "scheduler", "sql"):
             part = self.__dict__.get(name)
             if part is not None:
                 try:
@@ -258,6 +263,7 @@ class Daemon:
         self.scheduler.stop()
         self.replication.stop()
         self.sync.stop()
+        self.archive.stop()
         if self._sweeper:
             self._sweeper.join(timeout=5)
         self.sql.close()
@@ -314,7 +320,8 @@ class Daemon:
         # otherwise find the daemon itself holding the files and refuse every time.
         resume = self.sql.suspend([f.path for f in files], "recover --discard-changes")
         try:
-            with self.replication.paused(), self.sync.paused():     # their connections too
+            with self.replication.paused(), self.sync.paused(), \
+                    self.archive.paused([f.path for f in files]):     # their connections too
                 return self.contops.recover(files, discard)
         finally:
             resume()
@@ -334,7 +341,8 @@ class Daemon:
 
     def restore_in_place(self, backup_id: str, url: str | None = None) -> dict[str, Any]:
         from ..backup.backups import restore_in_place
-        with self.replication.paused(), self.sync.paused():   # no connection of theirs open during the swap
+        with self.replication.paused(), self.sync.paused(), \
+                self.archive.paused(list(self.catalog.files)):   # no connection of theirs open during the swap
             return restore_in_place(self.config, self.catalog, self.contops, backup_id, url, sql=self.sql)
 
     def drill(self, name: str, url: str | None = None) -> dict[str, Any]:
@@ -368,6 +376,7 @@ class Daemon:
             "databases": dbs,
             "jobs": self.scheduler.describe(),
             "backups": [self.backups.latest(name) for name in sorted(self.config.databases)],
+            "archive": self.archive.status(),
             "sql": {"databases": self.sql.stats(), "open_transactions": self.sql.open_transactions()},
             "replication": self.replication.status()["databases"],
             "sync": self.sync.status()["databases"],
