@@ -220,6 +220,18 @@ class MissingChunk(RepositoryError):
     pass
 
 
+class CorruptPack(CorruptChunk):
+    """A format-2 pack's bytes do not decode to what its index says (damaged, truncated, or tampered)."""
+
+
+class MissingPack(MissingChunk):
+    """A pack an index or a format-2 backup needs is not in the repository."""
+
+
+class DamagedIndex(RepositoryError):
+    """A pack index that cannot be read, or whose values cannot be right for its pack."""
+
+
 class DamagedManifest(RepositoryError):
     """details: backup, and problems: [{"file", "chunk", "problem"}] (every one found, not just the first)."""
 

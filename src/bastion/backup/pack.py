@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import blake3
 import zstandard
 
-from ..errors import CorruptChunk, MissingChunk, RepositoryError
+from ..errors import CorruptPack, DamagedIndex, MissingChunk, MissingPack, RepositoryError  # noqa: F401 - the pack errors live in errors.py; imported from here too
 from .store import ObjectMissing, Store
 
 PACK_MAGIC = b"BPK2"
@@ -39,18 +39,6 @@ _REC = struct.Struct(">32sIIBI32s")  # hash, offset, length, kind, decoded lengt
 _HEAD = struct.Struct(">16sQ32s")    # pack id, pack size, BLAKE3 of the pack's bytes
 NO_BASE = bytes(32)
 _ID_HEX = frozenset("0123456789abcdef")
-
-
-class CorruptPack(CorruptChunk):
-    """A pack's bytes do not decode to what its index says (damaged, truncated, or tampered)."""
-
-
-class MissingPack(MissingChunk):
-    """A pack an index or a backup needs is not in the repository."""
-
-
-class DamagedIndex(RepositoryError):
-    """A pack index that cannot be read, or whose values cannot be right for its pack."""
 
 
 def page_hash(data: bytes | memoryview) -> bytes:
