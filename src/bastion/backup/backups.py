@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import apsw
 
@@ -26,7 +26,7 @@ from . import names
 from .manifest import FORMAT, Manifest
 from .repository import NoRepository, Repository, describe_verification
 from .snapshot import snapshot_in_child
-from .verify import verify
+from .verify import Problem, verify
 
 
 def default_repository(config: Config, database: str | None = None) -> str:
@@ -56,6 +56,62 @@ class BackupLatest(TypedDict):
     verified: str | None          # describe_verification's line
     verification: dict[str, Any] | None
     error: str | None             # the repository could not be read
+
+
+class BackupResult(TypedDict):
+    """`bastion backup` of one database: the new backup, its figures, and its read-back check."""
+    backup: str
+    database: str
+    repository: str
+    instant: str
+    logical_bytes: int
+    stored_bytes_added: int | None
+    chunks_total: int | None
+    chunks_new: int | None
+    seconds: float
+    writers_paused_ms: Any        # continuous operations' figure, as start() gave it
+    verified: bool
+    verify_seconds: float
+    verdict: Outcome
+    problems: NotRequired[list[Problem]]     # the written backup is not restorable: these, and words
+    message: NotRequired[str]
+    hint: NotRequired[str]
+    temporaries_removed: NotRequired[int]    # set by take(), not by _finish()
+    archive_base: NotRequired[Any]           # WAL archive on: where its segments start
+    pruned: NotRequired[list[str]]           # a scheduled backup: the ids its prune removed
+
+
+class BackupFailure(TypedDict):
+    """One database of a several-database backup that raised."""
+    database: str
+    error: dict[str, Any]         # BastionError.to_dict()
+    verdict: Outcome
+
+
+class BackupBatch(TypedDict):
+    """`bastion backup` of several databases (or --all): each result or error."""
+    backups: list[BackupResult | BackupFailure]
+    failed: int
+    verdict: Outcome
+
+
+class BackupRow(TypedDict):
+    """One backup of `bastion backups list`."""
+    id: str
+    database: str
+    instant: str
+    logical_bytes: int
+    stored_bytes_added: int
+    files: list[str]
+    verified: str
+    verification: dict[str, Any]
+
+
+class BackupList(TypedDict):
+    repository: str
+    backups: list[BackupRow]
+    problems: list[str]           # damaged manifests, in words
+    verdict: Outcome
 
 
 class Backups:
@@ -100,7 +156,8 @@ class Backups:
         self._latest[database] = (now, out)
         return out
 
-    def take_each(self, names: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
+    def take_each(self, names: list[str], all_: bool = False,
+                  to: str | None = None) -> BackupResult | BackupBatch:
         """One backup per database named (or per configured database and protected file, for --all),
         each under its own name. One target: that backup's result (errors raise). Several: every
         result or error; ok if all succeeded, partial if some did, failed if none did."""
@@ -108,7 +165,7 @@ class Backups:
         if len(groups) == 1 and not all_:
             label, files = groups[0]
             return self.take(label, files, to)
-        results: list[dict[str, Any]] = []
+        results: list[BackupResult | BackupFailure] = []
         for label, files in groups:
             try:
                 results.append(self.take(label, files, to))
@@ -140,13 +197,13 @@ class Backups:
             groups.setdefault(f.database or f.path, []).append(f)
         return list(groups.items())
 
-    def take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
+    def take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> BackupResult:
         try:
             return self._take(label, files, to)
         except OSError as exc:   # an OS error the store or contops did not name: still in words
             raise from_os_error(exc, f"backup of {label}") from None
 
-    def _take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> dict[str, Any]:
+    def _take(self, label: str, files: list[DatabaseFile], to: str | None = None) -> BackupResult:
         url = to or default_repository(self.config, label)
         # refuse an incompatible repository before starting; a new one is of the configured format
         repo = Repository.open(url, create=True, format=self.config.backups.format)
@@ -181,7 +238,7 @@ class Backups:
             self.running.pop(label, None)
             repo.unlock(lock)
 
-    def _finish(self, repo: Repository, label: str, start: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, repo: Repository, label: str, start: dict[str, Any], res: dict[str, Any]) -> BackupResult:
         instant = Instant(start["started_at_epoch"])
         bid = f"{instant.stamp}-{uuid.uuid4().hex[:6]}"    # ids sort by the instant they start with
         manifest = Manifest.from_json({   # checked as it will be read: never write one we would refuse
@@ -197,7 +254,7 @@ class Backups:
         # dedups, and may have been damaged since it was written. verify() records the outcome.
         t0 = time.monotonic()
         check = verify(repo, [bid])
-        out: dict[str, Any] = {
+        out: BackupResult = {
             "backup": bid, "database": label, "repository": repo.url, "instant": manifest.instant_text,
             "logical_bytes": manifest.logical_bytes, "stored_bytes_added": manifest.stored_bytes_added,
             "chunks_total": manifest.chunks_total, "chunks_new": manifest.chunks_new,
@@ -207,7 +264,7 @@ class Backups:
         if not check["ok"]:
             out["problems"] = check["problems"]
             broken = sorted({p["backup"] for p in check["problems"]})
-            chunks = sorted({p["chunk"][:16] for p in check["problems"] if p.get("chunk")})
+            chunks = sorted({p["chunk"][:16] for p in check["problems"] if p["chunk"]})
             out["message"] = (f"backup {bid} was written but is NOT restorable: the repository's copy of "
                               + (f"chunk(s) {', '.join(chunks)}" if chunks else "it") + " is damaged; "
                               f"backups affected: {', '.join(broken)}")
@@ -306,10 +363,10 @@ def restore_in_place(config: Config, catalog: Catalog, contops: ContinuousOperat
             "verdict": Outcome.OK if ok else Outcome.FAILED}
 
 
-def list_backups(repo: Repository, database: str | None = None) -> dict[str, Any]:
+def list_backups(repo: Repository, database: str | None = None) -> BackupList:
     """Every backup with its latest recorded verification; damaged manifests as named problems."""
-    rows: list[tuple[Instant, dict[str, Any]]] = []
-    problems = []
+    rows: list[tuple[Instant, BackupRow]] = []
+    problems: list[str] = []
     for m in repo.manifests():
         if isinstance(m, Exception):
             problems.append(str(m))

@@ -12,7 +12,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..errors import BastionError, DamagedManifest, RepositoryError
 from .manifest2 import manifest_problems
@@ -22,6 +22,7 @@ from .pages import FORMAT, HASH, load_map
 
 if TYPE_CHECKING:
     from .manifest import Manifest, ManifestFile
+    from .info import RepositoryInfo
     from .repository import Repository
 
 RUN_BYTES = 2 << 20      # adjacent blobs read in one go by restore, at most
@@ -193,7 +194,16 @@ def check_prunable(repo: Repository, remaining: list[Manifest]) -> None:
                                                                      if m.format == FORMAT])
 
 
-def repack(repo: Repository, remaining: list[Manifest], dry_run: bool) -> dict[str, Any]:
+class Repack(TypedDict):
+    """What prune's pack cleanup did (or would do, dry run); spread into prune.PruneResult."""
+    packs_removed: int
+    packs_rewritten: int
+    bytes_freed: int
+    chunks_removed: int
+    chunk_cleanup: str            # "done" or "dry run"
+
+
+def repack(repo: Repository, remaining: list[Manifest], dry_run: bool) -> Repack:
     """Delete packs no remaining backup uses, rewrite those mostly unused (restic-style). The caller
     holds the prune lock and has seen no backup lock, so no backup can be adding references.
 
@@ -217,7 +227,7 @@ def repack(repo: Repository, remaining: list[Manifest], dry_run: bool) -> dict[s
             freed += size - used
     orphans = [n for n in repo.store.list("packs")
                if valid_id(pid := n.replace("\\", "/").rsplit("/", 1)[-1]) and pid not in index.packs]
-    out = {"packs_removed": len(drop) + len(orphans), "packs_rewritten": len(rewrite), "bytes_freed": freed,
+    out: Repack = {"packs_removed": len(drop) + len(orphans), "packs_rewritten": len(rewrite), "bytes_freed": freed,
            "chunks_removed": sum(len(index.by_pack[p]) for p in drop), "chunk_cleanup": "dry run"}
     if dry_run:
         return out
@@ -244,7 +254,7 @@ def repack(repo: Repository, remaining: list[Manifest], dry_run: bool) -> dict[s
 
 # -- summary ------------------------------------------------------------------------------------
 
-def info(repo: Repository) -> dict[str, Any]:
+def info(repo: Repository) -> RepositoryInfo:
     """Format, packs, stored bytes and what the backups would take without dedup and compression."""
     index = RepoIndex.load(repo.store, strict=False)
     stored = sum(size for size, _, _ in index.packs.values())

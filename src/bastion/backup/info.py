@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from ..errors import BastionError, Outcome
 from . import format2
 from .repository import Repository
 
 
-def repository_info(repo: Repository) -> dict[str, Any]:
+class RepositoryInfo(TypedDict):
+    """`bastion repo info`. Format 1 counts chunks; format 2 packs, blobs and damaged indexes."""
+    repository: str
+    format: int
+    backups: int
+    stored_bytes: int
+    logical_bytes: int
+    dedup_ratio: float | None     # None: nothing stored
+    chunks: NotRequired[int]      # format 1
+    packs: NotRequired[int]       # format 2
+    blobs: NotRequired[int]
+    damaged_indexes: NotRequired[list[str]]
+    encrypted: NotRequired[bool]  # these two: always set, last
+    verdict: NotRequired[Outcome]
+
+
+def repository_info(repo: Repository) -> RepositoryInfo:
     """Format 2: packs and blobs from the indexes. Format 1: chunks counted by listing, stored bytes
     as the backups recorded them (the chunks themselves are not read)."""
+    out: RepositoryInfo
     if repo.format == 2:
         out = format2.info(repo)
     else:

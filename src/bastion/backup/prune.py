@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from ..errors import Outcome, UsageError
 from . import format2
@@ -72,7 +72,37 @@ def select(manifests: list[Manifest], policy: Policy) -> dict[str, list[str]]:
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+class KeptBackup(TypedDict):
+    id: str
+    database: str
+    instant: str
+    rules: list[str]              # the policy's rules that keep it
+
+
+class RemovedBackup(TypedDict):
+    id: str
+    database: str
+    instant: str
+
+
+class PruneResult(TypedDict):
+    """`bastion prune`. The backups first; what the chunk (format 1) or pack (format 2) cleanup did is
+    added as it goes, so those keys are NotRequired to mypy although every return sets "verdict"."""
+    repository: str
+    policy: dict[str, int]
+    dry_run: bool
+    kept: list[KeptBackup]
+    removed: list[RemovedBackup]
+    chunks_removed: NotRequired[int]
+    bytes_freed: NotRequired[int]
+    chunk_cleanup: NotRequired[str]    # "done", "dry run", or why it was deferred
+    packs_removed: NotRequired[int]    # format 2 (format2.Repack)
+    packs_rewritten: NotRequired[int]
+    temporaries_removed: NotRequired[int]
+    verdict: NotRequired[Outcome]
+
+
+def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run: bool = False) -> PruneResult:
     if policy.empty():
         raise UsageError("prune needs a policy: at least one of --keep-last, --keep-hourly, --keep-daily, "
                          "--keep-weekly, --keep-monthly", hint="nothing was removed")
@@ -92,7 +122,7 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
     forget = [m for m in scope if m.id not in keep]
     remaining = [m for m in manifests if m.id in keep or (database is not None and m.database != database)]
     referenced = {d for m in remaining for d in m.digests()}
-    result: dict[str, Any] = {
+    result: PruneResult = {
         "repository": repo.url, "policy": policy.to_dict(), "dry_run": dry_run,
         "kept": [{"id": m.id, "database": m.database, "instant": m.instant_text, "rules": keep[m.id]}
                  for m in scope if m.id in keep],
@@ -106,8 +136,8 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
             for m in forget:
                 repo.delete_manifest(m.id)
         if not dry_run and repo.live_locks("backup"):
-            result.update(chunks_removed=0, bytes_freed=0,
-                          chunk_cleanup="deferred: a backup is running; the next prune removes the chunks")
+            result.update({"chunks_removed": 0, "bytes_freed": 0,
+                           "chunk_cleanup": "deferred: a backup is running; the next prune removes the chunks"})
             result["verdict"] = Outcome.OK
             return result
         if repo.format == 2:     # packs nobody uses go, packs mostly unused are rewritten
@@ -116,7 +146,7 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
             if not dry_run:
                 for t in temps:
                     repo.store.delete(t)
-            result.update(temporaries_removed=len(temps), verdict=Outcome.OK)
+            result.update({"temporaries_removed": len(temps), "verdict": Outcome.OK})
             return result
         # only names Bastion writes: a stray or hostile file under chunks/ is neither counted nor touched
         unreferenced = sorted(d for d in repo.chunk_digests() - referenced if _DIGEST.fullmatch(d))
@@ -133,8 +163,8 @@ def prune(repo: Repository, policy: Policy, database: str | None = None, dry_run
         if not dry_run:
             for t in temps:
                 repo.store.delete(t)
-        result.update(chunks_removed=len(unreferenced), bytes_freed=freed, temporaries_removed=len(temps),
-                      chunk_cleanup="done" if not dry_run else "dry run")
+        result.update({"chunks_removed": len(unreferenced), "bytes_freed": freed,
+                       "temporaries_removed": len(temps), "chunk_cleanup": "done" if not dry_run else "dry run"})
         result["verdict"] = Outcome.OK
         return result
     finally:

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import zstandard
 
@@ -254,7 +254,7 @@ class Repository:
         return out
 
     def record_verification(self, backup_id: str, mode: str, ok: bool, at: str,
-                            problems: list[dict[str, Any]], **extra: Any) -> None:
+                            problems: Sequence[Mapping[str, Any]], **extra: Any) -> None:
         """Keep this outcome as the latest of its mode (the other mode's latest stays)."""
         checked_id(backup_id)
         prev = self.verification(backup_id)

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypedDict
 from collections.abc import Callable, Iterator
 
 import apsw
@@ -31,6 +31,30 @@ from .repository import Repository, RepositoryError
 from ..sqlite import connect
 
 TMP_SUFFIX = ".bastion-restore-tmp"
+
+
+class FileCheck(TypedDict):
+    """What the checks of one restored file found (before it had its final name)."""
+    name: str
+    integrity: str                # PRAGMA integrity_check: "ok"
+    tables: int                   # tables whose content digests matched (0 for format 2)
+
+
+class RestoredFile(FileCheck):
+    path: str
+    previous_kept_as: str | None  # --force over existing files: where the old ones were kept
+
+
+class RestoreResult(TypedDict):
+    """`bastion restore --to DIR`."""
+    backup: str
+    database: str
+    instant: str
+    to: str
+    files: list[RestoredFile]
+    bytes: int
+    seconds: float
+    verdict: Outcome
 
 
 def _open_immutable(path: str) -> apsw.Connection:
@@ -136,7 +160,7 @@ def _space(exc: OSError, what: str, need: int, dest: str) -> BastionError | OSEr
 
 def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             progress: Callable[[int, int], None] | None = None,
-            configured: dict[str, str] | None = None) -> dict[str, Any]:
+            configured: dict[str, str] | None = None) -> RestoreResult:
     """Restore backup ``backup_id`` into directory ``dest``; only inside it, never over open files.
 
     ``configured`` maps the real paths of the local config's database files to their database
@@ -239,7 +263,7 @@ def restore(repo: Repository, backup_id: str, dest: str, force: bool = False,
             # format 2 has no table digests (kept off the backup's path): its pages' hashes were checked
             digests_fut = checks.submit(_digests, path) if f.tables is not None else None
             pending.append((f, target, synced, checks.submit(_integrity, path), digests_fut))
-        results = []
+        results: list[FileCheck] = []
         for f, target, synced, integrity_fut, digests_fut in pending:
             try:
                 synced.result()

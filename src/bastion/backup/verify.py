@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import NotRequired, TypedDict
 from collections.abc import Callable
 
 from ..errors import BastionError, Outcome, RestoreFailed, UsageError
@@ -34,6 +34,40 @@ from .repository import DamagedManifest, Repository
 from .restore import restore
 
 READ_THREADS = 3   # chunk reads, zstd and SHA-256 release the GIL
+
+
+class Problem(TypedDict):
+    """One thing found wrong, named down to the file and chunk when it has one."""
+    backup: str
+    file: str | None
+    chunk: str | None
+    problem: str
+
+
+class VerifiedBackup(TypedDict):
+    """One backup's outcome. Keys are added as the checks go, in the order the JSON shows them."""
+    backup: str
+    database: str | None          # None: the manifest could not be read
+    instant: str | None
+    chunks_checked: int
+    bad_chunks: int
+    manifest: str                 # "ok" or "damaged"
+    full: NotRequired[str]        # --full only: its outcome in words
+    ok: NotRequired[bool]         # these two: always set, last
+    problems: NotRequired[int]
+
+
+class VerifyResult(TypedDict):
+    """`bastion verify`: each backup's outcome and every problem (Backups._finish reads "ok")."""
+    repository: str
+    mode: str                     # "quick" or "full"
+    backups: list[VerifiedBackup]
+    problems: list[Problem]
+    notes: list[str]
+    ok: bool
+    verdict: Outcome
+    recorded: NotRequired[bool]   # absent when record=False
+    message: NotRequired[str]     # the scheduler's one-line summary of the problems
 
 
 def _read(repo: Repository, digest: str) -> int | str:
@@ -52,15 +86,15 @@ def _file_of(exc: BastionError, m: Manifest) -> str | None:
 
 
 def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = False,
-           progress: Callable[[int, int], None] | None = None, record: bool = True) -> dict[str, Any]:
+           progress: Callable[[int, int], None] | None = None, record: bool = True) -> VerifyResult:
     """Verify ``backup_ids`` (default: every backup); ``record``: write each outcome to the repository."""
     every = not backup_ids
     ids = list(dict.fromkeys(backup_ids)) if backup_ids else repo.backup_ids()
     mode = "full" if full else "quick"
-    found: dict[str, list[dict[str, Any]]] = {bid: [] for bid in ids}
+    found: dict[str, list[Problem]] = {bid: [] for bid in ids}
     recordable: list[str] = []        # backups whose manifest object exists (sound or not)
     manifests: dict[str, Manifest] = {}
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, VerifiedBackup] = {}
 
     def problem(bid: str, text: str, file: str | None = None, chunk: str | None = None) -> None:
         found.setdefault(bid, []).append({"backup": bid, "file": file, "chunk": chunk, "problem": text})
@@ -87,16 +121,16 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
     for p in format2.quick_problems(repo, paged):     # page maps, indexes, packs (full reads the pages)
         problem(p["backup"], p["problem"], p["file"], p["chunk"])
     for bid, m in paged.items():
-        entries[bid].update(database=m.database, instant=m.instant_text,
-                            chunks_checked=sum(f.pages or 0 for f in m.files))
+        entries[bid].update({"database": m.database, "instant": m.instant_text,
+                             "chunks_checked": sum(f.pages or 0 for f in m.files)})
     for bid, m in manifests.items():
         if bid in paged:
             continue
         for f in m.files:
             for digest, size in f.chunks:
                 refs.setdefault(digest, []).append((bid, f.name, size))
-        entries[bid].update(database=m.database, instant=m.instant_text,
-                            chunks_checked=sum(len(f.chunks) for f in m.files))
+        entries[bid].update({"database": m.database, "instant": m.instant_text,
+                             "chunks_checked": sum(len(f.chunks) for f in m.files)})
     state: dict[str, int | str] = {}
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         digests = list(refs)
@@ -138,7 +172,7 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
                 shutil.rmtree(scratch, ignore_errors=True)
 
     # 4. a damaged chunk breaks every backup that references it, not just the ones asked about
-    breaks: dict[str, list[dict[str, Any]]] = {}
+    breaks: dict[str, list[Problem]] = {}
     if bad_chunks and not every:
         for other in repo.manifests():
             if isinstance(other, BastionError) or other.id in found:
@@ -154,7 +188,7 @@ def verify(repo: Repository, backup_ids: list[str] | None = None, full: bool = F
     for bid, e in entries.items():
         e["ok"] = not found[bid]
         e["problems"] = len(found[bid])
-    result: dict[str, Any] = {"repository": repo.url, "mode": mode, "backups": list(entries.values()),
+    result: VerifyResult = {"repository": repo.url, "mode": mode, "backups": list(entries.values()),
                               "problems": problems, "notes": notes, "ok": not problems,
                               "verdict": Outcome.FAILED if problems else Outcome.OK}
 

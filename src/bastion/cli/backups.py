@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -119,6 +120,7 @@ def backups_list(conf: cfg.Config, as_json: bool, database: str | None, repo_url
     """List backups: id, database, instant, logical size, bytes added, verified state."""
     from ..backup.backups import default_repository, list_backups
     from ..backup.repository import NoRepository
+    data: Mapping[str, Any]
     try:
         data = list_backups(_repo(conf, repo_url, database), database)
     except NoRepository:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -133,13 +133,13 @@ def with_exit_codes(data: Any) -> Any:
     return out
 
 
-def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
-    data = with_exit_codes(data)
-    code = exit_code_of(data)
+def emit(data: Mapping[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
+    shown: dict[str, Any] = with_exit_codes(data)
+    code = exit_code_of(shown)
     if as_json:
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        print(json.dumps(shown, indent=2, sort_keys=True, default=str))
     else:
-        human(data)
+        human(shown)
     if code:
         sys.exit(code)
 

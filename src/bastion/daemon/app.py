@@ -16,6 +16,7 @@ from .. import __version__
 from ..cluster import control
 from ..errors import AuthError, BastionError, NotActive, UnknownTarget, UsageError, from_os_error, internal_error
 from .auth import Authenticator
+from ..backup.backups import BackupBatch, BackupResult
 from .core import Daemon, DaemonStatus
 
 log = logging.getLogger("bastion.api")
@@ -276,8 +277,9 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     def recover(req: RecoverRequest) -> dict[str, Any]:
         return daemon.recover(req.targets, req.all, req.discard_changes)
 
-    @app.post("/v1/backups", summary="Take a backup through continuous operations (applications keep writing)")
-    def backup(req: BackupRequest) -> dict[str, Any]:
+    @app.post("/v1/backups", response_model=dict[str, Any],     # as /v1/status: no pydantic re-check
+              summary="Take a backup through continuous operations (applications keep writing)")
+    def backup(req: BackupRequest) -> BackupResult | BackupBatch:
         return daemon.backup(req.targets, req.all, req.to)
 
     @app.get("/v1/backups/running", summary="Progress of backups under way")

@@ -11,8 +11,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypedDict
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import apsw
 
@@ -20,7 +20,7 @@ from .. import __version__
 from ..catalog import Catalog, Targets
 from ..config import Config
 from ..backup import Repository, verify
-from ..backup.backups import BackupLatest, Backups
+from ..backup.backups import BackupBatch, BackupLatest, BackupResult, Backups
 from ..backup.manifest import Manifest
 from ..contops import ContinuousOperations
 from ..errors import Outcome
@@ -215,8 +215,8 @@ class Daemon:
             if b.drill_schedule:
                 self.scheduler.add(f"drill {name}", b.drill_schedule, functools.partial(self.drill, name))
 
-    def _scheduled_backup(self, name: str) -> dict[str, Any]:
-        res = self.backup([name])
+    def _scheduled_backup(self, name: str) -> BackupResult:
+        res = cast(BackupResult, self.backup([name]))     # one name: one result, never a batch
         if self.config.backups.keep and res["verdict"] == Outcome.OK:
             from ..backup.prune import Policy, prune
             policy = Policy(**self.config.backups.keep)
@@ -224,7 +224,7 @@ class Daemon:
             res["pruned"] = [b["id"] for b in pr["removed"]]
         return res
 
-    def _scheduled_verify(self, name: str) -> dict[str, Any]:
+    def _scheduled_verify(self, name: str) -> Mapping[str, Any]:
         """Full verify (restore, integrity_check, digests) of the database's newest backup."""
         from ..backup.backups import default_repository
         repo = Repository.open(default_repository(self.config, name), create=True)
@@ -336,7 +336,7 @@ class Daemon:
             files = [f for f in files if f.path in open_paths] or files
         return self.freezer.thaw(files)
 
-    def backup(self, names: list[str], all_: bool = False, to: str | None = None) -> dict[str, Any]:
+    def backup(self, names: list[str], all_: bool = False, to: str | None = None) -> BackupResult | BackupBatch:
         return self.backups.take_each(names, all_, to)    # one backup per database, each under its name
 
     def restore_in_place(self, backup_id: str, url: str | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..config import Config
 from ..errors import Outcome
@@ -22,7 +22,7 @@ log = logging.getLogger("bastion.scheduler")
 
 
 class Job:
-    def __init__(self, name: str, schedule: Schedule, run: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, name: str, schedule: Schedule, run: Callable[[], Mapping[str, Any]]) -> None:
         self.name = name
         self.schedule = schedule
         self.run = run
@@ -36,7 +36,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, name: str, schedule_text: str, run: Callable[[], dict[str, Any]]) -> None:
+    def add(self, name: str, schedule_text: str, run: Callable[[], Mapping[str, Any]]) -> None:
         self.jobs.append(Job(name, Schedule.parse(schedule_text), run))
 
     def start(self) -> None:
