@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from .catalog import Catalog
 from .config import Config
@@ -27,6 +27,68 @@ log = logging.getLogger("bastion.contops")
 KIND = "contops"
 
 
+class StartedFile(TypedDict):
+    path: str
+    database: str | None
+    main_bytes: int               # the main file, which stands still until endbu
+    wal_bytes: int
+
+
+class StartResult(TypedDict):
+    """startbu: the session and the instant the copy will be of."""
+    session: str
+    started_at: str
+    started_at_epoch: float
+    expires_at: str
+    max_duration_seconds: float
+    writers_paused_ms: float
+    attempts: int
+    latency_ms: float
+    files: list[StartedFile]
+    warnings: list[str]           # earlier sessions that were interrupted or expired
+    verdict: Outcome
+    archive: dict[str, Any]       # the WAL archive's position per file (empty without one)
+
+
+class EndedFile(TypedDict):
+    """One file of endbu. Without --wait the roll-in has only "started": the figures are absent."""
+    path: str
+    database: str | None
+    session: str
+    consistent: bool
+    reason: str | None            # why the copy is not consistent
+    roll_in: str                  # "complete", "incomplete" or "started"
+    started_at: NotRequired[str]
+    delta_bytes: NotRequired[int]
+    roll_in_seconds: NotRequired[float]
+    wal_truncated: NotRequired[bool]
+    roll_in_problem: NotRequired[str | None]
+    message: NotRequired[str]     # not consistent: in words
+
+
+class EndResult(TypedDict):
+    files: list[EndedFile]
+    consistent: bool
+    verdict: Outcome
+    delta_bytes: int
+
+
+class RecoveredFile(TypedDict):
+    """One file of recover: rolled in, or (--discard-changes) back to its startbu instant."""
+    path: str
+    action: str                   # "rolled in" or "discarded"
+    session: str | None           # None: no session (a plain roll-in)
+    delta_bytes: NotRequired[int]       # rolled in
+    complete: NotRequired[bool]
+    back_to: NotRequired[str]           # discarded, with the discard child's own keys
+    quick_check: NotRequired[str]
+
+
+class RecoverResult(TypedDict):
+    files: list[RecoveredFile]
+    verdict: Outcome
+
+
 class ContinuousOperations:
     def __init__(self, config: Config, catalog: Catalog, state: StateStore) -> None:
         self.config = config
@@ -36,7 +98,7 @@ class ContinuousOperations:
         self.archive: Any = None      # the daemon's WAL archive (backup.archive.Archive), if any
 
     # -- startbu --------------------------------------------------------------
-    def start(self, files: list[DatabaseFile], max_duration: float | None = None) -> dict[str, Any]:
+    def start(self, files: list[DatabaseFile], max_duration: float | None = None) -> StartResult:
         t0 = time.monotonic()
         with self._mutex:
             stale = self._check_startable(files)
@@ -130,7 +192,7 @@ class ContinuousOperations:
         return warnings
 
     # -- endbu ----------------------------------------------------------------
-    def end(self, files: list[DatabaseFile], wait: bool = True) -> dict[str, Any]:
+    def end(self, files: list[DatabaseFile], wait: bool = True) -> EndResult:
         with self._mutex:
             rows = {r["path"]: r for r in self.state.open_files(KIND, [f.path for f in files])}
             for f in files:
@@ -160,7 +222,7 @@ class ContinuousOperations:
                     plan.append((f, row, True, None))
                 else:
                     plan.append((f, row, False, row["reason"]))
-        results = []
+        results: list[EndedFile] = []
         if wait:
             for f, row, consistent, reason in plan:
                 results.append(self._roll_in(f, row, consistent, reason))
@@ -177,14 +239,14 @@ class ContinuousOperations:
         return {"files": results, "consistent": consistent_all, "verdict": verdict,
                 "delta_bytes": sum(r.get("delta_bytes", 0) for r in results)}
 
-    def _roll_in(self, f: DatabaseFile, row: dict[str, Any], consistent: bool, reason: str | None) -> dict[str, Any]:
+    def _roll_in(self, f: DatabaseFile, row: dict[str, Any], consistent: bool, reason: str | None) -> EndedFile:
         try:
             res = f.roll_in(self.config.rollin_timeout)
         except Exception as exc:  # the file may have vanished or become unreadable
             res = {"complete": False, "delta_bytes": 0, "seconds": 0.0, "reason": str(exc)}
         status = st.ENDED if consistent else st.ACKNOWLEDGED
         self.state.set_file(row["session_id"], f.path, status, result=res)
-        out = {"path": f.path, "database": f.database, "session": row["session_id"],
+        out: EndedFile = {"path": f.path, "database": f.database, "session": row["session_id"],
                "started_at": _iso(row["started_at"]), "consistent": consistent, "reason": reason,
                "roll_in": "complete" if res["complete"] else "incomplete",
                "delta_bytes": res["delta_bytes"] if row.get("held_delta_bytes") is None else row["held_delta_bytes"],
@@ -246,7 +308,7 @@ class ContinuousOperations:
                 "expires_at": _iso(r["deadline"]), "reason": r["reason"]}
 
     # -- recovery ----------------------------------------------------------------
-    def recover(self, files: list[DatabaseFile], discard: bool) -> dict[str, Any]:
+    def recover(self, files: list[DatabaseFile], discard: bool) -> RecoverResult:
         with self._mutex:
             rows = {r["path"]: r for r in self.state.open_files(KIND, [f.path for f in files])}
             if not discard:
@@ -255,19 +317,20 @@ class ContinuousOperations:
                         raise StateConflict(f"{f.path}: in continuous operations right now", path=f.path,
                                             hint="use `bastion endbu` to end it; nothing was recovered")
                 self.catalog.ensure_protected(files)
-                results = []
+                results: list[RecoveredFile] = []
                 for f in files:
                     res = f.roll_in(self.config.rollin_timeout)
                     row = rows.get(f.path)
                     if row is not None:
                         self.state.set_file(row["session_id"], f.path, st.ACKNOWLEDGED, result=res)
-                    results.append({"path": f.path, "action": "rolled in", "session": row and row["session_id"],
+                    results.append({"path": f.path, "action": "rolled in",
+                                    "session": row["session_id"] if row else None,
                                     "delta_bytes": res["delta_bytes"], "complete": res["complete"]})
                 ok = all(r["complete"] for r in results)
                 return {"files": results, "verdict": Outcome.OK if ok else Outcome.PARTIAL}
             return self._discard(files, rows)
 
-    def _discard(self, files: list[DatabaseFile], rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def _discard(self, files: list[DatabaseFile], rows: dict[str, dict[str, Any]]) -> RecoverResult:
         for f in files:
             row = rows.get(f.path)
             if row is None or row["status"] not in (st.ACTIVE, st.INTERRUPTED):
@@ -310,7 +373,7 @@ class ContinuousOperations:
                     f.protect()
                 except Exception as exc:  # reported by status
                     log.warning("%s: cannot protect again after recover: %s", f.path, exc)
-        results = []
+        results: list[RecoveredFile] = []
         for f in files:
             row = rows[f.path]
             check = f.quick_check() if f.protected else "not protected"

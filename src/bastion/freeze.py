@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from .catalog import Catalog
 from .config import Config
@@ -26,6 +26,42 @@ log = logging.getLogger("bastion.freeze")
 KIND = "freeze"
 
 
+class FrozenFile(TypedDict):
+    path: str
+    database: str | None
+    main_file_complete: bool      # every committed frame is in the main file (False under contops)
+
+
+class FreezeResult(TypedDict):
+    freeze: str
+    frozen_at: str
+    frozen_at_epoch: float
+    timeout_seconds: float
+    thaw_by: str
+    pause_ms: float
+    files: list[FrozenFile]
+    warnings: list[str]           # earlier freezes that timed out or were interrupted
+    verdict: Outcome
+
+
+class ThawedFile(TypedDict):
+    """One file of thaw: its hold time, or (the freeze had failed) why a snapshot is not trusted."""
+    path: str
+    freeze: str
+    consistent: bool
+    hold_seconds: NotRequired[float]
+    status: NotRequired[str]
+    reason: NotRequired[str | None]
+    message: NotRequired[str]
+
+
+class ThawResult(TypedDict):
+    files: list[ThawedFile]
+    consistent: bool
+    verdict: Outcome
+    hold_seconds: float           # the longest hold
+
+
 class Freezer:
     def __init__(self, config: Config, catalog: Catalog, state: StateStore) -> None:
         self.config = config
@@ -34,7 +70,7 @@ class Freezer:
         self._mutex = threading.RLock()
         self._timers: dict[str, threading.Timer] = {}
 
-    def freeze(self, files: list[DatabaseFile], timeout: float | None = None) -> dict[str, Any]:
+    def freeze(self, files: list[DatabaseFile], timeout: float | None = None) -> FreezeResult:
         timeout = self.config.freeze_timeout if timeout is None else timeout
         if not 0 < timeout <= 3600:
             raise UsageError(f"--timeout must be between 0 and 3600 seconds, got {timeout:g}",
@@ -80,7 +116,7 @@ class Freezer:
                           for f in files],
                 "warnings": warnings, "verdict": Outcome.OK}
 
-    def thaw(self, files: list[DatabaseFile]) -> dict[str, Any]:
+    def thaw(self, files: list[DatabaseFile]) -> ThawResult:
         with self._mutex:
             rows = {r["path"]: r for r in self.state.open_files(KIND, [f.path for f in files])}
             for f in files:
@@ -89,7 +125,7 @@ class Freezer:
                     extra = f" (last freeze {last['session_id']} {last['status']})" if last else ""
                     raise StateConflict(f"{f.path}: not frozen{extra}", path=f.path,
                                         hint="nothing was thawed")
-            results = []
+            results: list[ThawedFile] = []
             now = time.time()
             # Every writer goes on at once: a state write (an fsync) between two files would
             # keep an application that writes both waiting that long after the first thaw.

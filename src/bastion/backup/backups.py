@@ -17,7 +17,7 @@ import apsw
 
 from ..catalog import Catalog
 from ..config import Config
-from ..contops import ContinuousOperations
+from ..contops import ContinuousOperations, StartResult
 from ..errors import BastionError, NotConsistent, Outcome, from_os_error
 from ..position import Instant
 from ..sqlite import DatabaseFile
@@ -69,7 +69,7 @@ class BackupResult(TypedDict):
     chunks_total: int | None
     chunks_new: int | None
     seconds: float
-    writers_paused_ms: Any        # continuous operations' figure, as start() gave it
+    writers_paused_ms: float      # how long startbu held the writers
     verified: bool
     verify_seconds: float
     verdict: Outcome
@@ -238,7 +238,7 @@ class Backups:
             self.running.pop(label, None)
             repo.unlock(lock)
 
-    def _finish(self, repo: Repository, label: str, start: dict[str, Any], res: dict[str, Any]) -> BackupResult:
+    def _finish(self, repo: Repository, label: str, start: StartResult, res: dict[str, Any]) -> BackupResult:
         instant = Instant(start["started_at_epoch"])
         bid = f"{instant.stamp}-{uuid.uuid4().hex[:6]}"    # ids sort by the instant they start with
         manifest = Manifest.from_json({   # checked as it will be read: never write one we would refuse

@@ -17,6 +17,8 @@ from ..cluster import control
 from ..errors import AuthError, BastionError, NotActive, UnknownTarget, UsageError, from_os_error, internal_error
 from .auth import Authenticator
 from ..backup.backups import BackupBatch, BackupResult
+from ..contops import EndResult, RecoverResult, StartResult
+from ..freeze import FreezeResult, ThawResult
 from .core import Daemon, DaemonStatus
 
 log = logging.getLogger("bastion.api")
@@ -265,19 +267,23 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     def protect(req: TargetRequest) -> dict[str, Any]:
         return daemon.protect(req.targets, req.all)
 
-    @app.post("/v1/contops/start", summary="startbu: put files into continuous operations at one instant")
-    def startbu(req: StartRequest) -> dict[str, Any]:
+    # response_model=dict on the routes below: their TypedDicts go out as they are, as /v1/status
+    @app.post("/v1/contops/start", response_model=dict[str, Any],
+              summary="startbu: put files into continuous operations at one instant")
+    def startbu(req: StartRequest) -> StartResult:
         return daemon.startbu(req.targets, req.all, req.max_duration)
 
-    @app.post("/v1/contops/end", summary="endbu: end continuous operations and roll the delta in")
-    def endbu(req: EndRequest) -> dict[str, Any]:
+    @app.post("/v1/contops/end", response_model=dict[str, Any],
+              summary="endbu: end continuous operations and roll the delta in")
+    def endbu(req: EndRequest) -> EndResult:
         return daemon.endbu(req.targets, req.all, req.wait)
 
-    @app.post("/v1/recover", summary="After an interrupted session: roll in, or discard changes since startbu")
-    def recover(req: RecoverRequest) -> dict[str, Any]:
+    @app.post("/v1/recover", response_model=dict[str, Any],
+              summary="After an interrupted session: roll in, or discard changes since startbu")
+    def recover(req: RecoverRequest) -> RecoverResult:
         return daemon.recover(req.targets, req.all, req.discard_changes)
 
-    @app.post("/v1/backups", response_model=dict[str, Any],     # as /v1/status: no pydantic re-check
+    @app.post("/v1/backups", response_model=dict[str, Any],
               summary="Take a backup through continuous operations (applications keep writing)")
     def backup(req: BackupRequest) -> BackupResult | BackupBatch:
         return daemon.backup(req.targets, req.all, req.to)
@@ -298,12 +304,12 @@ def create_app(daemon: Daemon, node: Any = None) -> FastAPI:
     def drills(database: str | None = None, limit: int = 10) -> dict[str, Any]:
         return {"drills": daemon.state_store().drills(database, max(1, min(limit, 100)))}
 
-    @app.post("/v1/freeze", summary="Freeze: hold every writer until thaw or timeout")
-    def freeze(req: FreezeRequest) -> dict[str, Any]:
+    @app.post("/v1/freeze", response_model=dict[str, Any], summary="Freeze: hold every writer until thaw or timeout")
+    def freeze(req: FreezeRequest) -> FreezeResult:
         return daemon.freeze(req.targets, req.all, req.timeout)
 
-    @app.post("/v1/thaw", summary="Thaw: let writers go on; reports the hold time")
-    def thaw(req: TargetRequest) -> dict[str, Any]:
+    @app.post("/v1/thaw", response_model=dict[str, Any], summary="Thaw: let writers go on; reports the hold time")
+    def thaw(req: TargetRequest) -> ThawResult:
         return daemon.thaw(req.targets, req.all)
 
     def role() -> dict[str, Any]:

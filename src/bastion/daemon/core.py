@@ -22,9 +22,9 @@ from ..config import Config
 from ..backup import Repository, verify
 from ..backup.backups import BackupBatch, BackupLatest, BackupResult, Backups
 from ..backup.manifest import Manifest
-from ..contops import ContinuousOperations
+from ..contops import ContinuousOperations, EndResult, RecoverResult, StartResult
 from ..errors import Outcome
-from ..freeze import Freezer
+from ..freeze import Freezer, FreezeResult, ThawResult
 from ..state import StateStore, iso
 from .auth import ensure_token
 from .scheduler import Scheduler
@@ -302,17 +302,17 @@ class Daemon:
         return {"files": [{"path": f.path, "database": f.database, "journal_mode": f.journal_mode()}
                           for f in files], "verdict": Outcome.OK}
 
-    def startbu(self, names: list[str], all_: bool = False, max_duration: float | None = None) -> dict[str, Any]:
+    def startbu(self, names: list[str], all_: bool = False, max_duration: float | None = None) -> StartResult:
         return self.contops.start(self.resolve(names, all_), max_duration)
 
-    def endbu(self, names: list[str], all_: bool = False, wait: bool = True) -> dict[str, Any]:
+    def endbu(self, names: list[str], all_: bool = False, wait: bool = True) -> EndResult:
         files = self.resolve(names, all_)
         if all_:  # --all ends whatever is open, not every known file
             open_paths = {r["path"] for r in self.state_store().open_files("contops")}
             files = [f for f in files if f.path in open_paths] or files
         return self.contops.end(files, wait)
 
-    def recover(self, names: list[str], all_: bool = False, discard: bool = False) -> dict[str, Any]:
+    def recover(self, names: list[str], all_: bool = False, discard: bool = False) -> RecoverResult:
         files = self.resolve(names, all_)
         if not discard:
             return self.contops.recover(files, discard)
@@ -326,10 +326,10 @@ class Daemon:
         finally:
             resume()
 
-    def freeze(self, names: list[str], all_: bool = False, timeout: float | None = None) -> dict[str, Any]:
+    def freeze(self, names: list[str], all_: bool = False, timeout: float | None = None) -> FreezeResult:
         return self.freezer.freeze(self.resolve(names, all_), timeout)
 
-    def thaw(self, names: list[str], all_: bool = False) -> dict[str, Any]:
+    def thaw(self, names: list[str], all_: bool = False) -> ThawResult:
         files = self.resolve(names, all_)
         if all_:
             open_paths = {r["path"] for r in self.state_store().open_files("freeze")}
