@@ -8,7 +8,8 @@ spread in from an untyped dict, or one the type forgot, fails here.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+import typing
+from typing import Any, NotRequired
 
 from bastion import capture
 from bastion.capture.log import LogStatus
@@ -17,7 +18,13 @@ from bastion.daemon.core import DaemonInfo, DaemonStatus, DatabaseStatus, FileSt
 
 
 def _keys(td: Any) -> tuple[set[str], set[str]]:
-    return set(td.__required_keys__), set(td.__optional_keys__)
+    # A module with `from __future__ import annotations` hands TypedDict its annotations as text
+    # (ForwardRefs), and Python 3.11 then counts a NotRequired key in __required_keys__: read the text.
+    def not_required(t: Any) -> bool:
+        text = t.__forward_arg__ if isinstance(t, typing.ForwardRef) else ""
+        return typing.get_origin(t) is NotRequired or text.startswith("NotRequired[")
+    optional = set(td.__optional_keys__) | {k for k, t in td.__annotations__.items() if not_required(t)}
+    return set(td.__required_keys__) - optional, optional
 
 
 def _matches(d: dict[str, Any], td: Any) -> None:
@@ -61,3 +68,65 @@ def test_capture_log_status_has_the_keys_of_its_type(tmp_path):
     required, optional = _keys(LogStatus)
     assert set(st) == required | optional, sorted(set(st) ^ (required | optional))
     assert st["installed"] is True and st["tables"] == ["t"] and st["schema_current"] is True
+
+
+def _cli_matches(d: dict[str, Any], td: Any) -> None:
+    """A command's --json: the result, plus the "exit_code" the CLI alone puts beside a verdict."""
+    assert ("exit_code" in d) == ("verdict" in d), sorted(d)
+    _matches({k: v for k, v in d.items() if k != "exit_code"}, td)
+
+
+def test_command_results_have_exactly_the_keys_of_their_types(daemon, tmp_path):
+    from bastion.backup.backups import BackupResult
+    from bastion.backup.prune import KeptBackup, PruneResult, RemovedBackup
+    from bastion.backup.restore import RestoredFile, RestoreResult
+    from bastion.backup.verify import VerifiedBackup, VerifyResult
+
+    def run(*args: str) -> dict[str, Any]:
+        r = daemon.cli(*args, "--json")
+        assert r.code == 0, r.err
+        return r.json
+
+    first, second = run("backup", "bank"), run("backup", "bank")
+    for b in (first, second):
+        _cli_matches(b, BackupResult)
+        assert b["verified"] is True and "problems" not in b
+    for args in (("verify", "--all"), ("verify", "--all", "--full")):
+        v = run(*args)
+        _cli_matches(v, VerifyResult)
+        assert [e["backup"] for e in v["backups"]] == [first["backup"], second["backup"]]
+        for e in v["backups"]:
+            _matches(e, VerifiedBackup)
+            assert ("full" in e) == ("--full" in args)
+    out = tmp_path / "restored"
+    r = run("restore", second["backup"], "--to", str(out))
+    _cli_matches(r, RestoreResult)
+    assert sorted(f["name"] for f in r["files"]) == ["audit.db", "bank.db"]
+    for f in r["files"]:
+        _matches(f, RestoredFile)
+    p = run("prune", "--keep-last", "1", "--dry-run")
+    _cli_matches(p, PruneResult)
+    assert [k["id"] for k in p["kept"]] == [second["backup"]]
+    assert [k["id"] for k in p["removed"]] == [first["backup"]]
+    for k in p["kept"]:
+        _matches(k, KeptBackup)
+    for k in p["removed"]:
+        _matches(k, RemovedBackup)
+
+
+def test_contops_and_freeze_results_have_exactly_the_keys_of_their_types(daemon):
+    from bastion.contops import EndedFile, EndResult, StartedFile, StartResult
+    from bastion.freeze import FreezeResult, FrozenFile, ThawedFile, ThawResult
+
+    def run(*args: str) -> dict[str, Any]:
+        r = daemon.cli(*args, "--json")
+        assert r.code == 0, r.err
+        return r.json
+
+    for command, td, item in (("startbu", StartResult, StartedFile), ("endbu", EndResult, EndedFile),
+                              ("freeze", FreezeResult, FrozenFile), ("thaw", ThawResult, ThawedFile)):
+        res = run(command, "bank")
+        _cli_matches(res, td)
+        assert len(res["files"]) == 2
+        for f in res["files"]:
+            _matches(f, item)
