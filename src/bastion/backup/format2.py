@@ -22,7 +22,6 @@ from .pages import FORMAT, HASH, load_map
 
 if TYPE_CHECKING:
     from .manifest import Manifest, ManifestFile
-    from .info import RepositoryInfo
     from .repository import Repository
 
 RUN_BYTES = 2 << 20      # adjacent blobs read in one go by restore, at most
@@ -254,7 +253,20 @@ def repack(repo: Repository, remaining: list[Manifest], dry_run: bool) -> Repack
 
 # -- summary ------------------------------------------------------------------------------------
 
-def info(repo: Repository) -> RepositoryInfo:
+class Format2Info(TypedDict):
+    """The format-2 part of `bastion repo info` (info.RepositoryInfo, which adds the rest)."""
+    repository: str
+    format: int
+    backups: int
+    packs: int
+    blobs: int
+    stored_bytes: int
+    logical_bytes: int
+    dedup_ratio: float | None
+    damaged_indexes: list[str]
+
+
+def info(repo: Repository) -> Format2Info:
     """Format, packs, stored bytes and what the backups would take without dedup and compression."""
     index = RepoIndex.load(repo.store, strict=False)
     stored = sum(size for size, _, _ in index.packs.values())

@@ -30,7 +30,7 @@ def repository_info(repo: Repository) -> RepositoryInfo:
     as the backups recorded them (the chunks themselves are not read)."""
     out: RepositoryInfo
     if repo.format == 2:
-        out = format2.info(repo)
+        out = {**format2.info(repo)}     # its keys, in its order: the JSON is the same
     else:
         logical = stored = backups = 0
         for m in repo.manifests():
