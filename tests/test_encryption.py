@@ -361,7 +361,7 @@ def test_kill9_during_key_changes_always_leaves_a_working_slot(tmp_path, bank):
         assert works, f"round {round_}: no passphrase opens the repository"
         current = works[-1]
         # each interrupted change may leave its old slot beside the new one (both open the repository;
-        # running passwd again removes it), never a half-written slot
+        # `repo key list` shows it, `repo key remove` takes it away), never a half-written slot
         slots = _slots(s, url)
         assert 1 <= len(slots) <= 1 + killed and not any(x["damaged"] for x in slots), slots
     assert killed >= 2, "no key change was interrupted: the timing does not exercise the crash"
