@@ -81,8 +81,10 @@ def rm(path: Path) -> None:
 
 # -- the database -----------------------------------------------------------------------------
 
-def build_db(path: Path, target: int) -> dict[str, Any]:
-    """Rows of random 1-4 KiB blobs with integer keys, built without a journal, then WAL mode."""
+def build_db(path: Path, target: int, smallest: int = 1024, spread: int = 3073,
+             batch: int = 5_000) -> dict[str, Any]:
+    """Rows of random blobs of smallest..smallest+spread-1 bytes (default 1-4 KiB) with integer keys,
+    built without a journal, then WAL mode."""
     t = time.perf_counter()
     con = sqlite3.connect(path, isolation_level=None)
     con.execute("PRAGMA page_size=4096")
@@ -90,11 +92,11 @@ def build_db(path: Path, target: int) -> dict[str, Any]:
     con.execute("PRAGMA synchronous=OFF")
     con.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
     n = 0
-    batch = 5_000
     while path.stat().st_size < target:
         con.execute("BEGIN")
         con.execute("WITH RECURSIVE c(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM c WHERE i < ?) "
-                    "INSERT INTO items SELECT i, randomblob(1024 + abs(random()) % 3073) FROM c", (n + 1, n + batch))
+                    "INSERT INTO items SELECT i, randomblob(? + abs(random()) % ?) FROM c",
+                    (n + 1, n + batch, smallest, spread))
         con.execute("COMMIT")
         n += batch
     con.execute("PRAGMA journal_mode=WAL")
@@ -197,24 +199,7 @@ class ChunkReplay:
 
 def build_small_rows(path: Path, target: int) -> dict[str, Any]:
     """Rows of 80-120 random bytes (a typical OLTP row), same schema as build_db, then WAL mode."""
-    t = time.perf_counter()
-    con = sqlite3.connect(path, isolation_level=None)
-    con.execute("PRAGMA page_size=4096")
-    con.execute("PRAGMA journal_mode=OFF")
-    con.execute("PRAGMA synchronous=OFF")
-    con.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
-    n = 0
-    batch = 100_000
-    while path.stat().st_size < target:
-        con.execute("BEGIN")
-        con.execute("WITH RECURSIVE c(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM c WHERE i < ?) "
-                    "INSERT INTO items SELECT i, randomblob(80 + abs(random()) % 41) FROM c", (n + 1, n + batch))
-        con.execute("COMMIT")
-        n += batch
-    con.execute("PRAGMA journal_mode=WAL")
-    con.close()
-    sync()
-    return {"rows": n, "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t, 2)}
+    return build_db(path, target, smallest=80, spread=41, batch=100_000)
 
 
 def _manifest(url: str, bid: str) -> dict[str, Any]:
