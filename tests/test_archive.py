@@ -247,3 +247,27 @@ def test_retention_keeps_what_a_kept_backup_needs(tmp_path):
         assert res.code == 0, res.err
     finally:
         d.stop()
+
+
+def test_an_archive_that_creates_the_repository_gives_it_the_configured_format(tmp_path):
+    """With archiving on, the archiver may reach a new repository before any backup does: it must
+    create it in the format the config asks for, or every later backup lands in the wrong format."""
+    db = tmp_path / "app.db"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t(x)")
+    con.commit()
+    con.close()
+    port = free_port()
+    cfg = write_config(tmp_path, port, {"app": [str(db)]},
+                       sections={"backups": {"archive": True, "archive_interval": "0.3s", "format": 2}})
+    d = DaemonProc(cfg, port, tmp_path / "var").start()
+    try:
+        marker = tmp_path / "var" / "backups" / "bastion-repo.json"
+        wait_for(marker.exists, 30, "the archiver to create the repository")
+        assert json.loads(marker.read_text())["format"] == 2
+        r = d.cli("backup", "app", "--json")
+        assert r.code == 0, r.err
+        assert any((tmp_path / "var" / "backups" / "packs").rglob("*")), "the backup did not write packs"
+    finally:
+        d.stop()

@@ -85,9 +85,10 @@ class _Pending:
 
 class FileArchiver:
     def __init__(self, path: str, database: str, name: str, repo_url: str, interval: float = 1.0,
-                 checkpoint_frames: int = CHECKPOINT_FRAMES, watch: float = WATCH) -> None:
+                 checkpoint_frames: int = CHECKPOINT_FRAMES, watch: float = WATCH, repo_format: int = 1) -> None:
         self.path, self.database, self.name = path, database, name
         self.repo_url = repo_url
+        self.repo_format = repo_format   # of the repository if the archive creates it (before any backup)
         self.interval, self.checkpoint_frames, self.watch = interval, checkpoint_frames, watch
         self.prefix = sg.stream(database, name)
         self.lock = threading.RLock()
@@ -122,7 +123,7 @@ class FileArchiver:
     # -- life ------------------------------------------------------------------------------
     def open(self) -> None:
         with self.lock:
-            self.repo = Repository.open(self.repo_url, create=True)
+            self.repo = Repository.open(self.repo_url, create=True, format=self.repo_format)
             op = lambda: connect.app_file(self.path, nofollow=True, checkpointer=True, busy_ms=None)  # noqa: E731
             self._r, self._r2, self._w, self._c = op(), op(), op(), op()
             # until a connection has read the database, wal_checkpoint() silently does nothing (-1, -1)
@@ -564,7 +565,7 @@ class Archive:
                 if f is None or not f.protected:
                     self.errors[path] = "not protected yet"
                     continue
-                a = FileArchiver(path, db, name, url, interval)
+                a = FileArchiver(path, db, name, url, interval, repo_format=self.config.backups.format)
                 try:
                     a.start()
                 except Exception as exc:  # shown by status, tried again
