@@ -18,13 +18,13 @@ from support import pitr_app
 APP = [PY, pitr_app.__file__]
 
 
-def _setup(tmp_path: Path, interval: str = "0.3s", extra_db: str = "") -> tuple[DaemonProc, Path]:
+def _setup(tmp_path: Path, interval: str = "0.3s", extra_db: str = "", repo_format: int = 1) -> tuple[DaemonProc, Path]:
     db = tmp_path / "app" / "app.db"
     db.parent.mkdir()
     pitr_app.init(str(db))
     port = free_port()
     cfg = write_config(tmp_path, port, {"app": [str(db)]}, db_text=extra_db,
-                       sections={"backups": {"archive": True, "archive_interval": interval}})
+                       sections={"backups": {"archive": True, "archive_interval": interval, "format": repo_format}})
     return DaemonProc(cfg, port, tmp_path / "var").start(), db
 
 
@@ -70,9 +70,10 @@ def _check(dest: Path, k: int) -> None:
         con.close()
 
 
-@pytest.mark.parametrize("ckpt_every", [0, 40], ids=["own-checkpoints-only", "app-truncate-restart"])
-def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_every):
-    d, db = _setup(tmp_path)
+@pytest.mark.parametrize(("ckpt_every", "repo_format"), [(0, 1), (40, 1), (40, 2)],
+                         ids=["own-checkpoints-only", "app-truncate-restart", "format2-base"])
+def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_every, repo_format):
+    d, db = _setup(tmp_path, repo_format=repo_format)
     try:
         log = tmp_path / "commits.log"
         app = _run_app(db, log, 2.5, ckpt_every)
@@ -80,6 +81,7 @@ def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_ever
         b = d.cli("backup", "app", "--json")     # while the application writes
         assert b.code == 0, b.err
         assert b.json["archive_base"] is True
+        assert json.loads((tmp_path / "var" / "backups" / "bastion-repo.json").read_text())["format"] == repo_format
         app.wait(60)
         assert app.returncode == 0
         app = _run_app(db, log, 4.0, ckpt_every)    # and after: pauses to restore at, whatever the load
