@@ -18,14 +18,22 @@ from support import pitr_app
 APP = [PY, pitr_app.__file__]
 
 
-def _setup(tmp_path: Path, interval: str = "0.3s", extra_db: str = "", repo_format: int = 1) -> tuple[DaemonProc, Path]:
+def _setup(tmp_path: Path, interval: str = "0.3s", extra_db: str = "", repo_format: int = 1,
+           encrypted: bool = False) -> tuple[DaemonProc, Path]:
     db = tmp_path / "app" / "app.db"
     db.parent.mkdir()
     pitr_app.init(str(db))
     port = free_port()
     cfg = write_config(tmp_path, port, {"app": [str(db)]}, db_text=extra_db,
-                       sections={"backups": {"archive": True, "archive_interval": interval, "format": repo_format}})
+                       sections={"backups": {"archive": True, "archive_interval": interval, "format": repo_format,
+                                             **({"passphrase_file": str(_passphrase(tmp_path))} if encrypted else {})}})
     return DaemonProc(cfg, port, tmp_path / "var").start(), db
+
+
+def _passphrase(tmp_path: Path) -> Path:
+    p = tmp_path / "passphrase"
+    p.write_text("archive passphrase 5e1f\n")
+    return p
 
 
 def _segments(tmp_path: Path) -> list[Path]:
@@ -70,10 +78,10 @@ def _check(dest: Path, k: int) -> None:
         con.close()
 
 
-@pytest.mark.parametrize(("ckpt_every", "repo_format"), [(0, 1), (40, 1), (40, 2)],
-                         ids=["own-checkpoints-only", "app-truncate-restart", "format2-base"])
-def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_every, repo_format):
-    d, db = _setup(tmp_path, repo_format=repo_format)
+@pytest.mark.parametrize(("ckpt_every", "repo_format", "encrypted"), [(0, 1, False), (40, 1, False), (40, 2, True)],
+                         ids=["own-checkpoints-only", "app-truncate-restart", "format2-base-encrypted"])
+def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_every, repo_format, encrypted):
+    d, db = _setup(tmp_path, repo_format=repo_format, encrypted=encrypted)
     try:
         log = tmp_path / "commits.log"
         app = _run_app(db, log, 2.5, ckpt_every)
@@ -81,7 +89,8 @@ def test_restore_at_random_instants_gives_what_was_committed(tmp_path, ckpt_ever
         b = d.cli("backup", "app", "--json")     # while the application writes
         assert b.code == 0, b.err
         assert b.json["archive_base"] is True
-        assert json.loads((tmp_path / "var" / "backups" / "bastion-repo.json").read_text())["format"] == repo_format
+        marker = json.loads((tmp_path / "var" / "backups" / "bastion-repo.json").read_text())
+        assert marker["format"] == repo_format and ("encryption" in marker) == encrypted
         app.wait(60)
         assert app.returncode == 0
         app = _run_app(db, log, 4.0, ckpt_every)    # and after: pauses to restore at, whatever the load
